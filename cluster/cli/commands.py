@@ -1,0 +1,3 @@
+"""Imports every command module so each registers its commands on the app."""
+
+# One import per command module; each module owns its own commands.

@@ -1,0 +1,4 @@
+"""Shared pytest setup: fixture modules from tests/support are registered here."""
+
+# Fixture modules (each owns its fixtures); pytest loads them for every test.
+pytest_plugins: list[str] = []
