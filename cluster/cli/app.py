@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as exc:  # typer.Exit inside commands
         return exc.code if isinstance(exc.code, int) else 1
-    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+    except Exception as exc:  # the CLI's last line of defence
         if debug_enabled():
             raise
         import click
