@@ -1,0 +1,255 @@
+"""Per-cluster state on the controller: what `up` set up, so `down`, `status` and a rerun find it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from cluster.errors import ConfigError
+
+#: Name of the state file inside a cluster's directory.
+STATE_FILE = "state.json"
+#: Name of the Ray auth token file inside a cluster's directory (and on every node).
+TOKEN_FILE = "ray_token"
+#: Name of the generated API key file inside a cluster's directory.
+API_KEY_FILE = "api_key"
+#: Cluster names: safe as a directory name and inside shell commands without quoting.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+StageStatus = Literal["done", "unchanged", "skipped", "failed"]
+
+
+def llamacluster_home() -> Path:
+    """The controller's state root: ``$LLAMACLUSTER_HOME`` or ``~/.llamacluster``."""
+    env = os.environ.get("LLAMACLUSTER_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".llamacluster"
+
+
+def cluster_dir(name: str) -> Path:
+    """``<home>/clusters/<name>``: the 0700 directory holding one cluster's state and secrets."""
+    return llamacluster_home() / "clusters" / check_cluster_name(name)
+
+
+def check_cluster_name(name: str) -> str:
+    """Return ``name`` when it can name a cluster (a directory, a shell word), else ConfigError."""
+    if not _NAME_RE.match(name):
+        raise ConfigError(
+            f"bad cluster name {name!r}",
+            hint="use letters, digits, '.', '_' or '-' (at most 63), starting with a letter or digit",
+        )
+    return name
+
+
+def default_cluster_name(inventory: str | Path | None) -> str:
+    """``local`` for ``--local``; else a readable word from the inventory path plus a short hash.
+
+    ``deploy/ips.txt`` inside a project ``myproj`` becomes ``myproj-1a2b3c``: the parent directory
+    (or the project above ``deploy/``) says which cluster it is, the hash of the absolute path keeps
+    two inventories with the same directory name apart.
+    """
+    if inventory is None:
+        return "local"
+    path = Path(inventory).expanduser().absolute()
+    word = path.stem if path.stem not in ("ips", "hosts", "inventory") else path.parent.name
+    if word in ("deploy", "") and path.parent.parent.name:
+        word = path.parent.parent.name
+    word = re.sub(r"[^A-Za-z0-9_.-]+", "-", word).strip(".-_")[:40] or "cluster"
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:6]
+    return f"{word}-{digest}"
+
+
+class Ports(BaseModel):
+    """The ports this cluster uses; chosen once by the first `up`, reused by every later one."""
+
+    ray_gcs: int = Field(description="Ray head's GCS port (workers join on <head-ip>:<port>).")
+    dashboard: int = Field(description="Ray dashboard port, bound to 127.0.0.1 on the head.")
+    api: int = Field(description="OpenAI-compatible API port on the head (direct ingress).")
+    ray_client: int | None = Field(default=None, description="Ray client server port, if any.")
+    min_worker: int | None = Field(default=None, description="Lowest Ray worker port, if pinned.")
+    max_worker: int | None = Field(default=None, description="Highest Ray worker port, if pinned.")
+
+
+class NodeState(BaseModel):
+    """What `up` learned and started on one node."""
+
+    name: str = Field(description="Role name: head, worker1, ...")
+    label: str = Field(description="How output lines name the node (host or host:port).")
+    host: str = Field(description="SSH host from the inventory.")
+    private_ip: str | None = Field(default=None, description="Address used among the nodes.")
+    interface: str | None = Field(default=None, description="Network interface holding it.")
+    python: str | None = Field(default=None, description="System python3 path on the node.")
+    os: str | None = Field(default=None, description="PRETTY_NAME from /etc/os-release.")
+    sudo: str | None = Field(
+        default=None,
+        description="'' when root, 'sudo -n' when passwordless sudo, None when neither.",
+    )
+    devices: int = Field(default=0, description="Accelerators (or CPU worker slots) Ray offers.")
+    device_kind: Literal["gpu", "cpu"] = Field(default="cpu", description="What the devices are.")
+    device_info: dict[str, str] = Field(
+        default_factory=dict, description="Driver/CUDA version, memory per device, NUMA nodes."
+    )
+    ray_temp_dir: str | None = Field(default=None, description="This cluster's Ray temp dir.")
+    ray_pgid: int | None = Field(default=None, description="Process group of this node's Ray.")
+    ray_session: int | None = Field(default=None, description="Session id of this node's Ray.")
+    token_path: str | None = Field(default=None, description="Ray token file on the node (0600).")
+    versions: dict[str, str] = Field(
+        default_factory=dict, description="Versions the shared env imports here (vllm, ray, ...)."
+    )
+
+
+class StageResult(BaseModel):
+    """The outcome of one stage in the last `up`."""
+
+    status: StageStatus = Field(description="done, unchanged (already done), skipped or failed.")
+    message: str = Field(default="", description="One line for a person.")
+    seconds: float = Field(default=0.0, description="Wall time of the stage.")
+    at: float = Field(default_factory=time.time, description="When it finished (epoch seconds).")
+
+
+class ClusterState(BaseModel):
+    """Everything the controller records about one cluster; the JSON file is the source of truth
+    for `down`, `status`, `logs`, `tunnel` and the next `up`."""
+
+    name: str = Field(description="Cluster name (directory under <home>/clusters).")
+    local: bool = Field(default=False, description="Driven without SSH (`up --local`).")
+    inventory_path: str | None = Field(default=None, description="Inventory file, if any.")
+    inventory_text: str = Field(default="", description="The inventory as parsed by `up`.")
+    ssh_user: str | None = Field(default=None, description="--ssh-user given to `up`.")
+    ssh_port: int | None = Field(default=None, description="--ssh-port given to `up`.")
+    identity_file: str | None = Field(default=None, description="--identity given to `up`.")
+    known_hosts: str | None = Field(default=None, description="Known-hosts file used, if custom.")
+    nodes: list[NodeState] = Field(default_factory=list, description="Head first.")
+    ports: Ports | None = Field(default=None, description="Ports, once chosen.")
+    shared_dir: str | None = Field(default=None, description="The directory every node shares.")
+    env_dir: str | None = Field(default=None, description="Python env the nodes run from.")
+    model: str | None = Field(default=None, description="Model as asked for (repo id or path).")
+    model_dir: str | None = Field(default=None, description="Model directory on the shared dir.")
+    served_model_name: str | None = Field(default=None, description="Name clients send.")
+    tp: int | None = Field(default=None, description="Tensor parallel size served.")
+    pp: int | None = Field(default=None, description="Pipeline parallel size served.")
+    endpoint: str | None = Field(default=None, description="OpenAI base URL (on the head).")
+    token_path: str | None = Field(default=None, description="Ray token on the controller.")
+    remote_token_path: str | None = Field(default=None, description="Ray token on the nodes.")
+    api_key_file: str | None = Field(default=None, description="API key file on the controller.")
+    remote_api_key_file: str | None = Field(default=None, description="API key file on the head.")
+    config_hash: str | None = Field(default=None, description="Hash of the `up` config.")
+    serve_config_hash: str | None = Field(default=None, description="Hash of the served config.")
+    fs_edits: dict[str, list[str]] = Field(
+        default_factory=dict, description="Per node: system files the cache/storage stages edited."
+    )
+    stages: dict[str, StageResult] = Field(default_factory=dict, description="Last `up`'s stages.")
+    created_at: float = Field(default_factory=time.time, description="First `up` (epoch).")
+    updated_at: float = Field(default_factory=time.time, description="Last write (epoch).")
+
+    @property
+    def directory(self) -> Path:
+        """This cluster's directory on the controller."""
+        return cluster_dir(self.name)
+
+    @property
+    def head(self) -> NodeState | None:
+        """The head node's record, once preflight has run."""
+        return self.nodes[0] if self.nodes else None
+
+    def node(self, name: str) -> NodeState | None:
+        """The record of the node named ``name`` (head, worker1, ...), if any."""
+        return next((n for n in self.nodes if n.name == name), None)
+
+    def save(self) -> Path:
+        """Write the state atomically (0600 file in the 0700 directory) and return its path."""
+        self.updated_at = time.time()
+        path = ensure_private_dir(self.directory) / STATE_FILE
+        write_private(path, self.model_dump_json(indent=2) + "\n")
+        return path
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make it 0700 whatever the umask; return it."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Atomically write ``text`` to ``path`` as a 0600 file: temp file, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_state(name: str) -> ClusterState:
+    """Read a cluster's state; a missing one says how to create it or which clusters exist."""
+    path = cluster_dir(name) / STATE_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        known = list_clusters()
+        raise ConfigError(
+            f"no cluster named {name!r} (no {path})",
+            hint=f"known clusters: {', '.join(known)}" if known else "run `llamacluster up` first",
+        ) from None
+    try:
+        return ClusterState.model_validate_json(text)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"cluster state {path} is unreadable: {exc.errors()[0].get('msg', exc)}",
+            hint="fix or remove that file (the cluster may still be running)",
+        ) from None
+
+
+def find_state(name: str) -> ClusterState | None:
+    """The cluster's state when one was recorded, else None."""
+    return load_state(name) if (cluster_dir(name) / STATE_FILE).exists() else None
+
+
+def list_clusters() -> list[str]:
+    """Names of every cluster with a state file, sorted."""
+    root = llamacluster_home() / "clusters"
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / STATE_FILE).is_file())
+
+
+def remove_state(name: str) -> None:
+    """Delete a cluster's directory (state and secrets) after a full `down`."""
+    import shutil
+
+    shutil.rmtree(cluster_dir(name), ignore_errors=True)
+
+
+def ensure_secret(path: Path, *, nbytes: int = 32, prefix: str = "") -> tuple[Path, bool]:
+    """Create a random hex secret at ``path`` (0600) unless one exists; return (path, created).
+
+    Used for the Ray token and the API key: generated on the controller, never printed.
+    """
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+        if path.read_text(encoding="utf-8").strip():
+            return path, False
+    ensure_private_dir(path.parent)
+    write_private(path, prefix + secrets.token_hex(nbytes) + "\n")
+    return path, True
+
+
+def config_hash(data: object) -> str:
+    """Stable short hash of a JSON-able value (a config's fields), to tell changes apart."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
