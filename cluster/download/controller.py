@@ -1,0 +1,196 @@
+"""Controller side: plan on the controller, fetch on every node in parallel, merge the manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.download.errors import AccessDeniedError
+from cluster.download.manifest import Manifest
+from cluster.download.node import FetchSettings, NodeRequest
+from cluster.download.plan import DownloadPlan, plan_download
+from cluster.errors import DownloadError
+from cluster.runner import OutputLine, Result, Runner, raise_for_failures, run_on_nodes
+
+NODE_MODULE = "cluster.download.node"
+# Environment the node program gets: where the hub is, and the token (never on a command line).
+_FORWARDED_ENV = ("HF_ENDPOINT", "HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT")
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class DownloadResult:
+    """What a download did: the plan, the manifest, and each node's summary."""
+
+    plan: DownloadPlan
+    manifest: Manifest | None = None
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    warm: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def fetched_bytes(self) -> int:
+        """Bytes fetched over the network in this run (skipped files excluded)."""
+        return sum(int(s.get("bytes", 0)) for s in self.summaries.values())
+
+
+def node_env(token: str | None) -> dict[str, str]:
+    """Environment for the node program; the runner keeps it off command lines and out of logs."""
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
+    env["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    if token:
+        env["HF_TOKEN"] = token
+    return env
+
+
+class _EventRouter:
+    """Parses JSON lines from every node; keeps each node's last failure for the error message."""
+
+    def __init__(self, sink: EventSink | None) -> None:
+        self.sink = sink
+        self.lock = threading.Lock()
+        self.failed: dict[str, dict[str, Any]] = {}
+        self.done: dict[str, dict[str, Any]] = {}
+        self.stderr: dict[str, list[str]] = {}
+
+    def __call__(self, line: OutputLine) -> None:
+        if line.stream != "stdout":
+            return
+        try:
+            event = json.loads(line.text)
+        except json.JSONDecodeError:
+            return
+        if not isinstance(event, dict) or "event" not in event:
+            return
+        with self.lock:
+            node = str(event.get("node"))
+            if event["event"] == "failed":
+                self.failed[node] = event
+            elif event["event"] == "done":
+                self.done[node] = event
+            if self.sink is not None:
+                self.sink(event)
+
+
+def _run_node_action(
+    runners: Sequence[Runner],
+    request: NodeRequest,
+    *,
+    python: str,
+    token: str | None,
+    on_event: EventSink | None,
+    what: str,
+    timeout: float | None,
+) -> dict[str, dict[str, Any]]:
+    """Run the node program on every runner in parallel; one error naming every failed node."""
+    router = _EventRouter(on_event)
+    names = {r.node: r.node.name for r in runners}
+    results: dict[Any, Result] = run_on_nodes(
+        runners,
+        lambda node: [python, "-m", NODE_MODULE, "--node", names[node]],
+        env=node_env(token),
+        stdin=request.model_dump_json(),
+        on_line=router,
+        check=False,
+        timeout=timeout,
+        what=what,
+    )
+    reported = {}
+    unreported = {}
+    for node, res in results.items():
+        name = names[node]
+        if res.ok:
+            continue
+        if name in router.failed:
+            reported[name] = router.failed[name]
+        else:
+            unreported[node] = res
+    if unreported:
+        raise_for_failures(unreported, what=what)  # ssh failures, crashes: stderr tails
+    if reported:
+        access = [e for e in reported.values() if e.get("kind") == "access"]
+        if access:
+            raise AccessDeniedError(access[0]["message"], hint=access[0].get("hint"))
+        listing = "; ".join(f"{n}: {e.get('message')}" for n, e in sorted(reported.items()))
+        raise DownloadError(
+            f"{what} failed on {len(reported)} of {len(results)} node(s): {listing}",
+            hint=next((e["hint"] for e in reported.values() if e.get("hint")), None)
+            or "re-run the same command: verified files are kept, only the rest is fetched",
+        )
+    return {names[n]: router.done.get(names[n], {}) for n in results}
+
+
+def warm_lists(plan: DownloadPlan, nodes: Sequence[str]) -> dict[str, list[str]]:
+    """Which files each node reads for --warm: every weight file, on every node.
+
+    With tensor parallelism every worker opens every shard (each reads its slice of each
+    tensor), so each node's page cache wants all of them; a caller that knows a finer split
+    (pipeline stages) can pass its own lists.
+    """
+    weights = sorted(f.path for f in plan.files if f.is_weight)
+    return {n: list(weights) for n in nodes}
+
+
+def download_model(
+    repo: str,
+    *,
+    target: str,
+    runners: Sequence[Runner],
+    python: str = sys.executable,
+    revision: str | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    settings: FetchSettings | None = None,
+    token: str | None = None,
+    warm: bool | Mapping[str, list[str]] = False,
+    on_event: EventSink | None = None,
+    on_plan: Callable[[DownloadPlan], None] | None = None,
+    timeout: float | None = None,
+) -> DownloadResult:
+    """Fetch one commit of ``repo`` into ``target`` (shared by all nodes), every node its share.
+
+    The plan is made here; each node fetches, verifies and records its files; then the head
+    merges the records into ``manifest.json``. Re-running resumes: verified files are skipped.
+    """
+    if not runners:
+        raise DownloadError("no nodes to download to")
+    started = time.monotonic()
+    names = [r.node.name for r in runners]
+    plan = plan_download(
+        repo, nodes=names, revision=revision, include=include, exclude=exclude, token=token
+    )
+    if on_plan is not None:
+        on_plan(plan)
+    settings = settings or FetchSettings()
+    common = {"python": python, "token": token, "on_event": on_event, "timeout": timeout}
+    summaries = _run_node_action(
+        runners,
+        NodeRequest(action="fetch", target=target, plan=plan, settings=settings),
+        what="download",
+        **common,
+    )
+    final = _run_node_action(
+        runners[:1],
+        NodeRequest(action="finalize", target=target, plan=plan),
+        what="manifest",
+        **common,
+    )
+    manifest = Manifest.model_validate(final[names[0]]["manifest"])
+    result = DownloadResult(plan=plan, manifest=manifest, summaries=summaries)
+    if warm:
+        lists = dict(warm) if isinstance(warm, Mapping) else warm_lists(plan, names)
+        result.warm = _run_node_action(
+            runners,
+            NodeRequest(action="warm", target=target, settings=settings, warm_files=lists),
+            what="warm",
+            **common,
+        )
+    result.seconds = time.monotonic() - started
+    return result
