@@ -1,3 +1,4 @@
 """Imports every command module so each registers its commands on the app."""
 
 # One import per command module; each module owns its own commands.
+from cluster.cli import download_cmd  # noqa: F401
