@@ -44,3 +44,64 @@ class DownloadError(LlamaclusterError):
     """The model could not be fetched or verified."""
 
     exit_code = 6
+
+
+class NodeFailure:
+    """What failed on one node: the structured fields behind a NodesFailedError."""
+
+    __slots__ = ("command", "connection_failed", "node", "returncode", "stderr_tail", "timed_out")
+
+    def __init__(
+        self,
+        node: str,
+        *,
+        command: str,
+        returncode: int,
+        stderr_tail: str,
+        timed_out: bool = False,
+        connection_failed: bool = False,
+    ) -> None:
+        self.node = node
+        self.command = command
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        self.timed_out = timed_out
+        self.connection_failed = connection_failed
+
+    def describe(self) -> str:
+        """``node (exit N[, timed out | could not connect]): last stderr lines`` on one line."""
+        what = f"exit {self.returncode}"
+        if self.timed_out:
+            what += ", timed out"
+        elif self.connection_failed:
+            what += ", could not connect"
+        tail = " | ".join(line for line in self.stderr_tail.splitlines() if line.strip())
+        return f"{self.node} ({what})" + (f": {tail}" if tail else "")
+
+    def __repr__(self) -> str:
+        return f"NodeFailure({self.describe()!r})"
+
+
+class NodesFailedError(RemoteError):
+    """A command failed on one or more nodes; ``failures`` lists every one of them, in order."""
+
+    def __init__(
+        self,
+        failures: list[NodeFailure],
+        *,
+        total: int,
+        what: str = "command",
+        hint: str | None = None,
+    ) -> None:
+        self.failures = list(failures)
+        self.total = total
+        listing = "; ".join(f.describe() for f in self.failures)
+        super().__init__(
+            f"{what} failed on {len(self.failures)} of {total} node(s): {listing}",
+            hint=hint or "fix the node(s) named above and run again (-v shows the commands)",
+        )
+
+    @property
+    def nodes(self) -> list[str]:
+        """Labels of the failed nodes, in inventory order."""
+        return [f.node for f in self.failures]

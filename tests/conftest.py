@@ -1,4 +1,7 @@
 """Shared pytest setup: fixture modules from tests/support are registered here."""
 
 # Fixture modules (each owns its fixtures); pytest loads them for every test.
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = [
+    "tests.support.stream_server",
+    "tests.support.sshd",
+]

@@ -1,0 +1,628 @@
+"""Run commands on nodes: one Runner interface (local and OpenSSH siblings) and parallel fan-out."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shlex
+import signal
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, NamedTuple
+
+from cluster.errors import ConfigError, NodeFailure, NodesFailedError
+from cluster.inventory import Node, local_cluster
+
+log = logging.getLogger(__name__)
+
+Command = str | Sequence[str]
+"""A shell string (run by bash on the node) or an argv list (quoted by ``shell_join``)."""
+
+Stdin = bytes | str | IO[bytes] | None
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Remote `timeout` sends TERM at the deadline and KILL this long after, so nothing lingers.
+_KILL_AFTER_S = 5
+# After the process exits, how long to wait for its output pipes to close.
+_DRAIN_S = 5.0
+
+
+def shell_join(argv: Sequence[str | os.PathLike[str] | int]) -> str:
+    """Quote an argv list for a POSIX shell. The one place commands are quoted."""
+    return shlex.join([os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in argv])
+
+
+def command_string(cmd: Command) -> str:
+    """The shell text of a command: a string as given, an argv list quoted by ``shell_join``."""
+    if isinstance(cmd, str):
+        return cmd
+    if not cmd:
+        raise ValueError("empty command")
+    return shell_join(cmd)
+
+
+class OutputLine(NamedTuple):
+    """One line of live output: which node, ``stdout`` or ``stderr``, and the text (no newline)."""
+
+    node: str
+    stream: str
+    text: str
+
+
+LineSink = Callable[[OutputLine], None]
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of one command on one node.
+
+    ``command`` is the command text only: environment values (secrets) are never part of it.
+    """
+
+    node: str
+    command: str
+    returncode: int
+    stdout: str
+    stderr: str
+    duration_s: float
+    timed_out: bool = False
+    connection_failed: bool = False
+    attempts: int = 1
+
+    @property
+    def ok(self) -> bool:
+        """True when the command ran to the end and exited 0."""
+        return self.returncode == 0 and not self.timed_out
+
+    def tail(self, n: int = 10, *, stream: str = "stderr") -> str:
+        """The last ``n`` non-empty lines of ``stderr`` (or ``stdout``), for error messages."""
+        text = self.stderr if stream == "stderr" else self.stdout
+        lines = [line for line in text.splitlines() if line.strip()]
+        return "\n".join(lines[-n:])
+
+    def failure(self) -> NodeFailure:
+        """The structured description of this result for a NodesFailedError."""
+        return NodeFailure(
+            self.node,
+            command=self.command,
+            returncode=self.returncode,
+            stderr_tail=self.tail(5) or self.tail(5, stream="stdout"),
+            timed_out=self.timed_out,
+            connection_failed=self.connection_failed,
+        )
+
+    def check(self, *, what: str = "command", hint: str | None = None) -> Result:
+        """Return self when ok, else raise NodesFailedError naming this node."""
+        if not self.ok:
+            raise NodesFailedError([self.failure()], total=1, what=what, hint=hint)
+        return self
+
+
+def _script(command: str, env: Mapping[str, str] | None, timeout: float | None) -> bytes:
+    """The line fed to ``bash -s`` on the node: exports (kept off every command line) and the
+    command, exec'd in a fresh bash (under ``timeout`` when one is given).
+
+    bash reads a script from a pipe one byte at a time, so whatever follows this line on stdin is
+    left for the command itself.
+    """
+    parts: list[str] = []
+    for key, value in (env or {}).items():
+        if not _ENV_NAME.match(key):
+            raise ConfigError(f"bad environment variable name {key!r}", hint="use [A-Za-z_0-9]")
+        parts.append(shell_join(["export", f"{key}={value}"]))
+    inner = ["bash", "-c", command]
+    if timeout is not None:
+        inner = ["timeout", f"--kill-after={_KILL_AFTER_S}", f"{timeout:.3f}", *inner]
+    parts.append("exec " + shell_join(inner))
+    return ("; ".join(parts) + "\n").encode()
+
+
+def _feed(pipe: IO[bytes], script: bytes, stdin: Stdin) -> None:
+    """Write the script and then the caller's stdin into the process, then close its stdin."""
+    try:
+        pipe.write(script)
+        if isinstance(stdin, str):
+            pipe.write(stdin.encode())
+        elif isinstance(stdin, bytes):
+            pipe.write(stdin)
+        elif stdin is not None:
+            while chunk := stdin.read(1 << 16):
+                pipe.write(chunk)
+    except (BrokenPipeError, OSError, ValueError):
+        pass  # the process ended early; its exit code tells why
+    finally:
+        with contextlib.suppress(OSError):
+            pipe.close()
+
+
+def _pump(pipe: IO[bytes], sink: list[bytes], emit: Callable[[str], None] | None) -> None:
+    for raw in iter(pipe.readline, b""):
+        sink.append(raw)
+        if emit is not None:
+            emit(raw.decode("utf-8", "replace").rstrip("\r\n"))
+
+
+class Runner(ABC):
+    """Runs commands on one node. Everything above the transport is written against this."""
+
+    node: Node
+
+    @property
+    def label(self) -> str:
+        """The node's display label (prefix of its output lines, key of error listings)."""
+        return self.node.label
+
+    @abstractmethod
+    def _argv(self) -> list[str]:
+        """The local argv that starts ``bash -s`` on the node."""
+
+    def _classify(self, returncode: int, stdout: str, stderr: str) -> tuple[bool, bool]:
+        """(connection_failed, worth_retrying) for a finished attempt; local runs never fail so."""
+        return False, False
+
+    def _popen_kwargs(self) -> dict:
+        return {}
+
+    def _kill(self, proc: subprocess.Popen) -> None:
+        proc.kill()
+
+    def run(
+        self,
+        cmd: Command,
+        *,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: Stdin = None,
+        on_line: LineSink | None = None,
+    ) -> Result:
+        """Run ``cmd`` on the node with bash and return its Result (never raises for a failure).
+
+        ``env`` values travel on stdin, never on a command line (``ps``) or in logs. A ``timeout``
+        kills the command (here and on the node) and marks the Result ``timed_out``. Connection
+        failures (not failures of the command) are retried by runners that can have them.
+        """
+        command = command_string(cmd)
+        script = _script(command, env, timeout)
+        log.debug("%s: run %s (env: %s)", self.label, command, ", ".join(env or {}) or "-")
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            result = self._attempt(command, script, timeout, stdin, on_line, start, attempt)
+            retry = self._retry_delay(result, attempt, stdin)
+            if retry is None:
+                return result
+            log.debug("%s: connection failed, retrying in %.1f s", self.label, retry)
+            time.sleep(retry)
+
+    def _retry_delay(self, result: Result, attempt: int, stdin: Stdin) -> float | None:
+        return None
+
+    def _attempt(
+        self,
+        command: str,
+        script: bytes,
+        timeout: float | None,
+        stdin: Stdin,
+        on_line: LineSink | None,
+        start: float,
+        attempt: int,
+    ) -> Result:
+        proc = subprocess.Popen(
+            self._argv(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            **self._popen_kwargs(),
+        )
+        out: list[bytes] = []
+        err: list[bytes] = []
+
+        def emitter(stream: str) -> Callable[[str], None] | None:
+            if on_line is None:
+                return None
+            return lambda text: on_line(OutputLine(self.label, stream, text))
+
+        threads = [
+            threading.Thread(target=_feed, args=(proc.stdin, script, stdin), daemon=True),
+            threading.Thread(target=_pump, args=(proc.stdout, out, emitter("stdout")), daemon=True),
+            threading.Thread(target=_pump, args=(proc.stderr, err, emitter("stderr")), daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            self._kill(proc)
+            proc.wait()
+        except BaseException:
+            self._kill(proc)
+            proc.wait()
+            raise
+        for t in threads[1:]:
+            t.join(_DRAIN_S)
+        stdout = b"".join(out).decode("utf-8", "replace")
+        stderr = b"".join(err).decode("utf-8", "replace")
+        returncode = proc.returncode
+        if timed_out:
+            returncode = 124
+            stderr += f"\n[llamacluster] timed out after {timeout:g} s and was killed\n"
+        failed, _ = (False, False) if timed_out else self._classify(returncode, stdout, stderr)
+        return Result(
+            node=self.label,
+            command=command,
+            returncode=returncode,
+            stdout=stdout,
+            stderr=stderr,
+            duration_s=time.monotonic() - start,
+            timed_out=timed_out,
+            connection_failed=failed,
+            attempts=attempt,
+        )
+
+    def copy_to(
+        self,
+        local: str | os.PathLike[str],
+        remote: str,
+        *,
+        mode: int | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+    ) -> Result:
+        """Copy a local file or directory to ``remote`` on the node, over the runner's own
+        transport (so SSH options, keys and multiplexing are the same as for commands).
+
+        A file is written to a temp name with a restrictive umask, given ``mode`` (default: the
+        local file's mode) and renamed into place, so a secret is never readable by others and
+        never half-written. A directory's contents are unpacked into ``remote`` (created if
+        needed); copying again overwrites, so it is safe to repeat. ``~/`` at the start of
+        ``remote`` means the node user's home.
+        """
+        src = Path(local)
+        if not src.exists():
+            raise ConfigError(f"cannot copy {src}: no such file or directory")
+        target = _remote_path(remote.rstrip("/") or "/")
+        if src.is_dir():
+            command = f"mkdir -p -- {target} && tar -x --no-same-owner -f - -C {target}"
+            read_end, write_end = os.pipe()
+            writer = threading.Thread(target=_write_tar, args=(src, write_end), daemon=True)
+            writer.start()
+            with os.fdopen(read_end, "rb") as stream:
+                result = self.run(command, stdin=stream, timeout=timeout)
+            writer.join(_DRAIN_S)
+        else:
+            perm = mode if mode is not None else src.stat().st_mode & 0o777
+            tmp = f"{target}.llamacluster-tmp"
+            command = (
+                f'umask 077 && mkdir -p -- "$(dirname -- {target})" && cat > {tmp} && '
+                f"chmod {perm:o} {tmp} && mv -f -- {tmp} {target}"
+            )
+            with src.open("rb") as stream:
+                result = self.run(command, stdin=stream, timeout=timeout)
+        result = replace(result, command=f"copy {src} -> {remote}")
+        if check:
+            result.check(what=f"copying {src} to {remote}")
+        return result
+
+
+def _remote_path(path: str) -> str:
+    """Shell text for a path on the node; a leading ``~/`` stays the node user's home."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shell_join([path[2:]])
+    return shell_join([path])
+
+
+def _write_tar(src: Path, fd: int) -> None:
+    """Stream ``src``'s contents as a tar archive into ``fd`` (closes it)."""
+    try:
+        with os.fdopen(fd, "wb") as out, tarfile.open(fileobj=out, mode="w|") as tar:
+            for child in sorted(src.iterdir()):
+                tar.add(child, arcname=child.name)
+    except (BrokenPipeError, OSError):
+        pass  # the receiving side stopped; its Result says why
+
+
+class LocalRunner(Runner):
+    """Runs commands on this machine with the same bash-on-stdin contract as SSH.
+
+    ``node`` defaults to a local node of 127.0.0.1; give one from the inventory (``--local``)
+    or a loopback address to stand for one of several "nodes" on this host.
+    """
+
+    def __init__(self, node: Node | None = None) -> None:
+        self.node = node if node is not None else local_cluster().head
+
+    def _argv(self) -> list[str]:
+        return ["bash", "-s"]
+
+    def _popen_kwargs(self) -> dict:
+        # Own session: a timeout kills the whole command tree, and Ctrl-C goes to us, not to it.
+        return {"start_new_session": True}
+
+    def _kill(self, proc: subprocess.Popen) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def __repr__(self) -> str:
+        return f"LocalRunner({self.label})"
+
+
+@dataclass(frozen=True)
+class SSHConfig:
+    """How the controller talks SSH to the nodes; flags fill it, runners share it."""
+
+    connect_timeout: int = 10
+    config_file: Path | None = None
+    strict_host_keys: bool = False
+    known_hosts_file: Path | None = None
+    multiplex: bool = True
+    control_dir: Path | None = None
+    control_persist: str = "60s"
+    server_alive_interval: int = 15
+    server_alive_count_max: int = 4
+    connect_retries: int = 2
+    retry_backoff_s: float = 1.0
+    extra_options: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+
+def default_control_dir() -> Path:
+    """A per-user 0700 directory for ControlMaster sockets (short path: sockets are limited)."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return Path(base) / f"llamacluster-ssh-{os.getuid()}"
+
+
+def _ensure_private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise ConfigError(
+            f"SSH control directory {path} belongs to another user",
+            hint="remove it or set XDG_RUNTIME_DIR to a directory of your own",
+        )
+    if st.st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def ssh_options(node: Node, config: SSHConfig) -> dict[str, str]:
+    """The ``-o`` options for ``node``, as data; each one is there for the reason beside it."""
+    opts: dict[str, str] = {
+        # Never prompt (password, passphrase, unknown host): a prompt hangs a parallel run.
+        "BatchMode": "yes",
+        # A dead or firewalled node fails in seconds instead of the kernel's minutes.
+        "ConnectTimeout": str(config.connect_timeout),
+        # Notice a node that vanished mid-command (no RST) after interval x count seconds.
+        "ServerAliveInterval": str(config.server_alive_interval),
+        "ServerAliveCountMax": str(config.server_alive_count_max),
+        # accept-new learns fresh nodes on first contact yet refuses a changed key (a possible
+        # impostor); `yes` accepts only hosts already in known_hosts.
+        "StrictHostKeyChecking": "yes" if config.strict_host_keys else "accept-new",
+        # Keep ssh's own chatter ("Permanently added ...") out of the command's stderr; real
+        # errors (refused, changed host key, denied) are still printed.
+        "LogLevel": "ERROR",
+    }
+    if config.known_hosts_file is not None:
+        # A separate known_hosts (tests, throwaway clusters) instead of ~/.ssh/known_hosts.
+        opts["UserKnownHostsFile"] = str(config.known_hosts_file)
+    if config.multiplex:
+        control_dir = _ensure_private_dir(config.control_dir or default_control_dir())
+        # One TCP and key exchange per node, reused by the many short commands of a bring-up;
+        # %C hashes host, port and user so the socket path stays short and unique.
+        opts["ControlMaster"] = "auto"
+        opts["ControlPath"] = str(control_dir / "%C")
+        opts["ControlPersist"] = config.control_persist
+    if node.identity_file is not None:
+        # Offer only the given key: an agent holding many keys trips the server's MaxAuthTries.
+        opts["IdentitiesOnly"] = "yes"
+    opts.update(dict(config.extra_options))
+    return opts
+
+
+def ssh_argv(
+    node: Node,
+    config: SSHConfig | None = None,
+    *,
+    batch: bool = True,
+    extra_args: Sequence[str] = (),
+    remote_command: str | None = None,
+) -> list[str]:
+    """The ``ssh`` argv for ``node`` with the project's options; ``-i``/``-p``/``-l`` only when
+    set, so ``~/.ssh/config`` keeps deciding the rest. ``batch=False`` is for a person at a
+    terminal (``llamacluster ssh``/``tunnel``): prompts are then allowed.
+    """
+    config = config or SSHConfig()
+    opts = ssh_options(node, config)
+    if not batch:
+        opts.pop("BatchMode")
+    argv = ["ssh"]
+    if config.config_file is not None:
+        argv += ["-F", str(config.config_file)]
+    for key, value in opts.items():
+        argv += ["-o", f"{key}={value}"]
+    if node.identity_file is not None:
+        argv += ["-i", str(node.identity_file)]
+    if node.port is not None:
+        argv += ["-p", str(node.port)]
+    if node.user is not None:
+        argv += ["-l", node.user]
+    argv += list(extra_args)
+    argv += ["--", node.host]
+    if remote_command is not None:
+        argv.append(remote_command)
+    return argv
+
+
+# What ssh itself (not the remote command) prints when it cannot get a session.
+_SSH_FAILURES = (
+    "ssh: connect to host",
+    "ssh: Could not resolve hostname",
+    "Connection refused",
+    "Connection timed out",
+    "Connection reset",
+    "Connection closed by",
+    "kex_exchange_identification",
+    "banner exchange",
+    "Network is unreachable",
+    "No route to host",
+    "Host key verification failed",
+    "REMOTE HOST IDENTIFICATION HAS CHANGED",
+    "Permission denied (",
+    "Too many authentication failures",
+)
+# The subset that a second try can fix (a node still booting, a transient network error).
+_SSH_TRANSIENT = (
+    "Connection refused",
+    "Connection timed out",
+    "Connection reset",
+    "Connection closed by",
+    "kex_exchange_identification",
+    "banner exchange",
+    "Network is unreachable",
+    "No route to host",
+)
+
+
+class SSHRunner(Runner):
+    """Runs commands on a node through the system ``ssh`` (keys, agent and ~/.ssh/config work)."""
+
+    def __init__(self, node: Node, config: SSHConfig | None = None) -> None:
+        self.node = node
+        self.config = config or SSHConfig()
+
+    def _argv(self) -> list[str]:
+        return ssh_argv(self.node, self.config, extra_args=["-T"], remote_command="bash -s")
+
+    def _classify(self, returncode: int, stdout: str, stderr: str) -> tuple[bool, bool]:
+        # 255 is ssh's own failure code; output on stdout means the command did run.
+        if returncode != 255 or stdout:
+            return False, False
+        failed = any(marker in stderr for marker in _SSH_FAILURES)
+        return failed, failed and any(marker in stderr for marker in _SSH_TRANSIENT)
+
+    def _retry_delay(self, result: Result, attempt: int, stdin: Stdin) -> float | None:
+        if not result.connection_failed or attempt > self.config.connect_retries:
+            return None
+        _, transient = self._classify(result.returncode, result.stdout, result.stderr)
+        # A stream given as stdin was consumed by the first try; bytes and str can be resent.
+        if not transient or not (stdin is None or isinstance(stdin, bytes | str)):
+            return None
+        return self.config.retry_backoff_s * attempt
+
+    def close(self) -> None:
+        """Close this node's multiplexed master connection, if one is open."""
+        if not self.config.multiplex:
+            return
+        subprocess.run(
+            ssh_argv(self.node, self.config, extra_args=["-O", "exit"]),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+            timeout=30,
+        )
+
+    def __repr__(self) -> str:
+        return f"SSHRunner({self.label})"
+
+
+def runner_for(node: Node, *, ssh_config: SSHConfig | None = None) -> Runner:
+    """The runner for a node: local for a ``--local`` node, OpenSSH otherwise."""
+    return LocalRunner(node) if node.local else SSHRunner(node, ssh_config)
+
+
+def ssh_failure_hint(result: Result) -> str | None:
+    """What to do about an SSH failure, read from ssh's own message; None if nothing specific."""
+    err = result.stderr
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in err or "Host key verification failed" in err:
+        host = result.node if ":" not in result.node else f"[{result.node.rsplit(':', 1)[0]}]"
+        return (
+            f"the host key of {result.node} is unknown or changed; if the machine was reinstalled, "
+            f"remove the old key with `ssh-keygen -R '{host}'` (add `-f FILE` for a custom "
+            "known_hosts) and run again"
+        )
+    if "Permission denied" in err:
+        return "SSH key not accepted: pass --ssh-key / --ssh-user or fix ~/.ssh/config"
+    if result.connection_failed:
+        return "check that the node is up and sshd listens on that address and port"
+    return None
+
+
+class _Printer:
+    """Prints output lines prefixed by node label, one whole line at a time from any thread."""
+
+    def __init__(self, console=None) -> None:
+        from rich.console import Console
+
+        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.lock = threading.Lock()
+
+    def __call__(self, line: OutputLine) -> None:
+        from rich.text import Text
+
+        text = Text(f"[{line.node}] ", style="bold cyan")
+        text.append(line.text, style="yellow" if line.stream == "stderr" else "")
+        with self.lock:
+            self.console.print(text)
+
+
+def prefixed_printer(console=None) -> LineSink:
+    """A LineSink that prints ``[node] line`` as lines arrive (the familiar ``runall`` view)."""
+    return _Printer(console)
+
+
+def run_on_nodes(
+    runners: Iterable[Runner],
+    cmd: Command | Callable[[Node], Command],
+    *,
+    parallel: bool = True,
+    timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
+    stdin: bytes | str | None = None,
+    on_line: LineSink | None = None,
+    check: bool = True,
+    what: str = "command",
+) -> dict[Node, Result]:
+    """Run ``cmd`` (or ``cmd(node)`` per node) on every runner's node and return every Result.
+
+    With ``check``, raises one NodesFailedError that lists EVERY failed node with its exit code
+    and stderr tail (after all nodes finished), never only the first.
+    """
+    runners = list(runners)
+
+    def one(runner: Runner) -> Result:
+        command = cmd(runner.node) if callable(cmd) else cmd
+        return runner.run(command, timeout=timeout, env=env, stdin=stdin, on_line=on_line)
+
+    if parallel and len(runners) > 1:
+        with ThreadPoolExecutor(max_workers=min(32, len(runners))) as pool:
+            results = list(pool.map(one, runners))
+    else:
+        results = [one(r) for r in runners]
+    by_node = {r.node: res for r, res in zip(runners, results, strict=True)}
+    if check:
+        raise_for_failures(by_node, what=what)
+    return by_node
+
+
+def raise_for_failures(results: Mapping[Node, Result], *, what: str = "command") -> None:
+    """Raise one NodesFailedError naming every failed node in ``results`` (none failed: no-op)."""
+    failed = [res for res in results.values() if not res.ok]
+    if not failed:
+        return
+    hints = {h for h in (ssh_failure_hint(r) for r in failed) if h}
+    hint = "; ".join(sorted(hints)) if hints else None
+    raise NodesFailedError([r.failure() for r in failed], total=len(results), what=what, hint=hint)
