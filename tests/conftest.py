@@ -2,6 +2,7 @@
 
 # Fixture modules (each owns its fixtures); pytest loads them for every test.
 pytest_plugins: list[str] = [
+    "tests.support.hub",
     "tests.support.stream_server",
     "tests.support.sshd",
 ]

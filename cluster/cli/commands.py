@@ -2,3 +2,4 @@
 
 # One import per command module; each module owns its own commands.
 from cluster.cli import download_cmd  # noqa: F401
+from cluster.cli import model_cmd  # noqa: F401
