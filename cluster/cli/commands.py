@@ -2,4 +2,5 @@
 
 # One import per command module; each module owns its own commands.
 from cluster.cli import download_cmd  # noqa: F401
+from cluster.cli import bench_cmd  # noqa: F401
 from cluster.cli import model_cmd  # noqa: F401

@@ -1,0 +1,270 @@
+"""One streamed OpenAI request timed at the chunk level: TTFT, token chunk times, usage, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+
+from cluster.bench.config import ApiKind, Endpoint
+from cluster.bench.sse import SseParser
+from cluster.bench.workload import BenchRequest
+
+# Error kinds (the keys of the errors-by-kind table).
+TIMEOUT = "timeout"
+CONNECT = "connect"
+DISCONNECT = "disconnect"
+STREAM_ERROR = "stream_error"
+EMPTY = "empty_response"
+BAD_RESPONSE = "bad_response"
+
+
+@dataclass
+class RequestRecord:
+    """What one request did; times are seconds, relative to its own start unless named *_at."""
+
+    index: int
+    endpoint: str
+    point: str
+    round: int
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    scheduled_at: float | None = None
+    ok: bool = False
+    error_kind: str | None = None
+    error_detail: str | None = None
+    status: int | None = None
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    token_chunk_times: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    prompt_tokens: int | None = None
+    token_source: str | None = None  # usage | tokenizer | chunks
+    prompt_source: str | None = None  # usage | tokenizer | approx
+    max_tokens: int = 0
+    finish_reason: str | None = None
+    output_chars: int = 0
+
+    @property
+    def token_chunks(self) -> int:
+        """Number of chunks that carried output text."""
+        return len(self.token_chunk_times)
+
+    @property
+    def itls(self) -> list[float]:
+        """Gaps between consecutive token-carrying chunks (seconds)."""
+        t = self.token_chunk_times
+        return [b - a for a, b in itertools.pairwise(t)]
+
+    @property
+    def tpot_s(self) -> float | None:
+        """(E2E − TTFT) / (output tokens − 1); None with fewer than two tokens."""
+        if not self.ok or self.output_tokens < 2 or self.ttft_s is None or self.e2e_s is None:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+    def to_json(self) -> dict[str, Any]:
+        """The record with derived figures, for the per-request JSONL."""
+        data = asdict(self)
+        data["token_chunks"] = self.token_chunks
+        data["tpot_s"] = self.tpot_s
+        return data
+
+
+def build_payload(
+    request: BenchRequest,
+    *,
+    api: ApiKind,
+    model: str,
+    ignore_eos: bool,
+    include_usage: bool,
+    temperature: float | None,
+    extra_body: dict,
+) -> dict[str, Any]:
+    """The JSON body of a streamed chat or completions request."""
+    body: dict[str, Any] = {"model": model, "max_tokens": request.max_tokens, "stream": True}
+    if api == "chat":
+        body["messages"] = request.as_messages()
+    else:
+        body["prompt"] = request.as_prompt()
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    if ignore_eos:
+        body["ignore_eos"] = True
+    if temperature is not None:
+        body["temperature"] = temperature
+    body.update(extra_body)
+    return body
+
+
+def _chunk_text(data: dict[str, Any]) -> str:
+    """Generated text in one chunk; '' for role-only, usage-only or empty chunks."""
+    parts: list[str] = []
+    for choice in data.get("choices") or ():
+        if "delta" in choice:
+            delta = choice.get("delta") or {}
+            for key in ("content", "reasoning_content", "reasoning"):
+                value = delta.get(key)
+                if isinstance(value, str):
+                    parts.append(value)
+            if delta.get("tool_calls"):
+                parts.append(json.dumps(delta["tool_calls"]))
+        else:
+            value = choice.get("text")
+            if isinstance(value, str):
+                parts.append(value)
+    return "".join(parts)
+
+
+def _finish_reason(data: dict[str, Any]) -> str | None:
+    for choice in data.get("choices") or ():
+        if choice.get("finish_reason"):
+            return choice["finish_reason"]
+    return None
+
+
+def _error_message(body: bytes) -> str:
+    text = body.decode("utf-8", "replace")
+    try:
+        data = json.loads(text)
+        err = data.get("error", data)
+        msg = err.get("message") if isinstance(err, dict) else err
+        return str(msg or text)[:300]
+    except (ValueError, AttributeError):
+        return text[:300]
+
+
+async def send_request(
+    client: httpx.AsyncClient,
+    endpoint: Endpoint,
+    request: BenchRequest,
+    record: RequestRecord,
+    *,
+    api: ApiKind,
+    model: str,
+    ignore_eos: bool,
+    include_usage: bool = True,
+    temperature: float | None = None,
+    extra_body: dict | None = None,
+    timeout_s: float = 300.0,
+) -> tuple[RequestRecord, str]:
+    """Send one streamed request and fill ``record``; never raises for server or network faults.
+
+    Returns the record and the generated text (needed only when usage is missing).
+    """
+    path = "/chat/completions" if api == "chat" else "/completions"
+    body = build_payload(
+        request,
+        api=api,
+        model=model,
+        ignore_eos=ignore_eos,
+        include_usage=include_usage,
+        temperature=temperature,
+        extra_body=extra_body or {},
+    )
+    headers = {"Accept": "text/event-stream"}
+    if endpoint.api_key is not None:
+        headers["Authorization"] = f"Bearer {endpoint.api_key.get_secret_value()}"
+    record.max_tokens = request.max_tokens
+    text_parts: list[str] = []
+    start = time.perf_counter()
+    record.started_at = start
+    try:
+        await asyncio.wait_for(
+            _stream(client, endpoint.base_url + path, body, headers, record, text_parts, start),
+            timeout=timeout_s,
+        )
+    except (asyncio.TimeoutError, httpx.TimeoutException):
+        record.error_kind, record.error_detail = TIMEOUT, f"no complete answer in {timeout_s:g}s"
+    except httpx.ConnectError as exc:
+        record.error_kind, record.error_detail = CONNECT, str(exc)[:300] or "connection refused"
+    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+        record.error_kind = DISCONNECT
+        record.error_detail = str(exc)[:300] or type(exc).__name__
+    except httpx.HTTPError as exc:
+        record.error_kind, record.error_detail = DISCONNECT, f"{type(exc).__name__}: {exc}"[:300]
+    record.finished_at = time.perf_counter()
+    record.ok = record.error_kind is None
+    if record.ok:
+        record.output_chars = sum(len(p) for p in text_parts)
+    return record, "".join(text_parts)
+
+
+async def _stream(
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    record: RequestRecord,
+    text_parts: list[str],
+    start: float,
+) -> None:
+    parser = SseParser()
+    done = False
+    async with client.stream("POST", url, json=body, headers=headers) as response:
+        record.status = response.status_code
+        if response.status_code >= 400:
+            raw = await response.aread()
+            record.error_kind = f"http_{response.status_code}"
+            record.error_detail = _error_message(raw)
+            return
+        async for chunk in response.aiter_bytes():
+            now = time.perf_counter() - start
+            for event in parser.feed(chunk):
+                done = _handle_event(event.event, event.data, now, record, text_parts) or done
+                if record.error_kind:
+                    return
+        end = time.perf_counter() - start
+        for event in parser.close():
+            done = _handle_event(event.event, event.data, end, record, text_parts) or done
+        if record.error_kind:
+            return
+    record.e2e_s = end
+    if not record.token_chunk_times:
+        record.error_kind = EMPTY
+        record.error_detail = "the stream ended without any generated text"
+    elif not done and record.finish_reason is None:
+        record.error_kind = DISCONNECT
+        record.error_detail = "the stream ended without [DONE] or a finish reason"
+
+
+def _handle_event(
+    event: str, data: str, now: float, record: RequestRecord, text_parts: list[str]
+) -> bool:
+    """Apply one SSE event to the record; True when it is the [DONE] marker."""
+    if data.strip() == "[DONE]":
+        return True
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        record.error_kind, record.error_detail = BAD_RESPONSE, f"not JSON: {data[:120]!r}"
+        return False
+    if event == "error" or (isinstance(payload, dict) and "error" in payload):
+        err = payload.get("error", payload) if isinstance(payload, dict) else payload
+        msg = err.get("message") if isinstance(err, dict) else err
+        record.error_kind, record.error_detail = STREAM_ERROR, str(msg)[:300]
+        return False
+    if not isinstance(payload, dict):
+        return False
+    text = _chunk_text(payload)
+    if text:
+        if record.ttft_s is None:
+            record.ttft_s = now
+        record.token_chunk_times.append(now)
+        text_parts.append(text)
+    reason = _finish_reason(payload)
+    if reason:
+        record.finish_reason = reason
+    usage = payload.get("usage")
+    if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
+        record.output_tokens = int(usage["completion_tokens"])
+        record.token_source = "usage"
+        if usage.get("prompt_tokens") is not None:
+            record.prompt_tokens = int(usage["prompt_tokens"])
+            record.prompt_source = "usage"
+    return False

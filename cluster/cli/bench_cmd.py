@@ -1,0 +1,154 @@
+"""`llamacluster bench`: drive one or more OpenAI endpoints and report throughput and latency."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import typer
+
+from cluster.cli.app import app
+
+
+@app.command("bench")
+def bench(
+    base_url: str | None = typer.Option(
+        None, "--base-url", help="Endpoint base URL, e.g. http://HEAD:8000/v1."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="Model name to request (default: the endpoint's first model)."
+    ),
+    api_key: str | None = typer.Option(
+        None, "--api-key", help="API key (default: $OPENAI_API_KEY). Prefer --api-key-file."
+    ),
+    api_key_file: Path | None = typer.Option(
+        None, "--api-key-file", help="File whose first line is the API key."
+    ),
+    endpoint: list[str] = typer.Option(
+        [],
+        "--endpoint",
+        help="Compare mode, repeatable: NAME=URL[,key=K][,key-file=F][,model=M]. "
+        "The first is the baseline of the ratios.",
+    ),
+    api: str = typer.Option("chat", "--api", help="chat or completions."),
+    dataset: str = typer.Option(
+        "random", "--dataset", help="random, prompts (bundled set), jsonl or sharegpt."
+    ),
+    dataset_path: Path | None = typer.Option(
+        None, "--dataset-path", help="File for --dataset jsonl/sharegpt."
+    ),
+    input_len: int = typer.Option(128, "--input-len", help="Prompt tokens (random dataset)."),
+    output_len: int = typer.Option(
+        128, "--output-len", help="max_tokens (random/bundled; a default for files)."
+    ),
+    force_output_len: bool = typer.Option(
+        False, "--force-output-len", help="Use --output-len even for rows that set max_tokens."
+    ),
+    tokenizer: str | None = typer.Option(
+        None, "--tokenizer", help="Local tokenizer dir/file or cached repo id (exact lengths)."
+    ),
+    ignore_eos: bool = typer.Option(
+        True, "--ignore-eos/--no-ignore-eos", help="Ask for exactly max_tokens when accepted."
+    ),
+    temperature: float | None = typer.Option(None, "--temperature", help="Sampling temperature."),
+    concurrency: str = typer.Option(
+        "1",
+        "--concurrency",
+        "-c",
+        help="Closed-loop sweep, e.g. 1,2,4,8,16 (cap for --request-rate).",
+    ),
+    request_rate: str | None = typer.Option(
+        None, "--request-rate", help="Open-loop sweep in requests/s, e.g. 1,2,4 or inf."
+    ),
+    burstiness: float = typer.Option(
+        1.0, "--burstiness", help="Gamma shape of arrivals: 1 Poisson, <1 burstier."
+    ),
+    num_requests: int | None = typer.Option(
+        None, "--num-requests", "-n", help="Measured requests per point (default 100)."
+    ),
+    duration: str | None = typer.Option(
+        None, "--duration", help="Measure for this long per point instead, e.g. 60s, 2m."
+    ),
+    warmup: int | None = typer.Option(
+        None, "--warmup", help="Unmeasured requests before each point (default: concurrency)."
+    ),
+    rounds: int | None = typer.Option(
+        None, "--rounds", help="Interleaved rounds per point (default 1; compare mode 2)."
+    ),
+    timeout: str = typer.Option("300s", "--timeout", help="Limit for one request."),
+    slo: str | None = typer.Option(
+        None, "--slo", help="Goodput bounds, e.g. ttft=200ms,tpot=50ms[,e2e=5s]."
+    ),
+    cost_per_hour: float | None = typer.Option(
+        None, "--cost-per-hour", help="Hardware price per hour: adds tokens per $/¢ columns."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of prompts and arrivals."),
+    output_dir: Path | None = typer.Option(
+        None, "--output-dir", "-o", help="Where results go (default bench-results/<time>)."
+    ),
+    save_requests: bool = typer.Option(
+        False, "--save-requests", help="Also write every request as JSONL."
+    ),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Measure tokens/s, TTFT, TPOT, ITL and E2E latency of OpenAI-compatible endpoints."""
+    from rich.console import Console
+
+    from cluster.bench.cli_glue import build_config, progress_bar
+    from cluster.bench.report import ratios_table, results_table, write_reports
+    from cluster.bench.runner import run_benchmark
+    from cluster.errors import NotReadyError
+
+    config = build_config(
+        base_url=base_url,
+        model=model,
+        api_key=api_key,
+        api_key_file=api_key_file,
+        endpoints=endpoint,
+        api=api,
+        dataset=dataset,
+        dataset_path=dataset_path,
+        input_len=input_len,
+        output_len=output_len,
+        force_output_len=force_output_len,
+        tokenizer=tokenizer,
+        ignore_eos=ignore_eos,
+        temperature=temperature,
+        concurrency=concurrency,
+        request_rate=request_rate,
+        burstiness=burstiness,
+        num_requests=num_requests,
+        duration=duration,
+        warmup=warmup,
+        rounds=rounds,
+        timeout=timeout,
+        slo=slo,
+        cost_per_hour=cost_per_hour,
+        seed=seed,
+    )
+    console = Console()
+    err = Console(stderr=True)
+    with progress_bar(err, enabled=progress) as hook:
+        result = run_benchmark(config, progress=hook)
+    console.print(results_table(result))
+    table = ratios_table(result)
+    if table is not None:
+        console.print(table)
+    for note in result.notes:
+        err.print(f"[dim]note:[/] {note}", highlight=False)
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    out = output_dir or Path("bench-results") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    written = write_reports(result, out, plots=plots, per_request=save_requests)
+    console.print("results: " + ", ".join(str(p) for p in written.values()), highlight=False)
+    if result.all_failed:
+        kinds: dict[str, int] = {}
+        for p in result.points:
+            for k, v in p.errors.items():
+                kinds[k] = kinds.get(k, 0) + v
+        listing = ", ".join(f"{k}×{v}" for k, v in sorted(kinds.items())) or "no requests ran"
+        raise NotReadyError(
+            f"every request failed ({listing})",
+            hint="check the URL, the API key and that the server answers /v1/models",
+        )
