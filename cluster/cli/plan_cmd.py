@@ -1,0 +1,232 @@
+"""`llamacluster plan`: size a deployment (tp x pp, memory, speed, cost) from a model's config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from cluster.cli.app import app
+from cluster.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rich.console import Group
+
+    from cluster.planner import Plan
+
+
+@app.command("plan")
+def plan(
+    model: str = typer.Option(..., "--model", "-m", help="Hub repo id or local model directory."),
+    revision: str | None = typer.Option(
+        None, "--revision", help="Hub revision (branch, tag, commit)."
+    ),
+    ips: Path | None = typer.Option(
+        None, "--ips", help="Inventory file (deploy/ips.txt): the node count comes from it."
+    ),
+    nodes: int | None = typer.Option(None, "--nodes", min=1, help="Number of nodes (default 1)."),
+    gpus_per_node: int = typer.Option(1, "--gpus-per-node", min=1, help="Devices per node."),
+    gpu: str = typer.Option(
+        "h100-sxm", "--gpu", help="Device name from the spec table (see docs/PLANNER.md)."
+    ),
+    gpu_mem_gb: float | None = typer.Option(
+        None, "--gpu-mem-gb", help="Override device memory (GiB)."
+    ),
+    mem_bandwidth_gbs: float | None = typer.Option(
+        None, "--mem-bandwidth-gbs", help="Override memory bandwidth (GB/s)."
+    ),
+    tflops: float | None = typer.Option(
+        None, "--tflops", help="Override dense bf16 peak (TFLOP/s)."
+    ),
+    interconnect_gbs: float | None = typer.Option(
+        None, "--interconnect-gbs", help="Override in-node device link, GB/s per direction."
+    ),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="Weights: auto, bf16, fp16, fp8, int8, int4, fp32."
+    ),
+    kv_dtype: str = typer.Option(
+        "auto", "--kv-dtype", help="KV cache: auto, bf16, fp16, fp8, fp32."
+    ),
+    max_model_len: int | None = typer.Option(
+        None, "--max-model-len", min=1, help="Context to hold (default: the config's maximum)."
+    ),
+    prompt_len: int = typer.Option(
+        512, "--prompt-len", min=1, help="Prompt tokens (prefill, decode context)."
+    ),
+    concurrency: int = typer.Option(32, "--concurrency", min=1, help="Sequences decoding at once."),
+    mem_fraction: float = typer.Option(
+        0.9, "--mem-fraction", min=0.01, max=1.0, help="Share of device memory vLLM may use."
+    ),
+    link_gbps: float = typer.Option(
+        100.0, "--link-gbps", min=0.001, help="Network between nodes, Gbit/s."
+    ),
+    cost_per_hour: float | None = typer.Option(
+        None, "--cost-per-hour", min=0.0001, help="Whole cluster's price, dollars per hour."
+    ),
+    flops_efficiency: float = typer.Option(
+        1.0,
+        "--flops-efficiency",
+        min=0.01,
+        max=1.0,
+        help="Achieved/peak FLOP/s (1.0 = ideal bound).",
+    ),
+    bandwidth_efficiency: float = typer.Option(
+        1.0,
+        "--bandwidth-efficiency",
+        min=0.01,
+        max=1.0,
+        help="Achieved/peak bandwidth (1.0 = ideal).",
+    ),
+    tp: int | None = typer.Option(None, "--tp", min=1, help="Force the tensor-parallel size."),
+    pp: int | None = typer.Option(None, "--pp", min=1, help="Force the pipeline-parallel size."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Size a deployment before renting it: parameters, memory per device, tp x pp, speed, cost."""
+    from cluster.device_specs import get_device
+    from cluster.planner import ClusterShape, PlanOptions, load_model_shape, plan_deployment
+
+    node_count = _node_count(ips, nodes)
+    device = get_device(
+        gpu,
+        memory_gib=gpu_mem_gb,
+        bandwidth_gbs=mem_bandwidth_gbs,
+        bf16_tflops=tflops,
+        interconnect_gbs=interconnect_gbs,
+    )
+    cluster = ClusterShape(
+        nodes=node_count, devices_per_node=gpus_per_node, device=device, link_gbps=link_gbps
+    )
+    options = PlanOptions(
+        dtype=dtype,
+        kv_dtype=kv_dtype,
+        max_model_len=max_model_len,
+        prompt_len=prompt_len,
+        concurrency=concurrency,
+        mem_fraction=mem_fraction,
+        flops_efficiency=flops_efficiency,
+        bandwidth_efficiency=bandwidth_efficiency,
+        cost_per_hour=cost_per_hour,
+        tp=tp,
+        pp=pp,
+    )
+    result = plan_deployment(load_model_shape(model, revision=revision), cluster, options)
+    if as_json:
+        typer.echo(json.dumps(result.model_dump(mode="json"), indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(_render(result))
+
+
+def _node_count(ips: Path | None, nodes: int | None) -> int:
+    """Nodes from the inventory (one per listed machine) or from --nodes."""
+    if ips is None:
+        return nodes or 1
+    from cluster.inventory import load_inventory
+
+    count = len(load_inventory(ips))
+    if nodes is not None and nodes != count:
+        raise ConfigError(
+            f"--nodes {nodes} disagrees with the {count} nodes listed in {ips}",
+            hint="drop --nodes when you pass --ips",
+        )
+    return count
+
+
+def _render(plan: Plan) -> Group:
+    """The plan as rich tables: model, layout and memory, speed, traffic, cost, notes."""
+    from rich.console import Group
+    from rich.table import Table
+
+    m, perf, comm = plan.model, plan.performance, plan.communication
+    model = Table(title=f"Model {m.name}", show_header=False, title_justify="left")
+    model.add_row(
+        "shape",
+        f"{m.model_type}: {m.layers} layers, hidden {m.hidden_size}, "
+        f"{m.heads} heads / {m.kv_heads} KV heads x {m.head_dim}, vocab {m.vocab_size}"
+        + (", tied embeddings" if m.tied_embeddings else ""),
+    )
+    if m.num_experts:
+        model.add_row("experts", f"{m.num_experts} routed, {m.experts_per_token} per token")
+    model.add_row(
+        "parameters", f"{m.params.total / 1e9:.2f} B total, {m.params.active / 1e9:.2f} B active"
+    )
+    model.add_row(
+        "weights", ", ".join(f"{d} {g:.1f} GiB" for d, g in m.weight_gib_by_dtype.items())
+    )
+    model.add_row("KV cache", f"{m.kv_bytes_per_token / 1024:.1f} KiB per token ({plan.kv_dtype})")
+
+    dev = plan.cluster.device
+    layout = Table(
+        title=f"Layout tp={plan.tp} x pp={plan.pp} = {plan.devices_used} of "
+        f"{plan.cluster.total_devices} x {dev.name}, {plan.weight_dtype} weights, "
+        f"max_model_len {plan.max_model_len}",
+        title_justify="left",
+    )
+    for col in (
+        "stage",
+        "layers",
+        "weights GiB",
+        "KV cache GiB",
+        "headroom GiB",
+        "budget/device GiB",
+        "KV tokens",
+    ):
+        layout.add_column(col, justify="right")
+    for s in plan.memory:
+        layout.add_row(
+            str(s.stage),
+            s.layers,
+            f"{s.weights_gib:.2f}",
+            f"{s.kv_cache_gib:.2f}",
+            f"{s.headroom_gib:.2f}",
+            f"{s.budget_gib:.1f} / {s.device_gib:g}",
+            f"{s.kv_tokens:,}",
+        )
+    layout.caption = f"{plan.sequences_fit} sequences of {plan.max_model_len} tokens fit at once"
+
+    speed = Table(
+        title="Speed (bounds: max of memory and compute time per stage)", title_justify="left"
+    )
+    speed.add_column("step")
+    for col in ("ms", "bound", "memory ms", "compute ms", "comm ms"):
+        speed.add_column(col, justify="right")
+    rows = (
+        (f"decode, batch 1, context {perf.context_tokens}", perf.decode_batch1),
+        (f"decode, {perf.effective_concurrency} concurrent", perf.decode_at_concurrency),
+        (f"prefill, {perf.context_tokens} tokens", perf.prefill),
+    )
+    for label, step in rows:
+        speed.add_row(
+            label,
+            f"{step.total_ms:.2f}",
+            step.bound,
+            f"{step.memory_ms:.2f}",
+            f"{step.compute_ms:.2f}",
+            f"{step.tp_comm_ms + step.pp_comm_ms:.3f}",
+        )
+    speed.caption = f"throughput {perf.throughput_tokens_per_s:,.0f} output tokens/s"
+
+    traffic = Table(title="Communication per token", show_header=False, title_justify="left")
+    traffic.add_row(
+        "tp all-reduce",
+        f"{comm.tp_allreduce_bytes_per_token_per_layer / 1024:.1f} KiB per layer "
+        f"at {comm.tp_link_gbs:g} GB/s: {comm.tp_ms_per_token:.4f} ms",
+    )
+    traffic.add_row(
+        "pp hops",
+        f"{comm.pp_hops} x {comm.pp_hop_bytes_per_token / 1024:.1f} KiB "
+        f"({comm.pp_hops_across_nodes} over the {comm.network_gbs:g} GB/s network): "
+        f"{comm.pp_ms_per_token:.4f} ms",
+    )
+    parts = [model, layout, speed, traffic]
+    if plan.cost is not None:
+        cost = Table(title="Cost", show_header=False, title_justify="left")
+        cost.add_row("cluster", f"${plan.cost.cost_per_hour:g} per hour")
+        cost.add_row("per million output tokens", f"${plan.cost.dollars_per_million_tokens:.3f}")
+        cost.add_row("tokens per cent", f"{plan.cost.tokens_per_cent:,.0f}")
+        parts.append(cost)
+    parts.extend(f"note: {n}" for n in plan.notes)
+    return Group(*parts)
