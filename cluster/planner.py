@@ -954,8 +954,9 @@ def _no_fit_error(
     return ConfigError(
         f"{name} ({weight_bytes(shape, weight_dtype) / GIB:.1f} GiB of {weight_dtype} weights) does "
         f"not fit on {_describe_cluster(cluster)}: at the largest layout (tp={tp}, pp={pp}) the "
-        f"fullest device needs {need:.1f} GiB ({worst.weights_gib:.1f} weights + "
-        f"{worst.headroom_gib:.1f} runtime headroom + {need_kv:.2f} KV cache for one {max_len}-token "
+        f"fullest device needs {need:.1f} GiB ({worst.weights_gib:.1f} GiB weights + "
+        f"{worst.headroom_gib:.1f} GiB runtime headroom + {need_kv:.2f} GiB KV cache for one "
+        f"{max_len}-token "
         f"sequence) but may use {worst.budget_gib:.1f} GiB ({options.mem_fraction:g} x "
         f"{worst.device_gib:g} GiB)",
         hint=f"use {more}, smaller weights (--dtype int4: {int4:.1f} GiB), a shorter "
