@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    computed_field,
+    field_validator,
+)
 
 from cluster.device_specs import DeviceSpec
 from cluster.errors import ConfigError, DownloadError
@@ -628,23 +635,14 @@ class PlanOptions(BaseModel):
     tp: int | None = Field(default=None, ge=1, description="Force this tensor-parallel size.")
     pp: int | None = Field(default=None, ge=1, description="Force this pipeline-parallel size.")
 
-    @field_validator("dtype")
+    @field_validator("dtype", "kv_dtype")
     @classmethod
-    def _check_dtype(cls, value: str) -> str:
-        return (
-            value
-            if value == "auto"
-            else normalize_dtype(value, allowed=WEIGHT_DTYPE_BYTES, what="--dtype")
-        )
-
-    @field_validator("kv_dtype")
-    @classmethod
-    def _check_kv_dtype(cls, value: str) -> str:
-        return (
-            value
-            if value == "auto"
-            else normalize_dtype(value, allowed=KV_DTYPE_BYTES, what="--kv-dtype")
-        )
+    def _check_dtypes(cls, value: str, info: ValidationInfo) -> str:
+        if value == "auto":
+            return value
+        table = WEIGHT_DTYPE_BYTES if info.field_name == "dtype" else KV_DTYPE_BYTES
+        flag = "--" + str(info.field_name).replace("_", "-")
+        return normalize_dtype(value, allowed=table, what=flag)
 
 
 def tp_violation(shape: ModelShape, tp: int) -> str | None:
@@ -683,7 +681,6 @@ class _Stage:
     index: int
     first_layer: int
     num_layers: int
-    node: int
     weight_bytes: float  # what the rank stores
     dense_read_bytes: float  # read every decode step, besides routed experts (no input embedding)
     expert_bytes: float  # one routed expert on this rank
@@ -696,11 +693,10 @@ class _Stage:
 
 
 def _build_stages(
-    shape: ModelShape, cluster: ClusterShape, *, tp: int, pp: int, weight_dtype: str, kv_dtype: str
+    shape: ModelShape, *, tp: int, pp: int, weight_dtype: str, kv_dtype: str
 ) -> list[_Stage]:
     qbytes, bbytes = WEIGHT_DTYPE_BYTES[weight_dtype], _base_bytes(weight_dtype)
     embed_dev = shape.vocab_size * shape.hidden_size / tp
-    stages_per_node = max(1, cluster.devices_per_node // tp)
     attn = attention_params_per_device(shape, tp)
     if shape.mla is not None:
         qk = shape.mla.qk_nope_head_dim + shape.mla.qk_rope_head_dim
@@ -740,7 +736,6 @@ def _build_stages(
                 index=index,
                 first_layer=start,
                 num_layers=count,
-                node=index // stages_per_node,
                 weight_bytes=stored,
                 dense_read_bytes=read,
                 expert_bytes=expert_params(shape) / tp * qbytes,
@@ -890,9 +885,7 @@ def _evaluate(
     weight_dtype: str,
     kv_dtype: str,
 ) -> tuple[_Layout, list[_Stage]]:
-    stages = _build_stages(
-        shape, cluster, tp=tp, pp=pp, weight_dtype=weight_dtype, kv_dtype=kv_dtype
-    )
+    stages = _build_stages(shape, tp=tp, pp=pp, weight_dtype=weight_dtype, kv_dtype=kv_dtype)
     memory = [
         _stage_memory(
             s, shape, cluster, tp=tp, weight_dtype=weight_dtype, mem_fraction=options.mem_fraction
