@@ -90,8 +90,13 @@ class Emitter:
         """Send one event."""
         line = json.dumps({"event": event, "node": self.node, **fields}, separators=(",", ":"))
         with self._lock:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (BrokenPipeError, ValueError):
+                # The controller is gone (killed, connection dropped): stop at once. Unfinished
+                # files stay under their hidden temp names; the next run removes them.
+                os._exit(141)
 
     def progress(self, path: str, done: int, *, force: bool = False) -> None:
         """Bytes done of one file so far (absolute), at most every PROGRESS_INTERVAL_S."""
@@ -200,7 +205,8 @@ class NodeFetcher:
 
     def _fetch_hf_transfer(self, f: RepoFile, tmp: Path) -> None:
         import hf_transfer
-        from huggingface_hub import build_hf_headers, get_hf_file_metadata
+        from huggingface_hub import get_hf_file_metadata
+        from huggingface_hub.utils import build_hf_headers
 
         url = self._url(f)
         # HEAD through huggingface_hub: resolves redirects, and its errors carry the status and

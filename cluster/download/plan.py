@@ -209,9 +209,9 @@ def resolve_repo_files(
     from cluster.download.errors import access_error
 
     try:
-        info = HfApi().model_info(
-            repo, revision=revision, files_metadata=True, token=token or False
-        )
+        # Tagged like the nodes, so a hub log tells the planning call from the transfers.
+        api = HfApi(user_agent={"llamacluster-node": "controller"})
+        info = api.model_info(repo, revision=revision, files_metadata=True, token=token or False)
     except GatedRepoError as exc:
         raise access_error(repo, status=401, token_given=bool(token)) from exc
     except RevisionNotFoundError as exc:
