@@ -393,7 +393,7 @@ def test_vllm_loads_the_downloaded_model(
         [sys.executable, str(script), str(target)],
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=560,
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
