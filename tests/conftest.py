@@ -5,4 +5,5 @@ pytest_plugins: list[str] = [
     "tests.support.hub",
     "tests.support.stream_server",
     "tests.support.sshd",
+    "tests.support.server",
 ]

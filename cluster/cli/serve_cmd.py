@@ -1,0 +1,135 @@
+"""`llamacluster serve` / `serve-stop`: deploy or stop the OpenAI server on an existing Ray cluster."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from cluster.cli.app import app, err_console
+from cluster.errors import ConfigError
+
+ADDRESS_HELP = "Ray cluster address (head-ip:gcs-port); default: RAY_ADDRESS or the local one."
+
+
+def parse_engine_args(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` pairs into a dict; VALUE is JSON when it parses (true, 4, "x"), else a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(
+                f"bad --engine-arg {item!r}",
+                hint="write KEY=VALUE, e.g. --engine-arg enforce_eager=true",
+            )
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+@app.command("serve")
+def serve(
+    model: str = typer.Option(..., "--model", help="Model directory on every node, or repo id."),
+    served_model_name: str | None = typer.Option(
+        None, "--served-model-name", help="Name clients send (default: repo id / dir name)."
+    ),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel size."),
+    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size."),
+    device: str = typer.Option("gpu", "--device", help="gpu, or cpu for CPU-only nodes."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32."),
+    max_model_len: int | None = typer.Option(None, "--max-model-len", help="Context length."),
+    gpu_memory_utilization: float = typer.Option(
+        0.9, "--gpu-memory-utilization", help="Fraction of device memory vLLM may use."
+    ),
+    max_num_seqs: int | None = typer.Option(None, "--max-num-seqs", help="Batch size bound."),
+    kv_cache_gb: int | None = typer.Option(
+        None, "--kv-cache-gb", help="KV cache GiB per worker on CPU nodes."
+    ),
+    api_key: list[str] = typer.Option(
+        [],
+        "--api-key",
+        help="Accepted key (repeatable); prefer --api-key-file or $LLAMACLUSTER_API_KEY.",
+    ),
+    api_key_file: Path | None = typer.Option(
+        None, "--api-key-file", help="File with one key per line, mode 0600."
+    ),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Serve without keys (warns)."),
+    host: str = typer.Option("0.0.0.0", "--host", help="Listen address of the endpoint."),
+    port: int = typer.Option(8000, "--port", help="Port of the endpoint."),
+    proxy_port: int = typer.Option(8001, "--proxy-port", help="Port of Ray Serve's own proxy."),
+    max_ongoing_requests: int = typer.Option(
+        256, "--max-ongoing-requests", help="Running + queued bound; past it 429."
+    ),
+    request_timeout: float | None = typer.Option(
+        None, "--request-timeout", help="Per-request limit in seconds."
+    ),
+    engine_arg: list[str] = typer.Option(
+        [], "--engine-arg", help="Extra vLLM engine argument KEY=VALUE (repeatable)."
+    ),
+    app_name: str = typer.Option("llamacluster", "--app-name", help="Serve application name."),
+    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
+    ready_timeout: float = typer.Option(
+        900.0, "--ready-timeout", help="Seconds to wait for /ready."
+    ),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until /ready answers 200."),
+    as_json: bool = typer.Option(False, "--json", help="Print the endpoint as JSON."),
+) -> None:
+    """Deploy the OpenAI server (vLLM tp × pp on Ray Serve) on a running Ray cluster."""
+    from serve.config import load_config
+
+    values: dict[str, Any] = {
+        "model": model,
+        "served_model_name": served_model_name,
+        "tp": tp,
+        "pp": pp,
+        "device": device,
+        "dtype": dtype,
+        "max_model_len": max_model_len,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "max_num_seqs": max_num_seqs,
+        "cpu_kvcache_space_gb": kv_cache_gb,
+        "api_keys": api_key,
+        "api_key_file": api_key_file,
+        "no_auth": no_auth,
+        "host": host,
+        "port": port,
+        "proxy_port": proxy_port,
+        "max_ongoing_requests": max_ongoing_requests,
+        "request_timeout_s": request_timeout,
+        "engine_args": parse_engine_args(engine_arg),
+        "app_name": app_name,
+    }
+    config = load_config(**{k: v for k, v in values.items() if v is not None})
+    if config.no_auth:
+        err_console.print("[yellow]warning:[/] serving WITHOUT authentication (--no-auth)")
+
+    from serve.app import deploy, wait_until_ready
+
+    endpoint = deploy(config, ray_address=address)
+    if not as_json:
+        err_console.print(f"deployed {endpoint.app_name}: {endpoint.url}  (waiting for /ready)")
+    if wait:
+        wait_until_ready(endpoint.url, timeout_s=ready_timeout)
+    if as_json:
+        typer.echo(
+            json.dumps({"url": endpoint.url, "model": endpoint.model, "app": endpoint.app_name})
+        )
+    else:
+        typer.echo(f"ready: {endpoint.url}/v1  model={endpoint.model}")
+
+
+@app.command("serve-stop")
+def serve_stop(
+    app_name: str = typer.Option("llamacluster", "--app-name", help="Serve application name."),
+    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
+) -> None:
+    """Stop the server (running requests get the drain period); keeps Ray running."""
+    from serve.app import shutdown
+
+    found = shutdown(app_name, ray_address=address)
+    typer.echo(f"stopped {app_name}" if found else f"no application {app_name} was running")

@@ -1,0 +1,277 @@
+"""The server's configuration, its placement bundles and the pre-start device-slot check."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from cluster.errors import ConfigError, NotReadyError
+
+# Custom Ray resource only the head node advertises (cluster/ray_nodes.py starts the head with
+# it). The engine bundle asks for a sliver of it, so the replica, and with it the HTTP endpoint,
+# always lands on the head.
+from cluster.ray_nodes import HEAD_RESOURCE
+
+# How much of HEAD_RESOURCE one engine bundle takes: small, so several apps can share the head.
+HEAD_RESOURCE_SHARE = 0.01
+# The Ray resource a tp×pp worker reserves: real GPUs, or CPU worker slots on CPU nodes
+# (`ray start --num-gpus N`, see serve/platform.py).
+DEVICE_RESOURCE = "GPU"
+# Env var read when no key is given on the command line or in a file.
+API_KEY_ENV = "LLAMACLUSTER_API_KEY"
+DEFAULT_APP_NAME = "llamacluster"
+
+
+class ServeConfig(BaseModel):
+    """Everything needed to start one tp×pp vLLM engine behind the OpenAI API on Ray Serve."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(
+        description="Model directory (a local path on every node) or a hub repo id (org/name)."
+    )
+    served_model_name: str | None = Field(
+        default=None,
+        description="Name clients pass as `model`; default: the repo id, or the directory name.",
+    )
+    tp: int = Field(default=1, ge=1, description="Tensor-parallel size (workers per stage).")
+    pp: int = Field(default=1, ge=1, description="Pipeline-parallel size (number of stages).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Weight/activation dtype; auto follows the model config."
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="Context length (prompt + output); default: the model's."
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of device memory vLLM may use (host memory on CPU when no KV size).",
+    )
+    max_num_seqs: int | None = Field(
+        default=None, ge=1, description="Most sequences the engine batches at once."
+    )
+    cpu_kvcache_space_gb: int | None = Field(
+        default=None,
+        ge=1,
+        description="KV cache size in GiB on CPU nodes (VLLM_CPU_KVCACHE_SPACE); device=cpu only.",
+    )
+    device: Literal["cpu", "gpu"] = Field(
+        default="gpu", description="gpu: CUDA/ROCm nodes; cpu: CPU-only nodes (vllm-cpu)."
+    )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description=f"Accepted API keys (Bearer tokens); also read from ${API_KEY_ENV}.",
+    )
+    api_key_file: Path | None = Field(
+        default=None, description="File with one API key per line; must be mode 0600."
+    )
+    no_auth: bool = Field(
+        default=False, description="Serve without any API key (explicit opt-out; warns)."
+    )
+    host: str = Field(default="0.0.0.0", description="Address the endpoint listens on.")
+    port: int = Field(
+        default=8000, ge=1, le=65535, description="Port of the endpoint (the replica itself)."
+    )
+    proxy_port: int = Field(
+        default=8001,
+        ge=1,
+        le=65535,
+        description="Port of Ray Serve's own HTTP proxy on the head (unused by clients).",
+    )
+    max_ongoing_requests: int = Field(
+        default=256,
+        ge=1,
+        description="Running + queued requests the server accepts; past it: fast 429.",
+    )
+    retry_after_s: int = Field(
+        default=1, ge=1, description="Retry-After seconds sent with 429 and 503 answers."
+    )
+    request_timeout_s: float | None = Field(
+        default=None, gt=0, description="Per-request time limit (504 after it); default: none."
+    )
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 past)."
+    )
+    ready_probe_interval_s: float = Field(
+        default=10.0, gt=0, description="How often the background one-token probe runs."
+    )
+    engine_cpus: float = Field(
+        default=1.0, gt=0, description="CPUs reserved on the head for the engine process."
+    )
+    drain_timeout_s: float = Field(
+        default=5.0, ge=0, description="How long a stopping server lets running requests finish."
+    )
+    app_name: str = Field(
+        default=DEFAULT_APP_NAME,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Ray Serve application name (one per served model).",
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra vLLM engine arguments by name (e.g. {'enforce_eager': True}).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_served_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("served_model_name") and data.get("model"):
+            data = dict(data)
+            data["served_model_name"] = default_served_name(str(data["model"]))
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.cpu_kvcache_space_gb is not None and self.device != "cpu":
+            raise ValueError(
+                "cpu_kvcache_space_gb only applies to CPU nodes: drop it or set device=cpu"
+            )
+        if self.port == self.proxy_port:
+            raise ValueError(f"port and proxy_port are both {self.port}: pick two different ports")
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if any(not k.strip() or k != k.strip() for k in keys):
+            raise ValueError("an API key is empty or has surrounding spaces: pass the bare key")
+        if self.no_auth and (keys or self.api_key_file):
+            raise ValueError("no_auth together with API keys: pick one (drop --no-auth)")
+        if self.api_key_file is not None:
+            read_key_file(self.api_key_file)  # fails early with a fix-it message
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Number of vLLM workers (devices) the engine needs: tp × pp."""
+        return self.tp * self.pp
+
+    def resolved_api_keys(self) -> list[str]:
+        """All accepted keys: flags, then the key file, then $LLAMACLUSTER_API_KEY."""
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if self.api_key_file is not None:
+            keys += read_key_file(self.api_key_file)
+        env_key = os.environ.get(API_KEY_ENV, "").strip()
+        if not keys and env_key:
+            keys.append(env_key)
+        return keys
+
+
+def default_served_name(model: str) -> str:
+    """The name clients use by default: a directory's name, or the repo id as given."""
+    path = Path(model).expanduser()
+    if path.is_dir() or model.startswith(("/", "./", "../", "~")):
+        return path.resolve().name or model
+    return model
+
+
+def read_key_file(path: Path) -> list[str]:
+    """Read API keys (one a line, # comments) from a file only its owner can read."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ValueError(f"API key file {path} does not exist: create it with mode 0600") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ValueError(
+            f"API key file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}): "
+            f"run `chmod 600 {path}`"
+        )
+    lines = path.read_text(encoding="utf-8").splitlines()
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ValueError(f"API key file {path} holds no key: put one key per line")
+    return keys
+
+
+def load_config(**values: Any) -> ServeConfig:
+    """Build a ServeConfig from keyword values, turning validation errors into ConfigError.
+
+    Also enforces the auth decision: a server without keys needs an explicit no_auth.
+    """
+    try:
+        config = ServeConfig(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"bad serve config: {problems}") from None
+    if not config.no_auth and not config.resolved_api_keys():
+        raise ConfigError(
+            "no API key configured",
+            hint=f"pass --api-key, --api-key-file (mode 0600), set ${API_KEY_ENV}, "
+            "or run without auth explicitly with --no-auth",
+        )
+    return config
+
+
+def placement_bundles(config: ServeConfig) -> list[dict[str, float]]:
+    """The replica's placement group: engine bundle on the head, then one bundle per worker.
+
+    Bundle 0 holds the replica (the engine and the HTTP endpoint) and is pinned to the head by
+    HEAD_RESOURCE; vLLM's Ray executor takes the bundles holding DEVICE_RESOURCE for its tp×pp
+    workers. Used with strategy PACK, so workers fill the head first and spill to other nodes.
+    """
+    engine = {"CPU": float(config.engine_cpus), HEAD_RESOURCE: HEAD_RESOURCE_SHARE}
+    return [engine] + [{DEVICE_RESOURCE: 1.0} for _ in range(config.world_size)]
+
+
+@dataclass(frozen=True)
+class NodeSlots:
+    """One alive Ray node as the slot check sees it."""
+
+    address: str
+    device_total: float
+    device_free: float
+    is_head: bool
+
+
+def check_device_slots(nodes: list[NodeSlots], config: ServeConfig) -> None:
+    """Raise NotReadyError unless the cluster has a head and tp×pp free device slots.
+
+    The message says how many slots are missing and what every node offers, so the fix
+    (more nodes, a larger --num-gpus, stopping another app) is obvious.
+    """
+    needed = config.world_size
+    layout = f"tp={config.tp} × pp={config.pp}"
+    per_node = ", ".join(
+        f"{n.address}{' (head)' if n.is_head else ''}: {n.device_free:g} free of {n.device_total:g}"
+        for n in nodes
+    )
+    if not any(n.is_head for n in nodes):
+        raise NotReadyError(
+            f"no Ray node advertises the {HEAD_RESOURCE} resource",
+            hint=f"start the head with --resources '{{\"{HEAD_RESOURCE}\": 1}}' "
+            "(llamacluster's own Ray start does this)",
+        )
+    free = sum(int(n.device_free) for n in nodes)
+    if free < needed:
+        raise NotReadyError(
+            f"{layout} needs {needed} {DEVICE_RESOURCE} slots, the Ray cluster has {free} free "
+            f"({needed - free} missing; {per_node or 'no alive nodes'})",
+            hint="add nodes, start Ray with a larger --num-gpus on CPU nodes, "
+            "or stop the application holding them",
+        )
+
+
+def cluster_slots() -> list[NodeSlots]:
+    """Read every alive node's device slots from the connected Ray cluster."""
+    import ray
+
+    free_by_node = ray._private.state.available_resources_per_node()
+    slots = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        total = node.get("Resources", {})
+        free = free_by_node.get(node["NodeID"], {})
+        slots.append(
+            NodeSlots(
+                address=node.get("NodeManagerAddress", "?"),
+                device_total=float(total.get(DEVICE_RESOURCE, 0.0)),
+                device_free=float(free.get(DEVICE_RESOURCE, 0.0)),
+                is_head=total.get(HEAD_RESOURCE, 0.0) > 0,
+            )
+        )
+    return sorted(slots, key=lambda n: (not n.is_head, n.address))

