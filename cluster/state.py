@@ -73,9 +73,8 @@ class Ports(BaseModel):
     ray_gcs: int = Field(description="Ray head's GCS port (workers join on <head-ip>:<port>).")
     dashboard: int = Field(description="Ray dashboard port, bound to 127.0.0.1 on the head.")
     api: int = Field(description="OpenAI-compatible API port on the head (direct ingress).")
-    ray_client: int | None = Field(default=None, description="Ray client server port, if any.")
-    min_worker: int | None = Field(default=None, description="Lowest Ray worker port, if pinned.")
-    max_worker: int | None = Field(default=None, description="Highest Ray worker port, if pinned.")
+    serve_proxy: int | None = Field(default=None, description="Ray Serve's own HTTP proxy port.")
+    ray_client: int | None = Field(default=None, description="Ray client server port.")
 
 
 class NodeState(BaseModel):
@@ -87,6 +86,7 @@ class NodeState(BaseModel):
     private_ip: str | None = Field(default=None, description="Address used among the nodes.")
     interface: str | None = Field(default=None, description="Network interface holding it.")
     python: str | None = Field(default=None, description="System python3 path on the node.")
+    home: str | None = Field(default=None, description="The SSH user's home on the node.")
     os: str | None = Field(default=None, description="PRETTY_NAME from /etc/os-release.")
     sudo: str | None = Field(
         default=None,
@@ -98,8 +98,11 @@ class NodeState(BaseModel):
         default_factory=dict, description="Driver/CUDA version, memory per device, NUMA nodes."
     )
     ray_temp_dir: str | None = Field(default=None, description="This cluster's Ray temp dir.")
-    ray_pgid: int | None = Field(default=None, description="Process group of this node's Ray.")
     ray_session: int | None = Field(default=None, description="Session id of this node's Ray.")
+    ray_ports: dict[str, int | None] = Field(
+        default_factory=dict, description="Ports this node's Ray listens on (RayNodePorts)."
+    )
+    machine_id: str | None = Field(default=None, description="/etc/machine-id (shared host?).")
     token_path: str | None = Field(default=None, description="Ray token file on the node (0600).")
     versions: dict[str, str] = Field(
         default_factory=dict, description="Versions the shared env imports here (vllm, ray, ...)."
@@ -143,6 +146,7 @@ class ClusterState(BaseModel):
     remote_api_key_file: str | None = Field(default=None, description="API key file on the head.")
     config_hash: str | None = Field(default=None, description="Hash of the `up` config.")
     serve_config_hash: str | None = Field(default=None, description="Hash of the served config.")
+    system_root: str = Field(default="/", description="Root the cache/storage stages edited under.")
     fs_edits: dict[str, list[str]] = Field(
         default_factory=dict, description="Per node: system files the cache/storage stages edited."
     )

@@ -5,4 +5,5 @@ from cluster.cli import download_cmd  # noqa: F401
 from cluster.cli import bench_cmd  # noqa: F401
 from cluster.cli import model_cmd  # noqa: F401
 from cluster.cli import plan_cmd  # noqa: F401
+from cluster.cli import cluster_cmd  # noqa: F401
 from cluster.cli import serve_cmd  # noqa: F401

@@ -1,0 +1,145 @@
+"""What `llamacluster up` is asked to do: one pydantic config shared by the CLI and library callers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+#: Stage names in the order `up` runs them (also the values --skip accepts).
+STAGE_NAMES = ("preflight", "storage", "cache", "env", "download", "ray", "serve", "ready")
+
+
+class UpConfig(BaseModel):
+    """Inputs of `up`; every field is a flag of `llamacluster up`."""
+
+    name: str | None = Field(
+        default=None,
+        description="Cluster name; default from the inventory path, 'local' with --local.",
+    )
+    inventory: Path | None = Field(
+        default=None, description="Inventory file (deploy/ips.txt), head first."
+    )
+    local: bool = Field(default=False, description="This machine alone, driven without SSH.")
+    ssh_user: str | None = Field(default=None, description="SSH user for nodes that name none.")
+    ssh_port: int | None = Field(default=None, description="SSH port for nodes that name none.")
+    identity_file: Path | None = Field(default=None, description="SSH private key.")
+    known_hosts: Path | None = Field(default=None, description="Known-hosts file to use.")
+    strict_host_keys: bool = Field(
+        default=False, description="Refuse unknown host keys (default: accept new ones)."
+    )
+    model: str | None = Field(
+        default=None,
+        description="Hub repo id or a directory on the shared dir; --local defaults to the demo model.",
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
+    served_model_name: str | None = Field(default=None, description="Name clients send.")
+    tp: int | None = Field(
+        default=None, ge=1, description="Tensor parallel size (default: planner)."
+    )
+    pp: int | None = Field(
+        default=None, ge=1, description="Pipeline parallel size (default: planner)."
+    )
+    shared_dir: Path | None = Field(
+        default=None,
+        description="Directory every node sees (NFS); holds src/, env/ and models/. "
+        "--local default: the cluster's own directory.",
+    )
+    env: Path | None = Field(
+        default=None,
+        description="An existing Python env with vLLM and Ray to run from instead of installing "
+        "one into <shared>/env (--local default: the running interpreter's env).",
+    )
+    nfs_server: Literal["provider", "head"] = Field(
+        default="provider",
+        description="provider: the shared dir is already NFS on every node; head: export it from "
+        "the head and mount it on the workers.",
+    )
+    system_root: Path = Field(
+        default=Path("/"),
+        description="Root the storage/cache stages edit system files under; anything but / "
+        "edits files only (tests) and runs no package, service or mount command.",
+    )
+    cache_dir: str = Field(default="/var/cache/fscache", description="cachefilesd cache directory.")
+    device: Literal["auto", "gpu", "cpu"] = Field(
+        default="auto", description="Node devices; auto: GPUs when nvidia-smi lists some."
+    )
+    cpu_slots: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU worker slots per CPU node (default: one per NUMA node).",
+    )
+    ray_port: int = Field(
+        default=6379, ge=0, le=65535, description="Ray GCS port; 0 picks a free one."
+    )
+    dashboard_port: int = Field(
+        default=8265,
+        ge=0,
+        le=65535,
+        description="Ray dashboard port on the head's 127.0.0.1; 0: free.",
+    )
+    api_port: int = Field(
+        default=8000, ge=0, le=65535, description="API port on the head; 0: free."
+    )
+    api_key_file: Path | None = Field(
+        default=None, description="API key file (0600); default: one generated for the cluster."
+    )
+    max_model_len: int | None = Field(default=None, ge=16, description="Context length to serve.")
+    cpu_kvcache_gb: int | None = Field(
+        default=None, ge=1, description="KV cache GiB per CPU worker (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    engine_args: dict[str, object] = Field(
+        default_factory=dict, description="Extra vLLM engine arguments."
+    )
+    ready_timeout_s: float = Field(default=900.0, gt=0, description="How long to wait for /ready.")
+    skip: list[str] = Field(default_factory=list, description="Stages not to run.")
+    dry_run: bool = Field(default=False, description="Print every stage's commands, run nothing.")
+    verbose: bool = Field(default=False, description="Show commands and their output as they run.")
+
+    @field_validator("skip")
+    @classmethod
+    def _known_stages(cls, value: list[str]) -> list[str]:
+        unknown = [s for s in value if s not in STAGE_NAMES]
+        if unknown:
+            raise ValueError(
+                f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGE_NAMES)}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _inventory_or_local(self) -> UpConfig:
+        if self.local and self.inventory is not None:
+            raise ValueError("--local and an inventory: pick one")
+        return self
+
+    @property
+    def test_root(self) -> bool:
+        """True when system files are edited under a prefix (tests): no system commands run."""
+        return self.system_root.resolve() != Path("/")
+
+    def default_env(self) -> Path:
+        """The env a --local run uses when none is given: the running interpreter's."""
+        return Path(sys.prefix)
+
+    def hashed_fields(self) -> dict[str, object]:
+        """The fields whose change makes a rerun of `up` do work (not dry_run, verbose, skip)."""
+        return self.model_dump(mode="json", exclude={"dry_run", "verbose", "skip"})
+
+    def serve_fields(self) -> dict[str, object]:
+        """The fields that decide the server alone: changing only these redeploys the server."""
+        return self.model_dump(
+            mode="json",
+            include={
+                "model",
+                "revision",
+                "served_model_name",
+                "tp",
+                "pp",
+                "max_model_len",
+                "cpu_kvcache_gb",
+                "engine_args",
+                "api_key_file",
+            },
+        )

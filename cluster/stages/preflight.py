@@ -1,0 +1,345 @@
+"""Preflight: every node reachable, alike (OS, Python, devices), addressable, with disk and ports."""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+
+from cluster.errors import ConfigError, RemoteError
+from cluster.inventory import Node
+from cluster.stages.base import Stage, StageOutcome, UpContext
+from cluster.state import NodeState, Ports
+
+# One probe per node prints key=value lines; nothing in it needs root or anything beyond coreutils,
+# iproute2 and the system python3. {shared} is the shared dir (the nearest existing parent is
+# measured when it does not exist yet).
+PROBE_TEMPLATE = r"""
+. /etc/os-release 2>/dev/null; echo "os=${{PRETTY_NAME:-unknown}}"
+echo "python=$(command -v python3 || true)"
+echo "python_version=$(python3 -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null)"
+echo "uid=$(id -u)"
+echo "home=$HOME"
+echo "machine_id=$(cat /etc/machine-id 2>/dev/null || hostname)"
+if sudo -n true 2>/dev/null; then echo sudo=yes; else echo sudo=no; fi
+echo "cpus=$(nproc)"
+echo "numa=$(ls -d /sys/devices/system/node/node[0-9]* 2>/dev/null | wc -l)"
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader,nounits 2>/dev/null | sed 's/^/gpu=/'
+  nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9.]*\).*/cuda=\1/p' | head -n 1
+fi
+ip -o -4 addr show 2>/dev/null | awk '{{print "addr=" $2 " " $4}}'
+d={shared}; while [ ! -d "$d" ]; do d=$(dirname "$d"); done
+df -Pk "$d" | awk 'NR==2 {{print "disk_free_kb=" $4}}'
+"""
+
+# Is a TCP port reachable from this node? "open" and "refused" both prove a packet got through;
+# only a timeout means a firewall drops it. Python is used for the timeout and the errno.
+REACH_TEMPLATE = (
+    "python3 -c 'import socket,sys\n"
+    "s=socket.socket(); s.settimeout(3)\n"
+    "try: r=s.connect_ex((sys.argv[1], int(sys.argv[2])))\n"
+    "except OSError as e: r=e.errno or 110\n"
+    'print("open" if r==0 else "refused" if r==111 else "blocked errno=%s" % r)\' {host} {port}'
+)
+
+# Free TCP ports on the head, chosen by the kernel (bind port 0), when a port is asked as 0.
+FREE_PORTS_TEMPLATE = (
+    "python3 -c 'import socket\n"
+    "socks=[socket.socket() for _ in range({count})]\n"
+    '[s.bind(("", 0)) for s in socks]\n'
+    'print(" ".join(str(s.getsockname()[1]) for s in socks))\''
+)
+
+# Is a port already taken on the head? (exit 0: free)
+PORT_FREE_TEMPLATE = (
+    "python3 -c 'import socket,sys\n"
+    "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    'try: s.bind(("", int(sys.argv[1])))\n'
+    "except OSError: sys.exit(1)' {port}"
+)
+
+MIN_FREE_DISK_GB = 10
+# Ray replaces a node IP of 127.0.0.1 by the host's own address (other loopback addresses stay),
+# so a node known as 127.0.0.1 (`--local`) uses the host's first non-loopback address instead.
+RAY_RESOLVES = "127.0.0.1"
+
+
+def probe_command(shared_dir: str) -> str:
+    """The preflight probe for a node with ``shared_dir`` as the shared directory."""
+    return PROBE_TEMPLATE.format(shared=shlex.quote(shared_dir)).strip()
+
+
+def parse_probe(text: str) -> dict[str, list[str]]:
+    """``key=value`` lines into a dict of lists (a key may repeat: gpu=, addr=)."""
+    facts: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            facts.setdefault(key.strip(), []).append(value.strip())
+    return facts
+
+
+def _first(facts: dict[str, list[str]], key: str, default: str = "") -> str:
+    return facts.get(key, [default])[0]
+
+
+def pick_address(node: Node, addrs: list[str]) -> tuple[str, str]:
+    """(private IP, interface) for a node from its ``ip -o -4 addr`` lines (``iface a.b.c.d/n``).
+
+    The inventory's private IP wins, then the SSH host when it is an address of the node, then
+    the first non-loopback address. The interface is the one whose network holds the address
+    (127.0.0.2 sits on ``lo`` through 127.0.0.1/8).
+    """
+    nets = []
+    for entry in addrs:
+        iface, _, cidr = entry.partition(" ")
+        try:
+            nets.append((iface, ipaddress.ip_interface(cidr)))
+        except ValueError:
+            continue
+
+    def iface_of(ip: str) -> str | None:
+        addr = ipaddress.ip_address(ip)
+        exact = [i for i, n in nets if n.ip == addr]
+        if exact:
+            return exact[0]
+        holding = [i for i, n in nets if addr in n.network]
+        return holding[0] if holding else None
+
+    for candidate in (node.private_ip, node.host):
+        if candidate is None or candidate == RAY_RESOLVES:
+            continue
+        try:
+            ipaddress.ip_address(candidate)
+        except ValueError:
+            continue
+        iface = iface_of(candidate)
+        if iface is not None:
+            return candidate, iface
+        if candidate == node.private_ip:
+            raise ConfigError(
+                f"{node.label}: private IP {candidate} from the inventory is not an address of the node",
+                hint="fix the second field of its inventory line (see `ip -o -4 addr` on the node)",
+            )
+    for iface, net in nets:
+        if not net.ip.is_loopback:
+            return str(net.ip), iface
+    raise ConfigError(
+        f"{node.label}: no usable IPv4 address found",
+        hint="give the node's private IP as the second field of its inventory line",
+    )
+
+
+def node_state_from_probe(
+    node: Node, facts: dict[str, list[str]], *, device: str, cpu_slots: int | None
+) -> NodeState:
+    """A NodeState from the probe's facts (pure: tested without a node)."""
+    ip, iface = pick_address(node, facts.get("addr", []))
+    uid = _first(facts, "uid", "-1")
+    sudo = "" if uid == "0" else ("sudo -n" if _first(facts, "sudo") == "yes" else None)
+    gpus = [g for g in facts.get("gpu", []) if g]
+    kind = "gpu" if (device == "gpu" or (device == "auto" and gpus)) else "cpu"
+    info: dict[str, str] = {"cpus": _first(facts, "cpus"), "numa_nodes": _first(facts, "numa")}
+    if kind == "gpu":
+        if not gpus:
+            raise ConfigError(
+                f"{node.label}: --device gpu but nvidia-smi lists no GPU",
+                hint="install the NVIDIA driver, or pass --device cpu",
+            )
+        names = {g.split(",")[0].strip() for g in gpus}
+        info["gpu"] = ", ".join(sorted(names))
+        info["memory_mib"] = ",".join(sorted({g.split(",")[1].strip() for g in gpus}))
+        info["driver"] = ",".join(sorted({g.split(",")[2].strip() for g in gpus}))
+        info["cuda"] = _first(facts, "cuda")
+        devices = len(gpus)
+    else:
+        devices = cpu_slots or max(1, int(_first(facts, "numa", "1") or 1))
+    info["disk_free_gb"] = f"{int(_first(facts, 'disk_free_kb', '0') or 0) / 2**20:.1f}"
+    return NodeState(
+        name=node.name,
+        label=node.label,
+        host=node.host,
+        private_ip=ip,
+        interface=iface,
+        python=_first(facts, "python") or None,
+        home=_first(facts, "home") or None,
+        machine_id=_first(facts, "machine_id") or None,
+        os=_first(facts, "os") or None,
+        sudo=sudo,
+        devices=devices,
+        device_kind=kind,
+        device_info=info,
+        versions={"python": _first(facts, "python_version")},
+    )
+
+
+def check_alike(nodes: list[NodeState]) -> list[str]:
+    """Differences between nodes that break a shared env or a tp×pp group, one line each."""
+    problems = []
+
+    def differ(what: str, values: dict[str, str]) -> None:
+        if len(set(values.values())) > 1:
+            listing = ", ".join(f"{k}: {v or '?'}" for k, v in values.items())
+            problems.append(f"{what} differs ({listing})")
+
+    differ("python3 path", {n.label: n.python or "" for n in nodes})
+    differ("python3 version", {n.label: n.versions.get("python", "") for n in nodes})
+    differ("device kind", {n.label: n.device_kind for n in nodes})
+    if all(n.device_kind == "gpu" for n in nodes):
+        for key in ("gpu", "memory_mib", "driver", "cuda"):
+            differ(key, {n.label: n.device_info.get(key, "") for n in nodes})
+    return problems
+
+
+class Preflight(Stage):
+    """SSH, OS, Python, sudo, devices, addresses, disk, ports: refuse early with a clear line."""
+
+    name = "preflight"
+    title = "nodes reachable and alike (ssh, OS, python, devices, network, disk, ports)"
+
+    def plan(self, ctx: UpContext) -> dict[str, list[str]]:
+        shared = str(ctx.state.shared_dir)
+        head_ip = ctx.head.private_ip or ctx.head.host
+        plan = {n.label: [probe_command(shared)] for n in ctx.cluster}
+        plan[ctx.head.label].append(FREE_PORTS_TEMPLATE.format(count=5) + "   # ports asked as 0")
+        for n in ctx.cluster.workers:
+            plan[n.label].append(REACH_TEMPLATE.format(host=head_ip, port="<ray-port>"))
+        return plan
+
+    def run(self, ctx: UpContext) -> StageOutcome:
+        cfg = ctx.config
+        shared = str(ctx.state.shared_dir)
+        results = ctx.run(
+            probe_command(shared), what="preflight probe (ssh reachable?)", timeout=60
+        )
+        nodes = [
+            node_state_from_probe(
+                n, parse_probe(results[n].stdout), device=cfg.device, cpu_slots=cfg.cpu_slots
+            )
+            for n in ctx.cluster
+        ]
+        problems = check_alike(nodes)
+        if problems:
+            raise ConfigError(
+                "nodes are not alike: " + "; ".join(problems),
+                hint="use the same OS image, python3 and driver on every node",
+            )
+        for n in nodes:
+            if not n.python:
+                raise RemoteError(
+                    f"{n.label}: no python3 on PATH", hint="apt-get install python3 python3-venv"
+                )
+            free = float(n.device_info.get("disk_free_gb", "0"))
+            if free < MIN_FREE_DISK_GB:
+                ctx.reporter.warn(f"{n.label}: only {free:.1f} GiB free under {shared}")
+        if self._needs_root(ctx):
+            missing = [n.label for n in nodes if n.sudo is None]
+            if missing:
+                raise ConfigError(
+                    f"{', '.join(missing)}: not root and no passwordless sudo (needed by the "
+                    "storage/cache stages)",
+                    hint="log in as root, allow `sudo -n` for the SSH user, or --skip cache",
+                )
+        old = {n.name: n for n in ctx.state.nodes}
+        for n in nodes:  # keep what later stages recorded (Ray ids, versions) across reruns
+            if n.name in old:
+                prev = old[n.name]
+                n.ray_temp_dir, n.ray_session, n.ray_ports = (
+                    prev.ray_temp_dir,
+                    prev.ray_session,
+                    prev.ray_ports,
+                )
+                n.token_path = prev.token_path
+                n.versions = {**prev.versions, **n.versions}
+        ctx.state.nodes = nodes
+        for n in nodes:
+            kind = (
+                f"{n.devices} × {n.device_info.get('gpu', 'GPU')}"
+                if n.device_kind == "gpu"
+                else f"{n.devices} CPU slot(s) ({n.device_info.get('cpus')} cores)"
+            )
+            ctx.reporter.node(
+                n.label,
+                f"{n.os}, python {n.versions.get('python')}, {kind}, {n.private_ip} on "
+                f"{n.interface}, {n.device_info.get('disk_free_gb')} GiB free",
+            )
+        ports_changed = self._choose_ports(ctx)
+        self._check_reachability(ctx)
+        total = sum(n.devices for n in nodes)
+        return StageOutcome(
+            "done" if ports_changed else "unchanged",
+            f"{len(nodes)} node(s), {total} device slot(s)",
+        )
+
+    @staticmethod
+    def _needs_root(ctx: UpContext) -> bool:
+        cfg = ctx.config
+        if cfg.local or cfg.test_root:
+            return False
+        return "cache" not in cfg.skip or (cfg.nfs_server == "head" and "storage" not in cfg.skip)
+
+    @staticmethod
+    def _choose_ports(ctx: UpContext) -> bool:
+        """Keep recorded ports; else take the asked ones (checked free) or free ones for 0."""
+        if ctx.state.ports is not None:
+            return False
+        cfg = ctx.config
+        asked = {
+            "ray_gcs": cfg.ray_port,
+            "dashboard": cfg.dashboard_port,
+            "api": cfg.api_port,
+            "serve_proxy": 0,  # unused by clients: any free port
+            "ray_client": 0,
+        }
+        zero = [k for k, v in asked.items() if v == 0]
+        if zero:
+            out = ctx.run_head(
+                FREE_PORTS_TEMPLATE.format(count=len(zero)), what="choosing free ports"
+            ).stdout.split()
+            asked.update(dict(zip(zero, map(int, out), strict=True)))
+        for key, port in asked.items():
+            if key in zero:
+                continue
+            res = ctx.run_head(PORT_FREE_TEMPLATE.format(port=port), what="port check", check=False)
+            if not res.ok:
+                raise ConfigError(
+                    f"port {port} ({key}) is already in use on the head {ctx.head.label}",
+                    hint=f"pass another --{key.replace('_gcs', '').replace('_', '-')}-port "
+                    "(0 picks a free one)",
+                )
+        ctx.state.ports = Ports(**asked)
+        return True
+
+    @staticmethod
+    def _check_reachability(ctx: UpContext) -> None:
+        """Workers reach the head's GCS port; the head reaches every worker's private IP."""
+        if not ctx.cluster.workers:
+            return
+        head = ctx.node_state(ctx.head)
+        port = ctx.state.ports.ray_gcs if ctx.state.ports else 6379
+        res = ctx.run(
+            lambda n: REACH_TEMPLATE.format(host=head.private_ip, port=port),
+            what="worker → head reachability",
+            nodes=list(ctx.cluster.workers),
+            timeout=30,
+        )
+        to_worker = {
+            w: ctx.run_head(
+                REACH_TEMPLATE.format(host=ctx.node_state(w).private_ip, port=port),
+                what="head → worker reachability",
+                timeout=30,
+            )
+            for w in ctx.cluster.workers
+        }
+        blocked = [
+            f"{w.label} → head:{port}" for w, r in res.items() if r.stdout.startswith("blocked")
+        ] + [
+            f"head → {w.label} ({ctx.node_state(w).private_ip})"
+            for w, r in to_worker.items()
+            if r.stdout.startswith("blocked")
+        ]
+        if blocked:
+            raise RemoteError(
+                "network blocked between nodes: " + ", ".join(blocked),
+                hint="open TCP between the nodes' private IPs (Ray, Gloo/NCCL use many ports)",
+            )

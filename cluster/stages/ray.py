@@ -1,0 +1,236 @@
+"""Ray: head and workers through cluster.ray_nodes (token auth, own session per node), and back."""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+from dataclasses import asdict
+from itertools import groupby
+
+from cluster.inventory import Cluster
+from cluster.ray_nodes import (
+    RayClusterSpec,
+    RayHeadPorts,
+    RayNodePorts,
+    RayNodeSpec,
+    allocate_ports,
+    start_ray_node,
+    start_ray_node_command,
+    stop_ray_node,
+    wait_for_nodes,
+)
+from cluster.runner import Runner
+from cluster.stages.base import Reporter, Stage, StageOutcome, UpContext, remote_cluster_dir
+from cluster.stages.env import env_python
+from cluster.state import TOKEN_FILE, ClusterState, NodeState
+
+# Exit 0 while a process of the node's Ray session is alive.
+ALIVE_TEMPLATE = "ps -eo sid= | awk -v s={sid} '$1 == s {{ found = 1 }} END {{ exit !found }}'"
+LOGS_TEMPLATE = "tail -n {lines} {follow} {temp}/session_latest/logs/serve/*.log"
+
+
+def ray_temp_dir(cluster_name: str) -> str:
+    """A short per-cluster Ray temp dir, the same path on every node (Ray's socket paths must
+    stay under 107 bytes, so the name is hashed)."""
+    return f"/tmp/lc-{hashlib.sha256(cluster_name.encode()).hexdigest()[:10]}"
+
+
+def ray_alive_command(session_id: int) -> str:
+    """Exit 0 while the Ray session of a node has a process."""
+    return ALIVE_TEMPLATE.format(sid=int(session_id))
+
+
+def serve_logs_command(temp_dir: str, *, follow: bool, lines: int) -> str:
+    """Tail (or follow) the Serve controller, replica and engine logs on the head."""
+    return LOGS_TEMPLATE.format(
+        lines=int(lines), follow="-F" if follow else "", temp=shlex.quote(temp_dir)
+    )
+
+
+def node_env(rec: NodeState, cpu_kvcache_gb: int | None) -> dict[str, str]:
+    """The per-node variables Ray's daemons carry to every worker (interface, address, KV size)."""
+    env: dict[str, str] = {}
+    if rec.private_ip:
+        env["VLLM_HOST_IP"] = rec.private_ip
+    if rec.interface:
+        env["GLOO_SOCKET_IFNAME"] = rec.interface
+        env["NCCL_SOCKET_IFNAME"] = rec.interface
+    if rec.device_kind == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kvcache_gb or 4)
+    return env
+
+
+def token_path(ctx_or_state: UpContext | ClusterState) -> str:
+    """Where the Ray token lives on every node (this cluster's private dir on the head's home)."""
+    if isinstance(ctx_or_state, UpContext):
+        return f"{remote_cluster_dir(ctx_or_state)}/{TOKEN_FILE}"
+    from cluster.lifecycle import remote_dir_of
+
+    return f"{remote_dir_of(ctx_or_state, 'head')}/{TOKEN_FILE}"
+
+
+def cluster_spec(ctx: UpContext) -> RayClusterSpec:
+    """The RayClusterSpec of this cluster from the recorded nodes and ports."""
+    assert ctx.state.ports is not None
+    p = ctx.state.ports
+    nodes = []
+    for n in ctx.cluster:
+        rec = ctx.state.node(n.name) or NodeState(
+            name=n.name, label=n.label, host=n.host, private_ip=n.private_ip or n.host, devices=1
+        )
+        nodes.append(
+            RayNodeSpec(
+                ip=str(rec.private_ip), num_gpus=rec.devices, ports=RayNodePorts(**rec.ray_ports)
+            )
+        )
+    head = ctx.state.nodes[0] if ctx.state.nodes else None
+    python = env_python(ctx.state.env_dir or "<env>")
+    return RayClusterSpec(
+        name=ctx.state.name,
+        temp_dir=ray_temp_dir(ctx.state.name),
+        token_path=token_path(ctx),
+        nodes=tuple(nodes),
+        head_ports=RayHeadPorts(
+            gcs=p.ray_gcs, dashboard=p.dashboard, client_server=p.ray_client or 10001
+        ),
+        env=node_env(head, ctx.config.cpu_kvcache_gb) if head else {},
+        ray_bin=python.rsplit("/", 1)[0] + "/ray",
+        python=python,
+    )
+
+
+def stop_ray(
+    state: ClusterState, cluster: Cluster, runners: list[Runner], *, reporter: Reporter
+) -> None:
+    """Stop this cluster's Ray on every node (workers first) by the recorded session ids."""
+    for runner in reversed(runners):
+        rec = state.node(runner.node.name)
+        if rec is None or rec.ray_session is None:
+            continue
+        res = stop_ray_node(runner, rec.ray_session)
+        if res.ok:
+            reporter.node(runner.label, f"ray stopped (session {rec.ray_session})")
+            rec.ray_session = None
+        else:
+            reporter.node(runner.label, f"could not stop ray: {res.tail(1)}", ok=False)
+    state.save()
+
+
+class RayCluster(Stage):
+    """Ray head and workers with token auth; wait until every node and its devices are there."""
+
+    name = "ray"
+    title = "Ray cluster (token auth, dashboard on 127.0.0.1, direct ingress)"
+
+    def plan(self, ctx: UpContext) -> dict[str, list[str]]:
+        if ctx.state.ports is None:
+            from cluster.state import Ports
+
+            ctx.state.ports = Ports(
+                ray_gcs=ctx.config.ray_port,
+                dashboard=ctx.config.dashboard_port,
+                api=ctx.config.api_port,
+            )
+        spec = cluster_spec(ctx)
+        plan = {}
+        for i, n in enumerate(ctx.cluster):
+            plan[n.label] = [
+                f"copy <controller token> -> {spec.token_path} (0600)",
+                "# env: "
+                + " ".join(
+                    f"{k}=..."
+                    for k in (
+                        *node_env(
+                            ctx.state.node(n.name)
+                            or NodeState(name=n.name, label=n.label, host=n.host),
+                            ctx.config.cpu_kvcache_gb,
+                        ),
+                        "RAY_AUTH_MODE",
+                        "RAY_AUTH_TOKEN_PATH",
+                        "RAY_SERVE_ENABLE_DIRECT_INGRESS",
+                    )
+                ),
+                *start_ray_node_command(spec, i).strip().splitlines(),
+            ]
+        return plan
+
+    def run(self, ctx: UpContext) -> StageOutcome:
+        recs = [ctx.node_state(n) for n in ctx.cluster]
+        alive = [
+            rec.ray_session is not None
+            and ctx.run(
+                ray_alive_command(rec.ray_session), what="ray alive?", nodes=[n], check=False
+            )[n].ok
+            for n, rec in zip(ctx.cluster, recs, strict=True)
+        ]
+        ctx.state.remote_token_path = token_path(ctx)
+        if all(alive):
+            self._wait(ctx, timeout=60)
+            return StageOutcome("unchanged", f"{len(recs)} node(s) already in this cluster's Ray")
+        if not alive[0] and any(alive):
+            # Workers of a dead head cannot rejoin: restart them all.
+            stop_ray(
+                ctx.state,
+                ctx.cluster,
+                [r for r, a in zip(ctx.runners, alive, strict=True) if a],
+                reporter=ctx.reporter,
+            )
+            alive = [False] * len(alive)
+        self._allocate_ports(ctx, [i for i, a in enumerate(alive) if not a])
+        for runner in ctx.runners:
+            runner.copy_to(
+                str(ctx.state.token_path), ctx.state.remote_token_path, mode=0o600, timeout=60
+            )
+        started = []
+        for i, (runner, rec) in enumerate(zip(ctx.runners, recs, strict=True)):  # head first
+            if alive[i]:
+                continue
+            spec = cluster_spec(ctx)
+            spec = RayClusterSpec(
+                **{**spec.__dict__, "env": node_env(rec, ctx.config.cpu_kvcache_gb)}
+            )
+            handle = start_ray_node(runner, spec, i, timeout=180)
+            rec.ray_session = handle.session_id
+            rec.ray_temp_dir = spec.temp_dir
+            rec.token_path = spec.token_path
+            ctx.state.save()  # recorded at once: `down` can stop it even if a later step fails
+            started.append(runner.node.name)
+            ctx.reporter.node(
+                runner.label,
+                f"ray started (session {handle.session_id}, {rec.devices} {rec.device_kind} slot(s))",
+            )
+        self._wait(ctx, timeout=120)
+        return StageOutcome("done", f"started on {', '.join(started)}; every node registered")
+
+    @staticmethod
+    def _allocate_ports(ctx: UpContext, indexes: list[int]) -> None:
+        """Free Ray ports for the nodes to start, picked per host in one go (loopback test
+        nodes share a host, so their ports must not collide)."""
+        recs = ctx.state.nodes
+        key = lambda i: recs[i].machine_id or recs[i].host  # noqa: E731
+        for _, group in groupby(sorted(indexes, key=key), key=key):
+            members = list(group)
+            runner = ctx.runners[members[0]]
+            _, ports = allocate_ports(
+                runner,
+                nodes=len(members),
+                with_head=False,
+                python=recs[members[0]].python or "python3",
+            )
+            for i, p in zip(members, ports, strict=True):
+                recs[i].ray_ports = asdict(p)
+
+    @staticmethod
+    def _wait(ctx: UpContext, *, timeout: float) -> None:
+        spec = cluster_spec(ctx)
+        wait_for_nodes(
+            spec.address,
+            [n.ip for n in spec.nodes],
+            {n.ip: n.num_gpus for n in spec.nodes},
+            token_path=spec.token_path,
+            timeout=timeout,
+            runner=ctx.head_runner,
+            python=spec.python,
+        )
+        for rec in ctx.state.nodes:
+            ctx.reporter.node(rec.label, f"registered with {rec.devices} device slot(s)")
