@@ -134,6 +134,7 @@ class _Fault:
     retry_after: int | None = None
     after_bytes: int = 0
     identity: str | None = None
+    method: str | None = None
 
 
 class HubFaults:
@@ -162,11 +163,13 @@ class HubFaults:
         match: str | None = None,
         retry_after: int | None = None,
         identity: str | None = None,
+        method: str | None = None,
     ) -> None:
         """Answer the next ``count`` matching requests with ``status`` (429, 500, 503, ...).
 
         ``match`` is a substring of the request path or file name (None: any request);
-        ``retry_after`` adds a Retry-After header in seconds; ``identity`` limits it to one client.
+        ``retry_after`` adds a Retry-After header in seconds; ``identity`` and ``method``
+        ("GET", "HEAD") narrow it to one client or one kind of request.
         """
         with self._lock:
             self._faults.append(
@@ -177,12 +180,20 @@ class HubFaults:
                     status=status,
                     retry_after=retry_after,
                     identity=identity,
+                    method=method,
                 )
             )
 
-    def rate_limit(self, *, count: int = 1, retry_after: int = 1, match: str | None = None) -> None:
+    def rate_limit(
+        self,
+        *,
+        count: int = 1,
+        retry_after: int = 1,
+        match: str | None = None,
+        method: str | None = None,
+    ) -> None:
         """Answer the next ``count`` matching requests with 429 and Retry-After, as the hub does."""
-        self.fail_next(429, count=count, match=match, retry_after=retry_after)
+        self.fail_next(429, count=count, match=match, retry_after=retry_after, method=method)
 
     def drop_connection(
         self, match: str, *, after_bytes: int = 1024, count: int = 1, identity: str | None = None
@@ -206,10 +217,13 @@ class HubFaults:
         with self._lock:
             self._rates[identity] = float(bytes_per_s)
 
-    def _take(self, kind: str, path: str, filename: str | None, identity: str) -> _Fault | None:
+    def _take(self, kind: str, request: HubRequest, filename: str | None = None) -> _Fault | None:
+        path, identity = request.path, request.identity
         with self._lock:
             for fault in self._faults:
                 if fault.kind != kind or fault.remaining <= 0:
+                    continue
+                if fault.method is not None and fault.method != request.method:
                     continue
                 if fault.identity is not None and fault.identity != identity:
                     continue
@@ -251,7 +265,9 @@ class LoopbackHub:
     Serves model info (with ``files_metadata``), revision resolution, tree listing, paths-info,
     ``resolve`` downloads with the real hub's headers (LFS files via a 302 to a blob URL), HEAD,
     Range requests, gated repos (token required for files) and the fault switches in ``faults``.
-    Every request is logged in ``requests``.
+    Every request is logged in ``requests``. It runs in a thread of the test process, so a
+    client that holds the GIL while it downloads (``hf_transfer.download``) must run in a
+    subprocess.
     """
 
     def __init__(self, *, host: str = "127.0.0.1", token: str | None = None) -> None:
@@ -436,7 +452,7 @@ class _HubHandler(BaseHTTPRequestHandler):
                 return self._error(404, "RepoNotFound", "Repository not found")
             repo, tail = found
             self.entry.repo_id = repo.repo_id
-            if self._injected_status(path, None):
+            if self._injected_status(None):
                 return None
             return self._api(repo, tail)
         if path.startswith("/_lfs/"):
@@ -535,7 +551,7 @@ class _HubHandler(BaseHTTPRequestHandler):
 
     def _resolve(self, repo: HubRepo, revision: str, filename: str) -> None:
         self.entry.filename = filename
-        if self._injected_status(self.path, filename):
+        if self._injected_status(filename):
             return None
         commit = self._commit_or_404(repo, revision)
         if commit is None:
@@ -563,7 +579,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         name = self.query.get("path", [""])[0]
         hub_file = repo.files.get(name)
         self.entry.filename = name or None
-        if self._injected_status(self.path, name):
+        if self._injected_status(name):
             return None
         if hub_file is None or tail.strip("/") != hub_file.sha256:
             return self._error(404, "EntryNotFound", "Entry not found")
@@ -603,7 +619,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         faults = self.hub.faults
-        drop = faults._take("drop", self.path, hub_file.path, self.entry.identity)
+        drop = faults._take("drop", self.entry, hub_file.path)
         corrupt_at = faults._corrupt_offset(hub_file)
         sent = 0
         with open(hub_file.local, "rb") as fh:
@@ -633,8 +649,8 @@ class _HubHandler(BaseHTTPRequestHandler):
 
     # -- responses -------------------------------------------------------------------------
 
-    def _injected_status(self, path: str, filename: str | None) -> bool:
-        fault = self.hub.faults._take("status", path, filename, self.entry.identity)
+    def _injected_status(self, filename: str | None) -> bool:
+        fault = self.hub.faults._take("status", self.entry, filename)
         if fault is None:
             return False
         extra = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
