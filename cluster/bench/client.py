@@ -102,23 +102,37 @@ def build_payload(
     return body
 
 
-def _chunk_text(data: dict[str, Any]) -> str:
-    """Generated text in one chunk; '' for role-only, usage-only or empty chunks."""
-    parts: list[str] = []
+def chunk_output(data: dict[str, Any]) -> tuple[bool, str]:
+    """Whether a chunk carries generated tokens, and its text.
+
+    A chunk carries tokens when a choice has text, or has an empty text/content field while the
+    generation is still running: vLLM sends such chunks for tokens whose bytes do not yet form a
+    whole character. Not tokens: a chat stream's role-only first chunk, an empty closing chunk
+    that only brings the finish reason, and usage-only chunks (no choices).
+    """
+    carries, parts = False, []
     for choice in data.get("choices") or ():
+        finished = bool(choice.get("finish_reason"))
         if "delta" in choice:
             delta = choice.get("delta") or {}
-            for key in ("content", "reasoning_content", "reasoning"):
-                value = delta.get(key)
-                if isinstance(value, str):
-                    parts.append(value)
+            text = "".join(
+                v
+                for k in ("content", "reasoning_content", "reasoning")
+                if isinstance(v := delta.get(k), str)
+            )
             if delta.get("tool_calls"):
-                parts.append(json.dumps(delta["tool_calls"]))
+                text += json.dumps(delta["tool_calls"])
+            has_field = any(
+                isinstance(delta.get(k), str) for k in ("content", "reasoning_content", "reasoning")
+            )
+            empty_token = has_field and "role" not in delta and not finished
         else:
-            value = choice.get("text")
-            if isinstance(value, str):
-                parts.append(value)
-    return "".join(parts)
+            text = choice.get("text") if isinstance(choice.get("text"), str) else ""
+            empty_token = isinstance(choice.get("text"), str) and not finished
+        if text or empty_token or choice.get("token_ids"):
+            carries = True
+        parts.append(text)
+    return carries, "".join(parts)
 
 
 def _finish_reason(data: dict[str, Any]) -> str | None:
@@ -227,7 +241,7 @@ async def _stream(
     record.e2e_s = end
     if not record.token_chunk_times:
         record.error_kind = EMPTY
-        record.error_detail = "the stream ended without any generated text"
+        record.error_detail = "the stream ended without any generated token"
     elif not done and record.finish_reason is None:
         record.error_kind = DISCONNECT
         record.error_detail = "the stream ended without [DONE] or a finish reason"
@@ -251,8 +265,8 @@ def _handle_event(
         return False
     if not isinstance(payload, dict):
         return False
-    text = _chunk_text(payload)
-    if text:
+    carries, text = chunk_output(payload)
+    if carries:
         if record.ttft_s is None:
             record.ttft_s = now
         record.token_chunk_times.append(now)

@@ -55,7 +55,7 @@ class EndpointInfo:
     name: str
     base_url: str
     model: str
-    ignore_eos: str  # accepted | rejected | off | unknown
+    ignore_eos: str  # accepted | rejected | off | unverified (probe failed: sent anyway)
     usage: str  # server | absent | unknown
     stream_options: bool = True
     probe_error: str | None = None
@@ -307,7 +307,7 @@ async def _probe(
         name=endpoint.name,
         base_url=endpoint.base_url,
         model=model,
-        ignore_eos="unknown" if want_eos else "off",
+        ignore_eos="unverified" if want_eos else "off",
         usage="unknown",
     )
     probe_req = BenchRequest(max_tokens=4, prompt="Hello")
@@ -384,7 +384,7 @@ async def _send(
         rec,
         api=config.workload.api,
         model=plan.info.model,
-        ignore_eos=plan.info.ignore_eos == "accepted",
+        ignore_eos=plan.info.ignore_eos in ("accepted", "unverified"),
         include_usage=plan.info.stream_options,
         temperature=config.workload.temperature,
         extra_body=config.workload.extra_body,

@@ -218,8 +218,8 @@ def stream_server() -> Iterator[StreamServer]:
 @pytest.fixture
 def stream_server_pair() -> Iterator[tuple[StreamServer, StreamServer]]:
     """Two servers, the second generating at half the speed of the first."""
-    fast, stop_fast = start_stream_server(StreamBehaviour(ttft_ms=20, itl_ms=5))
-    slow, stop_slow = start_stream_server(StreamBehaviour(ttft_ms=40, itl_ms=10))
+    fast, stop_fast = start_stream_server(StreamBehaviour(ttft_ms=40, itl_ms=10))
+    slow, stop_slow = start_stream_server(StreamBehaviour(ttft_ms=80, itl_ms=20))
     try:
         yield fast, slow
     finally:
