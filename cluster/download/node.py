@@ -10,6 +10,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -42,6 +43,7 @@ Downloader = Literal["hf_transfer", "hub"]
 USER_AGENT_KEY = "llamacluster-node"  # the hub sees "llamacluster-node/<name>" in the User-Agent
 PROGRESS_INTERVAL_S = 0.25
 MAX_RETRY_WAIT_S = 120.0
+TRANSFER_CHILD = Path(__file__).with_name("transfer_child.py")
 
 
 class FetchSettings(BaseModel):
@@ -105,6 +107,10 @@ class Emitter:
             return
         self._last_progress[path] = now
         self.emit("progress", path=path, done=done)
+
+
+class HfTransferFailed(Exception):
+    """hf_transfer gave up on a file (after retrying its chunks itself)."""
 
 
 class RetryableError(Exception):
@@ -204,7 +210,6 @@ class NodeFetcher:
         return {USER_AGENT_KEY: self.node}
 
     def _fetch_hf_transfer(self, f: RepoFile, tmp: Path) -> None:
-        import hf_transfer
         from huggingface_hub import get_hf_file_metadata
         from huggingface_hub.utils import build_hf_headers
 
@@ -218,23 +223,41 @@ class NodeFetcher:
         location = meta.location
         if urlsplit(location).netloc != urlsplit(url).netloc:
             headers.pop("authorization", None)  # a pre-signed CDN URL must not get the token
-        done = 0
-
-        def on_bytes(n: int) -> None:
-            nonlocal done
-            done += n
-            self.emitter.progress(f.path, done)
-
-        hf_transfer.download(
-            url=location,
-            filename=str(tmp),
-            max_files=self.settings.connections,
-            chunk_size=self.settings.chunk_mb * 1024 * 1024,
-            parallel_failures=min(3, self.settings.connections),
-            max_retries=3,
-            headers=headers,
-            callback=on_bytes,
+        job = {
+            "url": location,
+            "filename": str(tmp),
+            "max_files": self.settings.connections,
+            "chunk_size": self.settings.chunk_mb * 1024 * 1024,
+            "parallel_failures": min(3, self.settings.connections),
+            "max_retries": 3,
+            "headers": headers,
+        }
+        # hf_transfer keeps the GIL for the whole transfer: in-process, files would run one after
+        # another and this program could not even report progress. One child per file instead.
+        proc = subprocess.Popen(
+            [sys.executable, str(TRANSFER_CHILD)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        try:
+            proc.stdin.write(json.dumps(job))
+            proc.stdin.close()
+            for line in proc.stdout:
+                if line.strip().isdigit():
+                    self.emitter.progress(f.path, int(line))
+            err = proc.stderr.read()
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if code == 127 or "No module named 'hf_transfer'" in err:
+            raise ImportError(err.strip() or "hf_transfer is not installed")
+        if code != 0:
+            raise HfTransferFailed(err.strip().splitlines()[-1] if err.strip() else f"exit {code}")
 
     def _fetch_hub(self, f: RepoFile, tmp: Path) -> None:
         from huggingface_hub import hf_hub_download

@@ -23,6 +23,9 @@ from cluster.inventory import Node
 from cluster.runner import LocalRunner, SSHRunner
 from tests.support.hub import GATED_REPO_ID, LoopbackHub
 
+# Every test here starts node processes (multi-node or the whole CLI): the e2e tier.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
 FAST = FetchSettings(backoff_s=0.05)
 
 
@@ -340,8 +343,6 @@ def _ssh_runners(sshd, n: int) -> list[SSHRunner]:
     return [SSHRunner(node, config) for node in nodes]
 
 
-@pytest.mark.e2e
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize("num_nodes", [2, 3])
 def test_fetch_through_the_ssh_runner(
     hub: LoopbackHub, demo_model_dir: Path, tmp_path: Path, sshd, num_nodes: int
@@ -373,7 +374,6 @@ if __name__ == "__main__":
 
 
 @pytest.mark.engine
-@pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_vllm_loads_the_downloaded_model(
     hub: LoopbackHub, demo_model_dir: Path, tmp_path: Path, sshd
