@@ -1,0 +1,151 @@
+"""`llamacluster up` end to end: --local (tp=1) and over SSH to two loopback nodes (tp=2 × pp=2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.demo_model import DEMO_MODEL_REPO_ID
+
+pytestmark = pytest.mark.e2e
+
+VENV = Path(sys.prefix)
+CLI = [sys.executable, "-c", "from cluster.cli.app import run; run()"]
+
+
+def llamacluster(
+    *args: str, env: dict[str, str], timeout: float = 900
+) -> subprocess.CompletedProcess:
+    """Run the real CLI in a child process (as a person would) and return what it printed."""
+    return subprocess.run(
+        [*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _ok(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 0, (
+        f"exit {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    )
+    return done.stdout
+
+
+def _state(home: Path, name: str) -> dict:
+    return json.loads((home / "clusters" / name / "state.json").read_text())
+
+
+def _session_processes(session_ids: list[int]) -> list[str]:
+    """Live processes of the given sessions (zombies awaiting their reaper do not count)."""
+    out = subprocess.run(["ps", "-eo", "sid=,stat=,pid=,args="], capture_output=True, text=True)
+    return [
+        line
+        for line in out.stdout.splitlines()
+        if line.split()
+        and int(line.split()[0]) in session_ids
+        and not line.split()[1].startswith("Z")
+    ]
+
+
+def _chat_stream(state: dict) -> str:
+    from openai import OpenAI
+
+    key = Path(state["api_key_file"]).read_text().strip()
+    client = OpenAI(base_url=state["endpoint"] + "/v1", api_key=key, timeout=120)
+    stream = client.chat.completions.create(
+        model=state["served_model_name"],
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=12,
+        stream=True,
+    )
+    chunks = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len(chunks) >= 2, chunks
+    return "".join(chunks)
+
+
+def _bring_down_and_check(home: Path, name: str, env: dict[str, str]) -> None:
+    sessions = [n["ray_session"] for n in _state(home, name)["nodes"] if n.get("ray_session")]
+    assert sessions, "no Ray session recorded"
+    down = _ok(llamacluster("down", "--name", name, env=env, timeout=300))
+    assert "is down" in down
+    assert _session_processes(sessions) == []
+    assert all(n.get("ray_session") is None for n in _state(home, name)["nodes"])
+
+
+@pytest.fixture
+def cli_env(tmp_path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["LLAMACLUSTER_HOME"] = str(tmp_path / "home")
+    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    return env
+
+
+@pytest.mark.timeout(1200)
+def test_up_local_serves_and_is_idempotent(tmp_path, cli_env, demo_model_dir):
+    home = Path(cli_env["LLAMACLUSTER_HOME"])
+    common = ["--local", "--model", str(demo_model_dir), "--tp", "1", "--pp", "1"]
+    ports = ["--ray-port", "0", "--dashboard-port", "0", "--api-port", "0", "--cpu-kvcache-gb", "1"]
+    try:
+        first = _ok(llamacluster("up", *common, *ports, env=cli_env))
+        assert "skipped" in first and "--local" in first  # storage/cache said so
+        assert "ready" in first and "API key" in first
+        state = _state(home, "local")
+        assert _chat_stream(state)
+        second = _ok(llamacluster("up", *common, *ports, env=cli_env))
+        assert "nothing changed" in second, second
+        status = _ok(llamacluster("status", "--local", env=cli_env, timeout=300))
+        assert "ready" in status and "running" in status
+        tunnel = _ok(llamacluster("tunnel", "--local", env=cli_env))
+        assert (
+            "no tunnel needed" in tunnel
+            and Path(state["api_key_file"]).read_text().strip() not in tunnel
+        )
+    finally:
+        if (home / "clusters" / "local" / "state.json").exists():
+            _bring_down_and_check(home, "local", cli_env)
+
+
+@pytest.mark.timeout(1800)
+def test_up_over_ssh_two_loopback_nodes_tp2_pp2(tmp_path, cli_env, sshd, hub_server):
+    home = Path(cli_env["LLAMACLUSTER_HOME"])
+    cli_env.update(hub_server.env())
+    inventory = tmp_path / "ips.txt"
+    inventory.write_text(
+        f"{sshd.user}@127.0.0.2:{sshd.port}   # head\n{sshd.user}@127.0.0.3:{sshd.port}\n"
+    )
+    shared = tmp_path / "shared"
+    root = tmp_path / "sysroot"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "fstab").write_text(f"nfs.example:/export {shared} nfs4 rw,hard 0 0\n")
+    name = "e2e-ssh"
+    args = [
+        "--ips", str(inventory), "--name", name, "--ssh-key", str(sshd.client_key),
+        "--known-hosts", str(tmp_path / "known_hosts"), "--model", DEMO_MODEL_REPO_ID,
+        "--shared-dir", str(shared), "--env", str(VENV), "--system-root", str(root),
+        "--tp", "2", "--pp", "2", "--cpu-slots", "2", "--cpu-kvcache-gb", "1",
+        "--ray-port", "0", "--dashboard-port", "0", "--api-port", "0",
+    ]  # fmt: skip
+    try:
+        first = _ok(llamacluster("up", *args, env=cli_env, timeout=1500))
+        assert "already shared" in first  # the storage stage on a local path
+        assert "fsc" in (root / "etc" / "fstab").read_text()  # cache stage, temp-root mode
+        state = _state(home, name)
+        assert [n["private_ip"] for n in state["nodes"]] == ["127.0.0.2", "127.0.0.3"]
+        assert (state["tp"], state["pp"]) == (2, 2)
+        assert _chat_stream(state)
+        second = _ok(llamacluster("up", *args, env=cli_env, timeout=900))
+        assert "nothing changed" in second, second
+        status = _ok(llamacluster("status", "--name", name, env=cli_env, timeout=300))
+        assert status.count("ray running") == 2
+        ran = _ok(
+            llamacluster(
+                "exec", "--name", name, "--", "echo", "hi-from-$SSH_CONNECTION", env=cli_env
+            )
+        )
+        assert "[127.0.0.2" in ran and "[127.0.0.3" in ran
+    finally:
+        if (home / "clusters" / name / "state.json").exists():
+            _bring_down_and_check(home, name, cli_env)
