@@ -275,10 +275,9 @@ def build_demo_model(
         "target_size_mb": target_size_mb,
         "num_shards": num_shards,
     }
-    existing = _read_build_record(target)
-    if existing is not None and existing.get("params") == params and _files_match(target, existing):
+    if _is_complete_build(target, params):
         return target
-    if target.exists() and existing is None and not _is_empty_dir(target):
+    if target.exists() and _read_build_record(target) is None and not _is_empty_dir(target):
         raise ConfigError(
             f"{target} exists and is not a demo model; refusing to overwrite it",
             hint="pass an empty or new directory",
@@ -514,6 +513,12 @@ def _read_build_record(target: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def _is_complete_build(target: Path, params: dict[str, object]) -> bool:
+    """True when ``target`` holds a finished demo build made with exactly ``params``."""
+    record = _read_build_record(target)
+    return record is not None and record.get("params") == params and _files_match(target, record)
+
+
 def _files_match(target: Path, record: dict) -> bool:
     files = record.get("files")
     if not isinstance(files, dict):
@@ -533,6 +538,8 @@ def _is_empty_dir(path: Path) -> bool:
 
 def _move_into_place(work: Path, target: Path, params: dict[str, object]) -> None:
     """Rename the finished build onto ``target``; an older demo build there is swapped out."""
+    if _is_complete_build(target, params):
+        return  # another process finished the same build first: keep it, it may be in use
     old: Path | None = None
     if target.exists() and not _is_empty_dir(target):
         old = target.with_name(f".{target.name}.old-{os.getpid()}-{work.name[-8:]}")
@@ -540,9 +547,7 @@ def _move_into_place(work: Path, target: Path, params: dict[str, object]) -> Non
     try:
         os.rename(work, target)
     except OSError:
-        # Someone else finished the same build first: keep theirs when it matches.
-        record = _read_build_record(target)
-        if not (record and record.get("params") == params and _files_match(target, record)):
+        if not _is_complete_build(target, params):  # else someone else's identical build won
             raise
     finally:
         if old is not None:

@@ -324,11 +324,7 @@ class LoopbackHub:
 
     def env(self) -> dict[str, str]:
         """Environment for a process that should download from this hub."""
-        return {
-            "HF_ENDPOINT": self.url,
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_HUB_ENABLE_HF_TRANSFER": "0",
-        }
+        return {"HF_ENDPOINT": self.url, "HF_HUB_DISABLE_TELEMETRY": "1"}
 
     # -- repos -----------------------------------------------------------------------------
 
