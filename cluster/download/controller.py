@@ -9,14 +9,22 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cluster.download.errors import AccessDeniedError
-from cluster.download.manifest import Manifest
+from cluster.download.manifest import Manifest, write_manifest
 from cluster.download.node import FetchSettings, NodeRequest
 from cluster.download.plan import DownloadPlan, plan_download
 from cluster.errors import DownloadError
-from cluster.runner import OutputLine, Result, Runner, raise_for_failures, run_on_nodes
+from cluster.runner import (
+    LocalRunner,
+    OutputLine,
+    Result,
+    Runner,
+    raise_for_failures,
+    run_on_nodes,
+)
 
 NODE_MODULE = "cluster.download.node"
 # Environment the node program gets: where the hub is, and the token (never on a command line).
@@ -176,13 +184,17 @@ def download_model(
         what="download",
         **common,
     )
-    final = _run_node_action(
-        runners[:1],
-        NodeRequest(action="finalize", target=target, plan=plan),
-        what="manifest",
-        **common,
-    )
-    manifest = Manifest.model_validate(final[names[0]]["manifest"])
+    if all(isinstance(r, LocalRunner) for r in runners):
+        # The head is this machine: merge here instead of starting one more node process.
+        manifest = write_manifest(Path(target), plan)
+    else:
+        final = _run_node_action(
+            runners[:1],
+            NodeRequest(action="finalize", target=target, plan=plan),
+            what="manifest",
+            **common,
+        )
+        manifest = Manifest.model_validate(final[names[0]]["manifest"])
     result = DownloadResult(plan=plan, manifest=manifest, summaries=summaries)
     if warm:
         lists = dict(warm) if isinstance(warm, Mapping) else warm_lists(plan, names)

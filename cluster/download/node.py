@@ -32,6 +32,7 @@ from cluster.download.records import (
     fsync_dir,
     hash_file,
     read_records,
+    record_path,
     remove_stale_temps,
     staging_dir,
     temp_path,
@@ -58,6 +59,12 @@ class FetchSettings(BaseModel):
         default=8, ge=1, le=64, description="hf_transfer connections per file."
     )
     chunk_mb: int = Field(default=10, ge=1, le=256, description="hf_transfer chunk size in MiB.")
+    inline_max_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=0,
+        description="hf_transfer runs in-process up to this size (a child costs more), "
+        "in a child process per file above it (it holds the GIL while it runs).",
+    )
     max_attempts: int = Field(default=6, ge=1, le=50, description="Attempts per file.")
     backoff_s: float = Field(
         default=1.0, ge=0, le=60, description="First backoff; doubles per attempt (jittered)."
@@ -197,6 +204,7 @@ class NodeFetcher:
         self.token = token
         # The head drops a stale manifest first: serving must not start while files change.
         self.is_head = self.plan.nodes[0].node == self.node
+        self._dirs_touched: set[Path] = set()
 
     # -- hub access -------------------------------------------------------------------------
     def _url(self, f: RepoFile) -> str:
@@ -232,8 +240,24 @@ class NodeFetcher:
             "max_retries": 3,
             "headers": headers,
         }
-        # hf_transfer keeps the GIL for the whole transfer: in-process, files would run one after
-        # another and this program could not even report progress. One child per file instead.
+        if f.size <= self.settings.inline_max_bytes:
+            self._transfer_inline(f, job)
+        else:
+            self._transfer_in_child(f, job)
+
+    def _transfer_inline(self, f: RepoFile, job: dict[str, Any]) -> None:
+        """Small files: hf_transfer in this process (the GIL is held only for a moment)."""
+        import hf_transfer
+
+        try:
+            hf_transfer.download(**job)
+        except Exception as exc:
+            raise HfTransferFailed(f"{type(exc).__name__}: {exc}") from exc
+        self.emitter.progress(f.path, f.size)
+
+    def _transfer_in_child(self, f: RepoFile, job: dict[str, Any]) -> None:
+        """Large files: hf_transfer keeps the GIL for the whole transfer, so in-process files
+        would move one after another and progress would stall; one child process per file."""
         proc = subprocess.Popen(
             [sys.executable, str(TRANSFER_CHILD)],
             stdin=subprocess.PIPE,
@@ -297,7 +321,10 @@ class NodeFetcher:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, final)
-        fsync_dir(final.parent)
+        # No fsync of the folder or the record per file: a rename or record line lost in a crash
+        # only makes the next run fetch that file again (the record is checked against the file).
+        # The data itself is fsync'd above, so a name never points at unwritten bytes.
+        self._dirs_touched.add(final.parent)
         st = final.stat()
         append_record(
             self.target,
@@ -424,6 +451,12 @@ class NodeFetcher:
         # Largest first, so the long transfers overlap the short ones.
         with ThreadPoolExecutor(max_workers=self.settings.jobs) as pool:
             list(pool.map(work, sorted(todo, key=lambda f: (-f.size, f.path))))
+        for d in sorted(self._dirs_touched):
+            fsync_dir(d)
+        own_record = record_path(self.target, self.node)
+        if own_record.exists():
+            with open(own_record, "rb") as fh:
+                os.fsync(fh.fileno())
         summary = {
             "fetched": len(todo) - len(failures),
             "skipped": skipped,

@@ -136,14 +136,16 @@ class RecordEntry(BaseModel):
     commit: str = Field(description="The commit the file belongs to.")
 
 
-def append_record(target: Path, entry: RecordEntry) -> None:
-    """Append one line to the node's own record and make it durable."""
+def append_record(target: Path, entry: RecordEntry, *, durable: bool = False) -> None:
+    """Append one line to the node's own record (fsync'd only when ``durable``: a lost line
+    just means the file is fetched again)."""
     path = record_path(target, entry.node)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(entry.model_dump_json() + "\n")
         fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            os.fsync(fh.fileno())
 
 
 def _record_lines(path: Path) -> Iterator[RecordEntry]:

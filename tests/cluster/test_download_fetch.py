@@ -73,7 +73,8 @@ def test_two_nodes_fetch_their_share_verified_and_identical(
         DEMO_MODEL_REPO_ID,
         target=str(target),
         runners=local_runners(2),
-        settings=FAST,
+        # Weights through the per-file hf_transfer child, small files in-process.
+        settings=FetchSettings(backoff_s=0.05, inline_max_bytes=100_000),
         on_event=events.append,
     )
     assert_identical(target, demo_model_dir)
