@@ -172,6 +172,17 @@ def test_reuses_a_complete_build_and_rebuilds_a_damaged_one(tmp_path: Path) -> N
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_concurrent_builds_of_one_path_agree(tmp_path: Path) -> None:
+    code = (
+        "import sys; from cluster.demo_model import build_demo_model; build_demo_model(sys.argv[1])"
+    )
+    target = tmp_path / "shared"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(target)]) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert _digests(target) == _digests(build_demo_model(tmp_path / "solo"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared", "solo"]
+
+
 def test_never_leaves_a_half_built_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import cluster.demo_model as dm
 
@@ -214,3 +225,61 @@ def test_cli_builds_and_says_it_is_gibberish(tmp_path: Path) -> None:
     assert "gibberish" in proc.stdout and str(tmp_path / "m") in proc.stdout
     assert len(_shards(tmp_path / "m")) == 5
     assert main(["demo-model", str(tmp_path / "x"), "--shards", "0"]) == ConfigError.exit_code
+
+
+_ENGINE_SCRIPT = """
+import json, math, sys
+
+from vllm import LLM, SamplingParams
+
+if __name__ == "__main__":
+    llm = LLM(model=sys.argv[1], max_model_len=256, seed=0, enforce_eager=True)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+    gen = llm.generate(["Hello llamas, how are you?"], params)[0]
+    chat = llm.chat([{"role": "user", "content": "Say hello."}], params)[0]
+    logprobs = [lp for step in gen.outputs[0].logprobs for lp in step.values()]
+    print("RESULT " + json.dumps({
+        "gen_tokens": list(gen.outputs[0].token_ids),
+        "finite": all(math.isfinite(lp.logprob) for lp in logprobs),
+        "chat_prompt": list(chat.prompt_token_ids),
+        "chat_tokens": list(chat.outputs[0].token_ids),
+        "chat_text": chat.outputs[0].text,
+    }))
+"""
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(600)
+def test_vllm_loads_and_generates(demo_model_dir: Path, tmp_path: Path) -> None:
+    """Real vLLM (CPU) loads the demo model, generates finite tokens, and applies its chat template."""
+    from tokenizers import Tokenizer
+
+    script = tmp_path / "engine.py"
+    script.write_text(_ENGINE_SCRIPT)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(demo_model_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,  # the engine's own processes die with this group
+    )
+    try:
+        out, _ = proc.communicate(timeout=560)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+    assert proc.returncode == 0 and line, out[-4000:]
+    result = json.loads(line[len("RESULT ") :])
+    assert len(result["gen_tokens"]) == 8 and result["finite"]
+    assert len(result["chat_tokens"]) == 8
+    tok = Tokenizer.from_file(str(demo_model_dir / "tokenizer.json"))
+    expected = tok.encode(
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nSay hello.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        add_special_tokens=False,
+    ).ids
+    assert result["chat_prompt"] == expected

@@ -30,6 +30,7 @@ NODE_TAG = re.compile(r"llamacluster-node/([A-Za-z0-9_.:@-]+)")
 _LFS_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".onnx"}
 _LFS_MIN_SIZE = 10 * 1024 * 1024
 _CHUNK = 64 * 1024
+_BURST_S = 0.25  # how far a capped client may run ahead after a stall
 
 
 def node_user_agent(name: str) -> str:
@@ -247,7 +248,9 @@ class HubFaults:
             if not rate:
                 return
             now = time.monotonic()
-            start = max(now, self._buckets.get(identity, now))
+            # A token bucket holding up to _BURST_S of sending: a sender that woke up late
+            # catches up instead of losing the time, so the average stays at the cap.
+            start = max(now - _BURST_S, self._buckets.get(identity, now))
             self._buckets[identity] = start + nbytes / rate
             wait = start + nbytes / rate - now
         if wait > 0:

@@ -227,30 +227,40 @@ def test_gated_repo_needs_the_token(hub: LoopbackHub, demo_model_dir: Path, tmp_
     assert hub.token not in " ".join(r.user_agent for r in hub.requests)
 
 
-def test_bandwidth_cap_is_per_identity(hub: LoopbackHub, demo_model_dir: Path) -> None:
-    shard = _largest_shard(demo_model_dir)
-    size = shard.stat().st_size
-    cap = size / 1.2  # each download should take about 1.2 s
-    hub.faults.limit_bandwidth(cap)
-    url = hub.file_url(DEMO_MODEL_REPO_ID, shard.name)
-    took: dict[str, float] = {}
+def _parallel_rates(hub: LoopbackHub, url: str, names: list[str], nbytes: int) -> list[float]:
+    """Download the first ``nbytes`` of ``url`` once per name, all at once; bytes/s of each."""
+    rates: list[float] = [0.0] * len(names)
 
-    def fetch(name: str) -> None:
+    def fetch(k: int) -> None:
+        headers = {"User-Agent": f"{node_user_agent(names[k])} huggingface_hub/x"}
+        headers["Range"] = f"bytes=0-{nbytes - 1}"
         started = time.monotonic()
-        headers = {"User-Agent": f"{node_user_agent(name)} huggingface_hub/x"}
-        r = httpx.get(url, headers=headers, follow_redirects=True, timeout=30)
-        assert r.content == shard.read_bytes()
-        took[name] = time.monotonic() - started
+        r = httpx.get(url, headers=headers, follow_redirects=True, timeout=60)
+        assert r.status_code == 206 and len(r.content) == nbytes
+        rates[k] = nbytes / (time.monotonic() - started)
 
-    threads = [threading.Thread(target=fetch, args=(n,)) for n in ("node-a", "node-b")]
+    threads = [threading.Thread(target=fetch, args=(k,)) for k in range(len(names))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return rates
+
+
+def test_bandwidth_cap_is_per_identity(hub: LoopbackHub, demo_model_dir: Path) -> None:
+    shard = _largest_shard(demo_model_dir)
+    nbytes, cap = 300_000, 250_000.0  # about 1.2 s per download at the cap
+    hub.faults.limit_bandwidth(cap)
+    url = hub.file_url(DEMO_MODEL_REPO_ID, shard.name)
+    apart = _parallel_rates(hub, url, ["node-a", "node-b"], nbytes)
+    together = _parallel_rates(hub, url, ["node-c", "node-c"], nbytes)
+    # Each identity gets its own cap; one identity's connections share one cap.
+    assert all(0.4 * cap < rate < 1.15 * cap for rate in apart), (apart, cap)
+    assert all(rate < 0.6 * cap for rate in together), (together, cap)
+    assert min(apart) > 1.4 * max(together), (apart, together)
     for name in ("node-a", "node-b"):
-        rate = size / took[name]
-        assert 0.6 * cap < rate < 1.15 * cap, (name, rate, cap)
         assert [r.filename for r in hub.fetched(identity=name)] == [shard.name]
+    assert len(hub.fetched(identity="node-c")) == 2
 
 
 def test_identity_falls_back_to_the_address() -> None:
