@@ -5,5 +5,6 @@ pytest_plugins: list[str] = [
     "tests.support.hub",
     "tests.support.stream_server",
     "tests.support.sshd",
+    "tests.support.ray_cluster",
     "tests.support.server",
 ]

@@ -1,0 +1,612 @@
+"""Start, check and stop the Ray nodes of one cluster (used by `up`, `down` and the test fixture)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import tempfile
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cluster.errors import ConfigError, NotReadyError, RemoteError
+from cluster.runner import Result, Runner, shell_join
+
+log = logging.getLogger(__name__)
+
+HEAD_RESOURCE = "llamacluster_head"
+"""Custom resource only the head advertises (1 unit): pins the serving replica to the head."""
+
+PASSTHROUGH_ENV = (
+    "GLOO_SOCKET_IFNAME",
+    "NCCL_SOCKET_IFNAME",
+    "VLLM_HOST_IP",
+    "VLLM_CPU_KVCACHE_SPACE",
+)
+"""Variables the Ray daemons (and so every worker they spawn) must carry; preflight sets them."""
+
+# Unix sockets live under <temp-dir>/session_<date>_<pid>/sockets/<name>.<n>: about 70 bytes
+# after the temp dir, of the kernel's 107.
+MAX_TEMP_DIR_LEN = 36
+# Worker ports come from a private block below Linux's ephemeral range (32768+), so they never
+# race with ports handed out for port 0, and blocks of several nodes on one host never overlap.
+WORKER_BLOCK_RANGE = (20000, 32000)
+WORKER_BLOCK_SIZE = 64
+
+
+def generate_token() -> str:
+    """A fresh cluster token: 32 random bytes, hex."""
+    return secrets.token_hex(32)
+
+
+def write_token_file(path: str | os.PathLike[str], token: str | None = None) -> Path:
+    """Write ``token`` (default: a new one) to ``path`` as a 0600 file, atomically.
+
+    Ray's head aborts when the token file is missing or empty, so this runs before ``ray start``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = token or generate_token()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".token-")
+    try:
+        with os.fdopen(fd, "w") as f:  # mkstemp creates it 0600
+            f.write(token)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@dataclass(frozen=True)
+class RayNodePorts:
+    """Every port a Ray node listens on; ``None`` leaves Ray's default (fixed or random)."""
+
+    node_manager: int | None = None
+    object_manager: int | None = None
+    metrics_export: int | None = None
+    dashboard_agent_listen: int | None = None  # Ray's default is the fixed 52365
+    dashboard_agent_grpc: int | None = None
+    runtime_env_agent: int | None = None
+    min_worker: int | None = None  # Ray's default range is the fixed 10002-19999
+    max_worker: int | None = None
+
+
+@dataclass(frozen=True)
+class RayHeadPorts:
+    """Ports only the head listens on; Ray's defaults (6379, 8265, 10001) are fixed."""
+
+    gcs: int = 6379
+    dashboard: int = 8265
+    client_server: int = 10001
+
+
+@dataclass(frozen=True)
+class RayNodeSpec:
+    """One Ray node: its cluster-facing IP, what it advertises, and its ports."""
+
+    ip: str
+    num_gpus: int
+    num_cpus: int | None = None
+    resources: Mapping[str, float] = field(default_factory=dict)
+    ports: RayNodePorts = field(default_factory=RayNodePorts)
+
+
+@dataclass(frozen=True)
+class RayClusterSpec:
+    """Everything needed to start one Ray cluster; ``nodes[0]`` is the head.
+
+    ``temp_dir`` and ``token_path`` are per cluster (the same path on every node), so clusters
+    sharing a host never share sessions, sockets or tokens. ``env`` is passed to every node's
+    Ray daemons (see PASSTHROUGH_ENV).
+    """
+
+    name: str
+    temp_dir: str
+    token_path: str
+    nodes: tuple[RayNodeSpec, ...]
+    head_ports: RayHeadPorts = field(default_factory=RayHeadPorts)
+    env: Mapping[str, str] = field(default_factory=dict)
+    ray_bin: str = "ray"
+    python: str = "python3"
+    object_store_memory: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            raise ConfigError("a Ray cluster needs at least one node")
+        if len(self.temp_dir) > MAX_TEMP_DIR_LEN:
+            raise ConfigError(
+                f"Ray temp dir {self.temp_dir!r} is {len(self.temp_dir)} characters long",
+                hint=f"use at most {MAX_TEMP_DIR_LEN}: Ray's unix socket paths under it are "
+                "limited to 107 bytes",
+            )
+
+    @property
+    def head(self) -> RayNodeSpec:
+        """The head's spec."""
+        return self.nodes[0]
+
+    @property
+    def address(self) -> str:
+        """The GCS address workers and drivers join (``ip:port``)."""
+        return f"{self.head.ip}:{self.head_ports.gcs}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """The dashboard, bound to 127.0.0.1 on the head (reach it through an SSH tunnel)."""
+        return f"http://127.0.0.1:{self.head_ports.dashboard}"
+
+    def client_env(self) -> dict[str, str]:
+        """Environment a driver on the head needs to join this cluster with its token."""
+        return {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": self.token_path,
+            "RAY_ADDRESS": self.address,
+        }
+
+
+def ray_node_env(spec: RayClusterSpec) -> dict[str, str]:
+    """Environment of ``ray start`` on every node (travels on stdin, never on a command line)."""
+    env = {
+        "RAY_AUTH_MODE": "token",  # every client and node must present the cluster's token
+        "RAY_AUTH_TOKEN_PATH": spec.token_path,
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",  # must be set before the daemons start
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.update(spec.env)
+    return env
+
+
+def _port_flags(ports: RayNodePorts) -> list[str]:
+    flags = {
+        "--node-manager-port": ports.node_manager,
+        "--object-manager-port": ports.object_manager,
+        "--metrics-export-port": ports.metrics_export,
+        "--dashboard-agent-listen-port": ports.dashboard_agent_listen,
+        "--dashboard-agent-grpc-port": ports.dashboard_agent_grpc,
+        "--runtime-env-agent-port": ports.runtime_env_agent,
+        "--min-worker-port": ports.min_worker,
+        "--max-worker-port": ports.max_worker,
+    }
+    return [str(x) for flag, value in flags.items() if value is not None for x in (flag, value)]
+
+
+def _common_flags(
+    spec: RayClusterSpec, node: RayNodeSpec, resources: Mapping[str, float]
+) -> list[str]:
+    argv = [
+        "--node-ip-address",
+        node.ip,
+        "--num-gpus",
+        str(node.num_gpus),
+        "--temp-dir",
+        spec.temp_dir,
+        "--disable-usage-stats",
+    ]
+    if node.num_cpus is not None:
+        argv += ["--num-cpus", str(node.num_cpus)]
+    if resources:
+        argv += ["--resources", json.dumps(dict(resources), sort_keys=True)]
+    if spec.object_store_memory is not None:
+        argv += ["--object-store-memory", str(spec.object_store_memory)]
+    return argv + _port_flags(node.ports)
+
+
+def ray_start_head_argv(spec: RayClusterSpec) -> list[str]:
+    """``ray start --head`` for ``spec.nodes[0]``: dashboard on 127.0.0.1, the head resource."""
+    head = spec.head
+    return [
+        spec.ray_bin,
+        "start",
+        "--head",
+        "--port",
+        str(spec.head_ports.gcs),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(spec.head_ports.dashboard),
+        "--ray-client-server-port",
+        str(spec.head_ports.client_server),
+        *_common_flags(spec, head, {**head.resources, HEAD_RESOURCE: 1}),
+    ]
+
+
+def ray_start_worker_argv(spec: RayClusterSpec, node: RayNodeSpec) -> list[str]:
+    """``ray start --address`` joining ``node`` to the head of ``spec``."""
+    return [
+        spec.ray_bin,
+        "start",
+        "--address",
+        spec.address,
+        *_common_flags(spec, node, node.resources),
+    ]
+
+
+def ray_start_argv(spec: RayClusterSpec, index: int) -> list[str]:
+    """The start command of node ``index`` (0 is the head)."""
+    node = spec.nodes[index]
+    return ray_start_head_argv(spec) if index == 0 else ray_start_worker_argv(spec, node)
+
+
+def sid_file(spec: RayClusterSpec, node: RayNodeSpec) -> str:
+    """Where a node records its Ray session id (a copy of what the controller records)."""
+    return f"{spec.temp_dir}/llamacluster-{node.ip}.sid"
+
+
+# Runs `ray start` as the leader of a new session, so every Ray process of the node (daemons,
+# agents, workers, replicas) shares that session id and can be stopped by it and only it. Its
+# output goes to a file: daemons inherit the descriptors, and an inherited SSH pipe would keep
+# the connection open forever.
+_START_TEMPLATE = """\
+unset RAY_AUTH_TOKEN
+mkdir -p {temp_dir}
+test -s "$RAY_AUTH_TOKEN_PATH" || {{ echo "token file $RAY_AUTH_TOKEN_PATH is missing or empty" >&2; exit 2; }}
+log={log}
+setsid --wait bash -c 'echo $$ > "$1"; shift; exec "$@"' _ {sid_file} {argv} > "$log" 2>&1 < /dev/null
+rc=$?
+cat "$log"
+echo "LLAMACLUSTER_RAY_SID=$(cat {sid_file} 2>/dev/null)"
+exit $rc
+"""
+
+# TERM every process of the session, wait, then KILL what is left. Never `ray stop`: that
+# stops every Ray process of the user on the host, other clusters included.
+_STOP_TEMPLATE = """\
+sid={sid}
+# Zombies (stat Z) are already dead: they only wait for their parent to reap them.
+members() {{ ps -eo pid=,sid=,stat= | awk -v s="$sid" '$2 == s && $3 !~ /^Z/ {{ print $1 }}'; }}
+pids=$(members)
+if [ -z "$pids" ]; then echo "no process left in session $sid"; exit 0; fi
+echo "stopping $(echo $pids | wc -w) process(es) of session $sid"
+kill -TERM $pids 2>/dev/null
+for _ in $(seq {polls}); do
+  sleep 0.25
+  pids=$(members)
+  [ -z "$pids" ] && exit 0
+done
+echo "killing what ignored TERM: $(ps -o comm= -p "$(echo $pids | tr ' ' ,)" | tr '\\n' ' ')" >&2
+kill -KILL $pids 2>/dev/null
+for _ in $(seq 20); do
+  sleep 0.25
+  [ -z "$(members)" ] && exit 0
+done
+echo "still alive after KILL: $(members | tr '\\n' ' ')" >&2
+exit 1
+"""
+
+
+@dataclass(frozen=True)
+class RayNodeHandle:
+    """A started Ray node: where it runs and the session id of all its processes.
+
+    Plain data, so the cluster state can store it (``asdict``) and ``down`` can rebuild it.
+    """
+
+    node: str
+    ip: str
+    session_id: int
+    head: bool = False
+
+    def to_dict(self) -> dict:
+        """JSON-ready form for the cluster state file."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> RayNodeHandle:
+        """Rebuild from ``to_dict`` output."""
+        return cls(
+            node=str(data["node"]),
+            ip=str(data["ip"]),
+            session_id=int(data["session_id"]),
+            head=bool(data.get("head", False)),
+        )
+
+
+def start_ray_node(
+    runner: Runner, spec: RayClusterSpec, index: int, *, timeout: float = 180, retries: int = 1
+) -> RayNodeHandle:
+    """Start node ``index`` of ``spec`` through ``runner`` and return its handle.
+
+    Ray gives a raylet a fixed 30 s to register; on a busy host that can pass, so that one
+    failure is retried (after stopping what the failed try left). Any other failure raises
+    RemoteError with the tail of Ray's output.
+    """
+    node = spec.nodes[index]
+    command = start_ray_node_command(spec, index)
+    for attempt in range(retries + 1):
+        result = runner.run(command, env=ray_node_env(spec), timeout=timeout)
+        sid = _parse_sid(result.stdout)
+        if result.ok and sid is not None:
+            return RayNodeHandle(node=runner.label, ip=node.ip, session_id=sid, head=index == 0)
+        if sid is not None:  # ray start failed half-way: leave nothing of it behind
+            stop_ray_node(runner, sid)
+        if _STARTUP_TIMEOUT not in result.stdout or attempt == retries:
+            break
+        log.info("%s: Ray node timed out registering; starting it again", runner.label)
+    role = "head" if index == 0 else "worker"
+    raise RemoteError(
+        f"ray start ({role} {node.ip}) failed on {runner.label} with exit "
+        f"{result.returncode}: {result.tail(8, stream='stdout') or result.tail(8)}",
+        hint=f"see {spec.temp_dir}/session_latest/logs on that node",
+    )
+
+
+_STARTUP_TIMEOUT = "timed out during startup"
+
+
+def start_ray_node_command(spec: RayClusterSpec, index: int) -> str:
+    """The shell text that starts node ``index`` under its own session (see _START_TEMPLATE)."""
+    node = spec.nodes[index]
+    temp = shell_join([spec.temp_dir])
+    return _START_TEMPLATE.format(
+        temp_dir=temp,
+        log=shell_join([f"{spec.temp_dir}/llamacluster-start-{node.ip}.log"]),
+        sid_file=shell_join([sid_file(spec, node)]),
+        argv=shell_join(ray_start_argv(spec, index)),
+    )
+
+
+def _parse_sid(stdout: str) -> int | None:
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("LLAMACLUSTER_RAY_SID="):
+            value = line.split("=", 1)[1].strip()
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def stop_ray_node(
+    runner: Runner, session_id: int | RayNodeHandle, *, grace_s: float = 10
+) -> Result:
+    """Stop exactly the processes of one Ray node's session: TERM, wait ``grace_s``, KILL.
+
+    Safe to repeat: a session with no process left is a success.
+    """
+    sid = session_id.session_id if isinstance(session_id, RayNodeHandle) else int(session_id)
+    if sid <= 1:
+        raise ValueError(f"refusing to stop session {sid}")
+    polls = max(1, int(grace_s / 0.25))
+    return runner.run(_STOP_TEMPLATE.format(sid=sid, polls=polls), timeout=grace_s + 30)
+
+
+def start_ray_cluster(
+    runners: Sequence[Runner], spec: RayClusterSpec, *, timeout: float = 180
+) -> list[RayNodeHandle]:
+    """Start the head, then every worker in parallel; ``runners[i]`` runs ``spec.nodes[i]``.
+
+    On any failure the nodes already started are stopped again and RemoteError names the
+    failed nodes, so a failed start leaves nothing behind.
+    """
+    if len(runners) != len(spec.nodes):
+        raise ValueError("one runner per node spec")
+    handles = [start_ray_node(runners[0], spec, 0, timeout=timeout)]
+    if len(runners) == 1:
+        return handles
+    errors: list[str] = []
+    with ThreadPoolExecutor(max_workers=min(32, len(runners) - 1)) as pool:
+        futures = [
+            pool.submit(start_ray_node, runner, spec, i, timeout=timeout)
+            for i, runner in enumerate(runners[1:], start=1)
+        ]
+        for future in futures:
+            try:
+                handles.append(future.result())
+            except RemoteError as exc:
+                errors.append(exc.message)
+    if errors:
+        stop_ray_cluster(runners, handles, grace_s=3)
+        raise RemoteError("; ".join(errors), hint=f"see {spec.temp_dir}/session_latest/logs")
+    return handles
+
+
+def stop_ray_cluster(
+    runners: Sequence[Runner], handles: Sequence[RayNodeHandle], *, grace_s: float = 10
+) -> None:
+    """Stop every recorded node, workers first and the head last; raise if any survived.
+
+    ``grace_s`` is how long each node's processes get after TERM before KILL (the GCS server
+    often needs the KILL; its state lives in memory only).
+    """
+    by_label = {r.label: r for r in runners}
+    ordered = sorted(handles, key=lambda h: h.head)  # workers first: the head holds the GCS
+    failed = []
+    for handle in ordered:
+        result = stop_ray_node(by_label[handle.node], handle, grace_s=grace_s)
+        if not result.ok:
+            failed.append(f"{handle.node} (session {handle.session_id}): {result.tail(3)}")
+    if failed:
+        raise RemoteError("could not stop Ray on " + "; ".join(failed))
+
+
+# Allocates ports on the node itself: `count` single ports (kernel-chosen, held until all are
+# picked so none repeats) and `blocks` runs of `block` consecutive free ports for workers.
+_PORTS_SCRIPT = r"""
+import json, random, socket, sys
+count, blocks, size, lo, hi = map(int, sys.argv[1:6])
+held, singles, starts = [], [], []
+def grab(port):
+    s = socket.socket()
+    s.bind(("", port))
+    held.append(s)
+    return s.getsockname()[1]
+for _ in range(count):
+    singles.append(grab(0))
+taken = set(singles)
+for _ in range(blocks):
+    for _ in range(200):
+        start = random.randrange(lo, hi - size)
+        if any(start <= t < start + size for t in taken):
+            continue
+        try:
+            socks = len(held)
+            for p in range(start, start + size):
+                grab(p)
+        except OSError:
+            for s in held[socks:]:
+                s.close()
+            del held[socks:]
+            continue
+        starts.append(start)
+        taken.update(range(start, start + size))
+        break
+    else:
+        sys.exit("no free block of %d ports in %d-%d" % (size, lo, hi))
+print(json.dumps({"singles": singles, "blocks": starts}))
+"""
+
+_PORTS_PER_NODE = 6  # node manager, object manager, metrics, agent http/grpc, runtime env
+_PORTS_PER_HEAD = 3  # gcs, dashboard, ray client server
+
+
+def allocate_ports(
+    runner: Runner,
+    *,
+    nodes: int = 1,
+    with_head: bool = True,
+    python: str = "python3",
+    block_size: int = WORKER_BLOCK_SIZE,
+) -> tuple[RayHeadPorts | None, list[RayNodePorts]]:
+    """Free ports for ``nodes`` Ray nodes that share the host of ``runner`` (and the head ports
+    when ``with_head``), picked on that host in one go so no two of them collide.
+    """
+    count = nodes * _PORTS_PER_NODE + (_PORTS_PER_HEAD if with_head else 0)
+    lo, hi = WORKER_BLOCK_RANGE
+    result = runner.run(
+        [python, "-c", _PORTS_SCRIPT, str(count), str(nodes), str(block_size), str(lo), str(hi)],
+        timeout=60,
+    )
+    result.check(what="allocating free ports")
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    singles: list[int] = data["singles"]
+    head = None
+    if with_head:
+        head = RayHeadPorts(gcs=singles[0], dashboard=singles[1], client_server=singles[2])
+        singles = singles[_PORTS_PER_HEAD:]
+    per_node = []
+    for i, start in enumerate(data["blocks"]):
+        p = singles[i * _PORTS_PER_NODE : (i + 1) * _PORTS_PER_NODE]
+        per_node.append(
+            RayNodePorts(
+                node_manager=p[0],
+                object_manager=p[1],
+                metrics_export=p[2],
+                dashboard_agent_listen=p[3],
+                dashboard_agent_grpc=p[4],
+                runtime_env_agent=p[5],
+                min_worker=start,
+                max_worker=start + block_size - 1,
+            )
+        )
+    return head, per_node
+
+
+# Joins the cluster as a short-lived driver on the head and polls ray.nodes() until the
+# expected nodes and devices are there or the deadline passes; prints what it saw as JSON.
+_PROBE_SCRIPT = r"""
+import json, sys, time
+import ray
+address, node_ip, deadline_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
+from ray._private.services import resolve_ip_for_localhost
+# Ray replaces 127.0.0.1 and localhost by the host's own address: compare what Ray shows.
+resolved = {ip: resolve_ip_for_localhost(ip) for ip in json.loads(sys.argv[4])}
+expected = {resolved[ip]: gpus for ip, gpus in json.loads(sys.argv[4]).items()}
+ray.init(address=address, _node_ip_address=node_ip, log_to_driver=False,
+         logging_level="ERROR", namespace="llamacluster-probe")
+deadline = time.monotonic() + deadline_s
+while True:
+    nodes = [
+        {"ip": n["NodeManagerAddress"], "alive": n["Alive"], "resources": n["Resources"]}
+        for n in ray.nodes()
+    ]
+    alive = {n["ip"]: n["resources"] for n in nodes if n["alive"]}
+    if all(ip in alive and alive[ip].get("GPU", 0) >= gpus for ip, gpus in expected.items()):
+        break
+    if time.monotonic() > deadline:
+        break
+    time.sleep(0.5)
+ray.shutdown()
+print("LLAMACLUSTER_NODES=" + json.dumps({"nodes": nodes, "resolved": resolved}))
+"""
+
+
+@dataclass(frozen=True)
+class RayNodeState:
+    """One node as the GCS sees it."""
+
+    ip: str
+    alive: bool
+    resources: Mapping[str, float]
+
+    @property
+    def gpus(self) -> float:
+        """Device slots the node advertises."""
+        return float(self.resources.get("GPU", 0))
+
+
+def wait_for_nodes(
+    address: str,
+    expected_nodes: Sequence[str],
+    expected_gpus: Mapping[str, float] | float | None = None,
+    *,
+    token_path: str,
+    timeout: float = 120,
+    runner: Runner | None = None,
+    python: str = "python3",
+) -> dict[str, RayNodeState]:
+    """Wait until every node IP in ``expected_nodes`` is alive in the cluster at ``address``
+    with its device slots (``expected_gpus``: per IP, or a total), else raise NotReadyError
+    naming the missing nodes and slots.
+
+    Runs on ``runner`` (the head; default: this machine) as a token-authenticated driver.
+    Returns each expected node's state, keyed by the address it was expected under (Ray
+    registers 127.0.0.1 under the host's own address; ``state.ip`` says which).
+    """
+    from cluster.runner import LocalRunner
+
+    runner = runner or LocalRunner()
+    if isinstance(expected_gpus, Mapping):
+        per_node = {ip: float(expected_gpus.get(ip, 0)) for ip in expected_nodes}
+    else:
+        per_node = {ip: 0.0 for ip in expected_nodes}
+    node_ip = address.rsplit(":", 1)[0]
+    result = runner.run(
+        [python, "-c", _PROBE_SCRIPT, address, node_ip, str(timeout), json.dumps(per_node)],
+        env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path},
+        timeout=timeout + 60,
+    )
+    line = next(
+        (x for x in reversed(result.stdout.splitlines()) if x.startswith("LLAMACLUSTER_NODES=")),
+        None,
+    )
+    if not result.ok or line is None:
+        raise NotReadyError(
+            f"could not read the Ray cluster state at {address} (exit {result.returncode}): "
+            f"{result.tail(5)}",
+            hint="check that the head is up (`llamacluster status`) and the token file is right",
+        )
+    seen = json.loads(line.split("=", 1)[1])
+    nodes = [RayNodeState(**n) for n in seen["nodes"]]
+    ray_ip = seen["resolved"]  # expected address -> the address Ray registered it under
+    alive = {n.ip: n for n in nodes if n.alive}
+    found = {ip: alive[ray_ip[ip]] for ip in expected_nodes if ray_ip[ip] in alive}
+    problems = []
+    for ip in expected_nodes:
+        if ip not in found:
+            problems.append(f"{ip} has not joined")
+        elif found[ip].gpus < per_node[ip]:
+            problems.append(f"{ip} has {found[ip].gpus:g} of {per_node[ip]:g} device slots")
+    if isinstance(expected_gpus, int | float) and not problems:
+        total = sum(state.gpus for state in found.values())
+        if total < expected_gpus:
+            problems.append(f"the cluster has {total:g} of {expected_gpus:g} device slots")
+    if problems:
+        raise NotReadyError(
+            f"Ray cluster at {address} not complete after {timeout:g} s: " + "; ".join(problems),
+            hint="check those nodes' Ray logs (`llamacluster logs`) and that they reach the "
+            "head's private IP",
+        )
+    return found

@@ -1,0 +1,192 @@
+"""Loopback Ray clusters (127.0.0.1, 127.0.0.2, ...) started with the same code `up` uses."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from cluster.inventory import Node
+from cluster.ray_nodes import (
+    RayClusterSpec,
+    RayNodeHandle,
+    RayNodeSpec,
+    RayNodeState,
+    allocate_ports,
+    start_ray_cluster,
+    stop_ray_cluster,
+    wait_for_nodes,
+    write_token_file,
+)
+from cluster.runner import LocalRunner
+
+VENV_BIN = Path(sys.executable).parent
+
+
+@dataclass
+class LoopbackRayCluster:
+    """A running loopback Ray cluster and what a client needs to use it."""
+
+    spec: RayClusterSpec
+    runners: list[LocalRunner]
+    handles: list[RayNodeHandle]
+    nodes: dict[str, RayNodeState] = field(default_factory=dict)
+    stopped: bool = False
+
+    @property
+    def address(self) -> str:
+        """GCS address (``127.0.0.1:<port>``)."""
+        return self.spec.address
+
+    @property
+    def gcs_port(self) -> int:
+        """The head's GCS port."""
+        return self.spec.head_ports.gcs
+
+    @property
+    def dashboard_url(self) -> str:
+        """``http://127.0.0.1:<port>``; needs ``Authorization: Bearer <token>``."""
+        return self.spec.dashboard_url
+
+    @property
+    def token_path(self) -> Path:
+        """The cluster's 0600 token file."""
+        return Path(self.spec.token_path)
+
+    @property
+    def token(self) -> str:
+        """The cluster's token (for a bearer header)."""
+        return self.token_path.read_text().strip()
+
+    @property
+    def temp_dir(self) -> Path:
+        """Ray's temp dir of this cluster (sessions, logs, sockets)."""
+        return Path(self.spec.temp_dir)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH and RAY_ADDRESS for a client process."""
+        return self.spec.client_env()
+
+    @property
+    def hosts(self) -> list[str]:
+        """The loopback addresses the nodes were started on, head first."""
+        return [n.ip for n in self.spec.nodes]
+
+    @property
+    def node_ips(self) -> list[str]:
+        """Node addresses as Ray registered them (127.0.0.1 becomes the host's own address)."""
+        return [self.nodes[h].ip if h in self.nodes else h for h in self.hosts]
+
+    @property
+    def session_ids(self) -> list[int]:
+        """The session id of every node's processes, head first."""
+        return [h.session_id for h in self.handles]
+
+    def stop(self) -> None:
+        """Stop exactly this cluster's processes and remove its temp dir; safe to repeat."""
+        if self.stopped:
+            return
+        try:
+            # A short grace: test clusters hold nothing worth a graceful shutdown.
+            stop_ray_cluster(self.runners, self.handles, grace_s=3)
+        finally:
+            self.stopped = True
+            shutil.rmtree(self.spec.temp_dir, ignore_errors=True)
+
+
+def start_loopback_ray_cluster(
+    *,
+    nodes: int = 2,
+    slots_per_node: int = 2,
+    cpus_per_node: int | None = None,
+    env: Mapping[str, str] | None = None,
+    object_store_mb: int = 256,
+    timeout: float = 180,
+) -> LoopbackRayCluster:
+    """Start ``nodes`` Ray nodes on 127.0.0.1, 127.0.0.2, ... with ``slots_per_node`` worker
+    slots each (advertised as GPUs, see TESTBED), token auth, direct ingress, free ports and a
+    short per-cluster temp dir; returns once every node and slot is registered."""
+    temp_dir = tempfile.mkdtemp(prefix="lcr-", dir="/tmp")  # short: unix socket paths
+    try:
+        token = write_token_file(Path(temp_dir) / "token")
+        hosts = [f"127.0.0.{i + 1}" for i in range(nodes)]
+        runners = [LocalRunner(Node(index=i, host=h, local=True)) for i, h in enumerate(hosts)]
+        # All nodes share this host: pick their ports in one go so none collide.
+        head_ports, node_ports = allocate_ports(runners[0], nodes=nodes, python=sys.executable)
+        spec = RayClusterSpec(
+            name=Path(temp_dir).name,
+            temp_dir=temp_dir,
+            token_path=str(token),
+            head_ports=head_ports,
+            nodes=tuple(
+                RayNodeSpec(
+                    ip=h,
+                    num_gpus=slots_per_node,
+                    num_cpus=cpus_per_node if cpus_per_node is not None else 2 * slots_per_node,
+                    ports=p,
+                )
+                for h, p in zip(hosts, node_ports, strict=True)
+            ),
+            env={"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})},
+            ray_bin=str(VENV_BIN / "ray"),
+            python=sys.executable,
+            object_store_memory=object_store_mb * 1024 * 1024,
+        )
+        handles = start_ray_cluster(runners, spec, timeout=timeout)
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    cluster = LoopbackRayCluster(spec=spec, runners=runners, handles=handles)
+    try:
+        cluster.nodes = wait_for_nodes(
+            spec.address,
+            hosts,
+            dict.fromkeys(hosts, slots_per_node),
+            token_path=spec.token_path,
+            timeout=timeout,
+            python=sys.executable,
+        )
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def ray_cluster_1node() -> Iterator[LoopbackRayCluster]:
+    """One loopback Ray node with 2 worker slots, shared by the whole session (API tests)."""
+    cluster = start_loopback_ray_cluster(nodes=1, slots_per_node=2)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def make_ray_cluster() -> Iterator[Callable[..., LoopbackRayCluster]]:
+    """Factory: ``make_ray_cluster(nodes=2, slots_per_node=2, **kw)`` starts a loopback cluster;
+    every cluster it made is stopped when the test ends, passed or failed."""
+    made: list[LoopbackRayCluster] = []
+
+    def make(**kwargs) -> LoopbackRayCluster:
+        cluster = start_loopback_ray_cluster(**kwargs)
+        made.append(cluster)
+        return cluster
+
+    try:
+        yield make
+    finally:
+        errors = []
+        for cluster in reversed(made):
+            try:
+                cluster.stop()
+            except Exception as exc:  # stop the others anyway, then report
+                errors.append(exc)
+        if errors:
+            raise errors[0]
