@@ -565,8 +565,8 @@ def file_sha256(path: str | os.PathLike[str], *, chunk_size: int = 1 << 20) -> s
 
 
 def iter_model_files(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Every regular file of a model directory, sorted by name (what a hub repo would list)."""
+    """Every regular file of a model directory, sorted, without hidden paths (download caches)."""
     root = Path(path)
     for p in sorted(root.rglob("*")):
-        if p.is_file():
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts):
             yield p

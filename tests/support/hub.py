@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pytest
 
-from cluster.demo_model import DEMO_MODEL_REPO_ID, build_demo_model, file_sha256
+from cluster.demo_model import DEMO_MODEL_REPO_ID, build_demo_model, file_sha256, iter_model_files
 
 #: The gated copy of the demo model served by the `hub` fixture.
 GATED_REPO_ID = "llamacluster/demo-tiny-llama-gated"
@@ -87,10 +87,8 @@ class HubRepo:
     def from_dir(cls, repo_id: str, root: Path, *, gated: bool = False) -> HubRepo:
         """Index every file under ``root`` (hashes computed once, at registration)."""
         files: dict[str, HubFile] = {}
-        for local in sorted(p for p in root.rglob("*") if p.is_file()):
+        for local in iter_model_files(root):
             rel = local.relative_to(root).as_posix()
-            if rel.startswith("."):
-                continue
             size = local.stat().st_size
             git = hashlib.sha1(f"blob {size}\0".encode())
             with open(local, "rb") as fh:

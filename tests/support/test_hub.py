@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -46,6 +47,28 @@ def test_snapshot_download_is_byte_for_byte(
     assert all(fetched[p.name].startswith("/_lfs/") for p in demo_model_dir.glob("*.safetensors"))
     assert "/resolve/" in fetched["config.json"]
     assert any(r.status == 302 for r in hub.requests)
+
+
+def test_a_separate_process_finds_the_hub_through_hf_endpoint(
+    hub: LoopbackHub, demo_model_dir: Path, tmp_path: Path
+) -> None:
+    # What a node program does: only the environment says where the hub is.
+    code = (
+        "import sys; from huggingface_hub import snapshot_download;"
+        " print(snapshot_download(sys.argv[1], local_dir=sys.argv[2],"
+        " user_agent='llamacluster-node/node-9'))"
+    )
+    env = {**os.environ, **hub.env(), "HF_HOME": str(tmp_path / "hf-home")}
+    env.pop("HF_TOKEN", None)
+    dest = tmp_path / "model"
+    subprocess.run(
+        [sys.executable, "-c", code, DEMO_MODEL_REPO_ID, str(dest)],
+        check=True,
+        env=env,
+        timeout=120,
+    )
+    assert _tree_digests(dest) == _tree_digests(demo_model_dir)
+    assert {r.filename for r in hub.fetched(identity="node-9")} == set(_tree_digests(dest))
 
 
 def test_model_info_reports_sizes_sha256_and_commit(hub: LoopbackHub, demo_model_dir: Path) -> None:
