@@ -271,7 +271,7 @@ for _ in $(seq {polls}); do
 done
 echo "killing what ignored TERM: $(ps -o comm= -p "$(echo $pids | tr ' ' ,)" | tr '\\n' ' ')" >&2
 kill -KILL $pids 2>/dev/null
-for _ in $(seq 20); do
+for _ in $(seq 60); do
   sleep 0.25
   [ -z "$(members)" ] && exit 0
 done

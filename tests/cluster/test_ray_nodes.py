@@ -33,6 +33,7 @@ from cluster.ray_nodes import (
     ray_start_worker_argv,
     start_ray_cluster,
     start_ray_node,
+    stop_ray_cluster,
     stop_ray_node,
     wait_for_nodes,
     write_token_file,
@@ -349,3 +350,54 @@ def test_one_node_fixture_and_missing_nodes_are_named(ray_cluster_1node):
     assert "127.0.0.9 has not joined" in info.value.message
     assert f"{head} has 2 of 4 device slots" in info.value.message
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(500)
+def test_ray_over_ssh_on_loopback_nodes(sshd, tmp_path):
+    """The path `up` takes: token pushed with copy_to, Ray started and stopped over SSH."""
+    runners = sshd.runners()
+    temp_dir = tempfile.mkdtemp(prefix="lcs-", dir="/tmp")
+    token = write_token_file(tmp_path / "token")
+    remote_token = f"{temp_dir}/auth/token"
+    for runner in runners:
+        runner.copy_to(token, remote_token, mode=0o600)
+    head_ports, node_ports = allocate_ports(runners[0], nodes=2, python=sys.executable)
+    spec = RayClusterSpec(
+        name="ssh",
+        temp_dir=temp_dir,
+        token_path=remote_token,
+        head_ports=head_ports,
+        nodes=tuple(
+            RayNodeSpec(ip=r.node.host, num_gpus=1, num_cpus=2, ports=p)
+            for r, p in zip(runners, node_ports, strict=True)
+        ),
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+        ray_bin=str(Path(sys.executable).parent / "ray"),
+        python=sys.executable,
+        object_store_memory=128 * 1024 * 1024,
+    )
+    handles = []
+    try:
+        start = time.monotonic()
+        handles = start_ray_cluster(runners, spec)
+        # ray start returned over SSH (no inherited pipe kept the session open) and the
+        # daemons outlived the SSH sessions.
+        assert time.monotonic() - start < 300
+        states = wait_for_nodes(
+            spec.address,
+            ["127.0.0.2", "127.0.0.3"],
+            2,
+            token_path=remote_token,
+            runner=runners[0],
+            python=sys.executable,
+            timeout=120,
+        )
+        assert {ip: s.gpus for ip, s in states.items()} == {"127.0.0.2": 1, "127.0.0.3": 1}
+        assert states["127.0.0.2"].resources.get(HEAD_RESOURCE) == 1
+    finally:
+        sids = [h.session_id for h in handles]
+        stop_ray_cluster(runners, handles, grace_s=3)
+        subprocess.run(["rm", "-rf", temp_dir], check=False)
+    for sid in sids:
+        assert _session_members(sid) == []
