@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             loads = [a.total_bytes for a in result.plan.nodes]
             rows.append(
                 {
-                    "tool": f"llamacluster ({args.downloader})",
+                    "tool": "llamacluster",
                     "nodes": n,
                     "seconds": seconds,
                     "bytes": result.manifest.total_bytes if result.manifest else 0,
@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     hf = next((r["seconds"] for r in rows if r["tool"] == "hf download"), None)
     table = Table(
-        title=f"download {total / 1e6:.0f} MB, {args.shards} shards, {args.rate_mb} MB/s per node"
+        title=f"download {total / 1e6:.0f} MB, {args.shards} shards, {args.rate_mb} MB/s per "
+        f"node, llamacluster with {args.downloader}"
     )
     for col in (
         "tool",

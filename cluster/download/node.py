@@ -243,7 +243,7 @@ class NodeFetcher:
         if f.size <= self.settings.inline_max_bytes:
             self._transfer_inline(f, job)
         else:
-            self._transfer_in_child(f, job)
+            self._transfer_in_child(f, {**job, "parent_pid": os.getpid()})
 
     def _transfer_inline(self, f: RepoFile, job: dict[str, Any]) -> None:
         """Small files: hf_transfer in this process (the GIL is held only for a moment)."""

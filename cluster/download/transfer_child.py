@@ -13,9 +13,25 @@ import sys
 import time
 
 
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Linux: get SIGKILL when the node program dies, so no orphan keeps downloading."""
+    import os
+    import signal
+
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)  # the parent was already gone before the signal was armed
+
+
 def main() -> int:
     """Download one URL to one file with hf_transfer; exit 0, or 1 with the error on stderr."""
     job = json.loads(sys.stdin.read())
+    _die_with_parent(job.get("parent_pid"))
     import hf_transfer
 
     done = 0

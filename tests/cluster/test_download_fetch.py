@@ -119,7 +119,7 @@ def test_killed_mid_file_then_rerun_fetches_only_the_rest(
         node="head",
         target=str(target),
         plan=plan,
-        settings=FetchSettings(jobs=1),
+        settings=FetchSettings(jobs=1, inline_max_bytes=0),  # progress while in flight
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.download.node"],
