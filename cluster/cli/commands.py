@@ -7,3 +7,4 @@ from cluster.cli import model_cmd  # noqa: F401
 from cluster.cli import plan_cmd  # noqa: F401
 from cluster.cli import cluster_cmd  # noqa: F401
 from cluster.cli import serve_cmd  # noqa: F401
+from cluster.cli import demo_cmd  # noqa: F401
