@@ -77,6 +77,8 @@ def run_demo(
     requests: int = 16,
     concurrency: tuple[int, ...] = (1, 4),
     api_port: int = 8000,
+    ray_port: int = 6379,
+    dashboard_port: int = 8265,
     keep: bool = True,
     console: Console | None = None,
 ) -> dict[str, object]:
@@ -94,7 +96,12 @@ def run_demo(
     console.rule(
         "[bold]1/3 up --local[/]: a one-node cluster on this machine, demo model on the CPU"
     )
-    state = lifecycle.up(lifecycle.UpConfig(local=True, api_port=api_port), console=console)
+    state = lifecycle.up(
+        lifecycle.UpConfig(
+            local=True, api_port=api_port, ray_port=ray_port, dashboard_port=dashboard_port
+        ),
+        console=console,
+    )
     if not state.endpoint or not state.api_key_file:
         raise NotReadyError(
             "the local cluster came up without an endpoint",
