@@ -61,8 +61,9 @@ def node_env(token: str | None) -> dict[str, str]:
 class _EventRouter:
     """Parses JSON lines from every node; keeps each node's last failure for the error message."""
 
-    def __init__(self, sink: EventSink | None) -> None:
+    def __init__(self, sink: EventSink | None, *, stage: str) -> None:
         self.sink = sink
+        self.stage = stage
         self.lock = threading.Lock()
         self.failed: dict[str, dict[str, Any]] = {}
         self.done: dict[str, dict[str, Any]] = {}
@@ -77,6 +78,7 @@ class _EventRouter:
             return
         if not isinstance(event, dict) or "event" not in event:
             return
+        event["stage"] = self.stage  # download, manifest or warm: one sink sees them all
         with self.lock:
             node = str(event.get("node"))
             if event["event"] == "failed":
@@ -98,7 +100,7 @@ def _run_node_action(
     timeout: float | None,
 ) -> dict[str, dict[str, Any]]:
     """Run the node program on every runner in parallel; one error naming every failed node."""
-    router = _EventRouter(on_event)
+    router = _EventRouter(on_event, stage=what)
     names = {r.node: r.node.name for r in runners}
     results: dict[Any, Result] = run_on_nodes(
         runners,

@@ -61,8 +61,8 @@ class ClusterProgress:
     def apply(self, event: dict[str, Any]) -> None:
         """Fold one event (as a node printed it) into the counters."""
         node = self.nodes.get(str(event.get("node")))
-        if node is None:
-            return
+        if node is None or event.get("stage", "download") != "download":
+            return  # the warm pass and the manifest are not download progress
         kind = event.get("event")
         now = self.clock()
         if kind == "start":

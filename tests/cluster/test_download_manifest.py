@@ -167,6 +167,10 @@ def test_progress_aggregates_bytes_rate_and_eta() -> None:
     prog.apply({"event": "progress", "node": "w", "path": held["w"][0], "done": 500})
     rate, eta = prog.node_rate_eta("w")
     assert rate == pytest.approx(50.0) and eta == pytest.approx(10.0)
+    # The warm pass reads files again: not download progress.
+    prog.apply(
+        {"event": "file_done", "node": "w", "path": held["w"][0], "size": 1000, "stage": "warm"}
+    )
     done, total, _, overall_eta = prog.overall()
     assert (done, total) == (1500, 3000)
     assert overall_eta is None  # the head has fetched nothing yet: no honest ETA
