@@ -301,30 +301,6 @@ def test_warm_reads_every_weight_on_every_node(
     assert {n: s["bytes"] for n, s in result.warm.items()} == {"head": weights, "worker1": weights}
 
 
-def test_cli_dry_run_prints_the_per_node_plan(hub: LoopbackHub, tmp_path: Path, capsys) -> None:
-    from cluster.cli.app import main
-
-    ips = tmp_path / "ips.txt"
-    ips.write_text("127.0.0.1\n127.0.0.2\n127.0.0.3\n")
-    code = main(
-        [
-            "download",
-            DEMO_MODEL_REPO_ID,
-            "--target",
-            str(tmp_path / "m"),
-            "--ips",
-            str(ips),
-            "--local",
-            "--dry-run",
-        ]
-    )
-    out = capsys.readouterr().out
-    assert code == 0
-    for word in ("head", "worker1", "worker2", "model-00001-of-00004.safetensors", "MB"):
-        assert word in out
-    assert not (tmp_path / "m").exists()
-
-
 def test_cli_download_and_verify_local(
     hub: LoopbackHub, demo_model_dir: Path, tmp_path: Path, capsys
 ) -> None:

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
-from cluster.download.plan import RepoFile, assign_files, make_plan, select_files
+from cluster.demo_model import DEMO_MODEL_REPO_ID, file_sha256
+from cluster.download.errors import AccessDeniedError
+from cluster.download.plan import (
+    RepoFile,
+    assign_files,
+    make_plan,
+    plan_download,
+    select_files,
+)
 from cluster.errors import ConfigError
+from tests.support.hub import LoopbackHub
 
 
 def _weights(sizes: list[int]) -> list[RepoFile]:
@@ -125,3 +135,56 @@ def test_large_non_weight_file_is_balanced_like_a_weight() -> None:
     big = RepoFile(path="tokenizer.json", size=64 * 1024 * 1024)
     plan = assign_files([*_weights([100 * 1024 * 1024]), big], ["head", "w1"])
     assert [f.path for f in plan[1].files] == ["tokenizer.json"]
+
+
+def test_plan_download_resolves_one_commit_with_hub_hashes(
+    hub: LoopbackHub, demo_model_dir: Path
+) -> None:
+    plan = plan_download(DEMO_MODEL_REPO_ID, nodes=["head", "worker1"])
+    served = hub.repos[DEMO_MODEL_REPO_ID]
+    assert plan.commit == served.commit and plan.revision == "main"
+    by_path = {f.path: f for f in plan.files}
+    assert set(by_path) == set(served.files)
+    for path, f in by_path.items():
+        assert f.size == served.files[path].size
+        if path.endswith(".safetensors"):
+            assert f.sha256 == file_sha256(demo_model_dir / path)  # LFS sha256
+        else:
+            assert f.sha256 is None and f.git_sha1 == served.files[path].git_oid
+    # Planning is one metadata call from the controller, tagged as such; no file is fetched.
+    api = [r for r in hub.requests if r.path.startswith("/api/models/")]
+    assert [r.identity for r in api] == ["controller"]
+    assert hub.fetched() == []
+
+
+def test_plan_download_errors_name_the_way_out(hub: LoopbackHub) -> None:
+    with pytest.raises(ConfigError, match="revision 'nope' not found"):
+        plan_download(DEMO_MODEL_REPO_ID, nodes=["head"], revision="nope")
+    with pytest.raises(AccessDeniedError) as info:
+        plan_download("someone/missing-model", nodes=["head"])
+    assert f"{hub.url}/someone/missing-model" in info.value.one_line()
+    assert "HF_TOKEN" in info.value.one_line()
+
+
+def test_cli_dry_run_prints_the_per_node_plan(hub: LoopbackHub, tmp_path: Path, capsys) -> None:
+    from cluster.cli.app import main
+
+    ips = tmp_path / "ips.txt"
+    ips.write_text("127.0.0.1\n127.0.0.2\n127.0.0.3\n")
+    code = main(
+        [
+            "download",
+            DEMO_MODEL_REPO_ID,
+            "--target",
+            str(tmp_path / "m"),
+            "--ips",
+            str(ips),
+            "--local",
+            "--dry-run",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    for word in ("head", "worker1", "worker2", "model-00001-of-00004.safetensors", "MB"):
+        assert word in out
+    assert not (tmp_path / "m").exists()
