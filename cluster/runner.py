@@ -149,7 +149,13 @@ def _pump(pipe: IO[bytes], sink: list[bytes], emit: Callable[[str], None] | None
     for raw in iter(pipe.readline, b""):
         sink.append(raw)
         if emit is not None:
-            emit(raw.decode("utf-8", "replace").rstrip("\r\n"))
+            try:
+                emit(raw.decode("utf-8", "replace").rstrip("\r\n"))
+            except Exception:
+                # A broken display must not stop the reading: the pipe would fill and the
+                # command would hang. Keep collecting without live output.
+                log.exception("live output callback failed; continuing without it")
+                emit = None
 
 
 class Runner(ABC):
