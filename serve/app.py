@@ -226,13 +226,39 @@ def deploy(config: ServeConfig, *, ray_address: str | None = None) -> Endpoint:
         blocking=False,
     )
     host = head_address() if config.host in ("0.0.0.0", "::", "") else config.host
+    port = config.port
+    actual = _listening_port(config.app_name)
+    if actual is not None and actual != port:
+        # Serve was already running with other options (they apply only when it starts).
+        logger.warning(
+            "the endpoint listens on port %d, not %d: Ray Serve was started earlier with other "
+            "options; stop every application (serve-stop) to apply new ones",
+            actual,
+            port,
+        )
+        port = actual
     return Endpoint(
-        url=f"http://{host}:{config.port}",
+        url=f"http://{host}:{port}",
         app_name=config.app_name,
         model=str(config.served_model_name),
         host=host,
-        port=config.port,
+        port=port,
     )
+
+
+def _listening_port(app_name: str) -> int | None:
+    """The port the app's replica actually listens on (Serve's own routing table), if known."""
+    from ray.serve.context import _get_global_client
+
+    with contextlib.suppress(Exception):
+        controller = _get_global_client()._controller
+        import ray
+
+        groups = ray.get(controller.get_target_groups.remote(app_name), timeout=30)
+        ports = {t.port for g in groups if g.protocol == "HTTP" for t in g.targets}
+        if len(ports) == 1:
+            return ports.pop()
+    return None
 
 
 def _existing_app(app_name: str) -> Any:
