@@ -91,15 +91,30 @@ def bench(
     ),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    name: str | None = typer.Option(
+        None,
+        "--name",
+        help="A cluster from `up`: its endpoint, key and model (and --net-counters).",
+    ),
+    net_counters: bool | None = typer.Option(
+        None,
+        "--net-counters/--no-net-counters",
+        help="Per node kB sent/received per token from the interface counters (on with --name).",
+    ),
 ) -> None:
     """Measure tokens/s, TTFT, TPOT, ITL and E2E latency of OpenAI-compatible endpoints."""
     from rich.console import Console
 
     from cluster.bench.cli_glue import build_config, progress_bar
+    from cluster.bench.netcount import cluster_bench_inputs
     from cluster.bench.report import ratios_table, results_table, write_reports
     from cluster.bench.runner import run_benchmark
     from cluster.errors import NotReadyError
 
+    base_url, model, api_key, observers = cluster_bench_inputs(
+        name, net_counters=net_counters, base_url=base_url, model=model, api_key=api_key,
+        api_key_file=api_key_file, endpoints=endpoint,
+    )  # fmt: skip
     config = build_config(
         base_url=base_url,
         model=model,
@@ -130,7 +145,7 @@ def bench(
     console = Console()
     err = Console(stderr=True)
     with progress_bar(err, enabled=progress) as hook:
-        result = run_benchmark(config, progress=hook)
+        result = run_benchmark(config, progress=hook, observers=observers)
     console.print(results_table(result))
     table = ratios_table(result)
     if table is not None:

@@ -1,0 +1,75 @@
+"""Where an OpenAI-compatible API answers: a recorded cluster's endpoint or one given by flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.errors import ConfigError, NotReadyError
+
+
+@dataclass(frozen=True)
+class ApiTarget:
+    """An OpenAI base URL (ending in /v1), its key, the model name and, when known, a local
+    directory holding the model's tokenizer files."""
+
+    base_url: str
+    api_key: str | None
+    model: str | None = None
+    model_dir: Path | None = None
+
+
+def target_of_cluster(name: str) -> ApiTarget:
+    """The API of the recorded cluster ``name``: endpoint, key file and served model name."""
+    from cluster.bench.config import read_key_file
+    from cluster.state import load_state
+
+    state = load_state(name)
+    if not state.endpoint:
+        raise NotReadyError(
+            f"cluster {name!r} serves no endpoint",
+            hint=f"run `llamacluster up --name {name}` (or `llamacluster status --name {name}`)",
+        )
+    key = read_key_file(state.api_key_file) if state.api_key_file else None
+    model_dir = Path(state.model_dir) if state.model_dir else None
+    return ApiTarget(
+        base_url=f"{state.endpoint.rstrip('/')}/v1",
+        api_key=key,
+        model=state.served_model_name,
+        model_dir=model_dir if model_dir is not None and model_dir.is_dir() else None,
+    )
+
+
+def resolve_target(
+    *,
+    name: str | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    api_key_file: Path | None = None,
+    model: str | None = None,
+    model_dir: Path | None = None,
+) -> ApiTarget:
+    """The API to talk to: ``--base-url`` (with ``--api-key``/``--api-key-file``/OPENAI_API_KEY)
+    wins, else the recorded cluster ``name``; flags override what the state says."""
+    from cluster.bench.config import default_api_key, read_key_file
+
+    key = read_key_file(api_key_file) if api_key_file else api_key
+    if base_url:
+        url = base_url.rstrip("/")
+        target = ApiTarget(base_url=url if url.endswith("/v1") else f"{url}/v1", api_key=None)
+    elif name:
+        target = target_of_cluster(name)
+    else:
+        raise ConfigError(
+            "no endpoint given",
+            hint="pass --name CLUSTER (a cluster started with `llamacluster up`) or "
+            "--base-url http://HOST:PORT/v1",
+        )
+    if model_dir is not None and not Path(model_dir).is_dir():
+        raise ConfigError(f"--model-dir {model_dir} is not a directory")
+    return ApiTarget(
+        base_url=target.base_url,
+        api_key=key or target.api_key or default_api_key(),
+        model=model or target.model,
+        model_dir=Path(model_dir) if model_dir else target.model_dir,
+    )
