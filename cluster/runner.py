@@ -204,9 +204,11 @@ class Runner(ABC):
         attempt = 0
         while True:
             attempt += 1
-            result = self._attempt(command, script, timeout, stdin, on_line, start, attempt)
+            # The timeout covers all attempts together.
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+            result = self._attempt(command, script, left, stdin, on_line, start, attempt, timeout)
             retry = self._retry_delay(result, attempt, stdin)
-            if retry is None:
+            if retry is None or (left is not None and retry >= left):
                 return result
             log.debug("%s: connection failed, retrying in %.1f s", self.label, retry)
             time.sleep(retry)
@@ -223,6 +225,7 @@ class Runner(ABC):
         on_line: LineSink | None,
         start: float,
         attempt: int,
+        full_timeout: float | None,
     ) -> Result:
         proc = subprocess.Popen(
             self._argv(),
@@ -257,14 +260,16 @@ class Runner(ABC):
             self._kill(proc)
             proc.wait()
             raise
-        for t in threads[1:]:
+        for t, pipe in zip(threads[1:], (proc.stdout, proc.stderr), strict=True):
             t.join(_DRAIN_S)
+            if not t.is_alive():
+                pipe.close()
         stdout = b"".join(out).decode("utf-8", "replace")
         stderr = b"".join(err).decode("utf-8", "replace")
         returncode = proc.returncode
         if timed_out:
             returncode = 124
-            stderr += f"\n[llamacluster] timed out after {timeout:g} s and was killed\n"
+            stderr += f"\n[llamacluster] timed out after {full_timeout:g} s and was killed\n"
         failed, _ = (False, False) if timed_out else self._classify(returncode, stdout, stderr)
         return Result(
             node=self.label,
