@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -402,9 +403,10 @@ def tunnel(name: str, *, show_secrets: bool = False) -> list[str]:
         head = cluster_of(state).head
         from cluster.runner import ssh_argv
 
+        # No ControlMaster for a tunnel a person keeps open: a plain, self-contained ssh.
         argv = ssh_argv(
             head,
-            _ssh_config(state),
+            replace(_ssh_config(state), multiplex=False),
             batch=False,
             extra_args=[
                 "-N",

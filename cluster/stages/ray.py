@@ -22,7 +22,8 @@ from cluster.ray_nodes import (
 from cluster.runner import Runner
 from cluster.stages.base import Reporter, Stage, StageOutcome, UpContext, remote_cluster_dir
 from cluster.stages.env import env_python
-from cluster.state import TOKEN_FILE, ClusterState, NodeState
+from cluster.stages.serve import default_cpu_kvcache_gb
+from cluster.state import TOKEN_FILE, ClusterState, NodeState, cluster_dir
 
 # Exit 0 while a process of the node's Ray session is alive.
 ALIVE_TEMPLATE = "ps -eo sid= | awk -v s={sid} '$1 == s {{ found = 1 }} END {{ exit !found }}'"
@@ -30,9 +31,14 @@ LOGS_TEMPLATE = "tail -n {lines} {follow} {temp}/session_latest/logs/serve/*.log
 
 
 def ray_temp_dir(cluster_name: str) -> str:
-    """A short per-cluster Ray temp dir, the same path on every node (Ray's socket paths must
-    stay under 107 bytes, so the name is hashed)."""
-    return f"/tmp/lc-{hashlib.sha256(cluster_name.encode()).hexdigest()[:10]}"
+    """A short Ray temp dir for this cluster, the same path on every node.
+
+    Keyed by the controller's state directory, not just the name: two people (or test runs)
+    with different LLAMACLUSTER_HOMEs may both call their cluster ``local`` on one host. Ray's
+    socket paths must stay under 107 bytes, so the key is hashed.
+    """
+    key = str(cluster_dir(cluster_name).absolute())
+    return f"/tmp/lc-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
 def ray_alive_command(session_id: int) -> str:
@@ -56,7 +62,7 @@ def node_env(rec: NodeState, cpu_kvcache_gb: int | None) -> dict[str, str]:
         env["GLOO_SOCKET_IFNAME"] = rec.interface
         env["NCCL_SOCKET_IFNAME"] = rec.interface
     if rec.device_kind == "cpu":
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kvcache_gb or 4)
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kvcache_gb or default_cpu_kvcache_gb())
     return env
 
 
@@ -199,7 +205,7 @@ class RayCluster(Stage):
                 runner.label,
                 f"ray started (session {handle.session_id}, {rec.devices} {rec.device_kind} slot(s))",
             )
-        self._wait(ctx, timeout=120)
+        self._wait(ctx, timeout=300)  # a loaded host takes minutes to register a node
         return StageOutcome("done", f"started on {', '.join(started)}; every node registered")
 
     @staticmethod

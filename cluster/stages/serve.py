@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from pathlib import Path
 
 from cluster.errors import ConfigError, NotReadyError
 from cluster.stages.base import Stage, StageOutcome, UpContext, remote_cluster_dir
 from cluster.stages.env import env_python
-from cluster.state import API_KEY_FILE, config_hash
+from cluster.state import API_KEY_FILE, NodeState, config_hash
 
 # Runs on the head with the shared env: the ServeConfig comes as JSON on stdin, the Ray address
 # as the argument; prints the endpoint as JSON. Serve is detached, so the app outlives this.
@@ -48,6 +49,13 @@ def ray_driver_env(token_path: str) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path}
 
 
+def default_cpu_kvcache_gb() -> int:
+    """KV cache GiB per CPU worker when --cpu-kvcache-gb is not given: the controller's
+    VLLM_CPU_KVCACHE_SPACE if set (a shared machine keeps it small), else 4."""
+    value = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else 4
+
+
 def python_snippet_command(python: str, snippet: str, *args: str) -> str:
     """``python -c SNIPPET ARGS`` quoted for the node's shell."""
     return " ".join([shlex.quote(python), "-c", shlex.quote(snippet), *map(shlex.quote, args)])
@@ -59,29 +67,50 @@ def local_url(ctx: UpContext) -> str:
     return f"http://127.0.0.1:{ctx.state.ports.api}"
 
 
-def default_parallelism(ctx: UpContext) -> tuple[int, int]:
-    """tp × pp from the flags, else the planner's smallest layout that fits the recorded nodes."""
-    cfg = ctx.config
-    if cfg.tp and cfg.pp:
-        return cfg.tp, cfg.pp
+def plan_parallelism(
+    model: str,
+    nodes: list[NodeState],
+    *,
+    tp: int | None = None,
+    pp: int | None = None,
+    max_model_len: int | None = None,
+    cpu_kvcache_gb: int | None = None,
+) -> tuple[int, int]:
+    """tp × pp for ``model`` on ``nodes``: the flags when both are given, else the planner's
+    smallest layout that fits (tp inside a node first, pp across nodes; a given one is kept).
+
+    Only memory decides the fit, so a GPU node is sized as an H100 with its measured memory.
+    """
+    if tp and pp:
+        return tp, pp
     from cluster.device_specs import get_device
     from cluster.planner import ClusterShape, PlanOptions, choose_parallelism, load_model_shape
 
-    nodes = ctx.state.nodes
-    shape = load_model_shape(str(ctx.state.model_dir or ctx.state.model))
+    shape = load_model_shape(model)
     head = nodes[0]
     if head.device_kind == "gpu":
         mem = min(int(x) for x in head.device_info.get("memory_mib", "0").split(",") if x)
         device = get_device("h100-sxm", memory_gib=mem / 1024 if mem else None)
     else:
-        device = get_device(
-            "cpu", memory_gib=float(cfg.cpu_kvcache_gb) + 4 if cfg.cpu_kvcache_gb else None
-        )
+        device = get_device("cpu", memory_gib=float(cpu_kvcache_gb) + 4 if cpu_kvcache_gb else None)
     cluster = ClusterShape(
         nodes=len(nodes), devices_per_node=max(1, min(n.devices for n in nodes)), device=device
     )
-    options = PlanOptions(tp=cfg.tp, pp=cfg.pp, max_model_len=cfg.max_model_len)
+    options = PlanOptions(tp=tp, pp=pp, max_model_len=max_model_len)
     return choose_parallelism(shape, cluster, options=options)
+
+
+def default_parallelism(ctx: UpContext) -> tuple[int, int]:
+    """tp × pp for this `up` (see plan_parallelism) from the flags and the recorded nodes."""
+    cfg = ctx.config
+    return plan_parallelism(
+        str(ctx.state.model_dir or ctx.state.model),
+        ctx.state.nodes,
+        tp=cfg.tp,
+        pp=cfg.pp,
+        max_model_len=cfg.max_model_len,
+        cpu_kvcache_gb=cfg.cpu_kvcache_gb,
+    )
 
 
 def serve_values(ctx: UpContext, tp: int, pp: int) -> dict[str, object]:
@@ -104,7 +133,7 @@ def serve_values(ctx: UpContext, tp: int, pp: int) -> dict[str, object]:
     if cfg.max_model_len:
         values["max_model_len"] = cfg.max_model_len
     if head.device_kind == "cpu":
-        values["cpu_kvcache_space_gb"] = cfg.cpu_kvcache_gb or 4
+        values["cpu_kvcache_space_gb"] = cfg.cpu_kvcache_gb or default_cpu_kvcache_gb()
     return values
 
 

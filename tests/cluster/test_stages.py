@@ -1,13 +1,20 @@
-"""Stage plans (--dry-run) and the pure preflight helpers, without running anything on a node."""
+"""Stage framework, dry-run plans, preflight helpers and tp × pp defaults, without a remote node."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 
-from cluster.inventory import parse_inventory
+from cluster.errors import RemoteError
+from cluster.inventory import local_cluster, parse_inventory
 from cluster.lifecycle import UpConfig, up
+from cluster.runner import LocalRunner
+from cluster.stages.base import Reporter, Stage, StageOutcome, UpContext, run_stages
 from cluster.stages.config import STAGE_NAMES
 from cluster.stages.preflight import check_alike, node_state_from_probe, parse_probe, pick_address
+from cluster.stages.serve import plan_parallelism
+from cluster.state import ClusterState, NodeState, load_state
 
 
 @pytest.fixture(autouse=True)
@@ -74,3 +81,149 @@ def test_probe_parsing_gpu_nodes_and_mismatches():
     )
     assert check_alike([rec, rec.model_copy(update={"label": "a"})]) == []
     assert "driver differs" in check_alike([rec, other])[0]
+
+
+LLAMA_70B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "torch_dtype": "bfloat16",
+}
+
+
+def _gpu_nodes(count: int, per_node: int, mib: int) -> list[NodeState]:
+    return [
+        NodeState(
+            name=f"n{i}",
+            label=f"n{i}",
+            host=f"h{i}",
+            devices=per_node,
+            device_kind="gpu",
+            device_info={"memory_mib": str(mib)},
+        )
+        for i in range(count)
+    ]
+
+
+def test_tp_pp_defaults_come_from_the_planner(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
+    model = str(tmp_path)
+    # 140 GB of weights: fits inside one node of 80 GB GPUs, so no pipeline stage crosses nodes.
+    tp, pp = plan_parallelism(model, _gpu_nodes(2, 8, 81559))
+    assert pp == 1 and tp in (2, 4, 8)
+    # 24 GiB GPUs, 4 per node: one node is not enough, so pp spans the two nodes.
+    assert plan_parallelism(model, _gpu_nodes(2, 4, 24576), max_model_len=4096) == (4, 2)
+    # A given tp is kept; both given are taken as they are.
+    assert plan_parallelism(model, _gpu_nodes(2, 8, 81559), tp=8)[0] == 8
+    assert plan_parallelism(model, _gpu_nodes(1, 1, 1024), tp=2, pp=2) == (2, 2)
+
+
+class _Fails(Stage):
+    name = "ray"
+    title = "a stage that fails on a node"
+
+    def plan(self, ctx):
+        return {}
+
+    def run(self, ctx):
+        ctx.run("echo starting; echo 'port 6379 refused' >&2; exit 7", what="ray start")
+        return StageOutcome("done", "never")
+
+
+class _Done(Stage):
+    name = "preflight"
+    title = "a stage that is already done"
+
+    def plan(self, ctx):
+        return {}
+
+    def run(self, ctx):
+        return StageOutcome("unchanged", "as before")
+
+
+def _context(config: UpConfig) -> UpContext:
+    from rich.console import Console
+
+    cluster = local_cluster()
+    state = ClusterState(name="t", local=True)
+    return UpContext(
+        config=config,
+        cluster=cluster,
+        state=state,
+        runners=[LocalRunner(n) for n in cluster],
+        reporter=Reporter(Console(file=io.StringIO())),
+    )
+
+
+def test_a_failing_stage_names_stage_node_and_next_step_and_is_recorded():
+    ctx = _context(UpConfig(local=True))
+    with pytest.raises(RemoteError) as caught:
+        run_stages(ctx, [_Done(), _Fails()])
+    line = caught.value.one_line()
+    assert "stage 'ray'" in line and "127.0.0.1 (exit 7)" in line and "port 6379 refused" in line
+    assert "rerun the same `llamacluster up`" in line
+    assert caught.value.exit_code == 4
+    saved = load_state("t")
+    assert saved.stages["preflight"].status == "unchanged"
+    assert saved.stages["ray"].status == "failed"
+
+
+def test_skipped_stages_say_why():
+    ctx = _context(UpConfig(local=True, skip=["preflight"]))
+    results = run_stages(ctx, [_Done()])
+    assert results["preflight"].status == "skipped"
+    assert results["preflight"].message == "--skip preflight"
+
+
+def test_tunnel_names_secret_files_and_prints_values_only_when_asked(tmp_path):
+    from cluster.lifecycle import tunnel
+    from cluster.state import Ports, cluster_dir, ensure_secret
+
+    token, _ = ensure_secret(cluster_dir("gpus") / "ray_token")
+    key, _ = ensure_secret(cluster_dir("gpus") / "api_key", prefix="sk-lc-")
+    state = ClusterState(
+        name="gpus",
+        inventory_text="ubuntu@203.0.113.10:2222 10.0.0.10\nubuntu@203.0.113.11 10.0.0.11\n",
+        ports=Ports(ray_gcs=6379, dashboard=8265, api=8000),
+        token_path=str(token),
+        api_key_file=str(key),
+    )
+    state.save()
+    lines = tunnel("gpus")
+    text = "\n".join(lines)
+    assert lines[0].startswith("ssh ") and "-L 8000:127.0.0.1:8000" in lines[0]
+    assert "-L 8265:127.0.0.1:8265" in lines[0] and lines[0].endswith("203.0.113.10")
+    assert "-p 2222" in lines[0] and "-l ubuntu" in lines[0] and "ControlMaster" not in lines[0]
+    assert str(token) in text and str(key) in text
+    assert token.read_text().strip() not in text and key.read_text().strip() not in text
+    shown = "\n".join(tunnel("gpus", show_secrets=True))
+    assert token.read_text().strip() in shown and key.read_text().strip() in shown
+
+
+def test_dry_run_nfs_from_the_head_plans_export_and_worker_mounts(tmp_path, capsys):
+    inv = tmp_path / "ips.txt"
+    inv.write_text("root@203.0.113.10 10.0.0.10\nroot@203.0.113.11 10.0.0.11\n")
+    cfg = UpConfig(
+        inventory=inv, model="org/model", shared_dir="/srv/llama", nfs_server="head", dry_run=True
+    )
+    up(cfg)
+    out = capsys.readouterr().out
+    head_lines = [ln for ln in out.splitlines() if ln.strip().startswith("203.0.113.10$")]
+    worker_lines = [ln for ln in out.splitlines() if ln.strip().startswith("203.0.113.11$")]
+    assert any(
+        "add-export --root / --shared-dir /srv/llama --client 10.0.0.11" in ln for ln in head_lines
+    )
+    assert any("exportfs -ra" in ln for ln in head_lines)
+    assert any(
+        "add-mount --root / --server 10.0.0.10 --shared-dir /srv/llama" in ln for ln in worker_lines
+    )
+    assert any("apt-get install -y -q cachefilesd" in ln for ln in worker_lines)
+    assert any("umount" in ln and "/proc/fs/nfsfs/volumes" in ln for ln in worker_lines)
