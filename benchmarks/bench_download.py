@@ -29,6 +29,7 @@ TARGET_FACTOR = 0.8  # speed-up on N nodes must be at least 0.8 x N
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's flags (see the module docstring for the usual command)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=float, default=300, help="demo model weight size")
     ap.add_argument("--shards", type=int, default=16, help="safetensors shards (16 or more)")
@@ -76,6 +77,7 @@ def serve_hub(source: str, repo: str, rate_mb: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Build the model, serve it capped, run every configuration; exit 1 if a target is missed."""
     args = parse_args(argv)
     if args.serve_hub:
         return serve_hub(*args.serve_hub[:2], float(args.serve_hub[2]))
