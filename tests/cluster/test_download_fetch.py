@@ -91,6 +91,24 @@ def test_two_nodes_fetch_their_share_verified_and_identical(
     assert verify_model_dir(target)[1] == []
 
 
+def test_hub_downloader_on_two_nodes(
+    hub: LoopbackHub, demo_model_dir: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "model"
+    events: list[dict] = []
+    result = download_model(
+        DEMO_MODEL_REPO_ID,
+        target=str(target),
+        runners=local_runners(2),
+        settings=FetchSettings(downloader="hub", backoff_s=0.05),
+        on_event=events.append,
+    )
+    assert_identical(target, demo_model_dir)
+    assert_each_file_fetched_by_its_node(hub, result.plan)
+    assert {e["downloader"] for e in events if e["event"] == "file_start"} == {"hub"}
+    assert not list((target / ".llamacluster/download/staging").glob("*"))
+
+
 def test_rerun_skips_verified_files_without_fetching(
     hub: LoopbackHub, demo_model_dir: Path, tmp_path: Path
 ) -> None:
