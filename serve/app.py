@@ -25,6 +25,7 @@ DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 PORT_MIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
 PORT_MAX_ENV = "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"
+APP_ENV = "LLAMACLUSTER_APP"
 # A probe that takes longer than this counts as failed (the engine is stuck or overloaded).
 PROBE_TIMEOUT_S = 60.0
 
@@ -136,7 +137,12 @@ class Endpoint:
 def replica_env(config: ServeConfig) -> dict[str, str]:
     """Environment of the replica (and, through vLLM, of its workers): Ray actors do not
     inherit the caller's environment."""
-    env = {DIRECT_INGRESS_ENV: "1", DRAIN_ENV: f"{config.drain_timeout_s:g}"}
+    env = {
+        DIRECT_INGRESS_ENV: "1",
+        DRAIN_ENV: f"{config.drain_timeout_s:g}",
+        # Names the app in every process it starts (engine core, workers), for `ps e` and tests.
+        APP_ENV: config.app_name,
+    }
     if config.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_space_gb or 4)
     else:
