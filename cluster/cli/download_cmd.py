@@ -168,16 +168,30 @@ def download(
 @app.command("verify")
 def verify(
     model_dir: Path = typer.Argument(..., help="Model directory with a manifest.json."),
+    jobs: int = typer.Option(4, "--jobs", help="Files hashed at once."),
 ) -> None:
     """Re-hash every file of a downloaded model against its manifest; name any bad file."""
     from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from cluster.download.manifest import verify_model_dir
+    from cluster.download.manifest import load_manifest, verify_model_dir
     from cluster.download.progress import format_bytes
     from cluster.errors import DownloadError
 
     console = Console(highlight=False, stderr=True)
-    manifest, bad = verify_model_dir(model_dir)
+    total = load_manifest(model_dir).total_bytes
+    with Progress(
+        TextColumn("verify"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("verify", total=max(total, 1))
+        manifest, bad = verify_model_dir(
+            model_dir, on_file=lambda _path, size: bar.advance(task, size), jobs=jobs
+        )
     for b in bad:
         console.print(f"[red]bad:[/] {b.path}: {b.reason}")
     if bad:
