@@ -136,3 +136,29 @@ def test_bench_reports_net_columns_in_table_json_csv(stream_server: StreamServer
     header = result_csv(result).splitlines()[0].split(",")
     assert "worker1 kB rx/tok" in header and "net kB tx/tok" in header
     assert "net kB tx/tok" in [c.header for c in results_table(result).columns]
+
+
+def test_bench_cli_on_a_recorded_cluster(
+    stream_server: StreamServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from cluster.cli.app import main
+    from cluster.state import ClusterState, NodeState
+
+    monkeypatch.setenv("LLAMACLUSTER_HOME", str(tmp_path / "home"))
+    key = tmp_path / "api_key"
+    key.write_text("secret-key-123\n")
+    ClusterState(
+        name="t", local=True, endpoint=stream_server.base_url.removesuffix("/v1"),
+        api_key_file=str(key), served_model_name="tiny-test",
+        nodes=[NodeState(name="head", label="127.0.0.1", host="127.0.0.1", interface="lo")],
+    ).save()  # fmt: skip
+    out = tmp_path / "out"
+    argv = ["bench", "--name", "t", "-n", "4", "--input-len", "8", "--output-len", "8"]
+    assert main([*argv, "--no-plots", "--no-progress", "-o", str(out)]) == 0
+    assert "net kB tx/tok" in (out / "bench.csv").read_text().splitlines()[0]
+    extra = json.loads((out / "bench.json").read_text())["points"][0]["extra"]
+    assert extra["head kB rx/tok"] > 0
+    assert stream_server.received[-1]["model"] == "tiny-test"
+    # Without a cluster there are no nodes to read.
+    assert main(["bench", "--base-url", stream_server.base_url, "--net-counters"]) == 3
+    assert "needs the cluster" in capsys.readouterr().err
