@@ -392,3 +392,22 @@ def test_serve_routes_to_the_configured_port(api_server: ApiServer, ray_cluster_
         timeout=120,
     )
     assert out.strip().splitlines()[-1] == str(urlsplit(api_server.url).port)
+
+
+def test_dashboard_serve_view_shows_the_replica(api_server: ApiServer, ray_cluster_1node) -> None:
+    """The Ray dashboard's Serve API (what its Serve view shows) lists the app and its replica."""
+    response = httpx.get(
+        f"{ray_cluster_1node.dashboard_url}/api/serve/applications/",
+        headers={"Authorization": f"Bearer {ray_cluster_1node.token}"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text[:300]
+    app = response.json()["applications"][api_server.app_name]
+    assert app["status"] == "RUNNING"
+    deployment = app["deployments"]["LlamaclusterServer"]
+    replicas = deployment["replicas"]
+    assert len(replicas) == 1 and replicas[0]["state"] == "RUNNING"
+    assert replicas[0]["node_ip"]  # where it was placed (the head)
+    config = deployment["deployment_config"]
+    # Serve never throttles before the gateway's own bound (its default of 5 would).
+    assert config["max_ongoing_requests"] > api_server.max_ongoing_requests
