@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -166,7 +166,6 @@ class ServerState:
     last_probe_ok: float | None = None
     last_probe_error: str | None = None
     probe_max_age_s: float = 60.0
-    started: float = field(default_factory=time.monotonic)
 
     def ready(self) -> tuple[bool, str]:
         """Ready = the engine answered a one-token generation recently."""
