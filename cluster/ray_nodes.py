@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -328,6 +329,7 @@ def start_ray_node(
         if _STARTUP_TIMEOUT not in result.stdout or attempt == retries:
             break
         log.info("%s: Ray node timed out registering; starting it again", runner.label)
+        time.sleep(2.0 * (attempt + 1))  # let the host's load settle a little first
     role = "head" if index == 0 else "worker"
     raise RemoteError(
         f"ray start ({role} {node.ip}) failed on {runner.label} with exit "
@@ -374,7 +376,7 @@ def stop_ray_node(
 
 
 def start_ray_cluster(
-    runners: Sequence[Runner], spec: RayClusterSpec, *, timeout: float = 180
+    runners: Sequence[Runner], spec: RayClusterSpec, *, timeout: float = 180, retries: int = 1
 ) -> list[RayNodeHandle]:
     """Start the head, then every worker in parallel; ``runners[i]`` runs ``spec.nodes[i]``.
 
@@ -383,13 +385,13 @@ def start_ray_cluster(
     """
     if len(runners) != len(spec.nodes):
         raise ValueError("one runner per node spec")
-    handles = [start_ray_node(runners[0], spec, 0, timeout=timeout)]
+    handles = [start_ray_node(runners[0], spec, 0, timeout=timeout, retries=retries)]
     if len(runners) == 1:
         return handles
     errors: list[str] = []
     with ThreadPoolExecutor(max_workers=min(32, len(runners) - 1)) as pool:
         futures = [
-            pool.submit(start_ray_node, runner, spec, i, timeout=timeout)
+            pool.submit(start_ray_node, runner, spec, i, timeout=timeout, retries=retries)
             for i, runner in enumerate(runners[1:], start=1)
         ]
         for future in futures:

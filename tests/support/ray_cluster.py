@@ -138,7 +138,8 @@ def start_loopback_ray_cluster(
             python=sys.executable,
             object_store_memory=object_store_mb * 1024 * 1024,
         )
-        handles = start_ray_cluster(runners, spec, timeout=timeout)
+        # Retries: Ray's fixed 30 s registration limit is tight on a shared 2-core test host.
+        handles = start_ray_cluster(runners, spec, timeout=timeout, retries=3)
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
