@@ -155,11 +155,11 @@ def verdict(ours: dict, ref: dict) -> dict:
     ttft_diff = ours["ttft_p50_ms"] - ref["ttft_p50_ms"]
     ttft_allowed = max(TTFT_REL * ref["ttft_p50_ms"], TTFT_ABS_MS)
     return {
-        "output_tok_s_ratio": toks_ratio,
-        "ttft_p50_diff_ms": ttft_diff,
-        "ttft_p50_allowed_ms": ttft_allowed,
-        "output_tok_s_ok": abs(toks_ratio - 1) <= TOKS_TOLERANCE,
-        "ttft_p50_ok": abs(ttft_diff) <= ttft_allowed,
+        "output_tok_s_ratio": float(toks_ratio),
+        "ttft_p50_diff_ms": float(ttft_diff),
+        "ttft_p50_allowed_ms": float(ttft_allowed),
+        "output_tok_s_ok": bool(abs(toks_ratio - 1) <= TOKS_TOLERANCE),
+        "ttft_p50_ok": bool(abs(ttft_diff) <= ttft_allowed),
     }
 
 
@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     Console(width=200).print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    # vLLM's figures are numpy scalars: default=float turns them into plain numbers
+    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=float))
     print(f"results: {out}")
     ok = all(r["output_tok_s_ok"] and r["ttft_p50_ok"] for r in rows)
     return 0 if ok else 1

@@ -171,6 +171,11 @@ class LoadConfig(BaseModel):
             raise ValueError("give either a request count or a duration, not both")
         if self.num_requests is None and self.duration_s is None:
             self.num_requests = 100
+        if self.duration_s is not None and any(math.isinf(r) for r in self.request_rate):
+            raise ValueError(
+                "--request-rate inf sends a fixed number of requests at once: "
+                "use --num-requests with it, not --duration"
+            )
         if self.request_rate and len(self.concurrency) > 1:
             raise ValueError(
                 "with --request-rate, --concurrency is a single cap (e.g. 64), not a sweep"

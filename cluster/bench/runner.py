@@ -457,8 +457,6 @@ async def _phase(
         offsets = arrival_offsets(
             point.request_rate, burstiness=load.burstiness, rng=rng, count=count, horizon_s=horizon
         )
-        if horizon is not None and math.isinf(point.request_rate):
-            offsets = [0.0] * max(point.concurrency or 1, 1)
         cap = asyncio.Semaphore(point.concurrency) if point.concurrency else None
 
         async def scheduled_one(i: int, off: float) -> None:

@@ -123,7 +123,7 @@ def test_ttft_tpot_itl_match_the_truth(stream_server: StreamServer, api: str) ->
     (point,) = result.points
     assert point.completed == 5 and point.failed == 0
     emitted = dict(stream_server.emissions)
-    ttft_err, itl_err = [], []
+    ttft_err, itl_err, tpot_err = [], [], []
     for rec in result.records:
         truth = emitted[_prompt_of(result, rec.index)]
         assert len(rec.token_chunk_times) == len(truth) == 24
@@ -131,18 +131,24 @@ def test_ttft_tpot_itl_match_the_truth(stream_server: StreamServer, api: str) ->
         ttft_err.append(abs(rec.ttft_s - (truth[0] - rec.started_at)))
         gaps_truth = [b - a for a, b in itertools.pairwise(truth)]
         itl_err.append(abs(statistics.median(rec.itls) - statistics.median(gaps_truth)))
+        tpot_err.append(abs(rec.tpot_s - (truth[-1] - truth[0]) / 23))
     # medians: a loaded shared CPU may stall either thread now and then
-    assert statistics.median(ttft_err) < 0.004 and statistics.median(itl_err) < 0.002
-    # and the figures agree with the configured behaviour (TTFT is after the role-only chunk)
-    assert 60 <= point.ttft_ms.p50 <= 60 + 15
-    assert point.tpot_ms.p50 == pytest.approx(10.0, abs=1.0)
-    assert point.itl_ms.p50 == pytest.approx(10.0, abs=2.0)
-    assert point.e2e_ms.p50 == pytest.approx(60 + 23 * 10, abs=15)
+    assert statistics.median(ttft_err) < 0.004
+    assert statistics.median(itl_err) < 0.002
+    assert statistics.median(tpot_err) < 0.0005
     assert point.output_tokens == 5 * 24 and point.token_sources == {"usage": 5}
     assert point.tokens_per_chunk == 1.0
-    # c=1: output tokens/s is tokens over the back-to-back request times
-    assert point.output_throughput == pytest.approx(24 / 0.290, rel=0.08)
-    assert point.request_throughput == pytest.approx(1 / 0.290, rel=0.08)
+    # the figures follow the configured behaviour (TTFT counts from after the role-only chunk);
+    # loose: on a busy CPU the server thread itself emits late now and then
+    assert 60 <= point.ttft_ms.p50 <= 60 + 40
+    assert point.tpot_ms.p50 == pytest.approx(10.0, abs=2.0)
+    assert point.itl_ms.p50 == pytest.approx(10.0, abs=3.0)
+    assert point.e2e_ms.p50 >= 60 + 23 * 10
+    # c=1: output tokens/s is the tokens over the back-to-back request times
+    e2e_sum = sum(r.e2e_s for r in result.records)
+    assert point.output_throughput == pytest.approx(5 * 24 / e2e_sum, rel=0.05)
+    assert point.request_throughput == pytest.approx(5 / e2e_sum, rel=0.05)
+    assert point.output_throughput <= 24 / 0.290
 
 
 def _prompt_of(result, index: int) -> str:
@@ -290,12 +296,13 @@ def test_open_loop_honours_the_schedule(stream_server: StreamServer) -> None:
     (p,) = result.points
     assert p.mode == "open" and p.point == "rate=40" and p.completed == 40
     lateness = sorted(r.started_at - r.scheduled_at for r in result.records)
-    assert lateness[0] > -0.002 and statistics.median(lateness) < 0.015
+    # (a client starved of CPU sends late; bounds allow for a busy shared machine)
+    assert lateness[0] > -0.002 and statistics.median(lateness) < 0.05
     # the achieved send rate follows the seeded schedule
     t0 = min(r.started_at for r in result.records)
     sched_span = max(r.scheduled_at for r in result.records) - t0
     sent_span = max(r.started_at for r in result.records) - t0
-    assert sent_span == pytest.approx(sched_span, abs=0.05)
+    assert sent_span == pytest.approx(sched_span, abs=0.1)
     assert 40 / sched_span == pytest.approx(40, rel=0.4)  # a Poisson draw of 40 arrivals
     # requests overlap (open loop does not wait for answers): 30 ms answers at 40/s
     assert p.duration_s < sent_span + 0.2
@@ -308,11 +315,12 @@ def test_duration_mode_stops_issuing_at_the_deadline(stream_server: StreamServer
     cfg = _config(stream_server, load={"num_requests": None, "duration_s": 0.6, "concurrency": [2]})
     result = run_benchmark(cfg)
     (p,) = result.points
-    # each request takes ~40 ms, two at a time: about 30 requests in 0.6 s
-    assert 12 <= p.completed <= 40
+    # two requests at a time, back to back, for 0.6 s (about 40 ms each on a quiet machine)
+    e2e = [r.e2e_s for r in result.records]
+    assert p.completed == pytest.approx(2 * 0.6 / statistics.fmean(e2e), rel=0.35)
     first = min(r.started_at for r in result.records)
-    assert max(r.started_at for r in result.records) - first < 0.6 + 0.01
-    assert 0.6 <= p.duration_s < 0.75
+    assert max(r.started_at for r in result.records) - first < 0.6 + 0.02
+    assert 0.6 <= p.duration_s <= 0.6 + max(e2e) + 0.05
 
 
 # ----- outputs ---------------------------------------------------------------------------------
@@ -408,10 +416,18 @@ def test_compare_mode_identical_interleaved_workload_and_ratio(
     (row,) = result.ratios
     assert row["baseline"] == "fast" and row["endpoint"] == "slow"
     r = row["ratios"]
-    # TPOT 20 vs 10 ms; one request 80+11*20 = 300 ms vs 40+11*10 = 150 ms
-    assert r["tpot_p50"] == pytest.approx(2.0, rel=0.12)
-    assert r["output_tok/s"] == pytest.approx(150 / 300, rel=0.12)
-    assert r["ttft_p50"] == pytest.approx(2.0, rel=0.25)
+
+    # the truth: what the two servers actually did (their chunk emission times)
+    def server_tpot(server: StreamServer) -> float:
+        return statistics.median((t[-1] - t[0]) / 11 for _, t in server.emissions[1:])
+
+    assert r["tpot_p50"] == pytest.approx(server_tpot(slow) / server_tpot(fast), rel=0.08)
+    assert r["output_tok/s"] == pytest.approx(1 / r["e2e_p50"], rel=0.15)  # closed loop
+    # and roughly the configured speeds: TPOT 20 vs 10 ms, a request 300 vs 150 ms, TTFT 80 vs 40
+    # (fixed per-request costs of a busy machine pull every ratio towards 1)
+    assert r["tpot_p50"] == pytest.approx(2.0, rel=0.3)
+    assert r["output_tok/s"] == pytest.approx(150 / 300, rel=0.3)
+    assert r["ttft_p50"] == pytest.approx(2.0, rel=0.35)
     # identical prompts, in rounds: fast round 1, slow round 1, fast round 2, slow round 2
     measured = [[k for k, _ in s.emissions[1:]] for s in (fast, slow)]  # [0] is the probe
     assert measured[0] == measured[1] and len(measured[0]) == 8
@@ -527,6 +543,12 @@ def test_percentiles_costs_and_parsing() -> None:
         parse_slo("latency=3")
     with pytest.raises(ValueError, match="not both"):
         LoadConfig(num_requests=3, duration_s=2)
+    with pytest.raises(ValueError, match="use --num-requests"):
+        LoadConfig(request_rate=[math.inf], duration_s=2)
+    assert [p.label for p in LoadConfig(request_rate=[2, math.inf], concurrency=[4]).points()] == [
+        "rate=2,c≤4",
+        "rate=inf,c≤4",
+    ]
 
 
 # ----- the command line ------------------------------------------------------------------------
