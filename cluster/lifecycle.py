@@ -25,6 +25,7 @@ from cluster.state import (
     ensure_secret,
     find_state,
     load_state,
+    remote_cluster_dir,
     remove_state,
 )
 
@@ -291,14 +292,7 @@ def _purge(
                 reporter.warn(f"{runner.label}: could not revert system files: {res.tail(1)}")
             else:
                 reporter.node(runner.label, "fstab/cachefilesd restored from backups")
-        runner.run(f"rm -rf {shlex.quote(remote_dir_of(state, rec.name))}", timeout=30)
-
-
-def remote_dir_of(state: ClusterState, node_name: str) -> str:
-    """This cluster's private directory on a node (see stages.base.remote_cluster_dir)."""
-    rec = state.node(node_name)
-    home = rec.home if rec and rec.home else "~"
-    return f"{home}/.llamacluster/nodes/{state.name}"
+        runner.run(f"rm -rf {shlex.quote(remote_cluster_dir(state, rec.name))}", timeout=30)
 
 
 def status(name: str, *, console: Console | None = None) -> dict[str, object]:

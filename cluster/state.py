@@ -257,3 +257,23 @@ def config_hash(data: object) -> str:
     """Stable short hash of a JSON-able value (a config's fields), to tell changes apart."""
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cluster_key(name: str) -> str:
+    """A short id of this controller's cluster ``name``: its state directory, hashed.
+
+    Two controllers (or test runs with different LLAMACLUSTER_HOMEs) may both name a cluster
+    ``local`` on one host; paths on the nodes carry this key so they never share files.
+    """
+    return hashlib.sha256(str(cluster_dir(name).absolute()).encode()).hexdigest()[:10]
+
+
+def remote_cluster_dir(state: ClusterState, node_name: str = "head") -> str:
+    """This cluster's private directory on a node (Ray token, API key).
+
+    ``~/.llamacluster/nodes/<name>-<key>``: apart from the controller's ``clusters/`` so a
+    controller that is also the head never mixes the two.
+    """
+    rec = state.node(node_name)
+    home = rec.home if rec is not None and rec.home else "~"
+    return f"{home}/.llamacluster/nodes/{state.name}-{cluster_key(state.name)}"

@@ -223,14 +223,3 @@ def print_plan(ctx: UpContext, stages: Sequence[Stage]) -> dict[str, dict[str, l
             for command in commands:
                 ctx.reporter.console.print(f"    {label}$ {command}", markup=False)
     return plans
-
-
-def remote_cluster_dir(ctx: UpContext, node_name: str = "head") -> str:
-    """This cluster's private directory on a node (Ray token, API key): ``~/.llamacluster/nodes/<name>``.
-
-    Kept apart from the controller's ``clusters/`` so a controller that is also the head never
-    mixes the two.
-    """
-    rec = ctx.state.node(node_name)
-    home = rec.home if rec is not None and rec.home else "~"
-    return f"{home}/.llamacluster/nodes/{ctx.state.name}"

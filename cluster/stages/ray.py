@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shlex
 from dataclasses import asdict
 from itertools import groupby
@@ -20,10 +19,10 @@ from cluster.ray_nodes import (
     wait_for_nodes,
 )
 from cluster.runner import Runner
-from cluster.stages.base import Reporter, Stage, StageOutcome, UpContext, remote_cluster_dir
+from cluster.stages.base import Reporter, Stage, StageOutcome, UpContext
 from cluster.stages.env import env_python
 from cluster.stages.serve import default_cpu_kvcache_gb
-from cluster.state import TOKEN_FILE, ClusterState, NodeState, cluster_dir
+from cluster.state import TOKEN_FILE, ClusterState, NodeState, cluster_key, remote_cluster_dir
 
 # Exit 0 while a process of the node's Ray session is alive.
 ALIVE_TEMPLATE = "ps -eo sid= | awk -v s={sid} '$1 == s {{ found = 1 }} END {{ exit !found }}'"
@@ -37,8 +36,7 @@ def ray_temp_dir(cluster_name: str) -> str:
     with different LLAMACLUSTER_HOMEs may both call their cluster ``local`` on one host. Ray's
     socket paths must stay under 107 bytes, so the key is hashed.
     """
-    key = str(cluster_dir(cluster_name).absolute())
-    return f"/tmp/lc-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    return f"/tmp/lc-{cluster_key(cluster_name)}"
 
 
 def ray_alive_command(session_id: int) -> str:
@@ -68,11 +66,8 @@ def node_env(rec: NodeState, cpu_kvcache_gb: int | None) -> dict[str, str]:
 
 def token_path(ctx_or_state: UpContext | ClusterState) -> str:
     """Where the Ray token lives on every node (this cluster's private dir on the head's home)."""
-    if isinstance(ctx_or_state, UpContext):
-        return f"{remote_cluster_dir(ctx_or_state)}/{TOKEN_FILE}"
-    from cluster.lifecycle import remote_dir_of
-
-    return f"{remote_dir_of(ctx_or_state, 'head')}/{TOKEN_FILE}"
+    state = ctx_or_state.state if isinstance(ctx_or_state, UpContext) else ctx_or_state
+    return f"{remote_cluster_dir(state)}/{TOKEN_FILE}"
 
 
 def cluster_spec(ctx: UpContext) -> RayClusterSpec:

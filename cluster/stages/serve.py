@@ -8,9 +8,9 @@ import shlex
 from pathlib import Path
 
 from cluster.errors import ConfigError, NotReadyError
-from cluster.stages.base import Stage, StageOutcome, UpContext, remote_cluster_dir
+from cluster.stages.base import Stage, StageOutcome, UpContext
 from cluster.stages.env import env_python
-from cluster.state import API_KEY_FILE, NodeState, config_hash
+from cluster.state import API_KEY_FILE, NodeState, config_hash, remote_cluster_dir
 
 # Runs on the head with the shared env: the ServeConfig comes as JSON on stdin, the Ray address
 # as the argument; prints the endpoint as JSON. Serve is detached, so the app outlives this.
@@ -149,7 +149,7 @@ class Serve(Stage):
         pp = ctx.config.pp or "<planner>"
         return {
             ctx.head.label: [
-                f"copy {ctx.state.api_key_file or '<api key>'} -> {remote_cluster_dir(ctx)}/{API_KEY_FILE} (0600)",
+                f"copy {ctx.state.api_key_file or '<api key>'} -> {remote_cluster_dir(ctx.state)}/{API_KEY_FILE} (0600)",
                 python_snippet_command(
                     python, "from serve.app import deploy; ...", "<head-ip>:<ray-port>"
                 )
@@ -221,7 +221,7 @@ class Serve(Stage):
     @staticmethod
     def _copy_api_key(ctx: UpContext) -> None:
         src = Path(str(ctx.state.api_key_file))
-        dest = f"{remote_cluster_dir(ctx)}/{API_KEY_FILE}"
+        dest = f"{remote_cluster_dir(ctx.state)}/{API_KEY_FILE}"
         ctx.head_runner.copy_to(src, dest, mode=0o600, timeout=60)
         ctx.state.remote_api_key_file = dest
 
