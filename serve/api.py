@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -145,14 +146,23 @@ def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-def key_matches(token: str | None, keys: list[bytes]) -> bool:
-    """Constant-time check of a token against every key (no early exit on a match)."""
+def key_digest(key: str) -> bytes:
+    """SHA-256 of an API key: what the server keeps and compares, never the key itself.
+
+    The replica's constructor arguments are stored by Ray, so only digests travel there; equal
+    lengths also keep the comparison constant-time whatever the token's length.
+    """
+    return hashlib.sha256(key.encode()).digest()
+
+
+def key_matches(token: str | None, digests: list[bytes]) -> bool:
+    """Constant-time check of a token against every key digest (no early exit on a match)."""
     if not token:
         return False
-    given = token.encode()
+    given = key_digest(token)
     matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(given, key)
+    for digest in digests:
+        matched |= hmac.compare_digest(given, digest)
     return matched
 
 
@@ -202,7 +212,8 @@ class Gateway:
         self,
         state: ServerState,
         *,
-        api_keys: list[str],
+        api_keys: Iterable[str] = (),
+        api_key_digests: Iterable[bytes] = (),
         no_auth: bool = False,
         max_ongoing_requests: int = 256,
         retry_after_s: int = 1,
@@ -210,10 +221,10 @@ class Gateway:
         max_body_bytes: int = 8 * 1024 * 1024,
         add_request_id: bool = True,
     ) -> None:
-        if not api_keys and not no_auth:
+        self._keys = [key_digest(k) for k in api_keys] + list(api_key_digests)
+        if not self._keys and not no_auth:
             raise ValueError("Gateway needs API keys or an explicit no_auth=True")
         self.state = state
-        self._keys = [k.encode() for k in api_keys]
         self._no_auth = no_auth
         self._max_ongoing = max_ongoing_requests
         self._retry_after = str(retry_after_s).encode()

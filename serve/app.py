@@ -13,7 +13,7 @@ from typing import Any
 from ray import serve
 
 from cluster.errors import ConfigError, NotReadyError
-from serve.api import Gateway, ServerState
+from serve.api import Gateway, ServerState, key_digest
 from serve.config import ServeConfig, check_device_slots, cluster_slots, placement_bundles
 
 logger = logging.getLogger(__name__)
@@ -38,12 +38,12 @@ class LlamaclusterServer:
     engine, vLLM's OpenAI app and the readiness probe arrive when loading finishes.
     """
 
-    def __init__(self, config: ServeConfig, api_keys: list[str]) -> None:
+    def __init__(self, config: ServeConfig, api_key_digests: list[bytes]) -> None:
         self.config = config
         self.state = ServerState(probe_max_age_s=max(6 * config.ready_probe_interval_s, 30.0))
         self.gateway = Gateway(
             self.state,
-            api_keys=api_keys,
+            api_key_digests=api_key_digests,
             no_auth=config.no_auth,
             max_ongoing_requests=config.max_ongoing_requests,
             retry_after_s=config.retry_after_s,
@@ -180,7 +180,10 @@ def build_application(config: ServeConfig, api_keys: list[str]):
         health_check_timeout_s=60,
         graceful_shutdown_timeout_s=config.drain_timeout_s + 30,
     )
-    return deployment.bind(config, api_keys)
+    # Only key digests and a config without keys reach the replica: Ray keeps constructor
+    # arguments in its own store, and secrets must not sit there.
+    keyless = config.model_copy(update={"api_keys": [], "api_key_file": None})
+    return deployment.bind(keyless, [key_digest(k) for k in api_keys])
 
 
 def _connect(ray_address: str | None) -> None:

@@ -130,3 +130,19 @@ def test_slot_check_needs_the_head_resource() -> None:
     config = ServeConfig(model="m", api_keys=["k"])
     with pytest.raises(NotReadyError, match=HEAD_RESOURCE):
         check_device_slots([_node("10.0.0.1", 4, 4)], config)
+
+
+def test_no_plaintext_key_reaches_the_replica() -> None:
+    """Ray stores a deployment's constructor arguments: only key digests may be among them."""
+    import pickle
+
+    from serve.api import key_digest
+    from serve.app import build_application
+
+    config = load_config(model="org/m", api_keys=["sk-secret-flag-key"])
+    app = build_application(config, config.resolved_api_keys())
+    bound = app._bound_deployment
+    blob = pickle.dumps((bound.init_args, bound.init_kwargs))
+    assert b"sk-secret-flag-key" not in blob
+    assert bound.init_args[1] == [key_digest("sk-secret-flag-key")]
+    assert bound.init_args[0].api_keys == [] and bound.init_args[0].api_key_file is None

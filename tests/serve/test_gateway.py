@@ -12,7 +12,14 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from serve.api import Gateway, ServerState, bearer_token, key_matches, normalize_error_body
+from serve.api import (
+    Gateway,
+    ServerState,
+    bearer_token,
+    key_digest,
+    key_matches,
+    normalize_error_body,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -91,7 +98,7 @@ def test_bearer_parsing_and_constant_time_match() -> None:
     assert bearer_token([(b"Authorization", b"bearer abc")]) == "abc"
     assert bearer_token([(b"authorization", b"Basic abc")]) is None
     assert bearer_token([]) is None
-    keys = [b"one", b"two"]
+    keys = [key_digest("one"), key_digest("two")]
     assert key_matches("two", keys)
     assert not key_matches("three", keys)
     assert not key_matches("", keys)
