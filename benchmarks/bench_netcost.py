@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from cluster.bench.report import atomic_write
     from cluster.demo_model import build_demo_model
+    from cluster.files import atomic_write
 
     layouts = [tuple(int(x) for x in text.split("x")) for text in args.layouts.split(",")]
     model_dir = args.model_dir

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import secrets
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cluster.errors import ConfigError, NotReadyError, RemoteError
+from cluster.files import atomic_write
 from cluster.runner import Result, Runner, shell_join
 
 log = logging.getLogger(__name__)
@@ -51,16 +51,7 @@ def write_token_file(path: str | os.PathLike[str], token: str | None = None) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     token = token or generate_token()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".token-")
-    try:
-        with os.fdopen(fd, "w") as f:  # mkstemp creates it 0600
-            f.write(token)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, token, mode=0o600)
     return path
 
 

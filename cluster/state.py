@@ -7,7 +7,6 @@ import json
 import os
 import re
 import secrets
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -15,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from cluster.errors import ConfigError
+from cluster.files import atomic_write
 
 #: Name of the state file inside a cluster's directory.
 STATE_FILE = "state.json"
@@ -184,18 +184,8 @@ def ensure_private_dir(path: Path) -> Path:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Atomically write ``text`` to ``path`` as a 0600 file: temp file, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomically write ``text`` to ``path`` as a 0600 file."""
+    atomic_write(path, text, mode=0o600)
 
 
 def load_state(name: str) -> ClusterState:

@@ -10,8 +10,9 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError
 
 from cluster.download.plan import DownloadPlan
-from cluster.download.records import atomic_write_text, hash_file, read_records, verified_entry
+from cluster.download.records import hash_file, read_records, verified_entry
 from cluster.errors import DownloadError, NotReadyError
+from cluster.files import atomic_write
 
 MANIFEST_NAME = "manifest.json"
 
@@ -81,7 +82,7 @@ def write_manifest(model_dir: Path, plan: DownloadPlan) -> Manifest:
         files=files,
         created_at=time.time(),
     )
-    atomic_write_text(manifest_path(model_dir), manifest.model_dump_json(indent=2) + "\n")
+    atomic_write(manifest_path(model_dir), manifest.model_dump_json(indent=2) + "\n")
     return manifest
 
 

@@ -29,7 +29,6 @@ from cluster.download.records import (
     RecordEntry,
     append_record,
     check_node_name,
-    fsync_dir,
     hash_file,
     read_records,
     record_path,
@@ -39,6 +38,7 @@ from cluster.download.records import (
     verified_entry,
 )
 from cluster.errors import DownloadError, LlamaclusterError
+from cluster.files import fsync_dir
 
 Downloader = Literal["hf_transfer", "hub"]
 USER_AGENT_KEY = "llamacluster-node"  # the hub sees "llamacluster-node/<name>" in the User-Agent
