@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--input-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--model-dir", type=Path, default=None, help="demo model (built if absent)")
+    ap.add_argument(
+        "--idle-s", type=float, default=10.0, help="seconds of idle lo traffic measured per layout"
+    )
     return ap.parse_args(argv)
 
 
@@ -63,10 +66,11 @@ def measure_layouts(
     concurrency: int,
     input_len: int,
     output_len: int,
+    idle_s: float = 10.0,
 ) -> list[dict]:
     """One row per layout: tokens/s and kB sent/received per token (total and per node)."""
     from cluster.bench.config import BenchConfig, Endpoint, LoadConfig, WorkloadConfig
-    from cluster.bench.netcount import NetCounterObserver
+    from cluster.bench.netcount import NetCounterObserver, counter_delta, read_counters
     from cluster.bench.runner import run_benchmark
     from tests.support.ray_cluster import start_loopback_ray_cluster
     from tests.support.server import running_server
@@ -82,6 +86,12 @@ def measure_layouts(
                 max_num_seqs=16, ready_timeout_s=900.0,
             ) as server:  # fmt: skip
                 load_s = time.monotonic() - started
+                # The background: lo traffic of the idle server, Ray and anything else on this
+                # host (other clusters too), per second, to set against the per-token figures.
+                before, t0 = read_counters(nodes[:1]), time.monotonic()
+                time.sleep(idle_s)
+                idle = counter_delta(before["head"], read_counters(nodes[:1])["head"])
+                idle_tx_per_s = idle.tx / (time.monotonic() - t0)
                 config = BenchConfig(
                     endpoints=[
                         Endpoint(name="main", base_url=server.base_url, api_key=server.api_key)
@@ -96,6 +106,7 @@ def measure_layouts(
                 observer = NetCounterObserver(nodes, endpoint="main")
                 result = run_benchmark(config, observers=[observer], keep_records=False)
             point = result.points[0]
+            background_kb = idle_tx_per_s * point.duration_s / 1000.0
             rows.append(
                 {
                     "layout": f"tp={tp} × pp={pp}",
@@ -106,6 +117,9 @@ def measure_layouts(
                     "output_tokens": point.output_tokens,
                     "out_tok_s": point.output_throughput,
                     **point.extra,
+                    "idle kB/s": idle_tx_per_s / 1000.0,
+                    "kB tx/tok less idle": point.extra["net kB tx/tok"]
+                    - background_kb / max(point.output_tokens, 1),
                 }
             )
     finally:
@@ -134,14 +148,17 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=args.concurrency,
         input_len=args.input_len,
         output_len=args.output_len,
+        idle_s=args.idle_s,
     )
     table = Table(title="network kB per generated token, two loopback nodes (lo, host-wide)")
-    for col in ("layout", "ok", "out tok/s", "kB tx/tok", "kB rx/tok", "load s"):
+    cols = ("layout", "ok", "out tok/s", "kB tx/tok", "kB rx/tok", "idle kB/s", "tx/tok less idle")
+    for col in (*cols, "load s"):
         table.add_column(col)
     for r in rows:
         table.add_row(
             r["layout"], f"{r['completed']}/{args.requests}", f"{r['out_tok_s']:.1f}",
-            f"{r['net kB tx/tok']:.2f}", f"{r['net kB rx/tok']:.2f}", f"{r['load_s']:.0f}",
+            f"{r['net kB tx/tok']:.2f}", f"{r['net kB rx/tok']:.2f}", f"{r['idle kB/s']:.1f}",
+            f"{r['kB tx/tok less idle']:.2f}", f"{r['load_s']:.0f}",
         )  # fmt: skip
     Console().print(table)
     out = {
