@@ -477,24 +477,8 @@ def ssh_argv(
     return argv
 
 
-# What ssh itself (not the remote command) prints when it cannot get a session.
-_SSH_FAILURES = (
-    "ssh: connect to host",
-    "ssh: Could not resolve hostname",
-    "Connection refused",
-    "Connection timed out",
-    "Connection reset",
-    "Connection closed by",
-    "kex_exchange_identification",
-    "banner exchange",
-    "Network is unreachable",
-    "No route to host",
-    "Host key verification failed",
-    "REMOTE HOST IDENTIFICATION HAS CHANGED",
-    "Permission denied (",
-    "Too many authentication failures",
-)
-# The subset that a second try can fix (a node still booting, a transient network error).
+# What ssh prints when it cannot get a session for a reason a second try can fix (a node still
+# booting, a transient network error).
 _SSH_TRANSIENT = (
     "Connection refused",
     "Connection timed out",
@@ -504,6 +488,16 @@ _SSH_TRANSIENT = (
     "banner exchange",
     "Network is unreachable",
     "No route to host",
+)
+# Everything ssh itself (not the remote command) prints when it cannot get a session.
+_SSH_FAILURES = (
+    *_SSH_TRANSIENT,
+    "ssh: connect to host",
+    "ssh: Could not resolve hostname",
+    "Host key verification failed",
+    "REMOTE HOST IDENTIFICATION HAS CHANGED",
+    "Permission denied (",
+    "Too many authentication failures",
 )
 
 
