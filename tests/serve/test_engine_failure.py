@@ -34,8 +34,11 @@ def engine_core_pids(app_name: str) -> list[int]:
     return pids
 
 
-def test_engine_death_mid_stream(ray_cluster_1node, demo_model_dir: Path) -> None:
-    with running_server(ray_cluster_1node, demo_model_dir, ready_probe_interval_s=30.0) as server:
+def test_engine_death_mid_stream(make_ray_cluster, demo_model_dir: Path) -> None:
+    # A Ray cluster of its own: Serve holds one app per route prefix, and the session's shared
+    # server may already own "/" on the shared cluster.
+    cluster = make_ray_cluster(nodes=1, slots_per_node=1)
+    with running_server(cluster, demo_model_dir, ready_probe_interval_s=30.0) as server:
         pids = engine_core_pids(server.app_name)
         assert len(pids) == 1, pids
         body = {
