@@ -40,17 +40,6 @@ def _args(api_server: ApiServer, key_file: Path, *extra: str) -> list[str]:
     return ["chat", "--base-url", api_server.base_url, "--api-key-file", str(key_file), *extra]
 
 
-def _metric(api_server: ApiServer, name: str) -> float:
-    text = httpx.get(f"{api_server.url}/metrics", headers=api_server.auth).text
-    values = [
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") or line.startswith(name + " ")
-    ]
-    assert values, f"{name} not in /metrics"
-    return sum(values)
-
-
 @pytest.fixture
 def spawn():
     """Start the chat CLI in a pseudo-terminal; whatever is left is ended after the test."""
@@ -104,7 +93,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_chat(
     api_server: ApiServer, key_file: Path, spawn
 ) -> None:
     child = spawn(_args(api_server, key_file, "--max-tokens", "1800", "--eos-bias", "-100"))
-    generated_before = _metric(api_server, "vllm:generation_tokens_total")
+    generated_before = api_server.metric("vllm:generation_tokens_total")
     child.expect_exact(PROMPT)
     child.sendline("tell me a very long story")
     child.expect(r"\S{20}")  # the answer is streaming
@@ -115,10 +104,10 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_chat(
     child.expect_exact(PROMPT)  # still in the chat
     # The server aborted the request: far fewer than 1800 tokens were generated.
     deadline = time.monotonic() + 5
-    while _metric(api_server, "vllm:num_requests_running") and time.monotonic() < deadline:
+    while api_server.metric("vllm:num_requests_running") and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(1.0)
-    generated = _metric(api_server, "vllm:generation_tokens_total") - generated_before
+    generated = api_server.metric("vllm:generation_tokens_total") - generated_before
     assert 0 < generated < 1200
     # And the next turn works.
     child.sendline("/system be short")

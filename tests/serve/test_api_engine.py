@@ -307,17 +307,6 @@ def test_requests_past_the_bound_get_a_fast_429(api_server: ApiServer) -> None:
     assert after.status_code == 200
 
 
-def _metric(api_server: ApiServer, name: str) -> float:
-    text = httpx.get(f"{api_server.url}/metrics", headers=api_server.auth).text
-    values = [
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") or line.startswith(name + " ")
-    ]
-    assert values, f"{name} not in /metrics"
-    return sum(values)
-
-
 def test_client_disconnect_aborts_the_engine_request(api_server: ApiServer) -> None:
     body = json.dumps(
         {
@@ -339,12 +328,12 @@ def test_client_disconnect_aborts_the_engine_request(api_server: ApiServer) -> N
         received += sock.recv(65536)
     assert received.startswith(b"HTTP/1.1 200")
     # >= 1: the readiness probe (one token every 2 s) may be running too.
-    assert _metric(api_server, "vllm:num_requests_running") >= 1
+    assert api_server.metric("vllm:num_requests_running") >= 1
     sock.close()
     deadline = time.monotonic() + 1.0
     running = 1.0
     while time.monotonic() < deadline:
-        running = _metric(api_server, "vllm:num_requests_running")
+        running = api_server.metric("vllm:num_requests_running")
         if running == 0:
             break
         time.sleep(0.05)

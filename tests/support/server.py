@@ -50,6 +50,19 @@ class ApiServer:
 
         return openai.OpenAI(base_url=self.base_url, api_key=self.api_key, **kwargs)
 
+    def metric(self, name: str) -> float:
+        """The sum of a Prometheus metric's samples (all label sets) from /metrics."""
+        import httpx
+
+        text = httpx.get(f"{self.url}/metrics", headers=self.auth).text
+        values = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + "{") or line.startswith(name + " ")
+        ]
+        assert values, f"{name} not in /metrics"
+        return sum(values)
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now (bind port 0)."""
