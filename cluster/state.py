@@ -103,6 +103,10 @@ class NodeState(BaseModel):
         default_factory=dict, description="Ports this node's Ray listens on (RayNodePorts)."
     )
     machine_id: str | None = Field(default=None, description="/etc/machine-id (shared host?).")
+    net_namespace: str | None = Field(
+        default=None, description="The node's network namespace (net:[inode]): nodes on one host "
+        "with one namespace read the same interface counters.",
+    )
     token_path: str | None = Field(default=None, description="Ray token file on the node (0600).")
     versions: dict[str, str] = Field(
         default_factory=dict, description="Versions the shared env imports here (vllm, ray, ...)."

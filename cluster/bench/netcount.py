@@ -184,7 +184,9 @@ def cluster_net_nodes(name: str) -> list[NetNode]:
                 hint=f"run `llamacluster up --name {name}` again (preflight records it), "
                 "or pass --no-net-counters",
             )
-        host = rec.machine_id or runner.node.host
+        # One counter per host and network namespace: loopback "nodes" of one host share `lo`,
+        # while containers or namespaces on one host each have interfaces of their own.
+        host = "/".join(x for x in (rec.machine_id or runner.node.host, rec.net_namespace) if x)
         nodes.append(
             NetNode(
                 name=runner.node.name,

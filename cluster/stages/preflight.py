@@ -20,6 +20,7 @@ echo "python_version=$(python3 -c 'import sys; print("%d.%d.%d" % sys.version_in
 echo "uid=$(id -u)"
 echo "home=$HOME"
 echo "machine_id=$(cat /etc/machine-id 2>/dev/null || hostname)"
+echo "netns=$(readlink /proc/self/ns/net 2>/dev/null)"
 if sudo -n true 2>/dev/null; then echo sudo=yes; else echo sudo=no; fi
 echo "cpus=$(nproc)"
 echo "numa=$(ls -d /sys/devices/system/node/node[0-9]* 2>/dev/null | wc -l)"
@@ -164,6 +165,7 @@ def node_state_from_probe(
         python=_first(facts, "python") or None,
         home=_first(facts, "home") or None,
         machine_id=_first(facts, "machine_id") or None,
+        net_namespace=_first(facts, "netns") or None,
         os=_first(facts, "os") or None,
         sudo=sudo,
         devices=devices,

@@ -162,3 +162,31 @@ def test_bench_cli_on_a_recorded_cluster(
     # Without a cluster there are no nodes to read.
     assert main(["bench", "--base-url", stream_server.base_url, "--net-counters"]) == 3
     assert "needs the cluster" in capsys.readouterr().err
+
+
+def test_recorded_nodes_share_a_counter_only_within_one_network_namespace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cluster.bench.netcount import cluster_net_nodes
+    from cluster.state import ClusterState, NodeState
+
+    monkeypatch.setenv("LLAMACLUSTER_HOME", str(tmp_path / "home"))
+
+    def node(name: str, host: str, iface: str, ns: str | None) -> NodeState:
+        return NodeState(
+            name=name, label=host, host=host, interface=iface, machine_id="m1", net_namespace=ns
+        )
+
+    hosts = ["127.0.0.2", "127.0.0.3", "198.18.1.3", "198.18.1.4"]
+    ClusterState(
+        name="ns",
+        inventory_text="\n".join(hosts) + "\n",
+        nodes=[
+            node("head", "127.0.0.2", "lo", "net:[1]"),
+            node("worker1", "127.0.0.3", "lo", "net:[1]"),  # same host, same namespace
+            node("worker2", "198.18.1.3", "eth0", "net:[2]"),  # same host, own namespace
+            node("worker3", "198.18.1.4", "eth0", "net:[3]"),
+        ],
+    ).save()
+    keys = [n.host_key for n in cluster_net_nodes("ns")]
+    assert keys[0] == keys[1] and len(set(keys)) == 3

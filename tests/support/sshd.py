@@ -24,10 +24,8 @@ SSHD_BIN = Path("/usr/sbin/sshd")
 ADDRESSES = ("127.0.0.2", "127.0.0.3")
 
 _SSHD_CONFIG = """\
-ListenAddress {a}:{port}
-ListenAddress {b}:{port}
-HostKey {host_key}
-PidFile {workdir}/sshd.pid
+{listen}HostKey {host_key}
+PidFile {pid_file}
 AuthorizedKeysFile {authorized_keys}
 PubkeyAuthentication yes
 PasswordAuthentication no
@@ -165,13 +163,15 @@ def _keygen(path: Path, comment: str) -> None:
     )
 
 
-def _wait_listening(proc: subprocess.Popen, port: int, log: Path) -> None:
+def _wait_listening(
+    proc: subprocess.Popen, addresses: tuple[str, ...], port: int, log: Path
+) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"sshd exited with {proc.returncode}: {log.read_text()[-2000:]}")
         try:
-            for addr in ADDRESSES:
+            for addr in addresses:
                 with socket.create_connection((addr, port), timeout=1):
                     pass
             return
@@ -180,8 +180,8 @@ def _wait_listening(proc: subprocess.Popen, port: int, log: Path) -> None:
     raise RuntimeError(f"sshd did not listen on port {port} within 15 s")
 
 
-def start_sshd(workdir: Path) -> SSHServer:
-    """Start ``sshd -D`` with a temp config, host key and client key under ``workdir``."""
+def make_keys(workdir: Path) -> tuple[Path, Path, Path]:
+    """A host key, a client key and an authorized_keys file holding the client key."""
     host_key = workdir / "host_ed25519"
     client_key = workdir / "client_ed25519"
     _keygen(host_key, "llamacluster-test-host")
@@ -190,34 +190,57 @@ def start_sshd(workdir: Path) -> SSHServer:
     shutil.copy(client_key.with_suffix(".pub"), authorized)
     with contextlib.suppress(PermissionError):  # sshd's privilege separation directory
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+    return host_key, client_key, authorized
+
+
+def launch_sshd(
+    workdir: Path,
+    *,
+    addresses: tuple[str, ...],
+    port: int,
+    name: str = "sshd",
+    launcher: tuple[str, ...] = (),
+) -> subprocess.Popen:
+    """Start ``sshd -D`` on ``addresses``:``port`` with the keys of ``make_keys(workdir)``,
+    through ``launcher`` (a command prefix such as ``ip netns exec NS``); returns once it
+    listens on every address. Config, pid file and log are ``workdir/<name>.*``."""
+    config = workdir / f"{name}_config"
+    config.write_text(
+        _SSHD_CONFIG.format(
+            listen="".join(f"ListenAddress {a}:{port}\n" for a in addresses),
+            host_key=workdir / "host_ed25519",
+            pid_file=workdir / f"{name}.pid",
+            authorized_keys=workdir / "authorized_keys",
+        )
+    )
+    log = workdir / f"{name}.log"
+    with log.open("ab") as log_file:
+        proc = subprocess.Popen(
+            [*launcher, str(SSHD_BIN), "-D", "-e", "-f", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+        )
+    try:
+        _wait_listening(proc, addresses, port, log)
+    except BaseException:
+        if proc.poll() is None:
+            stop_process_tree(proc)
+        raise
+    return proc
+
+
+def start_sshd(workdir: Path) -> SSHServer:
+    """Start ``sshd -D`` on 127.0.0.2 and 127.0.0.3 with a temp config, host key and client
+    key under ``workdir``."""
+    host_key, client_key, _ = make_keys(workdir)
     last_error: Exception | None = None
     for _ in range(3):  # the free port may be taken between probing and sshd binding it
         port = _free_port(ADDRESSES)
-        config = workdir / "sshd_config"
-        config.write_text(
-            _SSHD_CONFIG.format(
-                a=ADDRESSES[0],
-                b=ADDRESSES[1],
-                port=port,
-                host_key=host_key,
-                workdir=workdir,
-                authorized_keys=authorized,
-            )
-        )
-        log = workdir / "sshd.log"
-        with log.open("ab") as log_file:
-            proc = subprocess.Popen(
-                [str(SSHD_BIN), "-D", "-e", "-f", str(config)],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-            )
         try:
-            _wait_listening(proc, port, log)
+            proc = launch_sshd(workdir, addresses=ADDRESSES, port=port)
         except RuntimeError as exc:
             last_error = exc
-            if proc.poll() is None:
-                stop_process_tree(proc)
             continue
         return SSHServer(
             port=port,
