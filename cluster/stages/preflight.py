@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import shlex
 
+from cluster import reach
 from cluster.errors import ConfigError, RemoteError
 from cluster.inventory import Node
 from cluster.stages.base import Stage, StageOutcome, UpContext
@@ -32,16 +33,6 @@ ip -o -4 addr show 2>/dev/null | awk '{{print "addr=" $2 " " $4}}'
 d={shared}; while [ ! -d "$d" ]; do d=$(dirname "$d"); done
 df -Pk "$d" | awk 'NR==2 {{print "disk_free_kb=" $4}}'
 """
-
-# Is a TCP port reachable from this node? "open" and "refused" both prove a packet got through;
-# only a timeout means a firewall drops it. Python is used for the timeout and the errno.
-REACH_TEMPLATE = (
-    "python3 -c 'import socket,sys\n"
-    "s=socket.socket(); s.settimeout(3)\n"
-    "try: r=s.connect_ex((sys.argv[1], int(sys.argv[2])))\n"
-    "except OSError as e: r=e.errno or 110\n"
-    'print("open" if r==0 else "refused" if r==111 else "blocked errno=%s" % r)\' {host} {port}'
-)
 
 # Free TCP ports on the head, chosen by the kernel (bind port 0), when a port is asked as 0.
 FREE_PORTS_TEMPLATE = (
@@ -201,11 +192,27 @@ class Preflight(Stage):
 
     def plan(self, ctx: UpContext) -> dict[str, list[str]]:
         shared = str(ctx.state.shared_dir)
-        head_ip = ctx.head.private_ip or ctx.head.host
         plan = {n.label: [probe_command(shared)] for n in ctx.cluster}
         plan[ctx.head.label].append(FREE_PORTS_TEMPLATE.format(count=5) + "   # ports asked as 0")
-        for n in ctx.cluster.workers:
-            plan[n.label].append(REACH_TEMPLATE.format(host=head_ip, port="<ray-port>"))
+        if not ctx.cluster.workers:
+            return plan
+
+        def ip(node: Node) -> str:
+            rec = ctx.state.node(node.name)
+            return (rec.private_ip if rec else None) or node.private_ip or node.host
+
+        gcs = ctx.state.ports.ray_gcs if ctx.state.ports else ctx.config.ray_port
+        for n in ctx.cluster:
+            others = [o for o in ctx.cluster if o is not n]
+            addresses = [f"{ip(ctx.head)}:{gcs or '<ray-port>'}"] if n is not ctx.head else []
+            for o in others:
+                addresses += [f"{ip(o)}:<its probe port>", f"{ip(o)}:<its Ray worker-range port>"]
+            plan[n.label] += [
+                reach.listen_command(ip(n), peers=len(others))
+                + "   # prints its ports and pid; up until every peer connected",
+                reach.connect_command(addresses),
+                reach.stop_listener_command("<pid>"),
+            ]
         return plan
 
     def run(self, ctx: UpContext) -> StageOutcome:
@@ -314,34 +321,64 @@ class Preflight(Stage):
 
     @staticmethod
     def _check_reachability(ctx: UpContext) -> None:
-        """Workers reach the head's GCS port; the head reaches every worker's private IP."""
+        """Every node reaches every other one on a kernel-chosen port and a Ray worker-range
+        port (a listener runs on each node for a few seconds), and the workers reach the head's
+        GCS port; one error names every blocked pair, its port and the range to open."""
         if not ctx.cluster.workers:
             return
-        head = ctx.node_state(ctx.head)
-        port = ctx.state.ports.ray_gcs if ctx.state.ports else 6379
-        res = ctx.run(
-            lambda n: REACH_TEMPLATE.format(host=head.private_ip, port=port),
-            what="worker → head reachability",
-            nodes=list(ctx.cluster.workers),
+        recs = {n.name: ctx.node_state(n) for n in ctx.cluster}
+        ips = {name: str(rec.private_ip) for name, rec in recs.items()}
+        gcs = ctx.state.ports.ray_gcs if ctx.state.ports else 6379
+        peers = len(recs) - 1
+        started = ctx.run(
+            lambda n: reach.listen_command(ips[n.name], peers=peers),
+            what="starting port probe listeners",
             timeout=30,
+            check=False,
         )
-        to_worker = {
-            w: ctx.run_head(
-                REACH_TEMPLATE.format(host=ctx.node_state(w).private_ip, port=port),
-                what="head → worker reachability",
+        listeners = {
+            n.name: lis
+            for n, res in started.items()
+            if (lis := reach.parse_listener(res.stdout)) is not None
+        }
+        results: dict[str, list[tuple[reach.Target, str]]] | None = None
+        try:
+            missing = [
+                f"{n.label} (exit {r.returncode}): {r.tail(2) or r.tail(2, stream='stdout') or '-'}"
+                for n, r in started.items()
+                if n.name not in listeners
+            ]
+            if missing:
+                raise RemoteError(
+                    "could not start the port probe listener on " + "; ".join(missing),
+                    hint="each node needs python3 and its private IP bindable",
+                )
+            targets = reach.plan_targets(ips, listeners, head=ctx.head.name, gcs_port=gcs)
+            tried = ctx.run(
+                lambda n: reach.connect_command([t.address for t in targets[n.name]]),
+                what="connecting between nodes",
                 timeout=30,
             )
-            for w in ctx.cluster.workers
-        }
-        blocked = [
-            f"{w.label} → head:{port}" for w, r in res.items() if r.stdout.startswith("blocked")
-        ] + [
-            f"head → {w.label} ({ctx.node_state(w).private_ip})"
-            for w, r in to_worker.items()
-            if r.stdout.startswith("blocked")
-        ]
-        if blocked:
-            raise RemoteError(
-                "network blocked between nodes: " + ", ".join(blocked),
-                hint="open TCP between the nodes' private IPs (Ray, Gloo/NCCL use many ports)",
-            )
+            results = {
+                n.name: reach.parse_verdicts(res.stdout, targets[n.name])
+                for n, res in tried.items()
+            }
+        finally:
+            # A listener every peer reached has ended by itself; stop the others now.
+            waiting = reach.unfinished_listeners(listeners, results)
+            if waiting:
+                ctx.run(
+                    lambda n: reach.stop_listener_command(listeners[n.name].pid),
+                    what="stopping port probe listeners",
+                    nodes=[n for n in ctx.cluster if n.name in waiting],
+                    timeout=30,
+                    check=False,
+                )
+        report = reach.blocked_report(results, ips=ips, listeners=listeners, gcs_port=gcs)
+        if report is not None:
+            raise RemoteError(report[0], hint=report[1])
+        lo, hi = reach.open_range(listeners)
+        ctx.reporter.info(
+            f"TCP open between all {len(recs)} nodes both ways: GCS port {gcs} (workers → "
+            f"head), a kernel-chosen and a Ray worker port on each node (range {lo}-{hi})"
+        )

@@ -43,6 +43,12 @@ def test_dry_run_prints_every_stage_per_node_and_runs_nothing(tmp_path, capsys):
     assert "apt-get" not in out  # no system command in the temp-root mode
     assert "ray start --head" in out.replace("'", "") or "start --head" in out
     assert "--address 127.0.0.2:6379" in out
+    # The port probe: a listener on each node, the worker tries the head's GCS port and both
+    # of the head's listener ports, the head both of the worker's.
+    assert "llamacluster-port-probe 127.0.0.2 20000 32000 1 " in out
+    assert "llamacluster-port-probe 127.0.0.3 20000 32000 1 " in out
+    assert "3.0 127.0.0.2:6379 '127.0.0.2:<its probe port>'" in out
+    assert "3.0 '127.0.0.3:<its probe port>' '127.0.0.3:<its Ray worker-range port>'" in out
     assert not (tmp_path / "shared").exists()  # nothing ran
     assert state.nodes == []
 
