@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from rich.console import Console
+from rich.markup import escape
 
 from cluster.errors import LlamaclusterError
 from cluster.inventory import Cluster, Node
@@ -70,9 +71,9 @@ class Reporter:
         self.console.print(f"    [yellow]warning:[/] {message}")
 
     def command(self, node: str, command: str) -> None:
-        """A command about to run (-v)."""
+        """A command about to run (-v); shown as it is (brackets in it are not markup)."""
         if self.verbose:
-            self.console.print(f"    [dim]{node}$ {command}[/]")
+            self.console.print(f"    [dim]{escape(node)}$ {escape(command)}[/]")
 
     def outcome(self, name: str, outcome: StageOutcome, seconds: float) -> None:
         """A stage ended."""
