@@ -226,7 +226,7 @@ def _shutdown_serve(
             "llamacluster",
             f"{head.private_ip}:{state.ports.ray_gcs}",
         ),
-        env=ray_driver_env(state.remote_token_path),
+        env=ray_driver_env(head.token_path or state.remote_token_path),
         timeout=drain_timeout + 60,
     )
     if res.ok:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cluster.errors import ConfigError, NotReadyError, RemoteError
 from cluster.files import atomic_write
-from cluster.runner import Result, Runner, shell_join
+from cluster.runner import LineSink, Result, Runner, shell_join
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +80,25 @@ class RayHeadPorts:
 
 @dataclass(frozen=True)
 class RayNodeSpec:
-    """One Ray node: its cluster-facing IP, what it advertises, and its ports."""
+    """One Ray node: its cluster-facing IP, what it advertises, its ports, and where its copy
+    of the cluster token lives (None: the cluster's ``token_path``)."""
 
     ip: str
     num_gpus: int
     num_cpus: int | None = None
     resources: Mapping[str, float] = field(default_factory=dict)
     ports: RayNodePorts = field(default_factory=RayNodePorts)
+    token_path: str | None = None
 
 
 @dataclass(frozen=True)
 class RayClusterSpec:
     """Everything needed to start one Ray cluster; ``nodes[0]`` is the head.
 
-    ``temp_dir`` and ``token_path`` are per cluster (the same path on every node), so clusters
-    sharing a host never share sessions, sockets or tokens. ``env`` is passed to every node's
-    Ray daemons (see PASSTHROUGH_ENV).
+    ``temp_dir`` and ``token_path`` are per cluster, so clusters sharing a host never share
+    sessions, sockets or tokens. ``temp_dir`` is the same path on every node; ``token_path`` is
+    the head's token file and every node's unless its RayNodeSpec names its own (a node's home
+    may differ). ``env`` is passed to every node's Ray daemons (see PASSTHROUGH_ENV).
     """
 
     name: str
@@ -123,6 +126,10 @@ class RayClusterSpec:
         """The head's spec."""
         return self.nodes[0]
 
+    def node_token_path(self, index: int) -> str:
+        """The token file of node ``index`` (0 is the head) on that node."""
+        return self.nodes[index].token_path or self.token_path
+
     @property
     def address(self) -> str:
         """The GCS address workers and drivers join (``ip:port``)."""
@@ -142,11 +149,12 @@ class RayClusterSpec:
         }
 
 
-def ray_node_env(spec: RayClusterSpec) -> dict[str, str]:
-    """Environment of ``ray start`` on every node (travels on stdin, never on a command line)."""
+def ray_node_env(spec: RayClusterSpec, index: int = 0) -> dict[str, str]:
+    """Environment of ``ray start`` on node ``index`` (travels on stdin, never on a command
+    line). It names the token's file, never the token."""
     env = {
         "RAY_AUTH_MODE": "token",  # every client and node must present the cluster's token
-        "RAY_AUTH_TOKEN_PATH": spec.token_path,
+        "RAY_AUTH_TOKEN_PATH": spec.node_token_path(index),
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",  # must be set before the daemons start
         "RAY_USAGE_STATS_ENABLED": "0",
     }
@@ -300,18 +308,26 @@ class RayNodeHandle:
 
 
 def start_ray_node(
-    runner: Runner, spec: RayClusterSpec, index: int, *, timeout: float = 180, retries: int = 1
+    runner: Runner,
+    spec: RayClusterSpec,
+    index: int,
+    *,
+    timeout: float = 180,
+    retries: int = 1,
+    on_line: LineSink | None = None,
 ) -> RayNodeHandle:
     """Start node ``index`` of ``spec`` through ``runner`` and return its handle.
 
     Ray gives a raylet a fixed 30 s to register; on a busy host that can pass, so that one
     failure is retried (after stopping what the failed try left). Any other failure raises
-    RemoteError with the tail of Ray's output.
+    RemoteError with the tail of Ray's output. ``on_line`` receives Ray's output (``-v``).
     """
     node = spec.nodes[index]
     command = start_ray_node_command(spec, index)
     for attempt in range(retries + 1):
-        result = runner.run(command, env=ray_node_env(spec), timeout=timeout)
+        result = runner.run(
+            command, env=ray_node_env(spec, index), timeout=timeout, on_line=on_line
+        )
         sid = _parse_sid(result.stdout)
         if result.ok and sid is not None:
             return RayNodeHandle(node=runner.label, ip=node.ip, session_id=sid, head=index == 0)
@@ -330,6 +346,22 @@ def start_ray_node(
 
 
 _STARTUP_TIMEOUT = "timed out during startup"
+
+
+_SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
+
+
+def ray_start_display(spec: RayClusterSpec, index: int) -> str:
+    """``ray start`` of node ``index`` as one line for a person (``-v``, ``--dry-run``): its
+    environment, then the command. The token travels as a file path; a variable that looks like
+    a secret (other than a ``..._PATH``) would show as ``***``."""
+    env = [
+        f"{k}=***"
+        if any(w in k for w in _SECRET_WORDS) and not k.endswith("_PATH")
+        else shell_join([f"{k}={v}"])
+        for k, v in ray_node_env(spec, index).items()
+    ]
+    return " ".join([*env, shell_join(ray_start_argv(spec, index))])
 
 
 def start_ray_node_command(spec: RayClusterSpec, index: int) -> str:

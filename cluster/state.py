@@ -104,10 +104,13 @@ class NodeState(BaseModel):
     )
     machine_id: str | None = Field(default=None, description="/etc/machine-id (shared host?).")
     net_namespace: str | None = Field(
-        default=None, description="The node's network namespace (net:[inode]): nodes on one host "
+        default=None,
+        description="The node's network namespace (net:[inode]): nodes on one host "
         "with one namespace read the same interface counters.",
     )
-    token_path: str | None = Field(default=None, description="Ray token file on the node (0600).")
+    token_path: str | None = Field(
+        default=None, description="Ray token file on the node (0600), under the node's own home."
+    )
     versions: dict[str, str] = Field(
         default_factory=dict, description="Versions the shared env imports here (vllm, ray, ...)."
     )
@@ -145,7 +148,9 @@ class ClusterState(BaseModel):
     pp: int | None = Field(default=None, description="Pipeline parallel size served.")
     endpoint: str | None = Field(default=None, description="OpenAI base URL (on the head).")
     token_path: str | None = Field(default=None, description="Ray token on the controller.")
-    remote_token_path: str | None = Field(default=None, description="Ray token on the nodes.")
+    remote_token_path: str | None = Field(
+        default=None, description="Ray token on the head (each node's: NodeState.token_path)."
+    )
     api_key_file: str | None = Field(default=None, description="API key file on the controller.")
     remote_api_key_file: str | None = Field(default=None, description="API key file on the head.")
     config_hash: str | None = Field(default=None, description="Hash of the `up` config.")

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import shlex
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from itertools import groupby
 
 from cluster.inventory import Cluster
 from cluster.ray_nodes import (
     RayClusterSpec,
     RayHeadPorts,
+    RayNodeHandle,
     RayNodePorts,
     RayNodeSpec,
     allocate_ports,
+    ray_start_display,
     start_ray_node,
     start_ray_node_command,
     stop_ray_node,
@@ -64,10 +66,16 @@ def node_env(rec: NodeState, cpu_kvcache_gb: int | None) -> dict[str, str]:
     return env
 
 
+def node_token_path(state: ClusterState, node_name: str) -> str:
+    """Where the Ray token lives on node ``node_name``: this cluster's private dir under that
+    node's own home (as preflight recorded it; homes differ between nodes)."""
+    return f"{remote_cluster_dir(state, node_name)}/{TOKEN_FILE}"
+
+
 def token_path(ctx_or_state: UpContext | ClusterState) -> str:
-    """Where the Ray token lives on every node (this cluster's private dir on the head's home)."""
+    """Where the Ray token lives on the head (drivers there join with it)."""
     state = ctx_or_state.state if isinstance(ctx_or_state, UpContext) else ctx_or_state
-    return f"{remote_cluster_dir(state)}/{TOKEN_FILE}"
+    return node_token_path(state, state.head.name if state.head else "head")
 
 
 def cluster_spec(ctx: UpContext) -> RayClusterSpec:
@@ -81,7 +89,10 @@ def cluster_spec(ctx: UpContext) -> RayClusterSpec:
         )
         nodes.append(
             RayNodeSpec(
-                ip=str(rec.private_ip), num_gpus=rec.devices, ports=RayNodePorts(**rec.ray_ports)
+                ip=str(rec.private_ip),
+                num_gpus=rec.devices,
+                ports=RayNodePorts(**rec.ray_ports),
+                token_path=node_token_path(ctx.state, n.name),
             )
         )
     head = ctx.state.nodes[0] if ctx.state.nodes else None
@@ -98,6 +109,18 @@ def cluster_spec(ctx: UpContext) -> RayClusterSpec:
         ray_bin=python.rsplit("/", 1)[0] + "/ray",
         python=python,
     )
+
+
+def node_spec(ctx: UpContext, rec: NodeState) -> RayClusterSpec:
+    """The cluster's spec with the Ray daemon env of node ``rec`` (its interface and address)."""
+    return replace(cluster_spec(ctx), env=node_env(rec, ctx.config.cpu_kvcache_gb))
+
+
+def start_node(ctx: UpContext, runner: Runner, spec: RayClusterSpec, index: int) -> RayNodeHandle:
+    """Start node ``index``: with ``-v`` its ``ray start`` line (env, then command; the token
+    only as a file path) is shown first and Ray's output as it comes."""
+    ctx.reporter.command(runner.label, ray_start_display(spec, index))
+    return start_ray_node(runner, spec, index, timeout=180, on_line=ctx.reporter.on_line)
 
 
 def stop_ray(
@@ -132,25 +155,15 @@ class RayCluster(Stage):
                 dashboard=ctx.config.dashboard_port,
                 api=ctx.config.api_port,
             )
-        spec = cluster_spec(ctx)
         plan = {}
         for i, n in enumerate(ctx.cluster):
+            spec = node_spec(
+                ctx,
+                ctx.state.node(n.name) or NodeState(name=n.name, label=n.label, host=n.host),
+            )
             plan[n.label] = [
-                f"copy <controller token> -> {spec.token_path} (0600)",
-                "# env: "
-                + " ".join(
-                    f"{k}=..."
-                    for k in (
-                        *node_env(
-                            ctx.state.node(n.name)
-                            or NodeState(name=n.name, label=n.label, host=n.host),
-                            ctx.config.cpu_kvcache_gb,
-                        ),
-                        "RAY_AUTH_MODE",
-                        "RAY_AUTH_TOKEN_PATH",
-                        "RAY_SERVE_ENABLE_DIRECT_INGRESS",
-                    )
-                ),
+                f"copy <controller token> -> {spec.node_token_path(i)} (0600)",
+                "# " + ray_start_display(spec, i),
                 *start_ray_node_command(spec, i).strip().splitlines(),
             ]
         return plan
@@ -164,7 +177,7 @@ class RayCluster(Stage):
             )[n].ok
             for n, rec in zip(ctx.cluster, recs, strict=True)
         ]
-        ctx.state.remote_token_path = token_path(ctx)
+        ctx.state.remote_token_path = token_path(ctx)  # the head's: drivers run there
         if all(alive):
             self._wait(ctx, timeout=60)
             return StageOutcome("unchanged", f"{len(recs)} node(s) already in this cluster's Ray")
@@ -178,22 +191,17 @@ class RayCluster(Stage):
             )
             alive = [False] * len(alive)
         self._allocate_ports(ctx, [i for i, a in enumerate(alive) if not a])
-        for runner in ctx.runners:
-            runner.copy_to(
-                str(ctx.state.token_path), ctx.state.remote_token_path, mode=0o600, timeout=60
-            )
+        for runner, rec in zip(ctx.runners, recs, strict=True):
+            rec.token_path = node_token_path(ctx.state, rec.name)  # under this node's home
+            runner.copy_to(str(ctx.state.token_path), rec.token_path, mode=0o600, timeout=60)
         started = []
         for i, (runner, rec) in enumerate(zip(ctx.runners, recs, strict=True)):  # head first
             if alive[i]:
                 continue
-            spec = cluster_spec(ctx)
-            spec = RayClusterSpec(
-                **{**spec.__dict__, "env": node_env(rec, ctx.config.cpu_kvcache_gb)}
-            )
-            handle = start_ray_node(runner, spec, i, timeout=180)
+            spec = node_spec(ctx, rec)
+            handle = start_node(ctx, runner, spec, i)
             rec.ray_session = handle.session_id
             rec.ray_temp_dir = spec.temp_dir
-            rec.token_path = spec.token_path
             ctx.state.save()  # recorded at once: `down` can stop it even if a later step fails
             started.append(runner.node.name)
             ctx.reporter.node(

@@ -1,0 +1,159 @@
+"""The ray stage: each node's token under its own home, and `-v` showing each `ray start`."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import tempfile
+
+import pytest
+from rich.console import Console
+
+from cluster.inventory import Cluster, Node
+from cluster.lifecycle import UpConfig, up
+from cluster.ray_nodes import (
+    RayClusterSpec,
+    RayHeadPorts,
+    RayNodeSpec,
+    ray_node_env,
+    ray_start_display,
+    stop_ray_node,
+    write_token_file,
+)
+from cluster.runner import LocalRunner
+from cluster.stages.base import Reporter, UpContext
+from cluster.stages.ray import node_token_path, start_node, token_path
+from cluster.state import ClusterState, NodeState, cluster_key
+from tests.cluster.test_ray_nodes import FAKE_RAY
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMACLUSTER_HOME", str(tmp_path / "home"))
+
+
+def _state(name: str) -> ClusterState:
+    return ClusterState(
+        name=name,
+        nodes=[
+            NodeState(
+                name="head",
+                label="127.0.0.2:2222",
+                host="127.0.0.2",
+                private_ip="127.0.0.2",
+                home="/home/alice",
+                devices=1,
+            ),
+            NodeState(
+                name="worker1",
+                label="127.0.0.3:2222",
+                host="127.0.0.3",
+                private_ip="127.0.0.3",
+                home="/srv/bob",
+                devices=1,
+            ),
+        ],
+    )
+
+
+def test_each_nodes_token_path_comes_from_its_own_home():
+    state = _state("homes")
+    key = cluster_key("homes")
+    assert (
+        node_token_path(state, "head") == f"/home/alice/.llamacluster/nodes/homes-{key}/ray_token"
+    )
+    assert (
+        node_token_path(state, "worker1") == f"/srv/bob/.llamacluster/nodes/homes-{key}/ray_token"
+    )
+    assert token_path(state) == node_token_path(state, "head")  # drivers run on the head
+    # Before preflight knows a home, the path is the SSH user's home on that node.
+    assert node_token_path(state, "worker2").startswith("~/.llamacluster/nodes/")
+
+
+def test_dry_run_plans_each_nodes_token_under_its_own_home(tmp_path, capsys):
+    inv = tmp_path / "ips.txt"
+    inv.write_text("root@127.0.0.2:2222\nroot@127.0.0.3:2222\n")
+    _state("homes").save()  # a recorded cluster: preflight saw two different homes
+    up(
+        UpConfig(
+            name="homes",
+            inventory=inv,
+            model="org/model",
+            shared_dir=tmp_path / "shared",
+            system_root=tmp_path / "root",
+            dry_run=True,
+        )
+    )
+    out = capsys.readouterr().out
+    ray = out[out.index("▸ ray") : out.index("▸ serve")]
+    key = cluster_key("homes")
+    for label, home in (("127.0.0.2:2222", "/home/alice"), ("127.0.0.3:2222", "/srv/bob")):
+        path = f"{home}/.llamacluster/nodes/homes-{key}/ray_token"
+        lines = [ln.strip() for ln in ray.splitlines() if ln.strip().startswith(label + "$")]
+        assert f"{label}$ copy <controller token> -> {path} (0600)" in lines
+        start = next(ln for ln in lines if "/ray start " in ln and "RAY_AUTH" in ln)
+        assert f"RAY_AUTH_TOKEN_PATH={path} " in start
+    assert "/srv/bob" not in "".join(ln for ln in ray.splitlines() if "127.0.0.2:2222$" in ln)
+
+
+def test_verbose_start_shows_each_ray_start_line_and_never_the_token(tmp_path):
+    ray = tmp_path / "ray"
+    ray.write_text(FAKE_RAY)
+    ray.chmod(0o755)
+    token = "f" * 8 + "0123456789abcdef" * 3  # one token, a copy under each node's home
+    paths = [str(write_token_file(tmp_path / who / "ray_token", token)) for who in ("a", "b")]
+    spec = RayClusterSpec(
+        name="verbose",
+        temp_dir=tempfile.mkdtemp(prefix="lcv-", dir="/tmp"),
+        token_path=paths[0],
+        nodes=tuple(
+            RayNodeSpec(ip=f"127.0.0.{i + 2}", num_gpus=1, token_path=p)
+            for i, p in enumerate(paths)
+        ),
+        head_ports=RayHeadPorts(gcs=6390),
+        env={"VLLM_HOST_IP": "127.0.0.2"},
+        ray_bin=str(ray),
+    )
+    nodes = tuple(Node(index=i, host=n.ip, local=True) for i, n in enumerate(spec.nodes))
+    runners = [LocalRunner(n) for n in nodes]
+    out = io.StringIO()
+    ctx = UpContext(
+        config=UpConfig(local=True, verbose=True),
+        cluster=Cluster(nodes=nodes),
+        state=ClusterState(name="verbose"),
+        runners=runners,
+        reporter=Reporter(Console(file=out, soft_wrap=True), verbose=True),
+    )
+    handles = []
+    try:
+        for i, runner in enumerate(runners):
+            handles.append(start_node(ctx, runner, spec, i))
+    finally:
+        for runner, handle in zip(runners, handles, strict=False):
+            stop_ray_node(runner, handle, grace_s=1)
+        subprocess.run(["rm", "-rf", spec.temp_dir], check=False)
+    text = out.getvalue()
+    assert token not in text
+    head = next(ln for ln in text.splitlines() if "127.0.0.2$" in ln)
+    worker = next(ln for ln in text.splitlines() if "127.0.0.3$" in ln)
+    assert "ray start --head --port 6390" in head and "--node-ip-address 127.0.0.2" in head
+    assert """--resources '{"llamacluster_head": 1}'""" in head
+    assert "ray start --address 127.0.0.2:6390 --node-ip-address 127.0.0.3" in worker
+    assert (
+        f"RAY_AUTH_TOKEN_PATH={paths[0]} " in head and f"RAY_AUTH_TOKEN_PATH={paths[1]} " in worker
+    )
+    # Ray's own output follows live, prefixed by node: each start read its own token file.
+    assert f"token={paths[1]} ingress=1" in text and f"token={paths[0]} ingress=1" in text
+    masked = ray_start_display(RayClusterSpec(**{**spec.__dict__, "env": {"HF_TOKEN": "x"}}), 1)
+    assert "HF_TOKEN=***" in masked and "HF_TOKEN=x" not in masked
+
+
+def test_spec_without_node_token_paths_uses_the_clusters():
+    spec = RayClusterSpec(
+        name="one",
+        temp_dir="/tmp/lc-one",
+        token_path="/t/ray_token",
+        nodes=(RayNodeSpec(ip="10.0.0.1", num_gpus=1), RayNodeSpec(ip="10.0.0.2", num_gpus=1)),
+    )
+    assert [spec.node_token_path(i) for i in range(2)] == ["/t/ray_token"] * 2
+    assert ray_node_env(spec, 1)["RAY_AUTH_TOKEN_PATH"] == "/t/ray_token"
