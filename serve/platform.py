@@ -30,6 +30,12 @@ class RayCpuPlatform(CpuPlatform):
 
     ray_device_key: str = CPU_WORKER_SLOT_RESOURCE
 
+    @classmethod
+    def get_device_communicator_cls(cls) -> str:
+        """vLLM's CPU communicator, with shared memory only where the ranks share /dev/shm
+        (see serve/cpu_communicator.py): workers on several hosts talk over gloo."""
+        return "serve.cpu_communicator.HostAwareCpuCommunicator"
+
 
 def _accelerator_present() -> bool:
     """True when vLLM's own detection finds a GPU/TPU/XPU, without initialising CUDA.

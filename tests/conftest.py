@@ -7,4 +7,5 @@ pytest_plugins: list[str] = [
     "tests.support.sshd",
     "tests.support.ray_cluster",
     "tests.support.server",
+    "tests.support.netns",
 ]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.runner import SSHConfig
 from tests.support.sshd import SSHD_BIN, launch_sshd, make_keys, stop_process_tree
 
 SSH_PORT = 22  # each namespace has a port space of its own
@@ -79,6 +80,12 @@ class NetnsHosts:
         """A deploy/ips.txt for these nodes, head first."""
         lines = [f"{self.user}@{a}:{SSH_PORT}" for a in self.addresses]
         return "\n".join([lines[0] + "   # head", *lines[1:]]) + "\n"
+
+    def ssh_config(self) -> SSHConfig:
+        """Client settings with a known_hosts file and a ControlMaster directory of their own
+        (short: unix socket paths are limited to about 100 bytes)."""
+        fresh = Path(tempfile.mkdtemp(prefix="c", dir=self.workdir))
+        return SSHConfig(known_hosts_file=fresh / "known_hosts", control_dir=fresh / "cm")
 
     def run_in(self, index: int, *cmd: str) -> str:
         """Run ``cmd`` inside node ``index``'s namespace and return its stdout."""
