@@ -19,6 +19,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err_console = Console(stderr=True)
+# Wide tables keep their columns when stdout is a file or a pipe (rich assumes 80 columns there).
+PIPE_WIDTH = 220
+
+
+def table_console() -> Console:
+    """A stdout console for tables: the terminal's width, or PIPE_WIDTH columns when stdout is
+    not a terminal and COLUMNS does not say otherwise."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=PIPE_WIDTH)
 
 
 def debug_enabled() -> bool:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from cluster.cli.app import app
+from cluster.cli.app import app, table_console
 
 
 @app.command("bench")
@@ -142,7 +142,7 @@ def bench(
         cost_per_hour=cost_per_hour,
         seed=seed,
     )
-    console = Console()
+    console = table_console()
     err = Console(stderr=True)
     with progress_bar(err, enabled=progress) as hook:
         result = run_benchmark(config, progress=hook, observers=observers)

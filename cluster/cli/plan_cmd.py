@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from cluster.cli.app import app
+from cluster.cli.app import app, table_console
 from cluster.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -115,9 +115,7 @@ def plan(
     if as_json:
         typer.echo(json.dumps(result.model_dump(mode="json"), indent=2))
     else:
-        from rich.console import Console
-
-        Console().print(_render(result))
+        table_console().print(_render(result))
 
 
 def _node_count(ips: Path | None, nodes: int | None) -> int:
