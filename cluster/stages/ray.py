@@ -28,7 +28,16 @@ from cluster.state import TOKEN_FILE, ClusterState, NodeState, cluster_key, remo
 
 # Exit 0 while a process of the node's Ray session is alive.
 ALIVE_TEMPLATE = "ps -eo sid= | awk -v s={sid} '$1 == s {{ found = 1 }} END {{ exit !found }}'"
-LOGS_TEMPLATE = "tail -n {lines} {follow} {temp}/session_latest/logs/serve/*.log"
+# The Serve controller's and proxy's logs, plus the stdout/stderr of the server replica and the
+# vLLM workers (Ray marks each worker's files with its actor name in the first lines). The
+# replica's files hold the engine's own output, with the workers of other nodes forwarded there.
+LOGS_TEMPLATE = (
+    "cd {temp}/session_latest/logs 2>/dev/null "
+    '|| {{ echo "no Ray logs under {temp} yet" >&2; exit 1; }}; '
+    "set -- serve/*.log $(grep -l -m1 -E '^:actor_name:(ServeReplica|RayWorkerProc)' "
+    "worker-*.out worker-*.err 2>/dev/null); "
+    'tail -n {lines} {follow} "$@"'
+)
 
 
 def ray_temp_dir(cluster_name: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import subprocess
 import tempfile
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -157,3 +158,29 @@ def test_spec_without_node_token_paths_uses_the_clusters():
     )
     assert [spec.node_token_path(i) for i in range(2)] == ["/t/ray_token"] * 2
     assert ray_node_env(spec, 1)["RAY_AUTH_TOKEN_PATH"] == "/t/ray_token"
+
+
+def test_logs_command_tails_serve_logs_and_the_engine_workers_output(tmp_path: Path) -> None:
+    from cluster.stages.ray import serve_logs_command
+
+    logs = tmp_path / "session_latest" / "logs"
+    (logs / "serve").mkdir(parents=True)
+    (logs / "serve" / "controller_1.log").write_text("controller line\n")
+    (logs / "worker-aa-01000000-7.err").write_text(
+        ":job_id:01000000\n:actor_name:ServeReplica:llamacluster:LlamaclusterServer\n"
+        "RuntimeError: open shm in SHMManager failed\n"
+    )
+    (logs / "worker-bb-01000000-8.out").write_text(":actor_name:RayWorkerProc\nworker line\n")
+    (logs / "worker-cc-01000000-9.err").write_text(":actor_name:ProxyActor\nproxy noise\n")
+    done = subprocess.run(
+        ["sh", "-c", serve_logs_command(str(tmp_path), follow=False, lines=5)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "controller line" in done.stdout and "open shm in SHMManager failed" in done.stdout
+    assert "worker line" in done.stdout and "proxy noise" not in done.stdout
+    missing = subprocess.run(
+        ["sh", "-c", serve_logs_command(str(tmp_path / "none"), follow=False, lines=5)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert missing.returncode == 1 and "no Ray logs" in missing.stderr
