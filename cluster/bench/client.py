@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 
 from cluster.bench.config import ApiKind, Endpoint
 from cluster.bench.sse import SseParser
@@ -154,7 +154,7 @@ def _error_message(body: bytes) -> str:
 
 
 async def send_request(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     endpoint: Endpoint,
     request: BenchRequest,
     record: RequestRecord,
@@ -193,14 +193,18 @@ async def send_request(
             _stream(client, endpoint.base_url + path, body, headers, record, text_parts, start),
             timeout=timeout_s,
         )
-    except (asyncio.TimeoutError, httpx.TimeoutException):
+    except asyncio.TimeoutError:
         record.error_kind, record.error_detail = TIMEOUT, f"no complete answer in {timeout_s:g}s"
-    except httpx.ConnectError as exc:
+    except aiohttp.ClientConnectorError as exc:
         record.error_kind, record.error_detail = CONNECT, str(exc)[:300] or "connection refused"
-    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+    except (
+        aiohttp.ServerDisconnectedError,
+        aiohttp.ClientPayloadError,
+        aiohttp.ClientOSError,
+    ) as exc:
         record.error_kind = DISCONNECT
         record.error_detail = str(exc)[:300] or type(exc).__name__
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientError as exc:
         record.error_kind, record.error_detail = DISCONNECT, f"{type(exc).__name__}: {exc}"[:300]
     record.finished_at = time.perf_counter()
     record.ok = record.error_kind is None
@@ -210,7 +214,7 @@ async def send_request(
 
 
 async def _stream(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     url: str,
     body: dict[str, Any],
     headers: dict[str, str],
@@ -220,14 +224,14 @@ async def _stream(
 ) -> None:
     parser = SseParser()
     done = False
-    async with client.stream("POST", url, json=body, headers=headers) as response:
-        record.status = response.status_code
-        if response.status_code >= 400:
-            raw = await response.aread()
-            record.error_kind = f"http_{response.status_code}"
+    async with client.post(url, json=body, headers=headers) as response:
+        record.status = response.status
+        if response.status >= 400:
+            raw = await response.read()
+            record.error_kind = f"http_{response.status}"
             record.error_detail = _error_message(raw)
             return
-        async for chunk in response.aiter_bytes():
+        async for chunk in response.content.iter_any():
             now = time.perf_counter() - start
             for event in parser.feed(chunk):
                 done = _handle_event(event.event, event.data, now, record, text_parts) or done

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-import httpx
+import aiohttp
 
 from cluster import __version__
 from cluster.bench.client import RequestRecord, send_request
@@ -180,18 +180,21 @@ async def run_benchmark_async(
     max_conc = max(load.concurrency)
     if load.request_rate and load.num_requests:
         max_conc = max(max_conc, load.num_requests)
-    limits = httpx.Limits(max_connections=max_conc + 8, max_keepalive_connections=max_conc + 8)
-    timeout = httpx.Timeout(load.timeout_s, connect=min(30.0, load.timeout_s))
+    # Each request's own limit is load.timeout_s (send_request); the session bounds connecting.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(30.0, load.timeout_s))
     result = BenchResult(config=config.public_dict(), endpoints=[], points=[], started_at=started)
     result.notes.extend(workload.notes)
     result.environment = {
         "llamacluster": __version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "httpx": httpx.__version__,
+        "aiohttp": aiohttp.__version__,
         "tokenizer": str(tokenizer.path) if tokenizer else None,
     }
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+    connector = aiohttp.TCPConnector(limit=max_conc + 8, ttl_dns_cache=300)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, trust_env=False, raise_for_status=False
+    ) as client:
         plans = []
         for ep in config.endpoints:
             info = await _probe(client, ep, config=config, workload=workload)
@@ -278,7 +281,7 @@ def run_benchmark(
     return asyncio.run(coro)  # pragma: no cover - 3.10
 
 
-async def resolve_model(client: httpx.AsyncClient, endpoint: Endpoint) -> str:
+async def resolve_model(client: aiohttp.ClientSession, endpoint: Endpoint) -> str:
     """The endpoint's model name: as configured, else the first of its /v1/models."""
     if endpoint.model:
         return endpoint.model
@@ -286,10 +289,19 @@ async def resolve_model(client: httpx.AsyncClient, endpoint: Endpoint) -> str:
     if endpoint.api_key is not None:
         headers["Authorization"] = f"Bearer {endpoint.api_key.get_secret_value()}"
     try:
-        resp = await client.get(endpoint.base_url + "/models", headers=headers)
-        resp.raise_for_status()
-        return str(resp.json()["data"][0]["id"])
-    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+        async with client.get(
+            endpoint.base_url + "/models", headers=headers, timeout=aiohttp.ClientTimeout(total=60)
+        ) as resp:
+            resp.raise_for_status()
+            return str((await resp.json(content_type=None))["data"][0]["id"])
+    except (
+        aiohttp.ClientError,
+        asyncio.TimeoutError,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+    ) as exc:
         raise ConfigError(
             f"cannot learn the model name from {endpoint.base_url}/models ({type(exc).__name__}: "
             f"{str(exc)[:120]})",
@@ -298,7 +310,7 @@ async def resolve_model(client: httpx.AsyncClient, endpoint: Endpoint) -> str:
 
 
 async def _probe(
-    client: httpx.AsyncClient, endpoint: Endpoint, *, config: BenchConfig, workload: Workload
+    client: aiohttp.ClientSession, endpoint: Endpoint, *, config: BenchConfig, workload: Workload
 ) -> EndpointInfo:
     """Learn the model, whether ignore_eos and stream usage are accepted, with tiny requests."""
     model = await resolve_model(client, endpoint)
@@ -343,7 +355,7 @@ async def _probe(
 
 
 async def _warmup(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     plan: _Plan,
     point: LoadPoint,
     p_index: int,
@@ -370,7 +382,7 @@ async def _warmup(
 
 
 async def _send(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     plan: _Plan,
     req: BenchRequest,
     rec: RequestRecord,
@@ -393,7 +405,7 @@ async def _send(
 
 
 async def _phase(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     plan: _Plan,
     point: LoadPoint,
     *,
