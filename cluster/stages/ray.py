@@ -28,15 +28,26 @@ from cluster.state import TOKEN_FILE, ClusterState, NodeState, cluster_key, remo
 
 # Exit 0 while a process of the node's Ray session is alive.
 ALIVE_TEMPLATE = "ps -eo sid= | awk -v s={sid} '$1 == s {{ found = 1 }} END {{ exit !found }}'"
-# The Serve controller's and proxy's logs, plus the stdout/stderr of the server replica and the
-# vLLM workers (Ray marks each worker's files with its actor name in the first lines). The
-# replica's files hold the engine's own output, with the workers of other nodes forwarded there.
+# The stdout/stderr files of the server replica and the vLLM workers: Ray writes each worker's
+# actor name in the first lines of its files. The replica's files hold the engine's own output,
+# with the workers of other nodes forwarded there.
+_ENGINE_FILES = (
+    "$(grep -l -m1 -E '^:actor_name:(ServeReplica|RayWorkerProc)' "
+    "worker-*.out worker-*.err 2>/dev/null)"
+)
+_IN_LOGS = "cd {temp}/session_latest/logs 2>/dev/null "
+# The Serve controller's and proxy's logs, plus the engine files.
 LOGS_TEMPLATE = (
-    "cd {temp}/session_latest/logs 2>/dev/null "
-    '|| {{ echo "no Ray logs under {temp} yet" >&2; exit 1; }}; '
-    "set -- serve/*.log $(grep -l -m1 -E '^:actor_name:(ServeReplica|RayWorkerProc)' "
-    "worker-*.out worker-*.err 2>/dev/null); "
+    _IN_LOGS + '|| {{ echo "no Ray logs under {temp} yet" >&2; exit 1; }}; '
+    "set -- serve/*.log " + _ENGINE_FILES + "; "
     'tail -n {lines} {follow} "$@"'
+)
+# The last exception line in the engine files, less vLLM's "see root cause above" wrapper:
+# what to say when the engine does not start.
+ROOT_CAUSE_TEMPLATE = (
+    _IN_LOGS + "|| exit 0; cat /dev/null " + _ENGINE_FILES + " "
+    "| grep -o -E '[A-Z][A-Za-z0-9_.]*(Error|Exception): .*' "
+    "| grep -v -e 'Engine core initialization failed' | tail -n 1 | cut -c1-300"
 )
 
 
@@ -53,6 +64,11 @@ def ray_temp_dir(cluster_name: str) -> str:
 def ray_alive_command(session_id: int) -> str:
     """Exit 0 while the Ray session of a node has a process."""
     return ALIVE_TEMPLATE.format(sid=int(session_id))
+
+
+def root_cause_command(temp_dir: str) -> str:
+    """Print the last exception line the engine left in the head's logs (nothing if none)."""
+    return ROOT_CAUSE_TEMPLATE.format(temp=shlex.quote(temp_dir))
 
 
 def serve_logs_command(temp_dir: str, *, follow: bool, lines: int) -> str:

@@ -257,8 +257,12 @@ class Ready(Stage):
             check=False,
         )
         if not res.ok:
+            why = res.tail(1) or res.tail(1, stream="stdout")
+            cause = self._root_cause(ctx)
+            if cause and cause not in why:
+                why += f"; root cause in the head's logs: {cause}"
             raise NotReadyError(
-                f"the server on {ctx.head.label} did not become ready: {res.tail(1) or res.tail(1, stream='stdout')}",
+                f"the server on {ctx.head.label} did not become ready: {why}",
                 hint=f"see `llamacluster logs --name {ctx.state.name}`",
             )
         return StageOutcome(
@@ -268,3 +272,19 @@ class Ready(Stage):
             else "done",
             f"{ctx.state.endpoint}/v1 is ready",
         )
+
+    @staticmethod
+    def _root_cause(ctx: UpContext) -> str:
+        """The engine's last exception line from the head's Ray logs, or "" (best effort)."""
+        from cluster.stages.ray import root_cause_command  # ray.py imports this module
+
+        head = ctx.state.node(ctx.head.name)
+        if head is None or not head.ray_temp_dir:
+            return ""
+        res = ctx.run_head(
+            root_cause_command(head.ray_temp_dir),
+            what="reading the engine's last error",
+            timeout=30,
+            check=False,
+        )
+        return res.stdout.strip() if res.ok else ""

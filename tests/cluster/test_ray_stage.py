@@ -184,3 +184,25 @@ def test_logs_command_tails_serve_logs_and_the_engine_workers_output(tmp_path: P
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert missing.returncode == 1 and "no Ray logs" in missing.stderr
+
+
+def test_root_cause_is_the_engines_last_exception_not_vllms_wrapper(tmp_path: Path) -> None:
+    from cluster.stages.ray import root_cause_command
+
+    logs = tmp_path / "session_latest" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "worker-aa-01000000-7.err").write_text(
+        ":actor_name:ServeReplica:llamacluster:LlamaclusterServer\n"
+        "Traceback (most recent call last):\n"
+        "RuntimeError: open shm in SHMManager failed. errno: 2\n"
+        "RuntimeError: Engine core initialization failed. See root cause above.\n"
+    )
+    (logs / "worker-cc-01000000-9.err").write_text(":actor_name:ProxyActor\nValueError: other\n")
+
+    def cause(temp: Path) -> str:
+        return subprocess.run(
+            ["sh", "-c", root_cause_command(str(temp))], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    assert cause(tmp_path) == "RuntimeError: open shm in SHMManager failed. errno: 2"
+    assert cause(tmp_path / "none") == ""

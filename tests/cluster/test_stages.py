@@ -233,3 +233,35 @@ def test_dry_run_nfs_from_the_head_plans_export_and_worker_mounts(tmp_path, caps
     )
     assert any("apt-get install -y -q cachefilesd" in ln for ln in worker_lines)
     assert any("umount" in ln and "/proc/fs/nfsfs/volumes" in ln for ln in worker_lines)
+
+
+def test_ready_failure_names_the_engines_root_cause_from_the_head_logs(tmp_path, monkeypatch):
+    import sys
+
+    import cluster.stages.serve as serve_stage
+    from cluster.errors import NotReadyError
+    from cluster.state import Ports
+
+    logs = tmp_path / "ray" / "session_latest" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "worker-aa-01000000-7.err").write_text(
+        ":actor_name:ServeReplica:llamacluster:LlamaclusterServer\n"
+        "RuntimeError: open shm in SHMManager failed. errno: 2\n"
+        "RuntimeError: Engine core initialization failed. See root cause above.\n"
+    )
+    # The waiting program as it ends when the engine died (the real one needs a server).
+    monkeypatch.setattr(
+        serve_stage,
+        "WAIT_READY_SNIPPET",
+        "import sys; sys.exit('server is not healthy: engine failed to start')",
+    )
+    ctx = _context(UpConfig(local=True, ready_timeout_s=5))
+    ctx.state.env_dir = sys.prefix
+    ctx.state.ports = Ports(api=9, ray_gcs=6379, dashboard=8265)
+    ctx.state.nodes = [NodeState(name="head", label="127.0.0.1", host="127.0.0.1")]
+    ctx.state.nodes[0].ray_temp_dir = str(tmp_path / "ray")
+    with pytest.raises(NotReadyError) as caught:
+        serve_stage.Ready().run(ctx)
+    line = caught.value.one_line()
+    assert "engine failed to start" in line
+    assert "root cause in the head's logs: RuntimeError: open shm in SHMManager failed" in line

@@ -164,3 +164,35 @@ def test_up_over_ssh_two_loopback_nodes_tp2_pp2(tmp_path, cli_env, sshd, hub_ser
     finally:
         if (home / "clusters" / name / "state.json").exists():
             _bring_down_and_check(home, name, cli_env)
+
+
+@pytest.mark.timeout(2400)
+def test_up_installs_the_shared_env_from_the_project(tmp_path, cli_env, sshd, demo_model_dir):
+    """Without --env, `up` copies the project to <shared>/src and runs its bootstrap.sh into
+    <shared>/env once from the head; every node then imports vLLM and Ray from there."""
+    inventory = tmp_path / "ips.txt"
+    inventory.write_text(
+        f"{sshd.user}@127.0.0.2:{sshd.port}   # head\n{sshd.user}@127.0.0.3:{sshd.port}\n"
+    )
+    shared = tmp_path / "shared"
+    name = "e2e-env"
+    args = [
+        "--ips", str(inventory), "--name", name, "--ssh-key", str(sshd.client_key),
+        "--known-hosts", str(tmp_path / "known_hosts"), "--model", str(demo_model_dir),
+        "--shared-dir", str(shared), "--device", "cpu", "--cpu-slots", "1",
+        "--skip", "cache", "--skip", "download", "--skip", "ray", "--skip", "serve",
+        "--skip", "ready",
+    ]  # fmt: skip
+    first = _ok(llamacluster("up", *args, env=cli_env, timeout=2200))
+    assert f"installed: {shared}/env" in first, first
+    assert (shared / "src" / "pyproject.toml").read_bytes() == (
+        Path(__file__).resolve().parents[2] / "pyproject.toml"
+    ).read_bytes()
+    assert first.count("vllm 0.32") >= 2  # both nodes import it from the shared env
+    versions = subprocess.run(
+        [str(shared / "env" / "bin" / "python"), "-c", "import vllm, ray; print(vllm.__file__)"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert versions.startswith(str(shared / "env"))
+    second = _ok(llamacluster("up", *args, env=cli_env, timeout=900))
+    assert f"up to date: {shared}/env" in second and "nothing changed" in second, second
