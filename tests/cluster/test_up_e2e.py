@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -183,6 +184,13 @@ def test_up_installs_the_shared_env_from_the_project(tmp_path, cli_env, sshd, de
         "--skip", "cache", "--skip", "download", "--skip", "ray", "--skip", "serve",
         "--skip", "ready",
     ]  # fmt: skip
+    try:
+        _up_installs_then_changes_nothing(args, shared, cli_env)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)  # a few GB: not left for pytest to keep
+
+
+def _up_installs_then_changes_nothing(args: list[str], shared: Path, cli_env: dict) -> None:
     first = _ok(llamacluster("up", *args, env=cli_env, timeout=2200))
     assert f"installed: {shared}/env" in first, first
     assert (shared / "src" / "pyproject.toml").read_bytes() == (
