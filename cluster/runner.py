@@ -33,6 +33,9 @@ Stdin = bytes | str | IO[bytes] | None
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Remote `timeout` sends TERM at the deadline and KILL this long after, so nothing lingers.
 _KILL_AFTER_S = 5
+# The node's own `timeout` is a backstop for a lost connection: it fires this much after the
+# runner's deadline, so the runner (which kills and reports) normally acts first.
+_REMOTE_MARGIN_S = 2.0
 # After the process exits, how long to wait for its output pipes to close.
 _DRAIN_S = 5.0
 
@@ -122,7 +125,8 @@ def _script(command: str, env: Mapping[str, str] | None, timeout: float | None) 
         parts.append(shell_join(["export", f"{key}={value}"]))
     inner = ["bash", "-c", command]
     if timeout is not None:
-        inner = ["timeout", f"--kill-after={_KILL_AFTER_S}", f"{timeout:.3f}", *inner]
+        limit = timeout + _REMOTE_MARGIN_S
+        inner = ["timeout", f"--kill-after={_KILL_AFTER_S}", f"{limit:.3f}", *inner]
     parts.append("exec " + shell_join(inner))
     return ("; ".join(parts) + "\n").encode()
 
@@ -267,6 +271,13 @@ class Runner(ABC):
         stdout = b"".join(out).decode("utf-8", "replace")
         stderr = b"".join(err).decode("utf-8", "replace")
         returncode = proc.returncode
+        if (
+            not timed_out
+            and returncode == 124
+            and full_timeout is not None
+            and time.monotonic() - start >= full_timeout
+        ):
+            timed_out = True  # the node's backstop fired first (this process woke up late)
         if timed_out:
             returncode = 124
             stderr += f"\n[llamacluster] timed out after {full_timeout:g} s and was killed\n"
