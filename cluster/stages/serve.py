@@ -7,7 +7,7 @@ import os
 import shlex
 from pathlib import Path
 
-from cluster.errors import ConfigError, NotReadyError
+from cluster.errors import ConfigError, NotReadyError, RemoteError
 from cluster.stages.base import Stage, StageOutcome, UpContext
 from cluster.stages.env import env_python
 from cluster.state import API_KEY_FILE, NodeState, config_hash, remote_cluster_dir
@@ -30,6 +30,25 @@ SHUTDOWN_SNIPPET = (
     "from serve.app import shutdown\n"
     "print(shutdown(sys.argv[1], ray_address=sys.argv[2]))\n"
 )
+# Exit 0 once nothing holds the port (argv[1]) any more, 1 after argv[2] seconds: the old
+# server's processes (the replica, an engine process it forked) can outlive its app by seconds.
+PORT_RELEASED_SNIPPET = (
+    "import socket, sys, time\n"
+    "port, deadline = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])\n"
+    "while True:\n"
+    "    s = socket.socket()\n"
+    "    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "    try:\n"
+    "        s.bind(('', port))\n"
+    "        sys.exit(0)\n"
+    "    except OSError:\n"
+    "        if time.monotonic() > deadline:\n"
+    "            sys.exit(1)\n"
+    "        time.sleep(0.5)\n"
+    "    finally:\n"
+    "        s.close()\n"
+)
+PORT_RELEASE_WAIT_S = 120
 # Is the app deployed and ready? (exit 0 when /ready answers 200)
 READY_PROBE_TEMPLATE = (
     "{python} -c 'import sys, urllib.request\n"
@@ -194,6 +213,7 @@ class Serve(Stage):
                 env=ray_driver_env(ctx.state.remote_token_path),
                 timeout=300,
             )
+            self._wait_port_released(ctx, python, ctx.state.ports.api)
         out = ctx.run_head(
             python_snippet_command(
                 python, DEPLOY_SNIPPET, f"{head.private_ip}:{ctx.state.ports.ray_gcs}"
@@ -217,6 +237,27 @@ class Serve(Stage):
             "done",
             f"{'re' if redeploy else ''}deployed {endpoint['model']} with tp={tp} × pp={pp}{note}",
         )
+
+    @staticmethod
+    def _wait_port_released(ctx: UpContext, python: str, port: int) -> None:
+        """Wait until the old server let go of the API port (the new one must bind it)."""
+        wait = python_snippet_command(
+            python, PORT_RELEASED_SNIPPET, str(port), str(PORT_RELEASE_WAIT_S)
+        )
+        holders = f"ss -ltnp 'sport = :{int(port)}' 2>/dev/null | tail -n +2"
+        res = ctx.run_head(
+            f"{wait} || {{ {holders}; exit 1; }}",
+            what=f"waiting for port {port} to be free",
+            timeout=PORT_RELEASE_WAIT_S + 30,
+            check=False,
+        )
+        if not res.ok:
+            held_by = res.stdout.strip().splitlines()[-1:] or ["(ss shows no listener)"]
+            raise RemoteError(
+                f"port {port} on {ctx.head.label} is still taken {PORT_RELEASE_WAIT_S} s after "
+                f"the old server stopped: {held_by[0][:200]}",
+                hint="stop the process that holds it, or pass another --api-port",
+            )
 
     @staticmethod
     def _copy_api_key(ctx: UpContext) -> None:

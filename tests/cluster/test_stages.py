@@ -265,3 +265,24 @@ def test_ready_failure_names_the_engines_root_cause_from_the_head_logs(tmp_path,
     line = caught.value.one_line()
     assert "engine failed to start" in line
     assert "root cause in the head's logs: RuntimeError: open shm in SHMManager failed" in line
+
+
+def test_redeploy_waits_for_the_old_servers_port_and_names_who_holds_it(monkeypatch):
+    import socket
+    import sys
+    import threading
+
+    import cluster.stages.serve as serve_stage
+
+    monkeypatch.setattr(serve_stage, "PORT_RELEASE_WAIT_S", 1)
+    ctx = _context(UpConfig(local=True))
+    held = socket.create_server(("", 0))
+    port = held.getsockname()[1]
+    with pytest.raises(RemoteError) as caught:
+        serve_stage.Serve._wait_port_released(ctx, sys.executable, port)
+    assert f"port {port} on 127.0.0.1 is still taken" in caught.value.one_line()
+    # Released while waiting: the wait ends and the port is free for the new server.
+    monkeypatch.setattr(serve_stage, "PORT_RELEASE_WAIT_S", 20)
+    threading.Timer(1.0, held.close).start()
+    serve_stage.Serve._wait_port_released(ctx, sys.executable, port)
+    socket.create_server(("", port)).close()
