@@ -297,6 +297,7 @@ def _purge(
 
 def status(name: str, *, console: Console | None = None) -> dict[str, object]:
     """Nodes, devices, Ray and server state, model, endpoint and disk, checked live."""
+    from cluster.stages.preflight import cpu_kernels_of
     from cluster.stages.ray import ray_alive_command
 
     reporter = Reporter(console)
@@ -322,10 +323,17 @@ def status(name: str, *, console: Console | None = None) -> dict[str, object]:
         ready = runners[0].run(probe, timeout=30).ok
     reporter.print(f"cluster [cyan]{state.name}[/]{' (local)' if state.local else ''}")
     for rec in state.nodes:
+        kernels = cpu_kernels_of(rec)
+        cpu = (
+            f"cpu {rec.device_info.get('cpu_flags') or '-'} ({kernels.describe()}), "
+            if kernels
+            else ""
+        )
         reporter.node(
             rec.label,
             f"{rec.name}: {rec.private_ip} ({rec.interface}), {rec.devices} {rec.device_kind} slot(s), "
-            f"{rec.device_info.get('disk_free_gb', '?')} GiB free, "
+            + cpu
+            + f"{rec.device_info.get('disk_free_gb', '?')} GiB free, "
             f"ray {'running' if alive.get(rec.name) else 'stopped'}"
             + (f" (session {rec.ray_session})" if rec.ray_session else ""),
             ok=alive.get(rec.name, False),

@@ -7,6 +7,8 @@ import os
 
 from vllm.platforms.cpu import CpuPlatform
 
+from cluster.cpu_features import CpuKernels, engine_kernels, local_arch, local_flags, request_amx
+
 logger = logging.getLogger(__name__)
 
 # Set to 0/false/no/off to keep vLLM's own CPU platform (no Ray executor on CPU).
@@ -31,10 +33,50 @@ class RayCpuPlatform(CpuPlatform):
     ray_device_key: str = CPU_WORKER_SLOT_RESOURCE
 
     @classmethod
+    def import_kernels(cls) -> None:
+        """vLLM's kernels, loaded after this process holds the AMX tile state (where there is one)."""
+        prepare_cpu_process()
+        super().import_kernels()
+
+    @classmethod
     def get_device_communicator_cls(cls) -> str:
         """vLLM's CPU communicator, with shared memory only where the ranks share /dev/shm
         (see serve/cpu_communicator.py): workers on several hosts talk over gloo."""
         return "serve.cpu_communicator.HostAwareCpuCommunicator"
+
+
+_PREPARED: list[bool] = []
+
+
+def prepare_cpu_process() -> CpuKernels | None:
+    """Make this process able to run the CPU kernels vLLM will pick; idempotent, cheap.
+
+    vLLM's CPU attention runs AMX tile instructions whenever the CPU lists ``amx_tile`` (bf16,
+    block size a multiple of 32) but never asks Linux for the tile state, which is granted per
+    process: a Ray worker that reaches attention before anything else asked (oneDNN does, for its
+    own AMX matmuls) dies with SIGILL. This asks first, in every process that loads vLLM's
+    platform plugins (API server, engine core, Ray workers). Where Linux refuses the grant, AMX is
+    turned off for this process so vLLM picks its AVX attention kernel instead of dying.
+    """
+    try:
+        flags = local_flags()
+        if "amx_tile" not in flags:
+            return engine_kernels(flags, arch=local_arch())
+        import torch
+
+        granted = request_amx()
+        kernels = engine_kernels(flags, arch=local_arch(), amx_grant=granted)
+        if granted is False and torch.cpu._is_amx_tile_supported():
+            torch.cpu._is_amx_tile_supported = lambda: False
+            if not _PREPARED:
+                logger.warning("llamacluster: %s", kernels.note)
+    except Exception:  # never stop vLLM from loading; the engine's own error will say more
+        logger.warning("llamacluster: could not prepare the CPU for vLLM's kernels", exc_info=True)
+        return None
+    if not _PREPARED:
+        logger.debug("llamacluster: CPU kernels %s (pid %d)", kernels.describe(), os.getpid())
+        _PREPARED.append(True)
+    return kernels
 
 
 def _accelerator_present() -> bool:
@@ -73,8 +115,11 @@ def activate() -> str | None:
     vLLM, and None (vLLM's own detection decides) when an accelerator is present or when
     LLAMACLUSTER_CPU_PLATFORM=0.
     """
-    if os.environ.get(DISABLE_ENV, "").strip().lower() in _FALSE_WORDS:
-        return None
     if not _cpu_build() or _accelerator_present():
+        return None
+    # vLLM calls every platform plugin in every process it starts, before any kernel runs: the
+    # place to take the AMX tile state, whether or not our platform is then used.
+    prepare_cpu_process()
+    if os.environ.get(DISABLE_ENV, "").strip().lower() in _FALSE_WORDS:
         return None
     return f"{__name__}.{RayCpuPlatform.__name__}"

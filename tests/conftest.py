@@ -2,10 +2,6 @@
 
 # Fixture modules (each owns its fixtures); pytest loads them for every test.
 pytest_plugins: list[str] = [
-    "tests.support.hub",
+    "tests.support.fixtures",
     "tests.support.stream_server",
-    "tests.support.sshd",
-    "tests.support.ray_cluster",
-    "tests.support.server",
-    "tests.support.netns",
 ]

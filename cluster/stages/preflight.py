@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import shlex
 
-from cluster import reach
+from cluster import cpu_features, reach
 from cluster.errors import ConfigError, RemoteError
 from cluster.inventory import Node
 from cluster.stages.base import Stage, StageOutcome, UpContext
@@ -25,6 +25,11 @@ echo "netns=$(readlink /proc/self/ns/net 2>/dev/null)"
 if sudo -n true 2>/dev/null; then echo sudo=yes; else echo sudo=no; fi
 echo "cpus=$(nproc)"
 echo "numa=$(ls -d /sys/devices/system/node/node[0-9]* 2>/dev/null | wc -l)"
+echo "arch=$(uname -m)"
+echo "cpu_flags=$(grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | tr ' ' '\n' | grep -xE '{flags}' | tr '\n' ' ')"
+if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
+  python3 -c 'import ctypes; s = ctypes.CDLL(None).syscall; print("amx_grant=" + ("yes" if s(158, 0x1023, 18) == 0 else "no"))' 2>/dev/null
+fi
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader,nounits 2>/dev/null | sed 's/^/gpu=/'
   nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9.]*\).*/cuda=\1/p' | head -n 1
@@ -58,7 +63,9 @@ RAY_RESOLVES = "127.0.0.1"
 
 def probe_command(shared_dir: str) -> str:
     """The preflight probe for a node with ``shared_dir`` as the shared directory."""
-    return PROBE_TEMPLATE.format(shared=shlex.quote(shared_dir)).strip()
+    return PROBE_TEMPLATE.format(
+        shared=shlex.quote(shared_dir), flags="|".join(cpu_features.RELEVANT_FLAGS)
+    ).strip()
 
 
 def parse_probe(text: str) -> dict[str, list[str]]:
@@ -132,6 +139,10 @@ def node_state_from_probe(
     gpus = [g for g in facts.get("gpu", []) if g]
     kind = "gpu" if (device == "gpu" or (device == "auto" and gpus)) else "cpu"
     info: dict[str, str] = {"cpus": _first(facts, "cpus"), "numa_nodes": _first(facts, "numa")}
+    info["arch"] = _first(facts, "arch")
+    info["cpu_flags"] = " ".join(sorted(cpu_features.parse_flags(_first(facts, "cpu_flags"))))
+    if "amx_grant" in facts:
+        info["amx_grant"] = _first(facts, "amx_grant")
     if kind == "gpu":
         if not gpus:
             raise ConfigError(
@@ -164,6 +175,40 @@ def node_state_from_probe(
         device_info=info,
         versions={"python": _first(facts, "python_version")},
     )
+
+
+def cpu_kernels_of(node: NodeState) -> cpu_features.CpuKernels | None:
+    """The CPU kernels vLLM will run on a node, from its recorded flags (None: not probed)."""
+    info = node.device_info
+    if not info.get("arch"):
+        return None
+    grant = info.get("amx_grant")
+    return cpu_features.engine_kernels(
+        set(info.get("cpu_flags", "").split()),
+        arch=info["arch"],
+        amx_grant=None if grant is None else grant == "yes",
+    )
+
+
+def require_engine_cpus(nodes: list[NodeState]) -> list[str]:
+    """Refuse (ConfigError, one line naming each node and what it lacks) when a CPU node cannot
+    run vLLM's CPU kernels; return notes on nodes that run slower kernels than their CPU could
+    (AMX refused by the kernel)."""
+    problems, notes = [], []
+    for n in nodes:
+        kernels = cpu_kernels_of(n)
+        if kernels is None or n.device_kind != "cpu":
+            continue
+        if kernels.problem:
+            problems.append(f"{n.label}: {kernels.problem}")
+        if kernels.note:
+            notes.append(f"{n.label}: {kernels.note}")
+    if problems:
+        raise ConfigError(
+            "the engine cannot run on these CPUs: " + "; ".join(problems),
+            hint="use x86 CPUs with AVX2 or newer (or ARM/POWER), or GPU nodes with --device gpu",
+        )
+    return notes
 
 
 def check_alike(nodes: list[NodeState]) -> list[str]:
@@ -233,6 +278,8 @@ class Preflight(Stage):
                 "nodes are not alike: " + "; ".join(problems),
                 hint="use the same OS image, python3 and driver on every node",
             )
+        for note in require_engine_cpus(nodes):
+            ctx.reporter.warn(note)
         for n in nodes:
             if not n.python:
                 raise RemoteError(
@@ -262,10 +309,13 @@ class Preflight(Stage):
                 n.versions = {**prev.versions, **n.versions}
         ctx.state.nodes = nodes
         for n in nodes:
+            kernels = cpu_kernels_of(n)
             kind = (
                 f"{n.devices} × {n.device_info.get('gpu', 'GPU')}"
                 if n.device_kind == "gpu"
-                else f"{n.devices} CPU slot(s) ({n.device_info.get('cpus')} cores)"
+                else f"{n.devices} CPU slot(s) ({n.device_info.get('cpus')} cores"
+                + (f"; {kernels.describe()}" if kernels else "")
+                + ")"
             )
             ctx.reporter.node(
                 n.label,

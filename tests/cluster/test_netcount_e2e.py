@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.netns import _require_netns
+from tests.support.fixtures import _require_netns
 
 pytestmark = [pytest.mark.e2e, pytest.mark.engine, pytest.mark.timeout(2400)]
 

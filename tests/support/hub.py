@@ -11,16 +11,13 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-import pytest
-
-from cluster.demo_model import DEMO_MODEL_REPO_ID, build_demo_model, file_sha256, iter_model_files
+from cluster.demo_model import file_sha256, iter_model_files
 
 #: The gated copy of the demo model served by the `hub` fixture.
 GATED_REPO_ID = "llamacluster/demo-tiny-llama-gated"
@@ -736,45 +733,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-# -- pytest fixtures ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default tiny demo model (seed 0, 4 shards), built once per test session. Read-only."""
-    return build_demo_model(tmp_path_factory.mktemp("demo-model") / "demo-tiny-llama")
-
-
-@pytest.fixture(scope="session")
-def hub_server(demo_model_dir: Path) -> Iterator[LoopbackHub]:
-    """One loopback hub per session serving the demo model and its gated copy."""
-    hub = LoopbackHub()
-    hub.add_repo(DEMO_MODEL_REPO_ID, demo_model_dir)
-    hub.add_repo(GATED_REPO_ID, demo_model_dir, gated=True)
-    with hub:
-        yield hub
-
-
-@pytest.fixture
-def hub(hub_server: LoopbackHub, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackHub]:
-    """The session hub with faults and log cleared, and HF_ENDPOINT pointing at it for this test."""
-    from huggingface_hub import constants, hf_api
-
-    hub_server.faults.reset()
-    hub_server.clear_log()
-    for key, value in hub_server.env().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    # huggingface_hub reads HF_ENDPOINT once at import: point its module-level defaults here too.
-    monkeypatch.setattr(constants, "ENDPOINT", hub_server.url)
-    monkeypatch.setattr(
-        constants,
-        "HUGGINGFACE_CO_URL_TEMPLATE",
-        hub_server.url + "/{repo_id}/resolve/{revision}/{filename}",
-    )
-    monkeypatch.setattr(hf_api.api, "endpoint", hub_server.url)
-    yield hub_server
-    hub_server.faults.reset()

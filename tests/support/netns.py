@@ -21,14 +21,11 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 from cluster.runner import SSHConfig
-from tests.support.sshd import SSHD_BIN, launch_sshd, make_keys, stop_process_tree
+from tests.support.sshd import launch_sshd, make_keys, stop_process_tree
 
 SSH_PORT = 22  # each namespace has a port space of its own
 IFACE = "eth0"
@@ -167,36 +164,3 @@ def start_netns_hosts(count: int = 2) -> NetnsHosts:
         hosts.stop()
         raise
     return hosts
-
-
-def _require_netns() -> None:
-    missing = []
-    if os.geteuid() != 0:
-        missing.append("root (network namespaces and a bridge)")
-    if shutil.which("ip") is None:
-        missing.append("iproute2 (`apt-get install -y iproute2`)")
-    if not SSHD_BIN.exists():
-        missing.append(f"{SSHD_BIN} (`apt-get install -y openssh-server`)")
-    if not missing:
-        return
-    reason = "namespace test hosts need " + ", ".join(missing)
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(reason + " (CI must run these tests)")
-    pytest.skip(reason)
-
-
-@pytest.fixture
-def netns_hosts() -> Iterator[Callable[..., NetnsHosts]]:
-    """Factory: ``netns_hosts(count=2)`` starts namespace nodes; all are removed after the test."""
-    _require_netns()
-    made: list[NetnsHosts] = []
-
-    def make(count: int = 2) -> NetnsHosts:
-        made.append(start_netns_hosts(count))
-        return made[-1]
-
-    try:
-        yield make
-    finally:
-        for hosts in made:
-            hosts.stop()

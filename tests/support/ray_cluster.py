@@ -5,11 +5,9 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pytest
 
 from cluster.inventory import Node
 from cluster.ray_nodes import (
@@ -157,37 +155,3 @@ def start_loopback_ray_cluster(
         cluster.stop()
         raise
     return cluster
-
-
-@pytest.fixture(scope="session")
-def ray_cluster_1node() -> Iterator[LoopbackRayCluster]:
-    """One loopback Ray node with 2 worker slots, shared by the whole session (API tests)."""
-    cluster = start_loopback_ray_cluster(nodes=1, slots_per_node=2)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture
-def make_ray_cluster() -> Iterator[Callable[..., LoopbackRayCluster]]:
-    """Factory: ``make_ray_cluster(nodes=2, slots_per_node=2, **kw)`` starts a loopback cluster;
-    every cluster it made is stopped when the test ends, passed or failed."""
-    made: list[LoopbackRayCluster] = []
-
-    def make(**kwargs) -> LoopbackRayCluster:
-        cluster = start_loopback_ray_cluster(**kwargs)
-        made.append(cluster)
-        return cluster
-
-    try:
-        yield make
-    finally:
-        errors = []
-        for cluster in reversed(made):
-            try:
-                cluster.stop()
-            except Exception as exc:  # stop the others anyway, then report
-                errors.append(exc)
-        if errors:
-            raise errors[0]

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 # Bound used by the shared server, small so the 429 test needs few open requests.
 SHARED_MAX_ONGOING = 6
 
@@ -178,12 +176,3 @@ def _first_answer(url: str, *, timeout_s: float = 60.0):
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.2)
-
-
-@pytest.fixture(scope="session")
-def api_server(ray_cluster_1node: Any, demo_model_dir: Path) -> Iterator[ApiServer]:
-    """One server per session (tp=1, one replica on the 1-node loopback Ray cluster)."""
-    with running_server(
-        ray_cluster_1node, demo_model_dir, max_ongoing_requests=SHARED_MAX_ONGOING
-    ) as server:
-        yield server

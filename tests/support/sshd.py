@@ -11,11 +11,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 from cluster.inventory import Cluster, Node
 from cluster.runner import SSHConfig, SSHRunner
@@ -252,25 +249,3 @@ def start_sshd(workdir: Path) -> SSHServer:
             process=proc,
         )
     raise RuntimeError(f"could not start sshd: {last_error}")
-
-
-def _require_sshd() -> None:
-    if SSHD_BIN.exists():
-        return
-    reason = f"{SSHD_BIN} not found: install it with `apt-get install -y openssh-server`"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(reason + " (CI must run the SSH tests)")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def sshd() -> Iterator[SSHServer]:
-    """A real sshd on 127.0.0.2 and 127.0.0.3 (same free port), key-only, for this session."""
-    _require_sshd()
-    workdir = Path(tempfile.mkdtemp(prefix="lc-sshd-"))
-    server = start_sshd(workdir)
-    try:
-        yield server
-    finally:
-        stop_process_tree(server.process)
-        shutil.rmtree(workdir, ignore_errors=True)
