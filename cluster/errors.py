@@ -105,3 +105,45 @@ class NodesFailedError(RemoteError):
     def nodes(self) -> list[str]:
         """Labels of the failed nodes, in inventory order."""
         return [f.node for f in self.failures]
+
+
+def flag_of(model: type, field: str) -> str:
+    """The command-line flag of a config model's field: its ``flag`` metadata, else ``--field``."""
+    info = getattr(model, "model_fields", {}).get(field)
+    extra = getattr(info, "json_schema_extra", None) if info is not None else None
+    if isinstance(extra, dict) and isinstance(extra.get("flag"), str):
+        return extra["flag"]
+    return "--" + field.replace("_", "-")
+
+
+def validation_error(exc: Exception, model: type, *, what: str = "") -> ConfigError:
+    """One ConfigError line from a pydantic ValidationError, naming the flag a person typed.
+
+    ``model`` is the config class the error came from (its fields carry their flag names);
+    ``what`` prefixes the line (``bad serve config: ``). Every problem is listed, ``;``-joined.
+    """
+    errors = exc.errors() if callable(getattr(exc, "errors", None)) else []
+    if not errors:
+        return ConfigError(f"{what}{exc}")
+    parts = []
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ())]
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        name = _flag_at(model, loc)
+        parts.append(f"{name}: {msg}" if name else msg)
+    return ConfigError(what + "; ".join(parts))
+
+
+def _flag_at(model: type, loc: list[str]) -> str | None:
+    """The flag of the deepest field along ``loc`` (nested config models are walked)."""
+    flag, cls = None, model
+    for part in loc:
+        fields = getattr(cls, "model_fields", {})
+        if part not in fields:
+            if flag is None:  # a field the model does not have (extra input)
+                return "--" + str(part).replace("_", "-")
+            continue  # a list index or a dict key under the field
+        flag = flag_of(cls, part)
+        annotation = fields[part].annotation
+        cls = annotation if isinstance(annotation, type) else None
+    return flag

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +14,7 @@ from cluster.errors import ConfigError, LlamaclusterError
 from cluster.inventory import Cluster, load_inventory, local_cluster, parse_inventory
 from cluster.runner import Result, Runner, SSHConfig, prefixed_printer, run_on_nodes, runner_for
 from cluster.stages import STAGES
-from cluster.stages.base import Reporter, UpContext, print_plan, run_stages
+from cluster.stages.base import Reporter, UpContext, print_plan, run_log_path, run_stages
 from cluster.stages.config import UpConfig
 from cluster.state import (
     API_KEY_FILE,
@@ -35,7 +37,7 @@ __all__ = ["UpConfig", "down", "exec_command", "logs", "status", "tunnel", "up"]
 def _ssh_config(state: ClusterState) -> SSHConfig:
     return SSHConfig(
         known_hosts_file=Path(state.known_hosts) if state.known_hosts else None,
-        strict_host_keys=False,
+        strict_host_keys=state.strict_host_keys,
     )
 
 
@@ -86,6 +88,7 @@ def _resolve(config: UpConfig) -> tuple[Cluster, ClusterState]:
     state.ssh_user, state.ssh_port = config.ssh_user, config.ssh_port
     state.identity_file = str(config.identity_file) if config.identity_file else None
     state.known_hosts = str(config.known_hosts) if config.known_hosts else None
+    state.strict_host_keys = config.strict_host_keys
     state.system_root = str(config.system_root)
     return cluster, state
 
@@ -112,6 +115,8 @@ def _fill_defaults(config: UpConfig, state: ClusterState, *, dry_run: bool) -> N
         from cluster.demo_model import default_demo_model_dir, ensure_demo_model
 
         state.model = str(default_demo_model_dir() if dry_run else ensure_demo_model())
+    state.revision = config.revision
+    state.model_dir = model_dir_for(state.model, state.shared_dir, config.revision)
     if dry_run:
         return
     ensure_private_dir(cluster_dir(state.name))
@@ -122,6 +127,26 @@ def _fill_defaults(config: UpConfig, state: ClusterState, *, dry_run: bool) -> N
     else:
         key, _ = ensure_secret(cluster_dir(state.name) / API_KEY_FILE, prefix="sk-lc-")
         state.api_key_file = str(key)
+
+
+def _secrets_of(state: ClusterState) -> list[str]:
+    """Secret values a run log must never show: the Ray token, the API keys, the HF token."""
+    values = [os.environ.get("HF_TOKEN", ""), os.environ.get("HUGGING_FACE_HUB_TOKEN", "")]
+    for path in (state.token_path, state.api_key_file):
+        if path:
+            with contextlib.suppress(OSError):
+                values += Path(path).read_text(encoding="utf-8").split()
+    return [v for v in values if v]
+
+
+def model_dir_for(model: str, shared_dir: str, revision: str | None) -> str:
+    """Where the served model lives: a local directory as it is, else the download's target
+    ``<shared>/models/<org>--<name>[@rev]`` (the same path the download stage fills)."""
+    from cluster.stages.download import is_local_model, model_target
+
+    if is_local_model(model):
+        return str(Path(model).expanduser().absolute())
+    return model_target(shared_dir, model, revision)
 
 
 def up(config: UpConfig, *, console: Console | None = None) -> ClusterState:
@@ -158,9 +183,14 @@ def up(config: UpConfig, *, console: Console | None = None) -> ClusterState:
         f"[bold]up[/] cluster [cyan]{state.name}[/] ({len(cluster)} node(s), state in {cluster_dir(state.name)})"
     )
     state.save()
-    run_stages(ctx, STAGES)
-    state.config_hash = config_hash(config.hashed_fields())
-    state.save()
+    log = reporter.open_log(run_log_path(cluster_dir(state.name), "up"), _secrets_of(state))
+    reporter.print(f"log: {log}")
+    try:
+        run_stages(ctx, STAGES)
+        state.config_hash = config_hash(config.hashed_fields())
+        state.save()
+    finally:
+        reporter.close_log()
     changed = [n for n, r in state.stages.items() if r.status == "done"]
     reporter.print(
         "nothing changed: the cluster was already as asked"

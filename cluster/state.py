@@ -137,6 +137,10 @@ class ClusterState(BaseModel):
     ssh_port: int | None = Field(default=None, description="--ssh-port given to `up`.")
     identity_file: str | None = Field(default=None, description="--identity given to `up`.")
     known_hosts: str | None = Field(default=None, description="Known-hosts file used, if custom.")
+    strict_host_keys: bool = Field(
+        default=False,
+        description="--strict-host-keys given to `up`: every later command refuses unknown keys too.",
+    )
     nodes: list[NodeState] = Field(default_factory=list, description="Head first.")
     ports: Ports | None = Field(default=None, description="Ports, once chosen.")
     shared_dir: str | None = Field(default=None, description="The directory every node shares.")
@@ -144,6 +148,10 @@ class ClusterState(BaseModel):
     model: str | None = Field(default=None, description="Model as asked for (repo id or path).")
     model_dir: str | None = Field(default=None, description="Model directory on the shared dir.")
     served_model_name: str | None = Field(default=None, description="Name clients send.")
+    served_aliases: list[str] = Field(
+        default_factory=list, description="Further names the server answers to."
+    )
+    revision: str | None = Field(default=None, description="Hub revision asked for, if any.")
     tp: int | None = Field(default=None, description="Tensor parallel size served.")
     pp: int | None = Field(default=None, description="Pipeline parallel size served.")
     endpoint: str | None = Field(default=None, description="OpenAI base URL (on the head).")

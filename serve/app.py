@@ -249,7 +249,7 @@ def deploy(config: ServeConfig, *, ray_address: str | None = None) -> Endpoint:
     return Endpoint(
         url=f"http://{host}:{port}",
         app_name=config.app_name,
-        model=str(config.served_model_name),
+        model=config.main_name,
         host=host,
         port=port,
     )

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from cluster.errors import ConfigError, NotReadyError
+from cluster.errors import ConfigError, NotReadyError, validation_error
 
 # Custom Ray resource only the head node advertises (cluster/ray_nodes.py starts the head with
 # it). The engine bundle asks for a sliver of it, so the replica, and with it the HTTP endpoint,
@@ -35,9 +35,11 @@ class ServeConfig(BaseModel):
     model: str = Field(
         description="Model directory (a local path on every node) or a hub repo id (org/name)."
     )
-    served_model_name: str | None = Field(
-        default=None,
-        description="Name clients pass as `model`; default: the repo id, or the directory name.",
+    served_model_name: list[str] = Field(
+        default_factory=list,
+        json_schema_extra={"flag": "--served-model-name"},
+        description="Names clients pass as `model` (the first is the main one, the others aliases); "
+        "default: the repo id, or the directory name. A single string is one name.",
     )
     tp: int = Field(default=1, ge=1, description="Tensor-parallel size (workers per stage).")
     pp: int = Field(default=1, ge=1, description="Pipeline-parallel size (number of stages).")
@@ -57,6 +59,7 @@ class ServeConfig(BaseModel):
         default=None, ge=1, description="Most sequences the engine batches at once."
     )
     cpu_kvcache_space_gb: int | None = Field(
+        json_schema_extra={"flag": "--kv-cache-gb"},
         default=None,
         ge=1,
         description="KV cache size in GiB on CPU nodes (VLLM_CPU_KVCACHE_SPACE); device=cpu only.",
@@ -65,6 +68,7 @@ class ServeConfig(BaseModel):
         default="gpu", description="gpu: CUDA/ROCm nodes; cpu: CPU-only nodes (vllm-cpu)."
     )
     api_keys: list[SecretStr] = Field(
+        json_schema_extra={"flag": "--api-key"},
         default_factory=list,
         description=f"Accepted API keys (Bearer tokens); also read from ${API_KEY_ENV}.",
     )
@@ -90,22 +94,34 @@ class ServeConfig(BaseModel):
         description="Running + queued requests the server accepts; past it: fast 429.",
     )
     retry_after_s: int = Field(
-        default=1, ge=1, description="Retry-After seconds sent with 429 and 503 answers."
+        json_schema_extra={"flag": "--retry-after"},
+        default=1,
+        ge=1,
+        description="Retry-After seconds sent with 429 and 503 answers.",
     )
     request_timeout_s: float | None = Field(
-        default=None, gt=0, description="Per-request time limit (504 after it); default: none."
+        json_schema_extra={"flag": "--request-timeout"},
+        default=None,
+        gt=0,
+        description="Per-request time limit (504 after it); default: none.",
     )
     max_body_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 past)."
     )
     ready_probe_interval_s: float = Field(
-        default=10.0, gt=0, description="How often the background one-token probe runs."
+        json_schema_extra={"flag": "--ready-probe-interval"},
+        default=10.0,
+        gt=0,
+        description="How often the background one-token probe runs.",
     )
     engine_cpus: float = Field(
         default=1.0, gt=0, description="CPUs reserved on the head for the engine process."
     )
     drain_timeout_s: float = Field(
-        default=5.0, ge=0, description="How long a stopping server lets running requests finish."
+        json_schema_extra={"flag": "--drain-timeout"},
+        default=5.0,
+        ge=0,
+        description="How long a stopping server lets running requests finish.",
     )
     app_name: str = Field(
         default=DEFAULT_APP_NAME,
@@ -113,6 +129,7 @@ class ServeConfig(BaseModel):
         description="Ray Serve application name (one per served model).",
     )
     engine_args: dict[str, Any] = Field(
+        json_schema_extra={"flag": "--engine-arg"},
         default_factory=dict,
         description="Extra vLLM engine arguments by name (e.g. {'enforce_eager': True}).",
     )
@@ -120,9 +137,16 @@ class ServeConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _fill_served_name(cls, data: Any) -> Any:
-        if isinstance(data, dict) and not data.get("served_model_name") and data.get("model"):
-            data = dict(data)
-            data["served_model_name"] = default_served_name(str(data["model"]))
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        names = data.get("served_model_name")
+        if isinstance(names, str):
+            names = [names]
+        if not names and data.get("model"):
+            names = [default_served_name(str(data["model"]))]
+        if names is not None:
+            data["served_model_name"] = list(dict.fromkeys(names))
         return data
 
     @model_validator(mode="after")
@@ -141,6 +165,11 @@ class ServeConfig(BaseModel):
         if self.api_key_file is not None:
             read_key_file(self.api_key_file)  # fails early with a fix-it message
         return self
+
+    @property
+    def main_name(self) -> str:
+        """The first served name: what the endpoint reports as its model."""
+        return self.served_model_name[0] if self.served_model_name else self.model
 
     @property
     def world_size(self) -> int:
@@ -192,11 +221,7 @@ def load_config(**values: Any) -> ServeConfig:
     try:
         config = ServeConfig(**values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"bad serve config: {problems}") from None
+        raise validation_error(exc, ServeConfig, what="bad serve config: ") from None
     if not config.no_auth and not config.resolved_api_keys():
         raise ConfigError(
             "no API key configured",

@@ -52,7 +52,7 @@ def vllm_cli_args(config: ServeConfig) -> list[str]:
         "--model",
         config.model,
         "--served-model-name",
-        str(config.served_model_name),
+        *config.served_model_name,
         "--tensor-parallel-size",
         str(config.tp),
         "--pipeline-parallel-size",

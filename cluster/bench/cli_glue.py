@@ -19,9 +19,8 @@ from cluster.bench.config import (
     parse_int_list,
     parse_slo,
     read_key_file,
-    validation_message,
 )
-from cluster.errors import ConfigError
+from cluster.errors import ConfigError, validation_error
 
 NO_BASE_URL_HINT = (
     "pass --base-url http://HOST:PORT/v1 (or --endpoint NAME=URL); reading the current "
@@ -105,7 +104,7 @@ def build_config(
             cost_per_hour=cost_per_hour,
         )
     except ValidationError as exc:
-        raise ConfigError(f"bad bench option: {validation_message(exc)}") from None
+        raise validation_error(exc, BenchConfig, what="bad bench option: ") from None
 
 
 @contextlib.contextmanager

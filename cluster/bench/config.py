@@ -74,7 +74,9 @@ class WorkloadConfig(BaseModel):
         "unless output_len_override is set.",
     )
     output_len_override: bool = Field(
-        default=False, description="Use output_len for every request, even from user files."
+        json_schema_extra={"flag": "--force-output-len"},
+        default=False,
+        description="Use output_len for every request, even from user files.",
     )
     ignore_eos: bool = Field(
         default=True,
@@ -148,15 +150,26 @@ class LoadConfig(BaseModel):
         default=None, ge=1, description="Measured requests per point and endpoint."
     )
     duration_s: float | None = Field(
-        default=None, gt=0, description="Measured seconds per point and endpoint (instead)."
+        json_schema_extra={"flag": "--duration"},
+        default=None,
+        gt=0,
+        description="Measured seconds per point and endpoint (instead).",
     )
     warmup_requests: int | None = Field(
-        default=None, ge=0, description="Unmeasured requests before each point; None: concurrency."
+        json_schema_extra={"flag": "--warmup"},
+        default=None,
+        ge=0,
+        description="Unmeasured requests before each point; None: concurrency.",
     )
     rounds: int = Field(
         default=1, ge=1, description="Interleaved rounds per point (compare mode: A,B,A,B...)."
     )
-    timeout_s: float = Field(default=300.0, gt=0, description="Limit for one whole request.")
+    timeout_s: float = Field(
+        json_schema_extra={"flag": "--timeout"},
+        default=300.0,
+        gt=0,
+        description="Limit for one whole request.",
+    )
 
     @field_validator("concurrency")
     @classmethod
@@ -193,10 +206,13 @@ class LoadConfig(BaseModel):
 class BenchConfig(BaseModel):
     """Everything a benchmark run needs; written (keys redacted) into the JSON result."""
 
-    endpoints: list[Endpoint] = Field(description="First is the baseline for ratios.")
+    endpoints: list[Endpoint] = Field(
+        json_schema_extra={"flag": "--endpoint/--base-url"},
+        description="First is the baseline for ratios.",
+    )
     workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
     load: LoadConfig = Field(default_factory=LoadConfig)
-    slo: Slo = Field(default_factory=Slo)
+    slo: Slo = Field(json_schema_extra={"flag": "--slo"}, default_factory=Slo)
     cost_per_hour: float | None = Field(
         default=None, gt=0, description="Price of the serving hardware per hour (any currency)."
     )
@@ -326,8 +342,3 @@ def _first_error(exc: Exception) -> str:
         first = errors()[0]
         return str(first.get("msg", exc)).removeprefix("Value error, ")
     return str(exc)
-
-
-def validation_message(exc: Exception) -> str:
-    """One line from a pydantic ValidationError, for ConfigError messages."""
-    return _first_error(exc)

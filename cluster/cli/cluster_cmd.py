@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from pydantic import ValidationError
 
 from cluster.cli.app import app
-from cluster.errors import ConfigError, RemoteError
+from cluster.errors import RemoteError, flag_of, validation_error
+from cluster.stages.config import UpConfig
 
 NAME_HELP = "Cluster name (default: from --ips, or 'local' with --local)."
 
@@ -23,73 +25,56 @@ def _name(name: str | None, ips: Path | None, local: bool) -> str:
     return default_cluster_name(Path(ips or "deploy/ips.txt").absolute())
 
 
+def _opt(field: str, *aliases: str, hidden: bool = False, default: object = ...) -> Any:
+    """A `up` option from UpConfig's field: its flag, default and help come from the model."""
+    info = UpConfig.model_fields[field]
+    if default is ...:
+        default = [] if info.default_factory is not None else info.default
+    return typer.Option(
+        default, flag_of(UpConfig, field), *aliases, help=info.description, hidden=hidden
+    )
+
+
 @app.command()
 def up(
-    ips: Path | None = typer.Option(
-        None, "--ips", "--inventory", help="Inventory file, head first (default deploy/ips.txt)."
-    ),
-    local: bool = typer.Option(
-        False, "--local", help="This machine alone, no SSH (demo model by default)."
-    ),
-    name: str | None = typer.Option(None, "--name", help=NAME_HELP),
-    model: str | None = typer.Option(None, "--model", help="Hub repo id or a model directory."),
-    revision: str | None = typer.Option(None, "--revision", help="Hub revision."),
-    served_model_name: str | None = typer.Option(
-        None, "--served-model-name", help="Name clients send."
-    ),
-    tp: int | None = typer.Option(None, "--tp", help="Tensor parallel size (default: planner)."),
-    pp: int | None = typer.Option(None, "--pp", help="Pipeline parallel size (default: planner)."),
-    shared_dir: Path | None = typer.Option(
-        None, "--shared-dir", help="Directory every node shares (NFS)."
-    ),
-    env: Path | None = typer.Option(
-        None, "--env", help="Reuse this Python env (with vLLM, Ray) on every node."
-    ),
-    nfs_server: str = typer.Option(
-        "provider", "--nfs-server", help="provider (already mounted) or head."
-    ),
-    device: str = typer.Option("auto", "--device", help="auto, gpu or cpu."),
-    cpu_slots: int | None = typer.Option(
-        None, "--cpu-slots", help="CPU worker slots per CPU node."
-    ),
-    ssh_user: str | None = typer.Option(
-        None, "--ssh-user", help="SSH user for nodes that name none."
-    ),
-    ssh_port: int | None = typer.Option(
-        None, "--ssh-port", help="SSH port for nodes that name none."
-    ),
-    ssh_key: Path | None = typer.Option(None, "--ssh-key", help="SSH private key."),
-    known_hosts: Path | None = typer.Option(None, "--known-hosts", help="Known-hosts file."),
-    strict_host_keys: bool = typer.Option(
-        False, "--strict-host-keys", help="Refuse unknown host keys."
-    ),
-    ray_port: int = typer.Option(6379, "--ray-port", help="Ray GCS port (0: a free one)."),
-    dashboard_port: int = typer.Option(8265, "--dashboard-port", help="Dashboard port (0: free)."),
-    api_port: int = typer.Option(8000, "--api-port", help="API port (0: a free one)."),
-    api_key_file: Path | None = typer.Option(
-        None, "--api-key-file", help="API key file (0600); default: generated."
-    ),
-    max_model_len: int | None = typer.Option(None, "--max-model-len", help="Context length."),
-    cpu_kvcache_gb: int | None = typer.Option(
-        None, "--cpu-kvcache-gb", help="KV cache GiB per CPU worker."
-    ),
-    ready_timeout: float = typer.Option(
-        900.0, "--ready-timeout", help="Seconds to wait for /ready."
-    ),
-    system_root: Path = typer.Option(
-        Path("/"),
-        "--system-root",
-        hidden=True,
-        help="Edit system files under this root only (tests).",
-    ),
-    skip: list[str] = typer.Option([], "--skip", help="Skip a stage (repeatable)."),
-    dry_run: bool = typer.Option(
-        False, "--dry-run", help="Print every stage's commands per node; run nothing."
-    ),
-    verbose: bool = typer.Option(False, "-v", "--verbose", help="Show commands and their output."),
+    ips: Path | None = _opt("inventory", "--inventory"),
+    local: bool = _opt("local"),
+    name: str | None = _opt("name"),
+    model: str | None = _opt("model"),
+    revision: str | None = _opt("revision"),
+    served_model_name: list[str] = _opt("served_model_name"),
+    tp: int | None = _opt("tp", "--tensor-parallel-size", "-tp"),
+    pp: int | None = _opt("pp", "--pipeline-parallel-size", "-pp"),
+    max_model_len: int | None = _opt("max_model_len"),
+    gpu_memory_utilization: float | None = _opt("gpu_memory_utilization"),
+    engine_arg: list[str] = _opt("engine_args"),
+    shared_dir: Path | None = _opt("shared_dir"),
+    env: Path | None = _opt("env"),
+    nfs_server: str = _opt("nfs_server"),
+    device: str = _opt("device"),
+    cpu_slots: int | None = _opt("cpu_slots"),
+    cpu_kvcache_gb: int | None = _opt("cpu_kvcache_gb"),
+    cache_dir: str = _opt("cache_dir"),
+    ssh_user: str | None = _opt("ssh_user"),
+    ssh_port: int | None = _opt("ssh_port"),
+    ssh_key: Path | None = _opt("identity_file"),
+    known_hosts: Path | None = _opt("known_hosts"),
+    strict_host_keys: bool = _opt("strict_host_keys"),
+    ray_port: int = _opt("ray_port"),
+    dashboard_port: int = _opt("dashboard_port"),
+    api_port: int = _opt("api_port"),
+    api_key_file: Path | None = _opt("api_key_file"),
+    ready_timeout: float = _opt("ready_timeout_s"),
+    system_root: Path = _opt("system_root", hidden=True),
+    skip: list[str] = _opt("skip"),
+    dry_run: bool = _opt("dry_run"),
+    verbose: bool = _opt("verbose", "-v"),
 ) -> None:
-    """Bring a cluster up: preflight, storage, cache, env, download, ray, serve, ready."""
-    from cluster.lifecycle import UpConfig
+    """Bring a cluster up: preflight, storage, cache, env, download, ray, serve, ready.
+
+    vLLM's own spellings work too (--tensor-parallel-size/-tp, --pipeline-parallel-size/-pp, --max-model-len, --served-model-name, --gpu-memory-utilization); any other vLLM engine argument passes through with --engine-arg KEY=VALUE.
+    """
+    from cluster.cli.serve_cmd import parse_engine_args
     from cluster.lifecycle import up as do_up
 
     try:
@@ -98,14 +83,15 @@ def up(
             ssh_user=ssh_user, ssh_port=ssh_port, identity_file=ssh_key, known_hosts=known_hosts,
             strict_host_keys=strict_host_keys, model=model, revision=revision,
             served_model_name=served_model_name, tp=tp, pp=pp, shared_dir=shared_dir, env=env,
-            nfs_server=nfs_server, system_root=system_root, device=device, cpu_slots=cpu_slots,
+            nfs_server=nfs_server, system_root=system_root, cache_dir=cache_dir, device=device, cpu_slots=cpu_slots,
             ray_port=ray_port, dashboard_port=dashboard_port, api_port=api_port,
-            api_key_file=api_key_file, max_model_len=max_model_len, cpu_kvcache_gb=cpu_kvcache_gb,
+            api_key_file=api_key_file, max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization, cpu_kvcache_gb=cpu_kvcache_gb,
+            engine_args=parse_engine_args(engine_arg),
             ready_timeout_s=ready_timeout, skip=skip, dry_run=dry_run, verbose=verbose,
         )  # fmt: skip
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ConfigError(f"--{'-'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+        raise validation_error(exc, UpConfig) from None
     do_up(config)
 
 

@@ -65,8 +65,23 @@ def serve(
     max_ongoing_requests: int = typer.Option(
         256, "--max-ongoing-requests", help="Running + queued bound; past it 429."
     ),
+    retry_after: int = typer.Option(
+        1, "--retry-after", help="Retry-After seconds sent with 429 and 503 answers."
+    ),
     request_timeout: float | None = typer.Option(
         None, "--request-timeout", help="Per-request limit in seconds."
+    ),
+    max_body_bytes: int = typer.Option(
+        8 * 1024 * 1024, "--max-body-bytes", help="Largest request body accepted (413 past)."
+    ),
+    ready_probe_interval: float = typer.Option(
+        10.0, "--ready-probe-interval", help="Seconds between the one-token readiness probes."
+    ),
+    engine_cpus: float = typer.Option(
+        1.0, "--engine-cpus", help="CPUs reserved on the head for the engine process."
+    ),
+    drain_timeout: float = typer.Option(
+        5.0, "--drain-timeout", help="Seconds a stopping server lets running requests finish."
     ),
     engine_arg: list[str] = typer.Option(
         [], "--engine-arg", help="Extra vLLM engine argument KEY=VALUE (repeatable)."
@@ -101,6 +116,11 @@ def serve(
         "proxy_port": proxy_port,
         "max_ongoing_requests": max_ongoing_requests,
         "request_timeout_s": request_timeout,
+        "retry_after_s": retry_after,
+        "max_body_bytes": max_body_bytes,
+        "ready_probe_interval_s": ready_probe_interval,
+        "engine_cpus": engine_cpus,
+        "drain_timeout_s": drain_timeout,
         "engine_args": parse_engine_args(engine_arg),
         "app_name": app_name,
     }

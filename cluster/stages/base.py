@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 from cluster.errors import LlamaclusterError
 from cluster.inventory import Cluster, Node
-from cluster.runner import Command, Result, Runner, command_string, prefixed_printer, run_on_nodes
+from cluster.runner import (
+    Command,
+    OutputLine,
+    Result,
+    Runner,
+    command_string,
+    prefixed_printer,
+    run_on_nodes,
+)
 from cluster.stages.config import UpConfig
 from cluster.state import ClusterState, NodeState, StageResult, StageStatus
+
+
+class StageFailed(LlamaclusterError):
+    """A stage of `up` failed: names the stage, keeps the cause's exit code, points at the log."""
 
 
 @dataclass
@@ -47,44 +63,116 @@ class Reporter:
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.verbose = verbose
         self._lines = prefixed_printer(self.console) if verbose else None
+        self.log_path: Path | None = None
+        self._log: RunLog | None = None
+
+    def open_log(self, path: Path, secrets: Sequence[str] = ()) -> Path:
+        """Write everything of this run (every command per node, its output, every message) to
+        ``path`` (0600) as well, with ``secrets`` masked; the person's output stays as it is."""
+        self._log = RunLog(path, secrets)
+        self.log_path = path
+        return path
+
+    def close_log(self) -> None:
+        """Flush and close the run log (kept on disk)."""
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def _to_log(self, text: str) -> None:
+        if self._log is not None:
+            self._log.write(text)
 
     @property
     def on_line(self):
-        """Live output sink for the runner (only with -v)."""
-        return self._lines
+        """Live output sink for the runner: the run log always, the terminal with -v."""
+        if self._log is None:
+            return self._lines
+        log, lines = self._log, self._lines
+
+        def sink(line: OutputLine) -> None:
+            log.write(f"[{line.node}] {'! ' if line.stream == 'stderr' else ''}{line.text}")
+            if lines is not None:
+                lines(line)
+
+        return sink
 
     def stage(self, name: str, title: str) -> None:
         """A stage starts."""
+        self._to_log(f"== {name}: {title}")
         self.console.print(f"[bold]▸ {name}[/]: {title}")
 
     def node(self, node: str, message: str, *, ok: bool = True) -> None:
         """One node's result inside a stage."""
         mark = "[green]✓[/]" if ok else "[red]✗[/]"
+        self._to_log(f"  {'ok' if ok else 'FAILED'} {node} {message}")
         self.console.print(f"    {mark} [cyan]{node}[/] {message}")
 
     def info(self, message: str) -> None:
         """A line inside a stage."""
+        self._to_log(f"  {message}")
         self.console.print(f"    {message}")
 
     def warn(self, message: str) -> None:
         """Something the person should know but that does not stop `up`."""
+        self._to_log(f"  warning: {message}")
         self.console.print(f"    [yellow]warning:[/] {message}")
 
     def command(self, node: str, command: str) -> None:
-        """A command about to run (-v); shown as it is (brackets in it are not markup)."""
+        """A command about to run: in the run log always, on the terminal with -v (shown as it
+        is: brackets in it are not markup)."""
+        self._to_log(f"{node}$ {command}")
         if self.verbose:
             self.console.print(f"    [dim]{escape(node)}$ {escape(command)}[/]")
 
     def outcome(self, name: str, outcome: StageOutcome, seconds: float) -> None:
         """A stage ended."""
         style, word = self._STYLE[outcome.status], self._WORD[outcome.status]
+        self._to_log(f"  -> {word} ({seconds:.1f} s) {outcome.message}")
         self.console.print(
             f"  [{style}]{word}[/] ({seconds:.1f} s){': ' + outcome.message if outcome.message else ''}"
         )
 
     def print(self, text: str = "") -> None:
         """Plain output (summaries, the ready block)."""
+        self._to_log(Text.from_markup(text).plain if "[" in text else text)
         self.console.print(text)
+
+
+class RunLog:
+    """One run's log file on the controller: timestamped lines, secrets masked, 0600."""
+
+    def __init__(self, path: Path, secrets: Sequence[str] = ()) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)
+        self._fh = os.fdopen(fd, "w", encoding="utf-8", buffering=1)
+        self._secrets = [x for x in secrets if x and len(x) >= 8]
+        self._lock = threading.Lock()
+
+    def mask(self, text: str) -> str:
+        """``text`` with every secret value replaced by ``***``."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def write(self, text: str) -> None:
+        """Append ``text`` (one or more lines), each line stamped with the time."""
+        stamp = time.strftime("%H:%M:%S")
+        body = "".join(f"{stamp} {line}\n" for line in self.mask(text).splitlines() or [""])
+        with self._lock:
+            if not self._fh.closed:
+                self._fh.write(body)
+
+    def close(self) -> None:
+        """Close the file."""
+        with self._lock:
+            self._fh.close()
+
+
+def run_log_path(directory: Path, command: str) -> Path:
+    """``<cluster dir>/logs/<YYYYmmdd-HHMMSS>-<command>.log``: one file per run."""
+    return directory / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}.log"
 
 
 @dataclass
@@ -132,11 +220,8 @@ class UpContext:
     ) -> dict[Node, Result]:
         """Run a command on ``nodes`` (default: all) in parallel; one error names every failure."""
         picked = [r for r in self.runners if nodes is None or r.node in nodes]
-        if self.reporter.verbose:
-            for r in picked:
-                self.reporter.command(
-                    r.label, command_string(cmd(r.node) if callable(cmd) else cmd)
-                )
+        for r in picked:
+            self.reporter.command(r.label, command_string(cmd(r.node) if callable(cmd) else cmd))
         return run_on_nodes(
             picked,
             cmd,
@@ -186,19 +271,27 @@ def run_stages(ctx: UpContext, stages: Sequence[Stage]) -> dict[str, StageResult
         reason = "--skip " + stage.name if stage.name in ctx.config.skip else stage.skip_reason(ctx)
         try:
             outcome = StageOutcome("skipped", reason) if reason else stage.run(ctx)
-        except LlamaclusterError as exc:
+        except Exception as exc:
             seconds = time.monotonic() - started
+            message = (
+                exc.message
+                if isinstance(exc, LlamaclusterError)
+                else f"{type(exc).__name__}: {exc}"
+            )
             ctx.state.stages[stage.name] = StageResult(
-                status="failed", message=exc.message, seconds=seconds
+                status="failed", message=message, seconds=seconds
             )
             ctx.state.save()
-            ctx.reporter.outcome(stage.name, StageOutcome("failed", ""), seconds)
-            exc.message = f"up failed in stage '{stage.name}': {exc.message}"
-            exc.args = (exc.message,)
-            exc.hint = (exc.hint + "; then " if exc.hint else "fix that, then ") + (
+            ctx.reporter.outcome(stage.name, StageOutcome("failed", message), seconds)
+            hint = exc.hint if isinstance(exc, LlamaclusterError) else None
+            hint = (hint + "; then " if hint else "fix that, then ") + (
                 "rerun the same `llamacluster up` (finished stages are kept)"
             )
-            raise
+            if ctx.reporter.log_path is not None:
+                hint += f"; full log: {ctx.reporter.log_path}"
+            wrapped = StageFailed(f"up failed in stage '{stage.name}': {message}", hint=hint)
+            wrapped.exit_code = getattr(exc, "exit_code", 1)
+            raise wrapped from exc
         seconds = time.monotonic() - started
         ctx.reporter.outcome(stage.name, outcome, seconds)
         result = StageResult(status=outcome.status, message=outcome.message, seconds=seconds)

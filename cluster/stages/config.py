@@ -20,12 +20,16 @@ class UpConfig(BaseModel):
         description="Cluster name; default from the inventory path, 'local' with --local.",
     )
     inventory: Path | None = Field(
-        default=None, description="Inventory file (deploy/ips.txt), head first."
+        json_schema_extra={"flag": "--ips"},
+        default=None,
+        description="Inventory file (deploy/ips.txt), head first.",
     )
     local: bool = Field(default=False, description="This machine alone, driven without SSH.")
     ssh_user: str | None = Field(default=None, description="SSH user for nodes that name none.")
     ssh_port: int | None = Field(default=None, description="SSH port for nodes that name none.")
-    identity_file: Path | None = Field(default=None, description="SSH private key.")
+    identity_file: Path | None = Field(
+        json_schema_extra={"flag": "--ssh-key"}, default=None, description="SSH private key."
+    )
     known_hosts: Path | None = Field(default=None, description="Known-hosts file to use.")
     strict_host_keys: bool = Field(
         default=False, description="Refuse unknown host keys (default: accept new ones)."
@@ -35,7 +39,11 @@ class UpConfig(BaseModel):
         description="Hub repo id or a directory on the shared dir; --local defaults to the demo model.",
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
-    served_model_name: str | None = Field(default=None, description="Name clients send.")
+    served_model_name: list[str] = Field(
+        default_factory=list,
+        description="Name clients send as `model` (repeat for aliases); default: the repo id, "
+        "or the directory's name for a local model.",
+    )
     tp: int | None = Field(
         default=None, ge=1, description="Tensor parallel size (default: planner)."
     )
@@ -86,14 +94,30 @@ class UpConfig(BaseModel):
     api_key_file: Path | None = Field(
         default=None, description="API key file (0600); default: one generated for the cluster."
     )
-    max_model_len: int | None = Field(default=None, ge=16, description="Context length to serve.")
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="Context length to serve (default: the model's)."
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of each GPU's memory vLLM may use (vLLM's default: 0.9).",
+    )
     cpu_kvcache_gb: int | None = Field(
         default=None, ge=1, description="KV cache GiB per CPU worker (VLLM_CPU_KVCACHE_SPACE)."
     )
     engine_args: dict[str, object] = Field(
-        default_factory=dict, description="Extra vLLM engine arguments."
+        json_schema_extra={"flag": "--engine-arg"},
+        default_factory=dict,
+        description="Any other vLLM engine argument as KEY=VALUE (repeatable; VALUE is JSON when "
+        "it parses): e.g. --engine-arg enable_prefix_caching=true --engine-arg max_num_seqs=64.",
     )
-    ready_timeout_s: float = Field(default=900.0, gt=0, description="How long to wait for /ready.")
+    ready_timeout_s: float = Field(
+        json_schema_extra={"flag": "--ready-timeout"},
+        default=900.0,
+        gt=0,
+        description="How long to wait for /ready.",
+    )
     skip: list[str] = Field(default_factory=list, description="Stages not to run.")
     dry_run: bool = Field(default=False, description="Print every stage's commands, run nothing.")
     verbose: bool = Field(default=False, description="Show commands and their output as they run.")
@@ -138,6 +162,7 @@ class UpConfig(BaseModel):
                 "tp",
                 "pp",
                 "max_model_len",
+                "gpu_memory_utilization",
                 "cpu_kvcache_gb",
                 "engine_args",
                 "api_key_file",

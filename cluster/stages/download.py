@@ -32,8 +32,9 @@ class Download(Stage):
     def skip_reason(self, ctx: UpContext) -> str | None:
         model = ctx.state.model or ""
         if is_local_model(model):
-            ctx.state.model_dir = str(Path(model).expanduser().absolute())
-            return f"model is a directory ({ctx.state.model_dir}): nothing to download"
+            return (
+                f"model is a directory ({Path(model).expanduser().absolute()}): nothing to download"
+            )
         return None
 
     def plan(self, ctx: UpContext) -> dict[str, list[str]]:

@@ -132,6 +132,16 @@ def default_parallelism(ctx: UpContext) -> tuple[int, int]:
     )
 
 
+def served_names(asked: list[str], model: str) -> list[str]:
+    """The names the server answers to: the asked ones, else the repo id for a hub model (what
+    every OpenAI client sends) or the directory's name for a local model."""
+    from cluster.stages.download import is_local_model
+
+    if asked:
+        return list(dict.fromkeys(asked))
+    return [Path(model).expanduser().absolute().name if is_local_model(model) else model]
+
+
 def serve_values(ctx: UpContext, tp: int, pp: int) -> dict[str, object]:
     """The ServeConfig fields `up` deploys (also hashed to tell whether to redeploy)."""
     cfg = ctx.config
@@ -147,10 +157,11 @@ def serve_values(ctx: UpContext, tp: int, pp: int) -> dict[str, object]:
         "proxy_port": ctx.state.ports.serve_proxy or ctx.state.ports.api + 2,
         "engine_args": dict(cfg.engine_args),
     }
-    if cfg.served_model_name:
-        values["served_model_name"] = cfg.served_model_name
+    values["served_model_name"] = served_names(cfg.served_model_name, str(ctx.state.model))
     if cfg.max_model_len:
         values["max_model_len"] = cfg.max_model_len
+    if cfg.gpu_memory_utilization is not None:
+        values["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     if head.device_kind == "cpu":
         values["cpu_kvcache_space_gb"] = cfg.cpu_kvcache_gb or default_cpu_kvcache_gb()
     return values
@@ -227,7 +238,9 @@ class Serve(Stage):
         redeploy = ctx.state.serve_config_hash is not None
         ctx.state.serve_config_hash = wanted
         ctx.state.tp, ctx.state.pp = tp, pp
-        ctx.state.served_model_name = endpoint["model"]
+        names = values["served_model_name"]
+        assert isinstance(names, list)
+        ctx.state.served_model_name, ctx.state.served_aliases = endpoint["model"], names[1:]
         ctx.state.endpoint = endpoint["url"]
         if leftover:
             ctx.reporter.info(

@@ -73,13 +73,6 @@ def test_flag_defaults_fill_only_unset_fields(tmp_path):
     assert (plain.user, plain.port, plain.identity_file) == (None, None, None)
 
 
-def test_nodes_are_frozen_and_hashable():
-    cluster = parse_inventory("a\nb\n")
-    with pytest.raises(AttributeError):
-        cluster.head.host = "c"  # type: ignore[misc]
-    assert len({*cluster.nodes}) == 2
-
-
 @pytest.mark.parametrize(
     ("text", "line", "needle"),
     [

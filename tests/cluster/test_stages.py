@@ -10,7 +10,14 @@ from cluster.errors import RemoteError
 from cluster.inventory import local_cluster, parse_inventory
 from cluster.lifecycle import UpConfig, up
 from cluster.runner import LocalRunner
-from cluster.stages.base import Reporter, Stage, StageOutcome, UpContext, run_stages
+from cluster.stages.base import (
+    Reporter,
+    Stage,
+    StageFailed,
+    StageOutcome,
+    UpContext,
+    run_stages,
+)
 from cluster.stages.config import STAGE_NAMES
 from cluster.stages.preflight import check_alike, node_state_from_probe, parse_probe, pick_address
 from cluster.stages.serve import plan_parallelism
@@ -41,7 +48,7 @@ def test_dry_run_prints_every_stage_per_node_and_runs_nothing(tmp_path, capsys):
     assert "127.0.0.2:2222$" in out and "127.0.0.3:2222$" in out
     assert "python3 - add-fsc --root" in out  # cache stage in the temp-root mode
     assert "apt-get" not in out  # no system command in the temp-root mode
-    assert "ray start --head" in out.replace("'", "") or "start --head" in out
+    assert "ray start --head" in out.replace("'", "")
     assert "--address 127.0.0.2:6379" in out
     # The port probe: a listener on each node, the worker tries the head's GCS port and both
     # of the head's listener ports, the head both of the worker's.
@@ -122,9 +129,9 @@ def test_tp_pp_defaults_come_from_the_planner(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
     model = str(tmp_path)
-    # 140 GB of weights: fits inside one node of 80 GB GPUs, so no pipeline stage crosses nodes.
-    tp, pp = plan_parallelism(model, _gpu_nodes(2, 8, 81559))
-    assert pp == 1 and tp in (2, 4, 8)
+    # 140 GB of weights: two 80 GB GPUs of one node hold it, so no pipeline stage crosses nodes
+    # and the planner takes the smallest tp that fits (the other GPUs stay free).
+    assert plan_parallelism(model, _gpu_nodes(2, 8, 81559)) == (2, 1)
     # 24 GiB GPUs, 4 per node: one node is not enough, so pp spans the two nodes.
     assert plan_parallelism(model, _gpu_nodes(2, 4, 24576), max_model_len=4096) == (4, 2)
     # A given tp is kept; both given are taken as they are.
@@ -171,8 +178,9 @@ def _context(config: UpConfig) -> UpContext:
 
 def test_a_failing_stage_names_stage_node_and_next_step_and_is_recorded():
     ctx = _context(UpConfig(local=True))
-    with pytest.raises(RemoteError) as caught:
+    with pytest.raises(StageFailed) as caught:
         run_stages(ctx, [_Done(), _Fails()])
+    assert isinstance(caught.value.__cause__, RemoteError)
     line = caught.value.one_line()
     assert "stage 'ray'" in line and "127.0.0.1 (exit 7)" in line and "port 6379 refused" in line
     assert "rerun the same `llamacluster up`" in line
@@ -180,6 +188,35 @@ def test_a_failing_stage_names_stage_node_and_next_step_and_is_recorded():
     saved = load_state("t")
     assert saved.stages["preflight"].status == "unchanged"
     assert saved.stages["ray"].status == "failed"
+
+
+class _Crashes(Stage):
+    name = "serve"
+    title = "a stage with a bug"
+
+    def plan(self, ctx):
+        return {}
+
+    def run(self, ctx):
+        return {}["missing"]
+
+
+def test_a_stage_failing_with_any_exception_is_recorded_wrapped_and_logged(tmp_path):
+    ctx = _context(UpConfig(local=True))
+    log = ctx.reporter.open_log(tmp_path / "logs" / "run.log", secrets=["sk-lc-secretvalue"])
+    ctx.reporter.info("key sk-lc-secretvalue must not reach the file")
+    with pytest.raises(StageFailed) as caught:
+        run_stages(ctx, [_Done(), _Crashes()])
+    ctx.reporter.close_log()
+    assert isinstance(caught.value.__cause__, KeyError)
+    line = caught.value.one_line()
+    assert line.startswith("up failed in stage 'serve': KeyError: 'missing'")
+    assert f"full log: {log}" in line and caught.value.exit_code == 1
+    assert load_state("t").stages["serve"].status == "failed"
+    text = log.read_text()
+    assert "== serve: a stage with a bug" in text and "FAILED" in text
+    assert "sk-lc-secretvalue" not in text and "key *** must not" in text
+    assert oct(log.stat().st_mode & 0o777) == "0o600"
 
 
 def test_skipped_stages_say_why():
@@ -263,7 +300,6 @@ def test_ready_failure_names_the_engines_root_cause_from_the_head_logs(tmp_path,
     with pytest.raises(NotReadyError) as caught:
         serve_stage.Ready().run(ctx)
     line = caught.value.one_line()
-    assert "engine failed to start" in line
     assert "root cause in the head's logs: RuntimeError: open shm in SHMManager failed" in line
 
 

@@ -27,28 +27,28 @@ def test_world_size_and_served_name_defaults(tmp_path) -> None:
     model_dir.mkdir()
     config = load_config(model=str(model_dir), tp=2, pp=3, api_keys=["k1"])
     assert config.world_size == 6
-    assert config.served_model_name == "my-model"
-    assert load_config(model="org/name", api_keys=["k"]).served_model_name == "org/name"
-    assert (
-        load_config(model="org/name", served_model_name="x", api_keys=["k"]).served_model_name
-        == "x"
-    )
+    assert config.served_model_name == ["my-model"] and config.main_name == "my-model"
+    assert load_config(model="org/name", api_keys=["k"]).served_model_name == ["org/name"]
+    assert load_config(model="org/name", served_model_name="x", api_keys=["k"]).main_name == "x"
+    aliases = load_config(model="org/name", served_model_name=["a", "b", "a"], api_keys=["k"])
+    assert aliases.served_model_name == ["a", "b"] and aliases.main_name == "a"
 
 
 @pytest.mark.parametrize(
     ("values", "needle"),
     [
-        ({"tp": 0}, "tp"),
+        ({"tp": 0}, "--tp: "),
         ({"pp": -1}, "pp"),
-        ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
-        ({"dtype": "int3"}, "dtype"),
+        ({"gpu_memory_utilization": 1.5}, "--gpu-memory-utilization: "),
+        ({"dtype": "int3"}, "--dtype: "),
         ({"port": 70000}, "port"),
+        ({"cpu_kvcache_space_gb": -2, "device": "cpu"}, "--kv-cache-gb: "),
         ({"cpu_kvcache_space_gb": 2}, "set device=cpu"),
         ({"port": 9000, "proxy_port": 9000}, "two different ports"),
         ({"api_keys": [" spaced "]}, "surrounding spaces"),
         ({"no_auth": True}, "pick one"),
-        ({"engine_argz": {}}, "engine_argz"),
-        ({"app_name": "has space"}, "app_name"),
+        ({"engine_argz": {}}, "--engine-argz: "),
+        ({"app_name": "has space"}, "--app-name: "),
     ],
 )
 def test_bad_values_say_what_to_fix(values: dict, needle: str) -> None:

@@ -1,0 +1,158 @@
+"""`up`'s inputs: flags from the config model, errors naming real flags, the model and its
+served names resolved before any stage runs, stages and their names, old state files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import typer
+
+from cluster.bench.config import BenchConfig, LoadConfig, WorkloadConfig
+from cluster.cli.app import app
+from cluster.errors import ConfigError, flag_of, validation_error
+from cluster.lifecycle import UpConfig, up
+from cluster.stages import STAGES
+from cluster.stages.config import STAGE_NAMES
+from cluster.stages.serve import served_names
+from cluster.state import ClusterState, load_state
+from serve.config import ServeConfig
+
+CLI = [sys.executable, "-c", "from cluster.cli.app import run; run()"]
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMACLUSTER_HOME", str(tmp_path / "home"))
+
+
+def _flags(command: str) -> set[str]:
+    """Every option string of a CLI command, hidden ones included."""
+    group = typer.main.get_command(app)
+    cmd = group.commands[command]  # type: ignore[attr-defined]
+    return {opt for p in cmd.params for opt in (*p.opts, *p.secondary_opts)}
+
+
+@pytest.mark.parametrize(
+    ("command", "model", "internal"),
+    [
+        ("up", UpConfig, set()),
+        ("serve", ServeConfig, set()),
+        ("bench", BenchConfig, {"workload", "load"}),  # nested: their fields are the flags
+        ("bench", WorkloadConfig, {"extra_body", "ignore_eos"}),  # set by --api/--force-output-len
+        ("bench", LoadConfig, set()),
+    ],
+)
+def test_every_field_names_a_real_flag(command, model, internal):
+    flags = _flags(command)
+    for field in model.model_fields:
+        if field in internal:
+            continue
+        for flag in flag_of(model, field).split("/"):
+            assert flag in flags, f"{model.__name__}.{field} names {flag}, not a flag of {command}"
+
+
+def test_a_validation_error_names_the_flag_a_person_typed():
+    with pytest.raises(Exception) as caught:
+        UpConfig(local=True, max_model_len=8, identity_file=None, ready_timeout_s=-1)
+    line = validation_error(caught.value, UpConfig).one_line()
+    assert "--max-model-len: Input should be greater than or equal to 16" in line
+    assert "--ready-timeout: Input should be greater than 0" in line
+    assert "max_model_len" not in line and "\n" not in line
+
+
+def test_cli_refuses_a_bad_value_with_the_flag_and_exit_3(tmp_path):
+    env = {"LLAMACLUSTER_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [*CLI, "up", "--local", "--max-model-len", "8", "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 3
+    assert done.stderr.strip() == (
+        "error: --max-model-len: Input should be greater than or equal to 16"
+    )
+
+
+def test_vllm_spellings_and_engine_args_reach_the_config(tmp_path, capsys):
+    model = tmp_path / "my-model"
+    model.mkdir()
+    done = subprocess.run(
+        [
+            *CLI,
+            "up",
+            "--local",
+            "--model",
+            str(model),
+            "--dry-run",
+            "-tp",
+            "2",
+            "--pipeline-parallel-size",
+            "1",
+            "--engine-arg",
+            "max_num_seqs=8",
+        ],
+        capture_output=True,
+        text=True,
+        env={"LLAMACLUSTER_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"ServeConfig(model={model}, tp=2, pp=1)" in done.stdout
+
+
+def test_served_name_is_the_repo_id_for_a_hub_model_and_the_dir_name_for_a_directory(tmp_path):
+    assert served_names([], "acc/tiny") == ["acc/tiny"]
+    model = tmp_path / "acc--tiny"
+    model.mkdir()
+    assert served_names([], str(model)) == ["acc--tiny"]
+    assert served_names(["a", "b", "a"], "acc/tiny") == ["a", "b"]
+
+
+def test_model_dir_is_known_before_the_stages_run_even_with_skip_download(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    state = up(UpConfig(local=True, dry_run=True, model=str(first), skip=["download"]))
+    assert state.model_dir == str(first)
+    state = up(UpConfig(local=True, dry_run=True, model=str(second), skip=["download"]))
+    assert state.model_dir == str(second)
+    hub = up(UpConfig(local=True, dry_run=True, model="org/name", shared_dir=tmp_path / "s"))
+    assert hub.model_dir == f"{tmp_path / 's'}/models/org--name"
+
+
+def test_the_stage_list_and_the_stage_names_agree():
+    assert [s.name for s in STAGES] == list(STAGE_NAMES)
+    assert len({s.title for s in STAGES}) == len(STAGES)
+
+
+def test_a_state_file_of_the_previous_format_loads_and_a_broken_one_fails_clearly(tmp_path):
+    current = ClusterState(name="old", local=True, model="org/m").model_dump(mode="json")
+    for field in ("strict_host_keys", "served_aliases", "revision"):
+        current.pop(field)  # fields the previous format did not have
+    path = tmp_path / "home" / "clusters" / "old" / "state.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(current))
+    loaded = load_state("old")
+    assert loaded.model == "org/m" and loaded.strict_host_keys is False
+    assert loaded.served_aliases == []
+    path.write_text(json.dumps({**current, "nodes": "not a list"}))
+    with pytest.raises(ConfigError) as caught:
+        load_state("old")
+    line = caught.value.one_line()
+    assert str(path) in line and "unreadable" in line and "remove that file" in line
+
+
+def test_strict_host_keys_is_recorded_by_up(tmp_path):
+    inv = tmp_path / "ips.txt"
+    inv.write_text("root@127.0.0.2:2222\n")
+    state = up(UpConfig(inventory=inv, model="org/m", shared_dir=tmp_path, dry_run=True))
+    assert state.strict_host_keys is False
+    strict = UpConfig(
+        inventory=inv, model="org/m", shared_dir=tmp_path, dry_run=True, strict_host_keys=True
+    )
+    assert up(strict).strict_host_keys is True
