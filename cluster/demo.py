@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from rich.console import Console
 
 from cluster.errors import NotReadyError
+from cluster.recorded import RecordedCluster
 
 DEMO_PROMPT = "Say hello to the cluster and describe what you are."
 
@@ -108,7 +108,7 @@ def run_demo(
             hint="see `llamacluster status --name local` and `llamacluster logs --name local`",
         )
     base_url = f"{state.endpoint}/v1"
-    api_key = Path(state.api_key_file).read_text(encoding="utf-8").strip()
+    api_key = RecordedCluster(state).api_key() or ""
     model = state.served_model_name or ""
     try:
         console.rule("[bold]2/3 chat[/]: one streamed answer through the openai client")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.errors import ConfigError, NotReadyError
+from cluster.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -21,20 +21,15 @@ class ApiTarget:
 
 def target_of_cluster(name: str) -> ApiTarget:
     """The API of the recorded cluster ``name``: endpoint, key file and served model name."""
-    from cluster.bench.config import read_key_file
-    from cluster.state import load_state
+    from cluster.recorded import RecordedCluster
 
-    state = load_state(name)
-    if not state.endpoint:
-        raise NotReadyError(
-            f"cluster {name!r} serves no endpoint",
-            hint=f"run `llamacluster up --name {name}` (or `llamacluster status --name {name}`)",
-        )
-    key = read_key_file(state.api_key_file) if state.api_key_file else None
+    recorded = RecordedCluster.load(name)
+    state = recorded.state
+    endpoint = recorded.require_endpoint()
     model_dir = Path(state.model_dir) if state.model_dir else None
     return ApiTarget(
-        base_url=f"{state.endpoint.rstrip('/')}/v1",
-        api_key=key,
+        base_url=f"{endpoint}/v1",
+        api_key=recorded.api_key(),
         model=state.served_model_name,
         model_dir=model_dir if model_dir is not None and model_dir.is_dir() else None,
     )
@@ -51,9 +46,10 @@ def resolve_target(
 ) -> ApiTarget:
     """The API to talk to: ``--base-url`` (with ``--api-key``/``--api-key-file``/OPENAI_API_KEY)
     wins, else the recorded cluster ``name``; flags override what the state says."""
-    from cluster.bench.config import default_api_key, read_key_file
+    from cluster.bench.config import default_api_key
+    from cluster.keys import read_api_key
 
-    key = read_key_file(api_key_file) if api_key_file else api_key
+    key = read_api_key(api_key_file) if api_key_file else api_key
     if base_url:
         url = base_url.rstrip("/")
         target = ApiTarget(base_url=url if url.endswith("/v1") else f"{url}/v1", api_key=None)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shlex
-from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 
 from cluster.errors import ConfigError, LlamaclusterError
-from cluster.inventory import Cluster, load_inventory, local_cluster, parse_inventory
-from cluster.runner import Result, Runner, SSHConfig, prefixed_printer, run_on_nodes, runner_for
+from cluster.inventory import Cluster, load_inventory, local_cluster
+from cluster.recorded import RecordedCluster, person_ssh, ssh_config_of
+from cluster.runner import Result, Runner, prefixed_printer, run_on_nodes, runner_for
 from cluster.stages import STAGES
 from cluster.stages.base import Reporter, UpContext, print_plan, run_log_path, run_stages
 from cluster.stages.config import UpConfig
@@ -32,35 +30,6 @@ from cluster.state import (
 )
 
 __all__ = ["UpConfig", "down", "exec_command", "logs", "status", "tunnel", "up"]
-
-
-def _ssh_config(state: ClusterState) -> SSHConfig:
-    return SSHConfig(
-        known_hosts_file=Path(state.known_hosts) if state.known_hosts else None,
-        strict_host_keys=state.strict_host_keys,
-    )
-
-
-def cluster_of(state: ClusterState) -> Cluster:
-    """The inventory recorded by `up`, parsed again with the same flags."""
-    if state.local:
-        return local_cluster()
-    return parse_inventory(
-        state.inventory_text,
-        source=state.inventory_path or "<inventory>",
-        default_user=state.ssh_user,
-        default_port=state.ssh_port,
-        identity_file=state.identity_file,
-    )
-
-
-def runners_of(
-    state: ClusterState, cluster: Cluster | None = None, *, ssh: SSHConfig | None = None
-) -> list[Runner]:
-    """One runner per node of a recorded cluster, head first."""
-    cluster = cluster or cluster_of(state)
-    ssh = ssh or _ssh_config(state)
-    return [runner_for(n, ssh_config=ssh) for n in cluster]
 
 
 def _resolve(config: UpConfig) -> tuple[Cluster, ClusterState]:
@@ -129,16 +98,6 @@ def _fill_defaults(config: UpConfig, state: ClusterState, *, dry_run: bool) -> N
         state.api_key_file = str(key)
 
 
-def _secrets_of(state: ClusterState) -> list[str]:
-    """Secret values a run log must never show: the Ray token, the API keys, the HF token."""
-    values = [os.environ.get("HF_TOKEN", ""), os.environ.get("HUGGING_FACE_HUB_TOKEN", "")]
-    for path in (state.token_path, state.api_key_file):
-        if path:
-            with contextlib.suppress(OSError):
-                values += Path(path).read_text(encoding="utf-8").split()
-    return [v for v in values if v]
-
-
 def model_dir_for(model: str, shared_dir: str, revision: str | None) -> str:
     """Where the served model lives: a local directory as it is, else the download's target
     ``<shared>/models/<org>--<name>[@rev]`` (the same path the download stage fills)."""
@@ -162,15 +121,7 @@ def up(config: UpConfig, *, console: Console | None = None) -> ClusterState:
         config=config,
         cluster=cluster,
         state=state,
-        runners=[
-            runner_for(
-                n,
-                ssh_config=SSHConfig(
-                    known_hosts_file=config.known_hosts, strict_host_keys=config.strict_host_keys
-                ),
-            )
-            for n in cluster
-        ],
+        runners=[runner_for(n, ssh_config=ssh_config_of(state)) for n in cluster],
         reporter=reporter,
     )
     if config.dry_run:
@@ -183,7 +134,9 @@ def up(config: UpConfig, *, console: Console | None = None) -> ClusterState:
         f"[bold]up[/] cluster [cyan]{state.name}[/] ({len(cluster)} node(s), state in {cluster_dir(state.name)})"
     )
     state.save()
-    log = reporter.open_log(run_log_path(cluster_dir(state.name), "up"), _secrets_of(state))
+    log = reporter.open_log(
+        run_log_path(cluster_dir(state.name), "up"), RecordedCluster(state).secrets()
+    )
     reporter.print(f"log: {log}")
     try:
         run_stages(ctx, STAGES)
@@ -238,7 +191,7 @@ def _shutdown_serve(
     state: ClusterState, runners: list[Runner], *, drain_timeout: float, reporter: Reporter
 ) -> None:
     from cluster.stages.env import env_python
-    from cluster.stages.serve import SHUTDOWN_SNIPPET, python_snippet_command, ray_driver_env
+    from cluster.stages.serve import ray_driver_env, stop_call
 
     head = state.nodes[0] if state.nodes else None
     if (
@@ -249,21 +202,16 @@ def _shutdown_serve(
         or not state.serve_config_hash
     ):
         return
-    res = runners[0].run(
-        python_snippet_command(
-            env_python(state.env_dir),
-            SHUTDOWN_SNIPPET,
-            "llamacluster",
-            f"{head.private_ip}:{state.ports.ray_gcs}",
-        ),
+    reply = stop_call(env_python(state.env_dir), f"{head.private_ip}:{state.ports.ray_gcs}").run(
+        runners[0].run,
         env=ray_driver_env(head.token_path or state.remote_token_path),
         timeout=drain_timeout + 60,
     )
-    if res.ok:
+    if reply.ok:
         reporter.info(f"server drained and stopped on {head.label}")
     else:
         reporter.warn(
-            f"could not stop the server cleanly on {head.label}: {res.tail(1)} (Ray is stopped next)"
+            f"could not stop the server cleanly on {head.label}: {reply.error} (Ray is stopped next)"
         )
     state.serve_config_hash = None
     state.endpoint = None
@@ -283,9 +231,8 @@ def down(
     from cluster.stages.ray import stop_ray
 
     reporter = Reporter(console)
-    state = load_state(name)
-    cluster = cluster_of(state)
-    runners = runners_of(state, cluster)
+    recorded = RecordedCluster.load(name)
+    state, cluster, runners = recorded.state, recorded.inventory, recorded.runners()
     _shutdown_serve(state, runners, drain_timeout=drain_timeout, reporter=reporter)
     if not keep_ray:
         stop_ray(state, cluster, runners, reporter=reporter)
@@ -331,9 +278,8 @@ def status(name: str, *, console: Console | None = None) -> dict[str, object]:
     from cluster.stages.ray import ray_alive_command
 
     reporter = Reporter(console)
-    state = load_state(name)
-    cluster = cluster_of(state)
-    runners = runners_of(state, cluster)
+    recorded = RecordedCluster.load(name)
+    state, runners = recorded.state, recorded.runners()
     alive: dict[str, bool] = {}
     for runner in runners:
         rec = state.node(runner.node.name)
@@ -344,13 +290,10 @@ def status(name: str, *, console: Console | None = None) -> dict[str, object]:
     ready = False
     if state.ports and state.env_dir:
         from cluster.stages.env import env_python
-        from cluster.stages.serve import READY_PROBE_TEMPLATE
+        from cluster.stages.serve import ready_probe
 
-        probe = READY_PROBE_TEMPLATE.format(
-            python=shlex.quote(env_python(state.env_dir)),
-            url=shlex.quote(f"http://127.0.0.1:{state.ports.api}/ready"),
-        )
-        ready = runners[0].run(probe, timeout=30).ok
+        probe = ready_probe(env_python(state.env_dir), f"http://127.0.0.1:{state.ports.api}")
+        ready = probe.run(runners[0].run, timeout=30).ok
     reporter.print(f"cluster [cyan]{state.name}[/]{' (local)' if state.local else ''}")
     for rec in state.nodes:
         kernels = cpu_kernels_of(rec)
@@ -387,10 +330,7 @@ def exec_command(
     console: Console | None = None,
 ) -> dict[str, Result]:
     """Run ``command`` on every node (or ``nodes``) with output prefixed by node; every Result."""
-    state = load_state(name)
-    cluster = cluster_of(state)
-    picked = cluster.select(nodes) if nodes else tuple(cluster)
-    runners = [r for r in runners_of(state, cluster) if r.node in picked]
+    runners = RecordedCluster.load(name).runners(nodes)
     results = run_on_nodes(
         runners, command, timeout=timeout, on_line=prefixed_printer(console), check=False
     )
@@ -409,7 +349,7 @@ def logs(
         raise ConfigError(
             f"cluster {name!r} has no Ray on record", hint="run `llamacluster up` first"
         )
-    runner = runners_of(state)[0]
+    runner = RecordedCluster(state).head_runner()
     res = runner.run(
         serve_logs_command(head.ray_temp_dir, follow=follow, lines=lines),
         on_line=prefixed_printer(console),
@@ -432,13 +372,13 @@ def tunnel(name: str, *, show_secrets: bool = False) -> list[str]:
             f"local cluster: no tunnel needed; API http://127.0.0.1:{p.api}/v1, dashboard http://127.0.0.1:{p.dashboard}"
         )
     else:
-        head = cluster_of(state).head
+        head = RecordedCluster(state).inventory.head
         from cluster.runner import ssh_argv
 
         # No ControlMaster for a tunnel a person keeps open: a plain, self-contained ssh.
         argv = ssh_argv(
             head,
-            replace(_ssh_config(state), multiplex=False),
+            person_ssh(state),
             batch=False,
             extra_args=[
                 "-N",

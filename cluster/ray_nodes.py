@@ -14,6 +14,9 @@ from pathlib import Path
 
 from cluster.errors import ConfigError, NotReadyError, RemoteError
 from cluster.files import atomic_write
+from cluster.remote import RemoteCall
+from cluster.remote_ray import MODULE as REMOTE_RAY
+from cluster.remote_ray import NodesRequest, PortsRequest
 from cluster.runner import LineSink, Result, Runner, shell_join
 
 log = logging.getLogger(__name__)
@@ -447,44 +450,23 @@ def stop_ray_cluster(
         raise RemoteError("could not stop Ray on " + "; ".join(failed))
 
 
-# Allocates ports on the node itself: `count` single ports (kernel-chosen, held until all are
-# picked so none repeats) and `blocks` runs of `block` consecutive free ports for workers.
-_PORTS_SCRIPT = r"""
-import json, random, socket, sys
-count, blocks, size, lo, hi = map(int, sys.argv[1:6])
-held, singles, starts = [], [], []
-def grab(port):
-    s = socket.socket()
-    s.bind(("", port))
-    held.append(s)
-    return s.getsockname()[1]
-for _ in range(count):
-    singles.append(grab(0))
-taken = set(singles)
-for _ in range(blocks):
-    for _ in range(200):
-        start = random.randrange(lo, hi - size)
-        if any(start <= t < start + size for t in taken):
-            continue
-        try:
-            socks = len(held)
-            for p in range(start, start + size):
-                grab(p)
-        except OSError:
-            for s in held[socks:]:
-                s.close()
-            del held[socks:]
-            continue
-        starts.append(start)
-        taken.update(range(start, start + size))
-        break
-    else:
-        sys.exit("no free block of %d ports in %d-%d" % (size, lo, hi))
-print(json.dumps({"singles": singles, "blocks": starts}))
-"""
-
 _PORTS_PER_NODE = 6  # node manager, object manager, metrics, agent http/grpc, runtime env
 _PORTS_PER_HEAD = 3  # gcs, dashboard, ray client server
+
+
+def ports_call(
+    python: str, *, nodes: int = 1, with_head: bool = True, block_size: int = WORKER_BLOCK_SIZE
+) -> RemoteCall:
+    """The ``ports`` call of ``allocate_ports`` (also the ``--dry-run`` line)."""
+    lo, hi = WORKER_BLOCK_RANGE
+    request = PortsRequest(
+        count=nodes * _PORTS_PER_NODE + (_PORTS_PER_HEAD if with_head else 0),
+        blocks=nodes,
+        block_size=block_size,
+        lo=lo,
+        hi=hi,
+    )
+    return RemoteCall(python, REMOTE_RAY, "ports", request)
 
 
 def allocate_ports(
@@ -492,20 +474,20 @@ def allocate_ports(
     *,
     nodes: int = 1,
     with_head: bool = True,
-    python: str = "python3",
+    python: str,
     block_size: int = WORKER_BLOCK_SIZE,
 ) -> tuple[RayHeadPorts | None, list[RayNodePorts]]:
     """Free ports for ``nodes`` Ray nodes that share the host of ``runner`` (and the head ports
     when ``with_head``), picked on that host in one go so no two of them collide.
+
+    ``python`` runs ``cluster.remote_ray ports`` there: an interpreter that imports this project
+    (the shared env's).
     """
-    count = nodes * _PORTS_PER_NODE + (_PORTS_PER_HEAD if with_head else 0)
-    lo, hi = WORKER_BLOCK_RANGE
-    result = runner.run(
-        [python, "-c", _PORTS_SCRIPT, str(count), str(nodes), str(block_size), str(lo), str(hi)],
-        timeout=60,
+    reply = ports_call(python, nodes=nodes, with_head=with_head, block_size=block_size).run(
+        runner.run, timeout=60
     )
-    result.check(what="allocating free ports")
-    data = json.loads(result.stdout.strip().splitlines()[-1])
+    reply.result.check(what="allocating free ports")
+    data = reply.value(what="allocating free ports")
     singles: list[int] = data["singles"]
     head = None
     if with_head:
@@ -529,35 +511,6 @@ def allocate_ports(
     return head, per_node
 
 
-# Joins the cluster as a short-lived driver on the head and polls ray.nodes() until the
-# expected nodes and devices are there or the deadline passes; prints what it saw as JSON.
-_PROBE_SCRIPT = r"""
-import json, sys, time
-import ray
-address, node_ip, deadline_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
-from ray._private.services import resolve_ip_for_localhost
-# Ray replaces 127.0.0.1 and localhost by the host's own address: compare what Ray shows.
-resolved = {ip: resolve_ip_for_localhost(ip) for ip in json.loads(sys.argv[4])}
-expected = {resolved[ip]: gpus for ip, gpus in json.loads(sys.argv[4]).items()}
-ray.init(address=address, _node_ip_address=node_ip, log_to_driver=False,
-         logging_level="ERROR", namespace="llamacluster-probe")
-deadline = time.monotonic() + deadline_s
-while True:
-    nodes = [
-        {"ip": n["NodeManagerAddress"], "alive": n["Alive"], "resources": n["Resources"]}
-        for n in ray.nodes()
-    ]
-    alive = {n["ip"]: n["resources"] for n in nodes if n["alive"]}
-    if all(ip in alive and alive[ip].get("GPU", 0) >= gpus for ip, gpus in expected.items()):
-        break
-    if time.monotonic() > deadline:
-        break
-    time.sleep(0.5)
-ray.shutdown()
-print("LLAMACLUSTER_NODES=" + json.dumps({"nodes": nodes, "resolved": resolved}))
-"""
-
-
 @dataclass(frozen=True)
 class RayNodeState:
     """One node as the GCS sees it."""
@@ -572,6 +525,20 @@ class RayNodeState:
         return float(self.resources.get("GPU", 0))
 
 
+def nodes_call(
+    python: str, address: str, expected: Mapping[str, float], *, timeout: float
+) -> RemoteCall:
+    """The ``nodes`` call of ``wait_for_nodes``: poll the GCS at ``address`` from the head until
+    every IP of ``expected`` has its device slots (also the ``--dry-run`` line)."""
+    request = NodesRequest(
+        address=address,
+        node_ip=address.rsplit(":", 1)[0],
+        timeout_s=timeout,
+        expected=dict(expected),
+    )
+    return RemoteCall(python, REMOTE_RAY, "nodes", request)
+
+
 def wait_for_nodes(
     address: str,
     expected_nodes: Sequence[str],
@@ -580,13 +547,14 @@ def wait_for_nodes(
     token_path: str,
     timeout: float = 120,
     runner: Runner | None = None,
-    python: str = "python3",
+    python: str,
 ) -> dict[str, RayNodeState]:
     """Wait until every node IP in ``expected_nodes`` is alive in the cluster at ``address``
     with its device slots (``expected_gpus``: per IP, or a total), else raise NotReadyError
     naming the missing nodes and slots.
 
-    Runs on ``runner`` (the head; default: this machine) as a token-authenticated driver.
+    Runs ``cluster.remote_ray nodes`` with ``python`` (the shared env's) on ``runner`` (the
+    head; default: this machine) as a token-authenticated driver.
     Returns each expected node's state, keyed by the address it was expected under (Ray
     registers 127.0.0.1 under the host's own address; ``state.ip`` says which).
     """
@@ -597,23 +565,19 @@ def wait_for_nodes(
         per_node = {ip: float(expected_gpus.get(ip, 0)) for ip in expected_nodes}
     else:
         per_node = {ip: 0.0 for ip in expected_nodes}
-    node_ip = address.rsplit(":", 1)[0]
-    result = runner.run(
-        [python, "-c", _PROBE_SCRIPT, address, node_ip, str(timeout), json.dumps(per_node)],
+    reply = nodes_call(python, address, per_node, timeout=timeout).run(
+        runner.run,
         env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path},
         timeout=timeout + 60,
     )
-    line = next(
-        (x for x in reversed(result.stdout.splitlines()) if x.startswith("LLAMACLUSTER_NODES=")),
-        None,
-    )
-    if not result.ok or line is None:
+    if not reply.ok or reply.data is None:
+        result = reply.result
         raise NotReadyError(
             f"could not read the Ray cluster state at {address} (exit {result.returncode}): "
             f"{result.tail(5)}",
             hint="check that the head is up (`llamacluster status`) and the token file is right",
         )
-    seen = json.loads(line.split("=", 1)[1])
+    seen = reply.data
     nodes = [RayNodeState(**n) for n in seen["nodes"]]
     ray_ip = seen["resolved"]  # expected address -> the address Ray registered it under
     alive = {n.ip: n for n in nodes if n.alive}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -11,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from cluster.errors import ConfigError, NotReadyError, validation_error
+from cluster.keys import read_api_keys
 
 # Custom Ray resource only the head node advertises (cluster/ray_nodes.py starts the head with
 # it). The engine bundle asks for a sliver of it, so the replica, and with it the HTTP endpoint,
@@ -196,21 +196,8 @@ def default_served_name(model: str) -> str:
 
 
 def read_key_file(path: Path) -> list[str]:
-    """Read API keys (one a line, # comments) from a file only its owner can read."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise ValueError(f"API key file {path} does not exist: create it with mode 0600") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ValueError(
-            f"API key file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}): "
-            f"run `chmod 600 {path}`"
-        )
-    lines = path.read_text(encoding="utf-8").splitlines()
-    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not keys:
-        raise ValueError(f"API key file {path} holds no key: put one key per line")
-    return keys
+    """Every key in an API key file (cluster/keys.py: 0600, one a line, # comments)."""
+    return read_api_keys(path)
 
 
 def load_config(**values: Any) -> ServeConfig:

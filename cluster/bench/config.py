@@ -287,14 +287,10 @@ def parse_float_list(text: str, *, what: str) -> list[float]:
 
 
 def read_key_file(path: str | Path) -> str:
-    """The first non-empty line of an API key file."""
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.strip():
-                return line.strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read API key file {path}: {exc.strerror}") from None
-    raise ConfigError(f"API key file {path} is empty", hint="write the key on its first line")
+    """The key a client sends from an API key file (cluster/keys.py: 0600, first key)."""
+    from cluster.keys import read_api_key
+
+    return read_api_key(path)
 
 
 def parse_endpoint(text: str, *, default_key: str | None = None) -> Endpoint:

@@ -170,11 +170,10 @@ class NetCounterObserver:
 
 def cluster_net_nodes(name: str) -> list[NetNode]:
     """The nodes of recorded cluster ``name`` with the interface `up` found on each."""
-    from cluster.lifecycle import cluster_of, runners_of
-    from cluster.state import load_state
+    from cluster.recorded import RecordedCluster
 
-    state = load_state(name)
-    runners = runners_of(state, cluster_of(state))
+    recorded = RecordedCluster.load(name)
+    state, runners = recorded.state, recorded.runners()
     nodes: list[NetNode] = []
     for runner in runners:
         rec = state.node(runner.node.name)

@@ -8,22 +8,23 @@ from pathlib import Path
 import typer
 
 from cluster.cli.app import app, table_console
+from cluster.cli.options import (
+    api_key_file_option,
+    api_key_option,
+    base_url_option,
+    model_option,
+    name_option,
+)
 
 
 @app.command("bench")
 def bench(
-    base_url: str | None = typer.Option(
-        None, "--base-url", help="Endpoint base URL, e.g. http://HEAD:8000/v1."
+    base_url: str | None = base_url_option(),
+    model: str | None = model_option(
+        "Model name to request (default: the cluster's, or the endpoint's first model)."
     ),
-    model: str | None = typer.Option(
-        None, "--model", help="Model name to request (default: the endpoint's first model)."
-    ),
-    api_key: str | None = typer.Option(
-        None, "--api-key", help="API key (default: $OPENAI_API_KEY). Prefer --api-key-file."
-    ),
-    api_key_file: Path | None = typer.Option(
-        None, "--api-key-file", help="File whose first line is the API key."
-    ),
+    api_key: str | None = api_key_option(),
+    api_key_file: Path | None = api_key_file_option(),
     endpoint: list[str] = typer.Option(
         [],
         "--endpoint",
@@ -91,10 +92,8 @@ def bench(
     ),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-    name: str | None = typer.Option(
-        None,
-        "--name",
-        help="A cluster from `up`: its endpoint, key and model (and --net-counters).",
+    name: str | None = name_option(
+        "A cluster from `up`: its endpoint, key and model (and --net-counters)."
     ),
     net_counters: bool | None = typer.Option(
         None,

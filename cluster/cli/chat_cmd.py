@@ -8,23 +8,22 @@ from pathlib import Path
 import typer
 
 from cluster.cli.app import app
+from cluster.cli.options import (
+    api_key_file_option,
+    api_key_option,
+    base_url_option,
+    model_option,
+    name_option,
+)
 
 
 @app.command()
 def chat(
-    name: str | None = typer.Option(
-        None, "--name", help="Cluster name (its endpoint, key and model from `up`)."
-    ),
-    base_url: str | None = typer.Option(
-        None, "--base-url", help="Any OpenAI-compatible base URL instead, e.g. http://HOST:8000/v1."
-    ),
-    api_key: str | None = typer.Option(
-        None, "--api-key", help="API key (default: $OPENAI_API_KEY). Prefer --api-key-file."
-    ),
-    api_key_file: Path | None = typer.Option(
-        None, "--api-key-file", help="File whose first line is the API key."
-    ),
-    model: str | None = typer.Option(None, "--model", help="Model name (default: the served one)."),
+    name: str | None = name_option("Cluster name (its endpoint, key and model from `up`)."),
+    base_url: str | None = base_url_option(),
+    api_key: str | None = api_key_option(),
+    api_key_file: Path | None = api_key_file_option(),
+    model: str | None = model_option(),
     model_dir: Path | None = typer.Option(
         None, "--model-dir", help="Local model directory (tokenizer files) for --eos-bias."
     ),

@@ -9,20 +9,9 @@ import typer
 from pydantic import ValidationError
 
 from cluster.cli.app import app
+from cluster.cli.options import cluster_name, ips_option, local_option, name_option
 from cluster.errors import RemoteError, flag_of, validation_error
 from cluster.stages.config import UpConfig
-
-NAME_HELP = "Cluster name (default: from --ips, or 'local' with --local)."
-
-
-def _name(name: str | None, ips: Path | None, local: bool) -> str:
-    from cluster.state import default_cluster_name
-
-    if name:
-        return name
-    if local:
-        return "local"
-    return default_cluster_name(Path(ips or "deploy/ips.txt").absolute())
 
 
 def _opt(field: str, *aliases: str, hidden: bool = False, default: object = ...) -> Any:
@@ -97,11 +86,9 @@ def up(
 
 @app.command()
 def down(
-    name: str | None = typer.Option(None, "--name", help=NAME_HELP),
-    ips: Path | None = typer.Option(
-        None, "--ips", "--inventory", help="Inventory the cluster was started from."
-    ),
-    local: bool = typer.Option(False, "--local", help="The --local cluster."),
+    name: str | None = name_option(),
+    ips: Path | None = ips_option(),
+    local: bool = local_option(),
     keep_ray: bool = typer.Option(
         False, "--keep-ray", help="Stop the server only; keep Ray running."
     ),
@@ -115,19 +102,21 @@ def down(
     """Drain the server, stop exactly this cluster's Ray processes on every node."""
     from cluster.lifecycle import down as do_down
 
-    do_down(_name(name, ips, local), keep_ray=keep_ray, purge=purge, drain_timeout=drain_timeout)
+    do_down(
+        cluster_name(name, ips, local), keep_ray=keep_ray, purge=purge, drain_timeout=drain_timeout
+    )
 
 
 @app.command()
 def status(
-    name: str | None = typer.Option(None, "--name", help=NAME_HELP),
-    ips: Path | None = typer.Option(None, "--ips", "--inventory", help="Inventory of the cluster."),
-    local: bool = typer.Option(False, "--local", help="The --local cluster."),
+    name: str | None = name_option(),
+    ips: Path | None = ips_option(),
+    local: bool = local_option(),
 ) -> None:
     """Nodes, devices, Ray and server state, model, endpoint, disk."""
     from cluster.lifecycle import status as do_status
 
-    info = do_status(_name(name, ips, local))
+    info = do_status(cluster_name(name, ips, local))
     if not info["ready"]:
         raise typer.Exit(5)
 
@@ -138,9 +127,9 @@ def exec_(
     nodes: list[str] = typer.Option(
         [], "--nodes", help="Only these nodes (head, worker1, host...)."
     ),
-    name: str | None = typer.Option(None, "--name", help=NAME_HELP),
-    ips: Path | None = typer.Option(None, "--ips", "--inventory", help="Inventory of the cluster."),
-    local: bool = typer.Option(False, "--local", help="The --local cluster."),
+    name: str | None = name_option(),
+    ips: Path | None = ips_option(),
+    local: bool = local_option(),
     timeout: float | None = typer.Option(
         None, "--timeout", help="Seconds before the command is killed."
     ),
@@ -151,7 +140,7 @@ def exec_(
 
     text = command[0] if len(command) == 1 else shell_join(command)
     results = exec_command(
-        _name(name, ips, local),
+        cluster_name(name, ips, local),
         text,
         nodes=[n for x in nodes for n in x.split(",")] or None,
         timeout=timeout,
@@ -163,25 +152,25 @@ def exec_(
 
 @app.command()
 def logs(
-    name: str | None = typer.Option(None, "--name", help=NAME_HELP),
-    ips: Path | None = typer.Option(None, "--ips", "--inventory", help="Inventory of the cluster."),
-    local: bool = typer.Option(False, "--local", help="The --local cluster."),
+    name: str | None = name_option(),
+    ips: Path | None = ips_option(),
+    local: bool = local_option(),
     follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing new lines."),
     lines: int = typer.Option(200, "-n", "--lines", help="Lines from the end."),
 ) -> None:
     """Server and engine logs from the head."""
     from cluster.lifecycle import logs as do_logs
 
-    rc = do_logs(_name(name, ips, local), follow=follow, lines=lines)
+    rc = do_logs(cluster_name(name, ips, local), follow=follow, lines=lines)
     if rc:
         raise typer.Exit(rc)
 
 
 @app.command()
 def tunnel(
-    name: str | None = typer.Option(None, "--name", help=NAME_HELP),
-    ips: Path | None = typer.Option(None, "--ips", "--inventory", help="Inventory of the cluster."),
-    local: bool = typer.Option(False, "--local", help="The --local cluster."),
+    name: str | None = name_option(),
+    ips: Path | None = ips_option(),
+    local: bool = local_option(),
     show_secrets: bool = typer.Option(
         False, "--show-secrets", help="Also print the token and the API key."
     ),
@@ -189,5 +178,5 @@ def tunnel(
     """The ssh -L command for the API and the dashboard (8265), and where the secrets are."""
     from cluster.lifecycle import tunnel as do_tunnel
 
-    for line in do_tunnel(_name(name, ips, local), show_secrets=show_secrets):
+    for line in do_tunnel(cluster_name(name, ips, local), show_secrets=show_secrets):
         typer.echo(line)

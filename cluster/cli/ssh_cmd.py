@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperCommand
 
 from cluster.cli.app import app
-from cluster.cli.cluster_cmd import NAME_HELP, _name
+from cluster.cli.options import cluster_name, ips_option, local_option, name_option
 
 
 class _KeepsRawArgs(TyperCommand):
@@ -40,9 +40,9 @@ def ssh(
     command: list[str] | None = typer.Argument(
         None, help="After --: a command to run there with a terminal."
     ),
-    name: str | None = typer.Option(None, "--name", help=NAME_HELP),
-    ips: Path | None = typer.Option(None, "--ips", "--inventory", help="Inventory of the cluster."),
-    local: bool = typer.Option(False, "--local", help="The --local cluster."),
+    name: str | None = name_option(),
+    ips: Path | None = ips_option(),
+    local: bool = local_option(),
 ) -> None:
     """Open a shell on a node (the head by default) with the cluster's SSH key and options."""
     from cluster.node_shell import shell_argv
@@ -52,6 +52,6 @@ def ssh(
     text = None
     if command:
         text = command[0] if len(command) == 1 else shell_join(command)
-    argv = shell_argv(_name(name, ips, local), node, command=text)
+    argv = shell_argv(cluster_name(name, ips, local), node, command=text)
     # Replace this process: ssh owns the terminal, signals and the exit code from here on.
     os.execvp(argv[0], argv)

@@ -14,6 +14,8 @@ from cluster.ray_nodes import (
     RayNodePorts,
     RayNodeSpec,
     allocate_ports,
+    nodes_call,
+    ports_call,
     ray_start_display,
     start_ray_node,
     start_ray_node_command,
@@ -187,10 +189,20 @@ class RayCluster(Stage):
                 ctx.state.node(n.name) or NodeState(name=n.name, label=n.label, host=n.host),
             )
             plan[n.label] = [
+                ports_call(spec.python, with_head=False).display(
+                    "nodes that share a host: one call for all"
+                ),
                 f"copy <controller token> -> {spec.node_token_path(i)} (0600)",
                 "# " + ray_start_display(spec, i),
                 *start_ray_node_command(spec, i).strip().splitlines(),
             ]
+        spec = cluster_spec(ctx)
+        expected = {n.ip: float(n.num_gpus) for n in spec.nodes}
+        plan[ctx.head.label].append(
+            nodes_call(spec.python, spec.address, expected, timeout=300).display(
+                "until every node and its device slots are registered"
+            )
+        )
         return plan
 
     def run(self, ctx: UpContext) -> StageOutcome:
@@ -249,7 +261,7 @@ class RayCluster(Stage):
                 runner,
                 nodes=len(members),
                 with_head=False,
-                python=recs[members[0]].python or "python3",
+                python=env_python(str(ctx.state.env_dir)),  # the same path on every node
             )
             for i, p in zip(members, ports, strict=True):
                 recs[i].ray_ports = asdict(p)

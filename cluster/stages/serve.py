@@ -2,64 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
 from pathlib import Path
 
 from cluster.errors import ConfigError, NotReadyError, RemoteError
+from cluster.remote import RemoteCall, Request
 from cluster.stages.base import Stage, StageOutcome, UpContext
 from cluster.stages.env import env_python
 from cluster.state import API_KEY_FILE, NodeState, config_hash, remote_cluster_dir
+from serve.remote import MODULE as SERVE_REMOTE
+from serve.remote import (
+    DeployRequest,
+    PortFreeRequest,
+    ReadyRequest,
+    StopRequest,
+    WaitRequest,
+)
 
-# Runs on the head with the shared env: the ServeConfig comes as JSON on stdin, the Ray address
-# as the argument; prints the endpoint as JSON. Serve is detached, so the app outlives this.
-DEPLOY_SNIPPET = (
-    "import json, sys, ray\n"
-    "ray.init(address=sys.argv[1], _node_ip_address=sys.argv[1].rsplit(':', 1)[0], "
-    "log_to_driver=False, logging_level='ERROR')\n"
-    "from serve.app import deploy\n"
-    "from serve.config import load_config\n"
-    "endpoint = deploy(load_config(**json.loads(sys.stdin.read())), ray_address=sys.argv[1])\n"
-    "print(json.dumps({'url': endpoint.url, 'model': endpoint.model}))\n"
-)
-SHUTDOWN_SNIPPET = (
-    "import sys, ray\n"
-    "ray.init(address=sys.argv[2], _node_ip_address=sys.argv[2].rsplit(':', 1)[0], "
-    "log_to_driver=False, logging_level='ERROR')\n"
-    "from serve.app import shutdown\n"
-    "print(shutdown(sys.argv[1], ray_address=sys.argv[2]))\n"
-)
-# Exit 0 once nothing holds the port (argv[1]) any more, 1 after argv[2] seconds: the old
-# server's processes (the replica, an engine process it forked) can outlive its app by seconds.
-PORT_RELEASED_SNIPPET = (
-    "import socket, sys, time\n"
-    "port, deadline = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])\n"
-    "while True:\n"
-    "    s = socket.socket()\n"
-    "    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-    "    try:\n"
-    "        s.bind(('', port))\n"
-    "        sys.exit(0)\n"
-    "    except OSError:\n"
-    "        if time.monotonic() > deadline:\n"
-    "            sys.exit(1)\n"
-    "        time.sleep(0.5)\n"
-    "    finally:\n"
-    "        s.close()\n"
-)
+DEFAULT_APP_NAME = "llamacluster"
+"""The Serve application `up` deploys (serve.config's default app name)."""
+
 PORT_RELEASE_WAIT_S = 120
-# Is the app deployed and ready? (exit 0 when /ready answers 200)
-READY_PROBE_TEMPLATE = (
-    "{python} -c 'import sys, urllib.request\n"
-    "try: sys.exit(0 if urllib.request.urlopen(sys.argv[1], timeout=5).status == 200 else 1)\n"
-    "except Exception: sys.exit(1)' {url}"
-)
-WAIT_READY_SNIPPET = (
-    "import sys\n"
-    "from serve.app import wait_until_ready\n"
-    "wait_until_ready(sys.argv[1], timeout_s=float(sys.argv[2]))\n"
-)
+"""How long a redeploy waits for the old server to let go of the API port."""
 
 
 # RAY_ADDRESS-free env for drivers on the head: token auth with this cluster's token file.
@@ -75,9 +39,30 @@ def default_cpu_kvcache_gb() -> int:
     return int(value) if value.isdigit() and int(value) > 0 else 4
 
 
-def python_snippet_command(python: str, snippet: str, *args: str) -> str:
-    """``python -c SNIPPET ARGS`` quoted for the node's shell."""
-    return " ".join([shlex.quote(python), "-c", shlex.quote(snippet), *map(shlex.quote, args)])
+def serve_call(python: str, verb: str, request: Request) -> RemoteCall:
+    """``<python> -m serve.remote <verb>`` with ``request`` as JSON on stdin (the server's
+    programs on the head, run with the shared env's python)."""
+    return RemoteCall(python, SERVE_REMOTE, verb, request)
+
+
+def ready_probe(python: str, url: str) -> RemoteCall:
+    """Does the app at ``url`` (the API as the head reaches it) answer /ready with 200 now?"""
+    return serve_call(python, "ready", ReadyRequest(url=url))
+
+
+def port_free_call(python: str, port: int) -> RemoteCall:
+    """Wait until nothing holds ``port`` on the head (PORT_RELEASE_WAIT_S at most)."""
+    return serve_call(python, "port-free", PortFreeRequest(port=port, wait_s=PORT_RELEASE_WAIT_S))
+
+
+def wait_call(python: str, url: str, timeout_s: float) -> RemoteCall:
+    """Wait until the app at ``url`` answers /ready (fails early when it is not healthy)."""
+    return serve_call(python, "wait", WaitRequest(url=url, timeout_s=timeout_s))
+
+
+def stop_call(python: str, ray_address: str, app_name: str = DEFAULT_APP_NAME) -> RemoteCall:
+    """Stop (drain and delete) the Serve app ``app_name`` of the cluster at ``ray_address``."""
+    return serve_call(python, "stop", StopRequest(ray_address=ray_address, app_name=app_name))
 
 
 def local_url(ctx: UpContext) -> str:
@@ -177,13 +162,30 @@ class Serve(Stage):
         python = env_python(ctx.state.env_dir or "<env>")
         tp = ctx.config.tp or "<planner>"
         pp = ctx.config.pp or "<planner>"
+        api = ctx.state.ports.api if ctx.state.ports and ctx.state.ports.api else None
+        url = f"http://127.0.0.1:{api or '<api-port>'}"
+        rec = ctx.state.node(ctx.head.name)
+        head_ip = (rec.private_ip if rec else None) or ctx.head.private_ip or ctx.head.host
+        gcs = ctx.state.ports.ray_gcs if ctx.state.ports else ctx.config.ray_port
+        address = f"{head_ip}:{gcs}"
+        config = {
+            "model": str(ctx.state.model_dir or ctx.state.model),
+            "tp": tp,
+            "pp": pp,
+            "...": "the other ServeConfig fields",
+        }
+        changed = "only when the serving config changed"
         return {
             ctx.head.label: [
                 f"copy {ctx.state.api_key_file or '<api key>'} -> {remote_cluster_dir(ctx.state)}/{API_KEY_FILE} (0600)",
-                python_snippet_command(
-                    python, "from serve.app import deploy; ...", "<head-ip>:<ray-port>"
-                )
-                + f"   # stdin: ServeConfig(model={ctx.state.model_dir or ctx.state.model}, tp={tp}, pp={pp})",
+                ready_probe(python, url).display(
+                    "the stage ends here when this config already answers"
+                ),
+                stop_call(python, address).display(changed + ", with RAY_AUTH_TOKEN_PATH"),
+                *([port_free_call(python, api).display(changed)] if api else []),
+                serve_call(
+                    python, "deploy", DeployRequest(ray_address=address, config=config)
+                ).display("with RAY_AUTH_TOKEN_PATH"),
             ]
         }
 
@@ -199,42 +201,37 @@ class Serve(Stage):
         values = serve_values(ctx, tp, pp)
         wanted = config_hash(values)
         python = env_python(str(ctx.state.env_dir))
-        probe = READY_PROBE_TEMPLATE.format(
-            python=shlex.quote(python), url=shlex.quote(local_url(ctx) + "/ready")
-        )
         leftover = total - tp * pp
         note = f"; {leftover} device slot(s) left idle" if leftover else ""
         if (
             ctx.state.serve_config_hash == wanted
-            and ctx.run_head(probe, what="ready probe", check=False).ok
+            and ready_probe(python, local_url(ctx))
+            .run(ctx.run_head, what="ready probe", check=False)
+            .ok
         ):
             return StageOutcome("unchanged", f"already serving tp={tp} × pp={pp}{note}")
         head = ctx.node_state(ctx.head)
         assert ctx.state.ports is not None and ctx.state.remote_token_path
+        address = f"{head.private_ip}:{ctx.state.ports.ray_gcs}"
         if ctx.state.serve_config_hash is not None:
             # A changed config: stop the old app first (its devices are needed by the new one).
-            ctx.run_head(
-                python_snippet_command(
-                    python,
-                    SHUTDOWN_SNIPPET,
-                    "llamacluster",
-                    f"{head.private_ip}:{ctx.state.ports.ray_gcs}",
-                ),
+            stop_call(python, address).run(
+                ctx.run_head,
                 what="stopping the old server",
                 env=ray_driver_env(ctx.state.remote_token_path),
                 timeout=300,
             )
             self._wait_port_released(ctx, python, ctx.state.ports.api)
-        out = ctx.run_head(
-            python_snippet_command(
-                python, DEPLOY_SNIPPET, f"{head.private_ip}:{ctx.state.ports.ray_gcs}"
-            ),
-            what="deploying the server",
-            stdin=json.dumps(values),
-            env=ray_driver_env(ctx.state.remote_token_path),
-            timeout=600,
-        ).stdout
-        endpoint = json.loads(out.strip().splitlines()[-1])
+        endpoint = (
+            serve_call(python, "deploy", DeployRequest(ray_address=address, config=values))
+            .run(
+                ctx.run_head,
+                what="deploying the server",
+                env=ray_driver_env(ctx.state.remote_token_path),
+                timeout=600,
+            )
+            .value(what="deploying the server")
+        )
         redeploy = ctx.state.serve_config_hash is not None
         ctx.state.serve_config_hash = wanted
         ctx.state.tp, ctx.state.pp = tp, pp
@@ -254,18 +251,19 @@ class Serve(Stage):
     @staticmethod
     def _wait_port_released(ctx: UpContext, python: str, port: int) -> None:
         """Wait until the old server let go of the API port (the new one must bind it)."""
-        wait = python_snippet_command(
-            python, PORT_RELEASED_SNIPPET, str(port), str(PORT_RELEASE_WAIT_S)
-        )
+        wait = port_free_call(python, port)
         holders = f"ss -ltnp 'sport = :{int(port)}' 2>/dev/null | tail -n +2"
         res = ctx.run_head(
-            f"{wait} || {{ {holders}; exit 1; }}",
+            f"{wait.command} || {{ {holders}; exit 1; }}",
             what=f"waiting for port {port} to be free",
+            stdin=wait.stdin,
             timeout=PORT_RELEASE_WAIT_S + 30,
             check=False,
         )
         if not res.ok:
-            held_by = res.stdout.strip().splitlines()[-1:] or ["(ss shows no listener)"]
+            # What ss printed after the program's own reply (a JSON line).
+            listeners = [ln for ln in res.stdout.splitlines() if ln.strip() and ln[:1] != "{"]
+            held_by = listeners[-1:] or ["(ss shows no listener)"]
             raise RemoteError(
                 f"port {port} on {ctx.head.label} is still taken {PORT_RELEASE_WAIT_S} s after "
                 f"the old server stopped: {held_by[0][:200]}",
@@ -291,27 +289,20 @@ class Ready(Stage):
         port = ctx.state.ports.api if ctx.state.ports else "<api-port>"
         return {
             ctx.head.label: [
-                python_snippet_command(
-                    python,
-                    WAIT_READY_SNIPPET,
-                    f"http://127.0.0.1:{port}",
-                    str(ctx.config.ready_timeout_s),
-                )
+                wait_call(python, f"http://127.0.0.1:{port}", ctx.config.ready_timeout_s).display()
             ]
         }
 
     def run(self, ctx: UpContext) -> StageOutcome:
         python = env_python(str(ctx.state.env_dir))
-        res = ctx.run_head(
-            python_snippet_command(
-                python, WAIT_READY_SNIPPET, local_url(ctx), str(ctx.config.ready_timeout_s)
-            ),
+        reply = wait_call(python, local_url(ctx), ctx.config.ready_timeout_s).run(
+            ctx.run_head,
             what="waiting for /ready",
             timeout=ctx.config.ready_timeout_s + 30,
             check=False,
         )
-        if not res.ok:
-            why = res.tail(1) or res.tail(1, stream="stdout")
+        if not reply.ok:
+            why = reply.error
             cause = self._root_cause(ctx)
             if cause and cause not in why:
                 why += f"; root cause in the head's logs: {cause}"

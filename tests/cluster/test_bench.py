@@ -565,6 +565,7 @@ def test_cli_runs_writes_results_and_fails_when_everything_fails(
     stream_server.behaviour = StreamBehaviour(ttft_ms=5, itl_ms=1)
     key_file = tmp_path / "key"
     key_file.write_text("file-key-456\n")
+    key_file.chmod(0o600)
     out = tmp_path / "res"
     rc = main(
         [

@@ -119,6 +119,7 @@ def test_target_from_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert target.base_url == "http://h:8000/v1" and target.api_key == "env-key"
     key = tmp_path / "key"
     key.write_text("file-key\n")
+    key.chmod(0o600)
     assert resolve_target(base_url="http://h/v1", api_key_file=key).api_key == "file-key"
     with pytest.raises(ConfigError, match="no endpoint"):
         resolve_target()

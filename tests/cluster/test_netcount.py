@@ -146,6 +146,7 @@ def test_bench_cli_on_a_recorded_cluster(
     monkeypatch.setenv("LLAMACLUSTER_HOME", str(tmp_path / "home"))
     key = tmp_path / "api_key"
     key.write_text("secret-key-123\n")
+    key.chmod(0o600)
     ClusterState(
         name="t", local=True, endpoint=stream_server.base_url.removesuffix("/v1"),
         api_key_file=str(key), served_model_name="tiny-test",

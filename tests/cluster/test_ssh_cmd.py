@@ -86,3 +86,33 @@ def test_interactive_shell_on_the_head_by_default(recorded) -> None:
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 3
+
+
+def test_strict_host_keys_recorded_by_up_are_honoured_by_exec_and_status(
+    sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cluster brought up with --strict-host-keys refuses a host whose key is unknown in every
+    later command, where the default policy (accept new keys) lets it through."""
+    from cluster.lifecycle import exec_command
+
+    monkeypatch.setenv("LLAMACLUSTER_HOME", str(tmp_path / "home"))
+    inventory = f"{sshd.user}@127.0.0.2:{sshd.port}\n"
+    for name, strict in (("strict", True), ("lenient", False)):
+        ClusterState(
+            name=name,
+            inventory_text=inventory,
+            identity_file=str(sshd.client_key),
+            known_hosts=str(tmp_path / f"known_hosts-{name}"),  # empty: the host is unknown
+            strict_host_keys=strict,
+        ).save()
+    refused = exec_command("strict", "echo reached", timeout=60)
+    (result,) = refused.values()
+    assert not result.ok and "reached" not in result.stdout
+    assert "host key" in (result.stderr + result.stdout).lower()
+    accepted = exec_command("lenient", "echo reached", timeout=60)
+    (result,) = accepted.values()
+    assert result.ok and "reached" in result.stdout
+    # Once the key is known, the strict cluster reaches the node as well.
+    (tmp_path / "known_hosts-strict").write_text((tmp_path / "known_hosts-lenient").read_text())
+    (result,) = exec_command("strict", "echo reached", timeout=60).values()
+    assert result.ok and "reached" in result.stdout

@@ -272,12 +272,13 @@ def test_dry_run_nfs_from_the_head_plans_export_and_worker_mounts(tmp_path, caps
     assert any("umount" in ln and "/proc/fs/nfsfs/volumes" in ln for ln in worker_lines)
 
 
-def test_ready_failure_names_the_engines_root_cause_from_the_head_logs(tmp_path, monkeypatch):
+def test_ready_failure_names_the_engines_root_cause_from_the_head_logs(tmp_path):
     import sys
 
     import cluster.stages.serve as serve_stage
     from cluster.errors import NotReadyError
     from cluster.state import Ports
+    from tests.support.status_server import status_server
 
     logs = tmp_path / "ray" / "session_latest" / "logs"
     logs.mkdir(parents=True)
@@ -286,20 +287,20 @@ def test_ready_failure_names_the_engines_root_cause_from_the_head_logs(tmp_path,
         "RuntimeError: open shm in SHMManager failed. errno: 2\n"
         "RuntimeError: Engine core initialization failed. See root cause above.\n"
     )
-    # The waiting program as it ends when the engine died (the real one needs a server).
-    monkeypatch.setattr(
-        serve_stage,
-        "WAIT_READY_SNIPPET",
-        "import sys; sys.exit('server is not healthy: engine failed to start')",
-    )
-    ctx = _context(UpConfig(local=True, ready_timeout_s=5))
+    # A server whose engine died: /ready and /health fail, so the real waiting program
+    # (`python -m serve.remote wait`) gives up at once with the health check's reason.
+    unhealthy = {"error": {"message": "engine failed to start"}}
+    routes = {"/ready": (503, unhealthy), "/health": (503, unhealthy)}
+    ctx = _context(UpConfig(local=True, ready_timeout_s=60))
     ctx.state.env_dir = sys.prefix
-    ctx.state.ports = Ports(api=9, ray_gcs=6379, dashboard=8265)
     ctx.state.nodes = [NodeState(name="head", label="127.0.0.1", host="127.0.0.1")]
     ctx.state.nodes[0].ray_temp_dir = str(tmp_path / "ray")
-    with pytest.raises(NotReadyError) as caught:
+    with status_server(routes) as (url, seen), pytest.raises(NotReadyError) as caught:
+        ctx.state.ports = Ports(api=int(url.rsplit(":", 1)[1]), ray_gcs=6379, dashboard=8265)
         serve_stage.Ready().run(ctx)
+    assert seen == ["/ready", "/health"]  # one poll: it failed early, not at the timeout
     line = caught.value.one_line()
+    assert f"server at {url} is not healthy: engine failed to start" in line
     assert "root cause in the head's logs: RuntimeError: open shm in SHMManager failed" in line
 
 

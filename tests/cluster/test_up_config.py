@@ -102,7 +102,31 @@ def test_vllm_spellings_and_engine_args_reach_the_config(tmp_path, capsys):
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert f"ServeConfig(model={model}, tp=2, pp=1)" in done.stdout
+    deploy = next(line for line in done.stdout.splitlines() if "serve.remote deploy" in line)
+    request = json.loads(deploy.split("stdin: ", 1)[1])
+    assert request["config"]["model"] == str(model)
+    assert (request["config"]["tp"], request["config"]["pp"]) == (2, 1)
+
+
+def test_every_up_flag_spelling_lands_in_the_config(monkeypatch):
+    import cluster.lifecycle
+    from cluster.cli.app import main
+
+    seen: list[UpConfig] = []
+    monkeypatch.setattr(cluster.lifecycle, "up", lambda config: seen.append(config))
+    argv = [
+        "up", "--local", "--tensor-parallel-size", "2", "-pp", "2", "--max-model-len", "256",
+        "--gpu-memory-utilization", "0.5", "--served-model-name", "a", "--served-model-name", "b",
+        "--engine-arg", "enable_prefix_caching=true", "--engine-arg", "max-num-seqs=8",
+        "--cache-dir", "/var/cache/x", "--ssh-key", "/k", "--ready-timeout", "60",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    (config,) = seen
+    assert (config.tp, config.pp, config.max_model_len) == (2, 2, 256)
+    assert config.gpu_memory_utilization == 0.5 and config.served_model_name == ["a", "b"]
+    assert config.engine_args == {"enable_prefix_caching": True, "max_num_seqs": 8}
+    assert (config.cache_dir, str(config.identity_file)) == ("/var/cache/x", "/k")
+    assert config.ready_timeout_s == 60
 
 
 def test_served_name_is_the_repo_id_for_a_hub_model_and_the_dir_name_for_a_directory(tmp_path):

@@ -67,6 +67,14 @@ def _chat_stream(state: dict) -> str:
     return "".join(chunks)
 
 
+def _model_ids(state: dict) -> list[str]:
+    from openai import OpenAI
+
+    key = Path(state["api_key_file"]).read_text().strip()
+    client = OpenAI(base_url=state["endpoint"] + "/v1", api_key=key, timeout=60)
+    return [m.id for m in client.models.list().data]
+
+
 def _bring_down_and_check(home: Path, name: str, env: dict[str, str]) -> None:
     sessions = [n["ray_session"] for n in _state(home, name)["nodes"] if n.get("ray_session")]
     if not sessions:
@@ -95,6 +103,9 @@ def test_up_local_serves_and_is_idempotent(tmp_path, cli_env, demo_model_dir):
         assert "skipped" in first and "--local" in first  # storage/cache said so
         assert "ready" in first and "API key" in first
         state = _state(home, "local")
+        # A local directory is served under the directory's name.
+        assert state["served_model_name"] == demo_model_dir.name
+        assert _model_ids(state) == [demo_model_dir.name]
         assert _chat_stream(state)
         second = _ok(llamacluster("up", *common, *ports, env=cli_env))
         assert "nothing changed" in second, second
@@ -102,10 +113,18 @@ def test_up_local_serves_and_is_idempotent(tmp_path, cli_env, demo_model_dir):
         assert "ready" in status and "running" in status
         sessions = [n["ray_session"] for n in _state(home, "local")["nodes"]]
         # A changed serving config redeploys the server only: Ray keeps its sessions.
-        third = _ok(llamacluster("up", *common, *ports, "--max-model-len", "512", env=cli_env))
+        # Aliases: vLLM's spelling of the flag, repeated; the first name is the main one.
+        names = ["--served-model-name", "tiny", "--served-model-name", "tiny-alias"]
+        third = _ok(
+            llamacluster("up", *common, *ports, "--max-model-len", "512", *names, env=cli_env)
+        )
         assert "redeployed" in third and "changed: serve" in third, third
         assert [n["ray_session"] for n in _state(home, "local")["nodes"]] == sessions
-        assert _chat_stream(_state(home, "local"))
+        state = _state(home, "local")
+        assert (state["served_model_name"], state["served_aliases"]) == ("tiny", ["tiny-alias"])
+        assert sorted(_model_ids(state)) == ["tiny", "tiny-alias"]
+        assert _chat_stream(state)
+        assert _chat_stream({**state, "served_model_name": "tiny-alias"})
         logs = _ok(llamacluster("logs", "--local", "-n", "5", env=cli_env, timeout=120))
         assert logs.strip()
         tunnel = _ok(llamacluster("tunnel", "--local", env=cli_env))
@@ -144,6 +163,9 @@ def test_up_over_ssh_two_loopback_nodes_tp2_pp2(tmp_path, cli_env, sshd, hub_ser
         assert "already shared" in first  # the storage stage on a local path
         assert "fsc" in (root / "etc" / "fstab").read_text()  # cache stage, temp-root mode
         state = _state(home, name)
+        # A hub model is served under its repo id, the name every OpenAI client sends.
+        assert state["served_model_name"] == DEMO_MODEL_REPO_ID
+        assert _model_ids(state) == [DEMO_MODEL_REPO_ID]
         assert [n["private_ip"] for n in state["nodes"]] == ["127.0.0.2", "127.0.0.3"]
         assert (state["tp"], state["pp"]) == (2, 2)
         assert _chat_stream(state)
