@@ -102,14 +102,14 @@ def run_demo(
         ),
         console=console,
     )
-    if not state.endpoint or not state.api_key_file:
+    if not state.server.endpoint or not state.secrets.api_key_file:
         raise NotReadyError(
             "the local cluster came up without an endpoint",
             hint="see `llamacluster status --name local` and `llamacluster logs --name local`",
         )
-    base_url = f"{state.endpoint}/v1"
+    base_url = f"{state.server.endpoint}/v1"
     api_key = RecordedCluster(state).api_key() or ""
-    model = state.served_model_name or ""
+    model = state.server.served_name or ""
     try:
         console.rule("[bold]2/3 chat[/]: one streamed answer through the openai client")
         console.print(f"[dim]{GIBBERISH_NOTICE}[/]")
@@ -136,7 +136,7 @@ def run_demo(
             lifecycle.down(state.name, console=console)
     if keep:
         console.print(
-            f"\nThe cluster is still up: {base_url} (API key in {state.api_key_file}).\n"
+            f"\nThe cluster is still up: {base_url} (API key in {state.secrets.api_key_file}).\n"
             f"Next: `llamacluster bench --name {state.name}`, `llamacluster status --name "
             f"{state.name}`, and `llamacluster down --name {state.name}` to stop it."
         )

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -553,20 +551,3 @@ def _move_into_place(work: Path, target: Path, params: dict[str, object]) -> Non
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(target.parent)
-
-
-def file_sha256(path: str | os.PathLike[str], *, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file (the hub's LFS oid for weight files)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def iter_model_files(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Every regular file of a model directory, sorted, without hidden paths (download caches)."""
-    root = Path(path)
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts):
-            yield p

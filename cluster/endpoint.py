@@ -26,11 +26,11 @@ def target_of_cluster(name: str) -> ApiTarget:
     recorded = RecordedCluster.load(name)
     state = recorded.state
     endpoint = recorded.require_endpoint()
-    model_dir = Path(state.model_dir) if state.model_dir else None
+    model_dir = Path(state.model.dir) if state.model.dir else None
     return ApiTarget(
         base_url=f"{endpoint}/v1",
         api_key=recorded.api_key(),
-        model=state.served_model_name,
+        model=state.server.served_name,
         model_dir=model_dir if model_dir is not None and model_dir.is_dir() else None,
     )
 

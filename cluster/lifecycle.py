@@ -9,15 +9,27 @@ from rich.console import Console
 
 from cluster.errors import ConfigError, LlamaclusterError
 from cluster.inventory import Cluster, load_inventory, local_cluster
+from cluster.keys import read_api_keys
 from cluster.recorded import RecordedCluster, person_ssh, ssh_config_of
-from cluster.runner import Result, Runner, prefixed_printer, run_on_nodes, runner_for
+from cluster.runner import Result, prefixed_printer, run_on_nodes, runner_for
 from cluster.stages import STAGES
-from cluster.stages.base import Reporter, UpContext, print_plan, run_log_path, run_stages
+from cluster.stages.base import (
+    ClusterContext,
+    Reporter,
+    Teardown,
+    UpContext,
+    print_plan,
+    run_log_path,
+    run_stages,
+)
 from cluster.stages.config import UpConfig
 from cluster.state import (
     API_KEY_FILE,
     TOKEN_FILE,
+    Access,
     ClusterState,
+    ModelSection,
+    Secrets,
     cluster_dir,
     config_hash,
     default_cluster_name,
@@ -25,7 +37,6 @@ from cluster.state import (
     ensure_secret,
     find_state,
     load_state,
-    remote_cluster_dir,
     remove_state,
 )
 
@@ -47,18 +58,23 @@ def _resolve(config: UpConfig) -> tuple[Cluster, ClusterState]:
         )
         inv_path, inv_text = str(Path(path).absolute()), Path(path).read_text(encoding="utf-8")
     name = config.name or default_cluster_name(None if config.local else inv_path)
-    state = find_state(name) or ClusterState(name=name, local=config.local)
+    state = find_state(name) or ClusterState(name=name, access=Access(local=config.local))
     if state.local != config.local:
         raise ConfigError(
             f"cluster {name!r} was brought up {'with' if state.local else 'without'} --local",
             hint="pass another --name, or `llamacluster down --purge` it first",
         )
-    state.inventory_path, state.inventory_text = inv_path, inv_text
-    state.ssh_user, state.ssh_port = config.ssh_user, config.ssh_port
-    state.identity_file = str(config.identity_file) if config.identity_file else None
-    state.known_hosts = str(config.known_hosts) if config.known_hosts else None
-    state.strict_host_keys = config.strict_host_keys
-    state.system_root = str(config.system_root)
+    state.access = Access(
+        local=config.local,
+        inventory_path=inv_path,
+        inventory_text=inv_text,
+        ssh_user=config.ssh_user,
+        ssh_port=config.ssh_port,
+        identity_file=str(config.identity_file) if config.identity_file else None,
+        known_hosts=str(config.known_hosts) if config.known_hosts else None,
+        strict_host_keys=config.strict_host_keys,
+        system_root=str(config.system_root),
+    )
     return cluster, state
 
 
@@ -73,9 +89,8 @@ def _fill_defaults(config: UpConfig, state: ClusterState, *, dry_run: bool) -> N
                 hint="pass the directory every node shares (an NFS mount), e.g. --shared-dir /mnt/shared/llamacluster",
             )
         state.shared_dir = str(cluster_dir(state.name) / "shared")
-    if config.model is not None:
-        state.model = config.model
-    elif state.model is None:
+    source = config.model or state.model.source
+    if source is None:
         if not config.local:
             raise ConfigError(
                 "no --model given",
@@ -83,29 +98,41 @@ def _fill_defaults(config: UpConfig, state: ClusterState, *, dry_run: bool) -> N
             )
         from cluster.demo_model import default_demo_model_dir, ensure_demo_model
 
-        state.model = str(default_demo_model_dir() if dry_run else ensure_demo_model())
-    state.revision = config.revision
-    state.model_dir = model_dir_for(state.model, state.shared_dir, config.revision)
+        source = str(default_demo_model_dir() if dry_run else ensure_demo_model())
+    state.model = resolve_model(source, state.shared_dir, config.revision, config.served_model_name)
     if dry_run:
         return
     ensure_private_dir(cluster_dir(state.name))
     token, _ = ensure_secret(cluster_dir(state.name) / TOKEN_FILE)
-    state.token_path = str(token)
     if config.api_key_file is not None:
-        state.api_key_file = str(Path(config.api_key_file).absolute())
+        key = Path(config.api_key_file).absolute()
+        read_api_keys(key)  # refuses a missing, open or empty file before anything runs
     else:
         key, _ = ensure_secret(cluster_dir(state.name) / API_KEY_FILE, prefix="sk-lc-")
-        state.api_key_file = str(key)
+    state.secrets = Secrets(ray_token=str(token), api_key_file=str(key))
 
 
-def model_dir_for(model: str, shared_dir: str, revision: str | None) -> str:
-    """Where the served model lives: a local directory as it is, else the download's target
-    ``<shared>/models/<org>--<name>[@rev]`` (the same path the download stage fills)."""
+def resolve_model(
+    source: str, shared_dir: str | None, revision: str | None, names: list[str]
+) -> ModelSection:
+    """The model section for ``source`` (a hub repo id or a directory): where its files are (a
+    local directory as it is, else the download's target ``<shared>/models/<org>--<name>[@rev]``)
+    and the names it is served under (the asked ones, else the repo id or the directory's name)."""
     from cluster.stages.download import is_local_model, model_target
+    from cluster.stages.serve import served_names
 
-    if is_local_model(model):
-        return str(Path(model).expanduser().absolute())
-    return model_target(shared_dir, model, revision)
+    if is_local_model(source):
+        path = str(Path(source).expanduser().absolute())
+        return ModelSection(
+            source=source, dir=path, revision=revision, served_names=served_names(names, path)
+        )
+    return ModelSection(
+        source=source,
+        repo_id=source,
+        revision=revision,
+        dir=model_target(str(shared_dir), source, revision),
+        served_names=served_names(names, source),
+    )
 
 
 def up(config: UpConfig, *, console: Console | None = None) -> ClusterState:
@@ -150,20 +177,23 @@ def up(config: UpConfig, *, console: Console | None = None) -> ClusterState:
         if not changed
         else f"changed: {', '.join(changed)}"
     )
-    if state.endpoint:
+    if state.server.endpoint:
         print_ready(state, reporter)
     return state
 
 
 def print_ready(state: ClusterState, reporter: Reporter) -> None:
     """Endpoint, API key location, tunnel command, and curl / openai examples."""
-    model = state.served_model_name or "<model>"
-    base = f"{state.endpoint}/v1"
+    server = state.server
+    model = server.served_name or "<model>"
+    base = f"{server.endpoint}/v1"
     local_base = f"http://127.0.0.1:{state.ports.api}/v1" if state.ports else base
-    key = state.api_key_file
+    key = state.secrets.api_key_file
     reporter.print()
+    aliases = f" (also: {', '.join(server.aliases)})" if server.aliases else ""
     reporter.print(
-        f"[bold green]ready[/]: {base}  (model [cyan]{model}[/], tp={state.tp} × pp={state.pp})"
+        f"[bold green]ready[/]: {base}  (model [cyan]{model}[/]{aliases}, "
+        f"tp={server.tp} × pp={server.pp})"
     )
     reporter.print(f"  API key:  {key}  (0600; never printed)")
     if not state.local:
@@ -187,34 +217,13 @@ def print_ready(state: ClusterState, reporter: Reporter) -> None:
     )
 
 
-def _shutdown_serve(
-    state: ClusterState, runners: list[Runner], *, drain_timeout: float, reporter: Reporter
-) -> None:
-    from cluster.stages.env import env_python
-    from cluster.stages.serve import ray_driver_env, stop_call
-
-    head = state.nodes[0] if state.nodes else None
-    if (
-        head is None
-        or not state.env_dir
-        or not state.ports
-        or not state.remote_token_path
-        or not state.serve_config_hash
-    ):
-        return
-    reply = stop_call(env_python(state.env_dir), f"{head.private_ip}:{state.ports.ray_gcs}").run(
-        runners[0].run,
-        env=ray_driver_env(head.token_path or state.remote_token_path),
-        timeout=drain_timeout + 60,
+def _context(recorded: RecordedCluster, reporter: Reporter) -> ClusterContext:
+    return ClusterContext(
+        cluster=recorded.inventory,
+        state=recorded.state,
+        runners=recorded.runners(),
+        reporter=reporter,
     )
-    if reply.ok:
-        reporter.info(f"server drained and stopped on {head.label}")
-    else:
-        reporter.warn(
-            f"could not stop the server cleanly on {head.label}: {reply.error} (Ray is stopped next)"
-        )
-    state.serve_config_hash = None
-    state.endpoint = None
 
 
 def down(
@@ -225,21 +234,23 @@ def down(
     drain_timeout: float = 30.0,
     console: Console | None = None,
 ) -> ClusterState | None:
-    """Drain the server, stop exactly this cluster's Ray processes on every node (by their
-    recorded process groups), and with ``purge`` revert the fstab/cachefilesd edits and forget
-    the cluster. Returns the remaining state (None after a purge)."""
-    from cluster.stages.ray import stop_ray
-
+    """Every stage's teardown, last stage first: drain and stop the server, stop exactly this
+    cluster's Ray processes (by their recorded sessions), and with ``purge`` revert the
+    fstab/cachefilesd edits, remove the cluster's files on the nodes and forget the cluster.
+    Returns the remaining state (None after a purge)."""
     reporter = Reporter(console)
-    recorded = RecordedCluster.load(name)
-    state, cluster, runners = recorded.state, recorded.inventory, recorded.runners()
-    _shutdown_serve(state, runners, drain_timeout=drain_timeout, reporter=reporter)
-    if not keep_ray:
-        stop_ray(state, cluster, runners, reporter=reporter)
+    ctx = _context(RecordedCluster.load(name), reporter)
+    how = Teardown(purge=purge, drain_timeout=drain_timeout)
+    for stage in reversed(STAGES):
+        if keep_ray and stage.name in ("ray", "storage", "cache", "preflight"):
+            continue
+        done = stage.teardown(ctx, how)
+        if done:
+            reporter.info(f"{stage.name}: {done}")
+    state = ctx.state
     state.stages = {}
     state.save()
     if purge:
-        _purge(state, cluster, runners, reporter=reporter)
         remove_state(name)
         reporter.print(f"cluster [cyan]{name}[/] purged")
         return None
@@ -247,55 +258,17 @@ def down(
     return state
 
 
-def _purge(
-    state: ClusterState, cluster: Cluster, runners: list[Runner], *, reporter: Reporter
-) -> None:
-    from cluster import fscache
-
-    for runner in runners:
-        rec = state.node(runner.node.name)
-        if rec is None:
-            continue
-        if state.fs_edits.get(rec.name):
-            sudo = rec.sudo or "" if state.system_root == "/" else ""
-            res = runner.run(
-                fscache.script_command(
-                    "revert", "--root", state.system_root, python=rec.python or "python3", sudo=sudo
-                ),
-                stdin=fscache.script_source(),
-                timeout=60,
-            )
-            if not res.ok:
-                reporter.warn(f"{runner.label}: could not revert system files: {res.tail(1)}")
-            else:
-                reporter.node(runner.label, "fstab/cachefilesd restored from backups")
-        runner.run(f"rm -rf {shlex.quote(remote_cluster_dir(state, rec.name))}", timeout=30)
-
-
 def status(name: str, *, console: Console | None = None) -> dict[str, object]:
-    """Nodes, devices, Ray and server state, model, endpoint and disk, checked live."""
+    """Every stage's check, live: nodes, devices, storage, env, model, Ray, server, endpoint."""
     from cluster.stages.preflight import cpu_kernels_of
-    from cluster.stages.ray import ray_alive_command
 
     reporter = Reporter(console)
-    recorded = RecordedCluster.load(name)
-    state, runners = recorded.state, recorded.runners()
-    alive: dict[str, bool] = {}
-    for runner in runners:
-        rec = state.node(runner.node.name)
-        if rec is None or rec.ray_session is None:
-            alive[runner.node.name] = False
-            continue
-        alive[runner.node.name] = runner.run(ray_alive_command(rec.ray_session), timeout=30).ok
-    ready = False
-    if state.ports and state.env_dir:
-        from cluster.stages.env import env_python
-        from cluster.stages.serve import ready_probe
-
-        probe = ready_probe(env_python(state.env_dir), f"http://127.0.0.1:{state.ports.api}")
-        ready = probe.run(runners[0].run, timeout=30).ok
+    ctx = _context(RecordedCluster.load(name), reporter)
+    state = ctx.state
+    checks = {stage.name: stage.check(ctx) for stage in STAGES}
     reporter.print(f"cluster [cyan]{state.name}[/]{' (local)' if state.local else ''}")
-    for rec in state.nodes:
+    ray = checks["ray"].per_node
+    for rec, node in zip(state.nodes, ctx.cluster, strict=False):
         kernels = cpu_kernels_of(rec)
         cpu = (
             f"cpu {rec.device_info.get('cpu_flags') or '-'} ({kernels.describe()}), "
@@ -304,21 +277,29 @@ def status(name: str, *, console: Console | None = None) -> dict[str, object]:
         )
         reporter.node(
             rec.label,
-            f"{rec.name}: {rec.private_ip} ({rec.interface}), {rec.devices} {rec.device_kind} slot(s), "
-            + cpu
-            + f"{rec.device_info.get('disk_free_gb', '?')} GiB free, "
-            f"ray {'running' if alive.get(rec.name) else 'stopped'}"
-            + (f" (session {rec.ray_session})" if rec.ray_session else ""),
-            ok=alive.get(rec.name, False),
+            f"{rec.name}: {rec.private_ip} ({rec.interface}), {rec.devices} {rec.device_kind} "
+            f"slot(s), {cpu}{rec.device_info.get('disk_free_gb', '?')} GiB free, "
+            + ray.get(node.label, "ray stopped"),
+            ok=ray.get(node.label, "").startswith("ray running"),
         )
-    reporter.print(f"model:    {state.served_model_name or state.model} ({state.model_dir})")
-    reporter.print(f"layout:   tp={state.tp} × pp={state.pp}")
-    reporter.print(f"endpoint: {state.endpoint or '-'}/v1  ({'ready' if ready else 'not ready'})")
+    for stage in STAGES:
+        check = checks[stage.name]
+        if check.ok is None:
+            continue
+        mark = "[green]ok[/]" if check.ok else "[red]FAILED[/]"
+        reporter.print(f"{stage.name + ':':<10}{mark} {check.message}")
     if state.ports:
         reporter.print(
-            f"ports:    ray {state.ports.ray_gcs}, dashboard 127.0.0.1:{state.ports.dashboard}, api {state.ports.api}"
+            f"ports:    ray {state.ports.ray_gcs}, dashboard 127.0.0.1:{state.ports.dashboard}, "
+            f"api {state.ports.api}"
         )
-    return {"name": state.name, "ray": alive, "ready": ready, "endpoint": state.endpoint}
+    return {
+        "name": state.name,
+        "checks": {k: {"ok": c.ok, "message": c.message} for k, c in checks.items()},
+        "ray": {n.name: ray.get(n.label, "").startswith("ray running") for n in ctx.cluster},
+        "ready": bool(checks["serve"].ok),
+        "endpoint": state.server.endpoint,
+    }
 
 
 def exec_command(
@@ -344,14 +325,14 @@ def logs(
     from cluster.stages.ray import serve_logs_command
 
     state = load_state(name)
-    head = state.node("head")
-    if head is None or not head.ray_temp_dir:
+    temp_dir = state.ray.node("head").temp_dir
+    if not temp_dir:
         raise ConfigError(
             f"cluster {name!r} has no Ray on record", hint="run `llamacluster up` first"
         )
     runner = RecordedCluster(state).head_runner()
     res = runner.run(
-        serve_logs_command(head.ray_temp_dir, follow=follow, lines=lines),
+        serve_logs_command(temp_dir, follow=follow, lines=lines),
         on_line=prefixed_printer(console),
     )
     return res.returncode
@@ -390,12 +371,11 @@ def tunnel(name: str, *, show_secrets: bool = False) -> list[str]:
         )
         lines.append(shlex.join(argv))
         lines.append(f"then: API http://127.0.0.1:{p.api}/v1, dashboard http://127.0.0.1:8265")
-    lines.append(
-        f"dashboard token: {state.token_path} (paste it into the dashboard's login dialog)"
-    )
-    lines.append(f"API key:         {state.api_key_file}")
+    token, key = state.secrets.ray_token, state.secrets.api_key_file
+    lines.append(f"dashboard token: {token} (paste it into the dashboard's login dialog)")
+    lines.append(f"API key:         {key}")
     if show_secrets:
-        for label, path in (("dashboard token", state.token_path), ("API key", state.api_key_file)):
+        for label, path in (("dashboard token", token), ("API key", key)):
             try:
                 lines.append(
                     f"{label} value: {Path(str(path)).read_text(encoding='utf-8').strip()}"

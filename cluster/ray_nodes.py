@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from cluster.errors import ConfigError, NotReadyError, RemoteError
-from cluster.files import atomic_write
 from cluster.remote import RemoteCall
 from cluster.remote_ray import MODULE as REMOTE_RAY
 from cluster.remote_ray import NodesRequest, PortsRequest
@@ -39,23 +34,6 @@ MAX_TEMP_DIR_LEN = 36
 # race with ports handed out for port 0, and blocks of several nodes on one host never overlap.
 WORKER_BLOCK_RANGE = (20000, 32000)
 WORKER_BLOCK_SIZE = 64
-
-
-def generate_token() -> str:
-    """A fresh cluster token: 32 random bytes, hex."""
-    return secrets.token_hex(32)
-
-
-def write_token_file(path: str | os.PathLike[str], token: str | None = None) -> Path:
-    """Write ``token`` (default: a new one) to ``path`` as a 0600 file, atomically.
-
-    Ray's head aborts when the token file is missing or empty, so this runs before ``ray start``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    token = token or generate_token()
-    atomic_write(path, token, mode=0o600)
-    return path
 
 
 @dataclass(frozen=True)
@@ -142,14 +120,6 @@ class RayClusterSpec:
     def dashboard_url(self) -> str:
         """The dashboard, bound to 127.0.0.1 on the head (reach it through an SSH tunnel)."""
         return f"http://127.0.0.1:{self.head_ports.dashboard}"
-
-    def client_env(self) -> dict[str, str]:
-        """Environment a driver on the head needs to join this cluster with its token."""
-        return {
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": self.token_path,
-            "RAY_ADDRESS": self.address,
-        }
 
 
 def ray_node_env(spec: RayClusterSpec, index: int = 0) -> dict[str, str]:
@@ -399,55 +369,6 @@ def stop_ray_node(
         raise ValueError(f"refusing to stop session {sid}")
     polls = max(1, int(grace_s / 0.25))
     return runner.run(_STOP_TEMPLATE.format(sid=sid, polls=polls), timeout=grace_s + 30)
-
-
-def start_ray_cluster(
-    runners: Sequence[Runner], spec: RayClusterSpec, *, timeout: float = 180, retries: int = 1
-) -> list[RayNodeHandle]:
-    """Start the head, then every worker in parallel; ``runners[i]`` runs ``spec.nodes[i]``.
-
-    On any failure the nodes already started are stopped again and RemoteError names the
-    failed nodes, so a failed start leaves nothing behind.
-    """
-    if len(runners) != len(spec.nodes):
-        raise ValueError("one runner per node spec")
-    handles = [start_ray_node(runners[0], spec, 0, timeout=timeout, retries=retries)]
-    if len(runners) == 1:
-        return handles
-    errors: list[str] = []
-    with ThreadPoolExecutor(max_workers=min(32, len(runners) - 1)) as pool:
-        futures = [
-            pool.submit(start_ray_node, runner, spec, i, timeout=timeout, retries=retries)
-            for i, runner in enumerate(runners[1:], start=1)
-        ]
-        for future in futures:
-            try:
-                handles.append(future.result())
-            except RemoteError as exc:
-                errors.append(exc.message)
-    if errors:
-        stop_ray_cluster(runners, handles, grace_s=3)
-        raise RemoteError("; ".join(errors), hint=f"see {spec.temp_dir}/session_latest/logs")
-    return handles
-
-
-def stop_ray_cluster(
-    runners: Sequence[Runner], handles: Sequence[RayNodeHandle], *, grace_s: float = 10
-) -> None:
-    """Stop every recorded node, workers first and the head last; raise if any survived.
-
-    ``grace_s`` is how long each node's processes get after TERM before KILL (the GCS server
-    often needs the KILL; its state lives in memory only).
-    """
-    by_label = {r.label: r for r in runners}
-    ordered = sorted(handles, key=lambda h: h.head)  # workers first: the head holds the GCS
-    failed = []
-    for handle in ordered:
-        result = stop_ray_node(by_label[handle.node], handle, grace_s=grace_s)
-        if not result.ok:
-            failed.append(f"{handle.node} (session {handle.session_id}): {result.tail(3)}")
-    if failed:
-        raise RemoteError("could not stop Ray on " + "; ".join(failed))
 
 
 _PORTS_PER_NODE = 6  # node manager, object manager, metrics, agent http/grpc, runtime env

@@ -20,8 +20,8 @@ from cluster.state import ClusterState, load_state
 def ssh_config_of(state: ClusterState, *, multiplex: bool = True) -> SSHConfig:
     """The SSH settings `up` used for this cluster (known hosts, strict host keys)."""
     return SSHConfig(
-        known_hosts_file=Path(state.known_hosts) if state.known_hosts else None,
-        strict_host_keys=state.strict_host_keys,
+        known_hosts_file=Path(state.access.known_hosts) if state.access.known_hosts else None,
+        strict_host_keys=state.access.strict_host_keys,
         multiplex=multiplex,
     )
 
@@ -31,11 +31,11 @@ def inventory_of(state: ClusterState) -> Cluster:
     if state.local:
         return local_cluster()
     return parse_inventory(
-        state.inventory_text,
-        source=state.inventory_path or "<inventory>",
-        default_user=state.ssh_user,
-        default_port=state.ssh_port,
-        identity_file=state.identity_file,
+        state.access.inventory_text,
+        source=state.access.inventory_path or "<inventory>",
+        default_user=state.access.ssh_user,
+        default_port=state.access.ssh_port,
+        identity_file=state.access.identity_file,
     )
 
 
@@ -88,23 +88,23 @@ class RecordedCluster:
 
     def api_key(self) -> str | None:
         """The key a client of this cluster sends (the first of its key file), if any."""
-        path = self.state.api_key_file
+        path = self.state.secrets.api_key_file
         return read_api_key(path) if path else None
 
     def require_endpoint(self) -> str:
         """The endpoint (``http://HOST:PORT``, no /v1); a clear error when nothing is served."""
-        if not self.state.endpoint:
+        if not self.state.server.endpoint:
             raise NotReadyError(
                 f"cluster {self.name!r} serves no endpoint",
                 hint=f"run `llamacluster up --name {self.name}` "
                 f"(or `llamacluster status --name {self.name}`)",
             )
-        return self.state.endpoint.rstrip("/")
+        return self.state.server.endpoint.rstrip("/")
 
     def secrets(self) -> list[str]:
         """Secret values that output and logs must never show: Ray token, API keys, HF token."""
         values = [os.environ.get("HF_TOKEN", ""), os.environ.get("HUGGING_FACE_HUB_TOKEN", "")]
-        for path in (self.state.token_path, self.state.api_key_file):
+        for path in (self.state.secrets.ray_token, self.state.secrets.api_key_file):
             if path:
                 with contextlib.suppress(OSError):
                     values += Path(path).read_text(encoding="utf-8").split()

@@ -9,9 +9,9 @@ import re
 import secrets
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from cluster.errors import ConfigError
 from cluster.files import atomic_write
@@ -78,11 +78,13 @@ class Ports(BaseModel):
 
 
 class NodeState(BaseModel):
-    """What `up` learned and started on one node."""
+    """What preflight learned about one node (the `nodes` section: preflight writes it)."""
 
     name: str = Field(description="Role name: head, worker1, ...")
     label: str = Field(description="How output lines name the node (host or host:port).")
     host: str = Field(description="SSH host from the inventory.")
+    user: str | None = Field(default=None, description="SSH user, when the inventory names one.")
+    port: int | None = Field(default=None, description="SSH port, when the inventory names one.")
     private_ip: str | None = Field(default=None, description="Address used among the nodes.")
     interface: str | None = Field(default=None, description="Network interface holding it.")
     python: str | None = Field(default=None, description="System python3 path on the node.")
@@ -95,24 +97,20 @@ class NodeState(BaseModel):
     devices: int = Field(default=0, description="Accelerators (or CPU worker slots) Ray offers.")
     device_kind: Literal["gpu", "cpu"] = Field(default="cpu", description="What the devices are.")
     device_info: dict[str, str] = Field(
-        default_factory=dict, description="Driver/CUDA version, memory per device, NUMA nodes."
-    )
-    ray_temp_dir: str | None = Field(default=None, description="This cluster's Ray temp dir.")
-    ray_session: int | None = Field(default=None, description="Session id of this node's Ray.")
-    ray_ports: dict[str, int | None] = Field(
-        default_factory=dict, description="Ports this node's Ray listens on (RayNodePorts)."
+        default_factory=dict,
+        description="Driver/CUDA version, memory per device, NUMA nodes, CPU flags.",
     )
     machine_id: str | None = Field(default=None, description="/etc/machine-id (shared host?).")
+    boot_id: str | None = Field(
+        default=None, description="The node's boot id: a change means it rebooted."
+    )
     net_namespace: str | None = Field(
         default=None,
         description="The node's network namespace (net:[inode]): nodes on one host "
         "with one namespace read the same interface counters.",
     )
-    token_path: str | None = Field(
-        default=None, description="Ray token file on the node (0600), under the node's own home."
-    )
     versions: dict[str, str] = Field(
-        default_factory=dict, description="Versions the shared env imports here (vllm, ray, ...)."
+        default_factory=dict, description="Versions preflight saw (system python3)."
     )
 
 
@@ -125,51 +123,177 @@ class StageResult(BaseModel):
     at: float = Field(default_factory=time.time, description="When it finished (epoch seconds).")
 
 
-class ClusterState(BaseModel):
-    """Everything the controller records about one cluster; the JSON file is the source of truth
-    for `down`, `status`, `logs`, `tunnel` and the next `up`."""
+class Access(BaseModel):
+    """How the controller reaches the nodes, as `up`'s flags gave it (written by `up` itself)."""
 
-    name: str = Field(description="Cluster name (directory under <home>/clusters).")
     local: bool = Field(default=False, description="Driven without SSH (`up --local`).")
     inventory_path: str | None = Field(default=None, description="Inventory file, if any.")
     inventory_text: str = Field(default="", description="The inventory as parsed by `up`.")
     ssh_user: str | None = Field(default=None, description="--ssh-user given to `up`.")
     ssh_port: int | None = Field(default=None, description="--ssh-port given to `up`.")
-    identity_file: str | None = Field(default=None, description="--identity given to `up`.")
+    identity_file: str | None = Field(default=None, description="--ssh-key given to `up`.")
     known_hosts: str | None = Field(default=None, description="Known-hosts file used, if custom.")
     strict_host_keys: bool = Field(
         default=False,
         description="--strict-host-keys given to `up`: every later command refuses unknown keys too.",
     )
-    nodes: list[NodeState] = Field(default_factory=list, description="Head first.")
-    ports: Ports | None = Field(default=None, description="Ports, once chosen.")
-    shared_dir: str | None = Field(default=None, description="The directory every node shares.")
-    env_dir: str | None = Field(default=None, description="Python env the nodes run from.")
-    model: str | None = Field(default=None, description="Model as asked for (repo id or path).")
-    model_dir: str | None = Field(default=None, description="Model directory on the shared dir.")
-    served_model_name: str | None = Field(default=None, description="Name clients send.")
-    served_aliases: list[str] = Field(
-        default_factory=list, description="Further names the server answers to."
-    )
+    system_root: str = Field(default="/", description="Root the cache/storage stages edit under.")
+
+
+class Secrets(BaseModel):
+    """Secret files on the controller (0600; the values are never stored here)."""
+
+    ray_token: str | None = Field(default=None, description="Ray token file.")
+    api_key_file: str | None = Field(default=None, description="API key file.")
+
+
+class ModelSection(BaseModel):
+    """The model asked for, resolved by `up` before any stage runs."""
+
+    source: str | None = Field(default=None, description="As asked: a hub repo id or a path.")
+    repo_id: str | None = Field(default=None, description="The hub repo id (None: a directory).")
     revision: str | None = Field(default=None, description="Hub revision asked for, if any.")
+    dir: str | None = Field(default=None, description="Where the served files are (shared dir).")
+    served_names: list[str] = Field(
+        default_factory=list, description="Names clients send; the first is the main one."
+    )
+
+
+class StorageSection(BaseModel):
+    """Written by the storage stage: how the shared directory is shared."""
+
+    how: str | None = Field(
+        default=None, description="'provider NFS' (verified) or 'exported by the head'."
+    )
+
+
+class CacheSection(BaseModel):
+    """Written by the cache stage: system files it edited per node (reverted by --purge)."""
+
+    fs_edits: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class EnvSection(BaseModel):
+    """Written by the env stage: the Python env every node runs from, and what it imports."""
+
+    dir: str | None = Field(default=None, description="The env directory (same on every node).")
+    versions: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="Per node: versions the env imports (vllm, ray, ...)."
+    )
+
+
+class DownloadSection(BaseModel):
+    """Written by the download stage: what was fetched and verified."""
+
+    dir: str | None = Field(default=None, description="The verified model directory.")
+    total_bytes: int = Field(default=0, description="Bytes of the model's files.")
+
+
+class RayNode(BaseModel):
+    """One node's Ray as the ray stage started it: how to find (and stop) exactly it."""
+
+    temp_dir: str | None = Field(default=None, description="This cluster's Ray temp dir.")
+    session: int | None = Field(default=None, description="Session id of this node's Ray.")
+    ports: dict[str, int | None] = Field(
+        default_factory=dict, description="Ports this node's Ray listens on (RayNodePorts)."
+    )
+    token_path: str | None = Field(
+        default=None, description="Ray token file on the node (0600), under the node's own home."
+    )
+    boot_id: str | None = Field(default=None, description="The node's boot id at start.")
+
+
+class RaySection(BaseModel):
+    """Written by the ray stage."""
+
+    head_token_path: str | None = Field(
+        default=None, description="Ray token on the head (drivers run there)."
+    )
+    nodes: dict[str, RayNode] = Field(default_factory=dict, description="By node name.")
+
+    def node(self, name: str) -> RayNode:
+        """The record of node ``name`` (an empty one when Ray never started there)."""
+        return self.nodes.get(name) or RayNode()
+
+
+class ServerSection(BaseModel):
+    """Written by the serve stage: what is deployed and where it answers."""
+
+    config_digest: str | None = Field(default=None, description="Hash of the served config.")
+    endpoint: str | None = Field(default=None, description="OpenAI base URL (on the head).")
     tp: int | None = Field(default=None, description="Tensor parallel size served.")
     pp: int | None = Field(default=None, description="Pipeline parallel size served.")
-    endpoint: str | None = Field(default=None, description="OpenAI base URL (on the head).")
-    token_path: str | None = Field(default=None, description="Ray token on the controller.")
-    remote_token_path: str | None = Field(
-        default=None, description="Ray token on the head (each node's: NodeState.token_path)."
-    )
-    api_key_file: str | None = Field(default=None, description="API key file on the controller.")
+    served_name: str | None = Field(default=None, description="The main name clients send.")
+    aliases: list[str] = Field(default_factory=list, description="Further names it answers to.")
     remote_api_key_file: str | None = Field(default=None, description="API key file on the head.")
+
+
+class MonitoringSection(BaseModel):
+    """Written by the monitor stage (metrics history); empty until that stage exists."""
+
+    enabled: bool = False
+
+
+#: The sections stages own, and which stage writes each (run_stages enforces it).
+SECTION_OWNERS: dict[str, str] = {
+    "nodes": "preflight",
+    "ports": "preflight",
+    "storage": "storage",
+    "cache": "cache",
+    "env": "env",
+    "download": "download",
+    "ray": "ray",
+    "server": "serve",
+    "monitoring": "monitor",
+}
+STATE_FORMAT = 2
+# Keys only the first (flat) format had: their presence marks a file to migrate.
+_V1_KEYS = {
+    "local", "inventory_text", "inventory_path", "env_dir", "model_dir", "served_model_name",
+    "endpoint", "token_path", "api_key_file", "serve_config_hash", "fs_edits", "tp", "pp",
+}  # fmt: skip
+
+
+class ClusterState(BaseModel):
+    """Everything the controller records about one cluster; the JSON file is the source of truth
+    for `down`, `status`, `logs`, `tunnel` and the next `up`.
+
+    Sections: ``access``, ``shared_dir``, ``model`` and ``secrets`` are what `up` was asked (it
+    writes them before any stage runs); every other section is written by one stage only
+    (SECTION_OWNERS). Files of the first format (flat fields) are migrated when read.
+    """
+
+    format: int = Field(default=STATE_FORMAT, description="Layout version of this file.")
+    name: str = Field(description="Cluster name (directory under <home>/clusters).")
+    access: Access = Field(default_factory=Access)
+    shared_dir: str | None = Field(default=None, description="The directory every node shares.")
+    model: ModelSection = Field(default_factory=ModelSection)
+    secrets: Secrets = Field(default_factory=Secrets)
+    nodes: list[NodeState] = Field(default_factory=list, description="Head first.")
+    ports: Ports | None = Field(default=None, description="Ports, once chosen.")
+    storage: StorageSection = Field(default_factory=StorageSection)
+    cache: CacheSection = Field(default_factory=CacheSection)
+    env: EnvSection = Field(default_factory=EnvSection)
+    download: DownloadSection = Field(default_factory=DownloadSection)
+    ray: RaySection = Field(default_factory=RaySection)
+    server: ServerSection = Field(default_factory=ServerSection)
+    monitoring: MonitoringSection = Field(default_factory=MonitoringSection)
     config_hash: str | None = Field(default=None, description="Hash of the `up` config.")
-    serve_config_hash: str | None = Field(default=None, description="Hash of the served config.")
-    system_root: str = Field(default="/", description="Root the cache/storage stages edited under.")
-    fs_edits: dict[str, list[str]] = Field(
-        default_factory=dict, description="Per node: system files the cache/storage stages edited."
-    )
     stages: dict[str, StageResult] = Field(default_factory=dict, description="Last `up`'s stages.")
     created_at: float = Field(default_factory=time.time, description="First `up` (epoch).")
     updated_at: float = Field(default_factory=time.time, description="Last write (epoch).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "format" not in data and _V1_KEYS & data.keys():
+            return migrate_v1(data)
+        return data
+
+    @property
+    def local(self) -> bool:
+        """Driven without SSH (`up --local`)."""
+        return self.access.local
 
     @property
     def directory(self) -> Path:
@@ -185,12 +309,89 @@ class ClusterState(BaseModel):
         """The record of the node named ``name`` (head, worker1, ...), if any."""
         return next((n for n in self.nodes if n.name == name), None)
 
+    def sections(self) -> dict[str, Any]:
+        """Each stage-owned section as plain data (to tell which changed)."""
+        return {name: self.model_dump(mode="json", include={name}) for name in SECTION_OWNERS}
+
     def save(self) -> Path:
         """Write the state atomically (0600 file in the 0700 directory) and return its path."""
         self.updated_at = time.time()
         path = ensure_private_dir(self.directory) / STATE_FILE
         write_private(path, self.model_dump_json(indent=2) + "\n")
         return path
+
+
+def migrate_v1(old: dict[str, Any]) -> dict[str, Any]:
+    """A state file of the first (flat) format in the sectioned layout."""
+    nodes, ray_nodes, versions = [], {}, {}
+    for n in old.get("nodes") or []:
+        if isinstance(n, BaseModel):
+            n = n.model_dump()
+        if not isinstance(n, dict):
+            return old  # not the old format either: let validation say what is wrong
+        n = dict(n)
+        ray_nodes[n.get("name", "")] = {
+            "temp_dir": n.pop("ray_temp_dir", None),
+            "session": n.pop("ray_session", None),
+            "ports": n.pop("ray_ports", None) or {},
+            "token_path": n.pop("token_path", None),
+        }
+        v = n.get("versions") or {}
+        versions[n.get("name", "")] = {k: x for k, x in v.items() if k != "python"}
+        n["versions"] = {k: x for k, x in v.items() if k == "python"}
+        nodes.append(n)
+    model = old.get("model")
+    is_dir = bool(model) and str(model).startswith(("/", "./", "../", "~"))
+    served = old.get("served_model_name")
+    edits = old.get("fs_edits") or {}
+    return {
+        "format": STATE_FORMAT,
+        "name": old["name"],
+        "access": {
+            k: old[k]
+            for k in (
+                "local",
+                "inventory_path",
+                "inventory_text",
+                "ssh_user",
+                "ssh_port",
+                "identity_file",
+                "known_hosts",
+                "strict_host_keys",
+                "system_root",
+            )
+            if old.get(k) is not None
+        },
+        "shared_dir": old.get("shared_dir"),
+        "model": {
+            "source": model,
+            "repo_id": None if is_dir else model,
+            "revision": old.get("revision"),
+            "dir": old.get("model_dir"),
+            "served_names": [served, *old.get("served_aliases", [])] if served else [],
+        },
+        "secrets": {"ray_token": old.get("token_path"), "api_key_file": old.get("api_key_file")},
+        "nodes": nodes,
+        "ports": old.get("ports"),
+        # The first format recorded the edits of the cache stage only (which reverts them).
+        "storage": {},
+        "cache": {"fs_edits": edits},
+        "env": {"dir": old.get("env_dir"), "versions": versions},
+        "download": {"dir": old.get("model_dir") if not is_dir else None},
+        "ray": {"head_token_path": old.get("remote_token_path"), "nodes": ray_nodes},
+        "server": {
+            "config_digest": old.get("serve_config_hash"),
+            "endpoint": old.get("endpoint"),
+            "tp": old.get("tp"),
+            "pp": old.get("pp"),
+            "served_name": served,
+            "aliases": old.get("served_aliases", []),
+            "remote_api_key_file": old.get("remote_api_key_file"),
+        },
+        "config_hash": old.get("config_hash"),
+        "stages": old.get("stages") or {},
+        **{k: old[k] for k in ("created_at", "updated_at") if k in old},
+    }
 
 
 def ensure_private_dir(path: Path) -> Path:
@@ -216,6 +417,16 @@ def load_state(name: str) -> ClusterState:
             f"no cluster named {name!r} (no {path})",
             hint=f"known clusters: {', '.join(known)}" if known else "run `llamacluster up` first",
         ) from None
+    try:
+        found = json.loads(text).get("format", 1)
+    except (ValueError, AttributeError):
+        found = 1
+    if isinstance(found, int) and found > STATE_FORMAT:
+        raise ConfigError(
+            f"cluster state {path} has format {found}, newer than this llamacluster's "
+            f"({STATE_FORMAT})",
+            hint="use the llamacluster version that wrote it (or a newer one)",
+        )
     try:
         return ClusterState.model_validate_json(text)
     except ValidationError as exc:

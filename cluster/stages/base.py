@@ -27,7 +27,7 @@ from cluster.runner import (
     run_on_nodes,
 )
 from cluster.stages.config import UpConfig
-from cluster.state import ClusterState, NodeState, StageResult, StageStatus
+from cluster.state import SECTION_OWNERS, ClusterState, NodeState, StageResult, StageStatus
 
 
 class StageFailed(LlamaclusterError):
@@ -176,16 +176,24 @@ def run_log_path(directory: Path, command: str) -> Path:
 
 
 @dataclass
-class UpContext:
-    """Everything a stage needs: the config, the nodes and their runners, the state, the output."""
+class StageCheck:
+    """What a stage's ``check`` found: ``ok`` True (as `up` left it), False (broken: the message
+    says what), None (nothing of this stage to check: skipped, not set up)."""
 
-    config: UpConfig
+    ok: bool | None
+    message: str
+    per_node: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ClusterContext:
+    """A recorded cluster at work (`down`, `status`, and `up` through UpContext): nodes, their
+    runners, the state, the output."""
+
     cluster: Cluster
     state: ClusterState
     runners: list[Runner]
     reporter: Reporter
-    #: Values stages hand to later ones in the same run (e.g. the resolved model directory).
-    scratch: dict[str, object] = field(default_factory=dict)
 
     @property
     def head(self) -> Node:
@@ -238,14 +246,48 @@ class UpContext:
         return self.run(cmd, what=what, nodes=[self.head], **kwargs)[self.head]
 
 
+@dataclass
+class UpContext(ClusterContext):
+    """What a stage of `up` needs: a ClusterContext and the config `up` was given."""
+
+    config: UpConfig = field(default_factory=lambda: UpConfig(local=True))
+    #: Values stages hand to later ones in the same run.
+    scratch: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Teardown:
+    """What `down` asks of every stage's ``teardown``."""
+
+    purge: bool = False
+    drain_timeout: float = 30.0
+
+
 class Stage(ABC):
-    """One named step of `up`. ``run`` must detect "already done" and say so (status unchanged)."""
+    """One named step of `up`: ``run`` brings its part of the cluster to the wanted state (and
+    says "unchanged" when it already was), ``check`` reports on it for `status`, ``teardown``
+    undoes it for `down` (stages run in reverse there). ``plan`` and ``skip_reason`` are pure.
+
+    A stage writes only its own section of the state (``section``; SECTION_OWNERS), which
+    run_stages enforces.
+    """
 
     name: ClassVar[str]
     title: ClassVar[str]
+    #: The state sections this stage writes (none: it records nothing).
+    sections: ClassVar[tuple[str, ...]] = ()
 
     def skip_reason(self, ctx: UpContext) -> str | None:
         """Why this stage does not apply to this cluster (e.g. --local), or None."""
+        return None
+
+    def check(self, ctx: ClusterContext) -> StageCheck:
+        """This stage's part of a running cluster, checked live (for `status`)."""
+        return StageCheck(None, "nothing to check")
+
+    def teardown(self, ctx: ClusterContext, how: Teardown) -> str | None:
+        """Undo what ``run`` did, as far as `down` (or `down --purge`) should; a line saying
+        what was done, or None when there was nothing to undo."""
         return None
 
     @abstractmethod
@@ -269,8 +311,10 @@ def run_stages(ctx: UpContext, stages: Sequence[Stage]) -> dict[str, StageResult
         started = time.monotonic()
         ctx.reporter.stage(stage.name, stage.title)
         reason = "--skip " + stage.name if stage.name in ctx.config.skip else stage.skip_reason(ctx)
+        before = ctx.state.sections()
         try:
             outcome = StageOutcome("skipped", reason) if reason else stage.run(ctx)
+            _check_ownership(stage, before, ctx.state.sections())
         except Exception as exc:
             seconds = time.monotonic() - started
             message = (
@@ -299,6 +343,20 @@ def run_stages(ctx: UpContext, stages: Sequence[Stage]) -> dict[str, StageResult
         ctx.state.stages[stage.name] = result
         ctx.state.save()
     return results
+
+
+class SectionOwnershipError(LlamaclusterError):
+    """A stage wrote a section of the state that another stage owns (a bug in llamacluster)."""
+
+
+def _check_ownership(stage: Stage, before: dict, after: dict) -> None:
+    """Raise when ``stage`` changed a section it does not own."""
+    foreign = [
+        name for name in before if before[name] != after[name] and name not in stage.sections
+    ]
+    if foreign:
+        owners = ", ".join(f"{n} (owned by {SECTION_OWNERS[n]})" for n in foreign)
+        raise SectionOwnershipError(f"stage '{stage.name}' wrote the state's {owners}")
 
 
 def print_plan(ctx: UpContext, stages: Sequence[Stage]) -> dict[str, dict[str, list[str]]]:

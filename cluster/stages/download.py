@@ -7,8 +7,8 @@ import re
 import shlex
 from pathlib import Path
 
-from cluster.stages.base import Stage, StageOutcome, UpContext
-from cluster.stages.env import env_python
+from cluster.stages.base import ClusterContext, Stage, StageCheck, StageOutcome, UpContext
+from cluster.stages.env import env_dir_for, env_python
 
 
 def is_local_model(model: str) -> bool:
@@ -29,18 +29,29 @@ class Download(Stage):
     name = "download"
     title = "model files on the shared dir (split over the nodes, verified)"
 
+    sections = ("download",)
+
     def skip_reason(self, ctx: UpContext) -> str | None:
-        model = ctx.state.model or ""
-        if is_local_model(model):
-            return (
-                f"model is a directory ({Path(model).expanduser().absolute()}): nothing to download"
-            )
+        if ctx.state.model.repo_id is None:
+            return f"model is a directory ({ctx.state.model.dir}): nothing to download"
         return None
 
+    def check(self, ctx: ClusterContext) -> StageCheck:
+        """The served model's config.json is readable on every node."""
+        model_dir = ctx.state.model.dir
+        if not model_dir:
+            return StageCheck(None, "no model recorded")
+        test = f"test -r {shlex.quote(model_dir + '/config.json')}"
+        results = ctx.run(test, what="model present?", timeout=30, check=False)
+        missing = [n.label for n, r in results.items() if not r.ok]
+        if missing:
+            return StageCheck(False, f"{model_dir} not readable on {', '.join(missing)}")
+        return StageCheck(True, f"{model_dir} on every node")
+
     def plan(self, ctx: UpContext) -> dict[str, list[str]]:
-        model = ctx.state.model or "<model>"
-        target = model_target(str(ctx.state.shared_dir), model, ctx.config.revision)
-        python = env_python(ctx.state.env_dir or "<env>")
+        model = ctx.state.model.repo_id or "<model>"
+        target = str(ctx.state.model.dir)
+        python = env_python(env_dir_for(ctx))
         return {
             n.label: [
                 f"{shlex.quote(python)} -m cluster.download.node --node {n.name}   "
@@ -52,14 +63,14 @@ class Download(Stage):
     def run(self, ctx: UpContext) -> StageOutcome:
         from cluster.download.controller import download_model
 
-        model = str(ctx.state.model)
-        target = model_target(str(ctx.state.shared_dir), model, ctx.config.revision)
+        model = str(ctx.state.model.repo_id)
+        target = str(ctx.state.model.dir)
         result = download_model(
             model,
             target=target,
             runners=ctx.runners,
-            python=env_python(str(ctx.state.env_dir)),
-            revision=ctx.config.revision,
+            python=env_python(str(ctx.state.env.dir)),
+            revision=ctx.state.model.revision,
             token=os.environ.get("HF_TOKEN") or None,
             timeout=6 * 3600,
         )
@@ -70,9 +81,9 @@ class Download(Stage):
                 f"{summary.get('fetched', 0)} file(s) fetched ({int(summary.get('bytes', 0)) / 1e6:.1f} MB), "
                 f"{summary.get('skipped', 0)} already verified",
             )
-        ctx.state.model_dir = target
         fetched = result.fetched_bytes
         total = result.plan.total_bytes
+        ctx.state.download.dir, ctx.state.download.total_bytes = target, total
         return StageOutcome(
             "done" if fetched else "unchanged",
             f"{target} ({total / 1e6:.1f} MB, {fetched / 1e6:.1f} MB fetched now)"

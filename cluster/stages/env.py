@@ -10,7 +10,7 @@ import tarfile
 from pathlib import Path
 
 from cluster.errors import ConfigError, RemoteError
-from cluster.stages.base import Stage, StageOutcome, UpContext
+from cluster.stages.base import ClusterContext, Stage, StageCheck, StageOutcome, UpContext
 
 #: What of the project goes to <shared>/src (enough for `bootstrap.sh` and `pip install -e`).
 PROJECT_PATHS = ("pyproject.toml", "bootstrap.sh", "README.md", "cluster", "serve", "deploy")
@@ -74,18 +74,44 @@ def versions_command(env: str) -> str:
     )
 
 
+def wanted_env(ctx: UpContext) -> str:
+    """The env this `up` runs from: --env, the running interpreter's with --local, else
+    ``<shared>/env`` (what the env stage installs)."""
+    if ctx.config.env is not None:
+        return str(ctx.config.env)
+    if ctx.config.local:
+        return str(ctx.config.default_env())
+    return f"{ctx.state.shared_dir}/env"
+
+
+def env_dir_for(ctx: UpContext) -> str:
+    """The env later stages use: the one the env stage recorded, else the one it will record
+    (for --dry-run plans, before the env stage has run)."""
+    return ctx.state.env.dir or wanted_env(ctx)
+
+
 class SharedEnv(Stage):
     """One env on the shared dir (or --env) that every node runs, with identical versions."""
 
     name = "env"
     title = "shared Python env (vLLM, Ray) importable on every node, same versions"
+    sections = ("env",)
 
     def _env(self, ctx: UpContext) -> str:
-        if ctx.config.env is not None:
-            return str(ctx.config.env)
-        if ctx.config.local:
-            return str(ctx.config.default_env())
-        return f"{ctx.state.shared_dir}/env"
+        return wanted_env(ctx)
+
+    def check(self, ctx: ClusterContext) -> StageCheck:
+        """The env's python is there on every node."""
+        env = ctx.state.env.dir
+        if not env:
+            return StageCheck(None, "no env recorded")
+        python = shlex.quote(env_python(env))
+        results = ctx.run(f"test -x {python}", what="env present?", timeout=30, check=False)
+        missing = [n.label for n, r in results.items() if not r.ok]
+        if missing:
+            return StageCheck(False, f"{env} missing on {', '.join(missing)}")
+        v = next(iter(ctx.state.env.versions.values()), {})
+        return StageCheck(True, f"{env} (vllm {v.get('vllm', '?')}, ray {v.get('ray', '?')})")
 
     def _device(self, ctx: UpContext) -> str:
         head = ctx.state.node(ctx.head.name)
@@ -95,7 +121,6 @@ class SharedEnv(Stage):
 
     def plan(self, ctx: UpContext) -> dict[str, list[str]]:
         env = self._env(ctx)
-        ctx.state.env_dir = ctx.state.env_dir or env  # later stages' plans name it
         plan = {n.label: [versions_command(env)] for n in ctx.cluster}
         if ctx.config.env is None and not ctx.config.local:
             src = shlex.quote(f"{ctx.state.shared_dir}/src")
@@ -130,8 +155,7 @@ class SharedEnv(Stage):
             )
         versions = {n: json.loads(r.stdout.strip().splitlines()[-1]) for n, r in results.items()}
         for node, v in versions.items():
-            rec = ctx.node_state(node)
-            rec.versions = {**rec.versions, **v}
+            ctx.state.env.versions[node.name] = v
             ctx.reporter.node(node.label, f"vllm {v['vllm']}, ray {v['ray']}, python {v['python']}")
         distinct = {json.dumps(v, sort_keys=True) for v in versions.values()}
         if len(distinct) > 1:
@@ -143,8 +167,8 @@ class SharedEnv(Stage):
                 f"nodes import different versions from {env} ({listing})",
                 hint="every node must run the same env: use the shared dir's env or identical installs",
             )
-        previous = ctx.state.env_dir
-        ctx.state.env_dir = env
+        previous = ctx.state.env.dir
+        ctx.state.env.dir = env
         v = next(iter(versions.values()))
         changed = changed or previous != env
         return StageOutcome(

@@ -8,8 +8,8 @@ import shlex
 from cluster import cpu_features, reach
 from cluster.errors import ConfigError, RemoteError
 from cluster.inventory import Node
-from cluster.stages.base import Stage, StageOutcome, UpContext
-from cluster.state import NodeState, Ports
+from cluster.stages.base import ClusterContext, Stage, StageCheck, StageOutcome, Teardown, UpContext
+from cluster.state import NodeState, Ports, remote_cluster_dir
 
 # One probe per node prints key=value lines; nothing in it needs root or anything beyond coreutils,
 # iproute2 and the system python3. {shared} is the shared dir (the nearest existing parent is
@@ -21,6 +21,7 @@ echo "python_version=$(python3 -c 'import sys; print("%d.%d.%d" % sys.version_in
 echo "uid=$(id -u)"
 echo "home=$HOME"
 echo "machine_id=$(cat /etc/machine-id 2>/dev/null || hostname)"
+echo "boot_id=$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)"
 echo "netns=$(readlink /proc/self/ns/net 2>/dev/null)"
 if sudo -n true 2>/dev/null; then echo sudo=yes; else echo sudo=no; fi
 echo "cpus=$(nproc)"
@@ -167,6 +168,9 @@ def node_state_from_probe(
         python=_first(facts, "python") or None,
         home=_first(facts, "home") or None,
         machine_id=_first(facts, "machine_id") or None,
+        boot_id=_first(facts, "boot_id") or None,
+        user=node.user,
+        port=node.port,
         net_namespace=_first(facts, "netns") or None,
         os=_first(facts, "os") or None,
         sudo=sudo,
@@ -234,6 +238,31 @@ class Preflight(Stage):
 
     name = "preflight"
     title = "nodes reachable and alike (ssh, OS, python, devices, network, disk, ports)"
+    sections = ("nodes", "ports")
+
+    def check(self, ctx: ClusterContext) -> StageCheck:
+        """Every node answers over SSH."""
+        results = ctx.run("true", what="ssh reachable?", timeout=30, check=False)
+        per_node = {
+            n.label: "reachable" if r.ok else f"unreachable ({r.tail(1)})"
+            for n, r in results.items()
+        }
+        down = [n.label for n, r in results.items() if not r.ok]
+        if down:
+            return StageCheck(False, f"unreachable: {', '.join(down)}", per_node)
+        return StageCheck(True, f"{len(results)} node(s) reachable", per_node)
+
+    def teardown(self, ctx: ClusterContext, how: Teardown) -> str | None:
+        """With --purge: remove this cluster's private directory (token, key) on every node."""
+        if not how.purge:
+            return None
+        ctx.run(
+            lambda n: f"rm -rf {shlex.quote(remote_cluster_dir(ctx.state, n.name))}",
+            what="removing the cluster's files on the nodes",
+            timeout=30,
+            check=False,
+        )
+        return "the cluster's token and key files removed from every node"
 
     def plan(self, ctx: UpContext) -> dict[str, list[str]]:
         shared = str(ctx.state.shared_dir)
@@ -296,17 +325,6 @@ class Preflight(Stage):
                     "storage/cache stages)",
                     hint="log in as root, allow `sudo -n` for the SSH user, or --skip cache",
                 )
-        old = {n.name: n for n in ctx.state.nodes}
-        for n in nodes:  # keep what later stages recorded (Ray ids, versions) across reruns
-            if n.name in old:
-                prev = old[n.name]
-                n.ray_temp_dir, n.ray_session, n.ray_ports = (
-                    prev.ray_temp_dir,
-                    prev.ray_session,
-                    prev.ray_ports,
-                )
-                n.token_path = prev.token_path
-                n.versions = {**prev.versions, **n.versions}
         ctx.state.nodes = nodes
         for n in nodes:
             kernels = cpu_kernels_of(n)

@@ -6,7 +6,6 @@ import shlex
 from dataclasses import asdict, replace
 from itertools import groupby
 
-from cluster.inventory import Cluster
 from cluster.ray_nodes import (
     RayClusterSpec,
     RayHeadPorts,
@@ -23,10 +22,18 @@ from cluster.ray_nodes import (
     wait_for_nodes,
 )
 from cluster.runner import Runner
-from cluster.stages.base import Reporter, Stage, StageOutcome, UpContext
-from cluster.stages.env import env_python
+from cluster.stages.base import ClusterContext, Stage, StageCheck, StageOutcome, Teardown, UpContext
+from cluster.stages.env import env_dir_for, env_python
 from cluster.stages.serve import default_cpu_kvcache_gb
-from cluster.state import TOKEN_FILE, ClusterState, NodeState, cluster_key, remote_cluster_dir
+from cluster.state import (
+    TOKEN_FILE,
+    ClusterState,
+    NodeState,
+    Ports,
+    RayNode,
+    cluster_key,
+    remote_cluster_dir,
+)
 
 # Exit 0 while a process of the node's Ray session is alive.
 ALIVE_TEMPLATE = "ps -eo sid= | awk -v s={sid} '$1 == s {{ found = 1 }} END {{ exit !found }}'"
@@ -99,16 +106,18 @@ def node_token_path(state: ClusterState, node_name: str) -> str:
     return f"{remote_cluster_dir(state, node_name)}/{TOKEN_FILE}"
 
 
-def token_path(ctx_or_state: UpContext | ClusterState) -> str:
+def token_path(ctx_or_state: ClusterContext | ClusterState) -> str:
     """Where the Ray token lives on the head (drivers there join with it)."""
-    state = ctx_or_state.state if isinstance(ctx_or_state, UpContext) else ctx_or_state
+    state = ctx_or_state.state if isinstance(ctx_or_state, ClusterContext) else ctx_or_state
     return node_token_path(state, state.head.name if state.head else "head")
 
 
 def cluster_spec(ctx: UpContext) -> RayClusterSpec:
-    """The RayClusterSpec of this cluster from the recorded nodes and ports."""
-    assert ctx.state.ports is not None
-    p = ctx.state.ports
+    """The RayClusterSpec of this cluster from the recorded nodes and ports (for a dry run
+    before preflight chose the ports: the ports asked for)."""
+    p = ctx.state.ports or Ports(
+        ray_gcs=ctx.config.ray_port, dashboard=ctx.config.dashboard_port, api=ctx.config.api_port
+    )
     nodes = []
     for n in ctx.cluster:
         rec = ctx.state.node(n.name) or NodeState(
@@ -118,12 +127,12 @@ def cluster_spec(ctx: UpContext) -> RayClusterSpec:
             RayNodeSpec(
                 ip=str(rec.private_ip),
                 num_gpus=rec.devices,
-                ports=RayNodePorts(**rec.ray_ports),
+                ports=RayNodePorts(**ctx.state.ray.node(n.name).ports),
                 token_path=node_token_path(ctx.state, n.name),
             )
         )
     head = ctx.state.nodes[0] if ctx.state.nodes else None
-    python = env_python(ctx.state.env_dir or "<env>")
+    python = env_python(env_dir_for(ctx))
     return RayClusterSpec(
         name=ctx.state.name,
         temp_dir=ray_temp_dir(ctx.state.name),
@@ -150,21 +159,36 @@ def start_node(ctx: UpContext, runner: Runner, spec: RayClusterSpec, index: int)
     return start_ray_node(runner, spec, index, timeout=180, on_line=ctx.reporter.on_line)
 
 
-def stop_ray(
-    state: ClusterState, cluster: Cluster, runners: list[Runner], *, reporter: Reporter
-) -> None:
-    """Stop this cluster's Ray on every node (workers first) by the recorded session ids."""
+def stop_ray(ctx: ClusterContext, runners: list[Runner]) -> list[str]:
+    """Stop this cluster's Ray on ``runners``' nodes (workers first) by the recorded session
+    ids; the stopped nodes' records are dropped. Returns the labels of the nodes stopped."""
+    stopped = []
     for runner in reversed(runners):
-        rec = state.node(runner.node.name)
-        if rec is None or rec.ray_session is None:
+        rec = ctx.state.ray.nodes.get(runner.node.name)
+        if rec is None or rec.session is None:
             continue
-        res = stop_ray_node(runner, rec.ray_session)
+        res = stop_ray_node(runner, rec.session)
         if res.ok:
-            reporter.node(runner.label, f"ray stopped (session {rec.ray_session})")
-            rec.ray_session = None
+            ctx.reporter.node(runner.label, f"ray stopped (session {rec.session})")
+            rec.session = None
+            stopped.append(runner.label)
         else:
-            reporter.node(runner.label, f"could not stop ray: {res.tail(1)}", ok=False)
-    state.save()
+            ctx.reporter.node(runner.label, f"could not stop ray: {res.tail(1)}", ok=False)
+    ctx.state.save()
+    return stopped
+
+
+def ray_alive(ctx: ClusterContext) -> dict[str, bool]:
+    """Per node name: does this cluster's Ray session run there?"""
+    alive: dict[str, bool] = {}
+    for runner in ctx.runners:
+        rec = ctx.state.ray.nodes.get(runner.node.name)
+        alive[runner.node.name] = bool(
+            rec is not None
+            and rec.session is not None
+            and runner.run(ray_alive_command(rec.session), timeout=30).ok
+        )
+    return alive
 
 
 class RayCluster(Stage):
@@ -172,16 +196,32 @@ class RayCluster(Stage):
 
     name = "ray"
     title = "Ray cluster (token auth, dashboard on 127.0.0.1, direct ingress)"
+    sections = ("ray",)
+
+    def check(self, ctx: ClusterContext) -> StageCheck:
+        """This cluster's Ray session runs on every node."""
+        if not ctx.state.ray.nodes:
+            return StageCheck(None, "Ray never started")
+        alive = ray_alive(ctx)
+        per_node = {
+            n.label: (
+                f"ray running (session {ctx.state.ray.node(n.name).session})"
+                if alive[n.name]
+                else "ray stopped"
+            )
+            for n in ctx.cluster
+        }
+        stopped = [n.label for n in ctx.cluster if not alive[n.name]]
+        if stopped:
+            return StageCheck(False, f"Ray stopped on {', '.join(stopped)}", per_node)
+        return StageCheck(True, f"Ray running on {len(alive)} node(s)", per_node)
+
+    def teardown(self, ctx: ClusterContext, how: Teardown) -> str | None:
+        """Stop exactly this cluster's Ray processes on every node (by their sessions)."""
+        stopped = stop_ray(ctx, ctx.runners)
+        return f"Ray stopped on {', '.join(stopped)}" if stopped else None
 
     def plan(self, ctx: UpContext) -> dict[str, list[str]]:
-        if ctx.state.ports is None:
-            from cluster.state import Ports
-
-            ctx.state.ports = Ports(
-                ray_gcs=ctx.config.ray_port,
-                dashboard=ctx.config.dashboard_port,
-                api=ctx.config.api_port,
-            )
         plan = {}
         for i, n in enumerate(ctx.cluster):
             spec = node_spec(
@@ -207,38 +247,41 @@ class RayCluster(Stage):
 
     def run(self, ctx: UpContext) -> StageOutcome:
         recs = [ctx.node_state(n) for n in ctx.cluster]
-        alive = [
-            rec.ray_session is not None
-            and ctx.run(
-                ray_alive_command(rec.ray_session), what="ray alive?", nodes=[n], check=False
-            )[n].ok
-            for n, rec in zip(ctx.cluster, recs, strict=True)
-        ]
-        ctx.state.remote_token_path = token_path(ctx)  # the head's: drivers run there
+        ray = ctx.state.ray
+        for rec in recs:
+            found = ray.nodes.get(rec.name)
+            if found is not None and found.boot_id and rec.boot_id and found.boot_id != rec.boot_id:
+                # The node rebooted: its recorded session id may now belong to anything.
+                ray.nodes[rec.name] = RayNode()
+        alive_by_name = ray_alive(ctx)
+        alive = [alive_by_name[n.name] for n in ctx.cluster]
+        ray.head_token_path = token_path(ctx)  # the head's: drivers run there
         if all(alive):
             self._wait(ctx, timeout=60)
             return StageOutcome("unchanged", f"{len(recs)} node(s) already in this cluster's Ray")
         if not alive[0] and any(alive):
             # Workers of a dead head cannot rejoin: restart them all.
-            stop_ray(
-                ctx.state,
-                ctx.cluster,
-                [r for r, a in zip(ctx.runners, alive, strict=True) if a],
-                reporter=ctx.reporter,
-            )
+            stop_ray(ctx, [r for r, a in zip(ctx.runners, alive, strict=True) if a])
             alive = [False] * len(alive)
         self._allocate_ports(ctx, [i for i, a in enumerate(alive) if not a])
         for runner, rec in zip(ctx.runners, recs, strict=True):
-            rec.token_path = node_token_path(ctx.state, rec.name)  # under this node's home
-            runner.copy_to(str(ctx.state.token_path), rec.token_path, mode=0o600, timeout=60)
+            node = ray.nodes.setdefault(rec.name, RayNode())
+            node.token_path = node_token_path(ctx.state, rec.name)  # under this node's home
+            runner.copy_to(
+                str(ctx.state.secrets.ray_token), node.token_path, mode=0o600, timeout=60
+            )
         started = []
         for i, (runner, rec) in enumerate(zip(ctx.runners, recs, strict=True)):  # head first
             if alive[i]:
                 continue
             spec = node_spec(ctx, rec)
             handle = start_node(ctx, runner, spec, i)
-            rec.ray_session = handle.session_id
-            rec.ray_temp_dir = spec.temp_dir
+            node = ray.nodes[rec.name]
+            node.session, node.temp_dir, node.boot_id = (
+                handle.session_id,
+                spec.temp_dir,
+                rec.boot_id,
+            )
             ctx.state.save()  # recorded at once: `down` can stop it even if a later step fails
             started.append(runner.node.name)
             ctx.reporter.node(
@@ -261,10 +304,10 @@ class RayCluster(Stage):
                 runner,
                 nodes=len(members),
                 with_head=False,
-                python=env_python(str(ctx.state.env_dir)),  # the same path on every node
+                python=env_python(str(ctx.state.env.dir)),  # the same path on every node
             )
             for i, p in zip(members, ports, strict=True):
-                recs[i].ray_ports = asdict(p)
+                ctx.state.ray.nodes.setdefault(recs[i].name, RayNode()).ports = asdict(p)
 
     @staticmethod
     def _wait(ctx: UpContext, *, timeout: float) -> None:

@@ -7,9 +7,16 @@ from pathlib import Path
 
 from cluster.errors import ConfigError, NotReadyError, RemoteError
 from cluster.remote import RemoteCall, Request
-from cluster.stages.base import Stage, StageOutcome, UpContext
-from cluster.stages.env import env_python
-from cluster.state import API_KEY_FILE, NodeState, config_hash, remote_cluster_dir
+from cluster.stages.base import ClusterContext, Stage, StageCheck, StageOutcome, Teardown, UpContext
+from cluster.stages.env import env_dir_for, env_python
+from cluster.state import (
+    API_KEY_FILE,
+    ClusterState,
+    NodeState,
+    ServerSection,
+    config_hash,
+    remote_cluster_dir,
+)
 from serve.remote import MODULE as SERVE_REMOTE
 from serve.remote import (
     DeployRequest,
@@ -108,7 +115,7 @@ def default_parallelism(ctx: UpContext) -> tuple[int, int]:
     """tp × pp for this `up` (see plan_parallelism) from the flags and the recorded nodes."""
     cfg = ctx.config
     return plan_parallelism(
-        str(ctx.state.model_dir or ctx.state.model),
+        str(ctx.state.model.dir),
         ctx.state.nodes,
         tp=cfg.tp,
         pp=cfg.pp,
@@ -127,22 +134,27 @@ def served_names(asked: list[str], model: str) -> list[str]:
     return [Path(model).expanduser().absolute().name if is_local_model(model) else model]
 
 
+def remote_key_file(state: ClusterState) -> str:
+    """Where the API key file lives on the head (this cluster's private dir there)."""
+    return f"{remote_cluster_dir(state)}/{API_KEY_FILE}"
+
+
 def serve_values(ctx: UpContext, tp: int, pp: int) -> dict[str, object]:
     """The ServeConfig fields `up` deploys (also hashed to tell whether to redeploy)."""
     cfg = ctx.config
     assert ctx.state.ports is not None
     head = ctx.state.nodes[0]
     values: dict[str, object] = {
-        "model": ctx.state.model_dir,
+        "model": ctx.state.model.dir,
         "tp": tp,
         "pp": pp,
         "device": head.device_kind,
-        "api_key_file": ctx.state.remote_api_key_file,
+        "api_key_file": remote_key_file(ctx.state),
         "port": ctx.state.ports.api,
         "proxy_port": ctx.state.ports.serve_proxy or ctx.state.ports.api + 2,
         "engine_args": dict(cfg.engine_args),
     }
-    values["served_model_name"] = served_names(cfg.served_model_name, str(ctx.state.model))
+    values["served_model_name"] = list(ctx.state.model.served_names)
     if cfg.max_model_len:
         values["max_model_len"] = cfg.max_model_len
     if cfg.gpu_memory_utilization is not None:
@@ -157,9 +169,51 @@ class Serve(Stage):
 
     name = "serve"
     title = "OpenAI server (vLLM tp × pp on Ray Serve, direct ingress)"
+    sections = ("server",)
+
+    def check(self, ctx: ClusterContext) -> StageCheck:
+        """The server is deployed and answers /ready on the head."""
+        server = ctx.state.server
+        if not server.config_digest or not ctx.state.env.dir or not ctx.state.ports:
+            return StageCheck(None, "no server deployed")
+        url = f"http://127.0.0.1:{ctx.state.ports.api}"
+        ready = ready_probe(env_python(ctx.state.env.dir), url).run(
+            ctx.run_head, what="ready probe", check=False
+        )
+        names = ", ".join([str(server.served_name), *server.aliases])
+        what = f"{names}, tp={server.tp} × pp={server.pp} at {server.endpoint}/v1"
+        return StageCheck(ready.ok, f"{what} ({'ready' if ready.ok else 'not ready'})")
+
+    def teardown(self, ctx: ClusterContext, how: Teardown) -> str | None:
+        """Drain running requests and stop the server (the Serve app) on the head."""
+        server = ctx.state.server
+        head = ctx.state.head
+        token = ctx.state.ray.node(head.name).token_path if head else None
+        token = token or ctx.state.ray.head_token_path
+        if head is None or not ctx.state.env.dir or not ctx.state.ports or not token:
+            return None
+        if not server.config_digest:
+            return None
+        reply = stop_call(
+            env_python(ctx.state.env.dir), f"{head.private_ip}:{ctx.state.ports.ray_gcs}"
+        ).run(
+            ctx.run_head,
+            what="stopping the server",
+            env=ray_driver_env(token),
+            timeout=how.drain_timeout + 60,
+            check=False,
+        )
+        ctx.state.server = ServerSection()
+        if not reply.ok:
+            ctx.reporter.warn(
+                f"could not stop the server cleanly on {head.label}: {reply.error} "
+                "(stopping Ray ends it)"
+            )
+            return None
+        return f"server drained and stopped on {head.label}"
 
     def plan(self, ctx: UpContext) -> dict[str, list[str]]:
-        python = env_python(ctx.state.env_dir or "<env>")
+        python = env_python(env_dir_for(ctx))
         tp = ctx.config.tp or "<planner>"
         pp = ctx.config.pp or "<planner>"
         api = ctx.state.ports.api if ctx.state.ports and ctx.state.ports.api else None
@@ -169,7 +223,7 @@ class Serve(Stage):
         gcs = ctx.state.ports.ray_gcs if ctx.state.ports else ctx.config.ray_port
         address = f"{head_ip}:{gcs}"
         config = {
-            "model": str(ctx.state.model_dir or ctx.state.model),
+            "model": str(ctx.state.model.dir),
             "tp": tp,
             "pp": pp,
             "...": "the other ServeConfig fields",
@@ -177,7 +231,7 @@ class Serve(Stage):
         changed = "only when the serving config changed"
         return {
             ctx.head.label: [
-                f"copy {ctx.state.api_key_file or '<api key>'} -> {remote_cluster_dir(ctx.state)}/{API_KEY_FILE} (0600)",
+                f"copy {ctx.state.secrets.api_key_file or '<api key>'} -> {remote_key_file(ctx.state)} (0600)",
                 ready_probe(python, url).display(
                     "the stage ends here when this config already answers"
                 ),
@@ -200,25 +254,26 @@ class Serve(Stage):
         self._copy_api_key(ctx)
         values = serve_values(ctx, tp, pp)
         wanted = config_hash(values)
-        python = env_python(str(ctx.state.env_dir))
+        python = env_python(str(ctx.state.env.dir))
         leftover = total - tp * pp
         note = f"; {leftover} device slot(s) left idle" if leftover else ""
         if (
-            ctx.state.serve_config_hash == wanted
+            ctx.state.server.config_digest == wanted
             and ready_probe(python, local_url(ctx))
             .run(ctx.run_head, what="ready probe", check=False)
             .ok
         ):
             return StageOutcome("unchanged", f"already serving tp={tp} × pp={pp}{note}")
         head = ctx.node_state(ctx.head)
-        assert ctx.state.ports is not None and ctx.state.remote_token_path
+        token = ctx.state.ray.head_token_path
+        assert ctx.state.ports is not None and token
         address = f"{head.private_ip}:{ctx.state.ports.ray_gcs}"
-        if ctx.state.serve_config_hash is not None:
+        if ctx.state.server.config_digest is not None:
             # A changed config: stop the old app first (its devices are needed by the new one).
             stop_call(python, address).run(
                 ctx.run_head,
                 what="stopping the old server",
-                env=ray_driver_env(ctx.state.remote_token_path),
+                env=ray_driver_env(token),
                 timeout=300,
             )
             self._wait_port_released(ctx, python, ctx.state.ports.api)
@@ -227,18 +282,23 @@ class Serve(Stage):
             .run(
                 ctx.run_head,
                 what="deploying the server",
-                env=ray_driver_env(ctx.state.remote_token_path),
+                env=ray_driver_env(token),
                 timeout=600,
             )
             .value(what="deploying the server")
         )
-        redeploy = ctx.state.serve_config_hash is not None
-        ctx.state.serve_config_hash = wanted
-        ctx.state.tp, ctx.state.pp = tp, pp
+        redeploy = ctx.state.server.config_digest is not None
         names = values["served_model_name"]
         assert isinstance(names, list)
-        ctx.state.served_model_name, ctx.state.served_aliases = endpoint["model"], names[1:]
-        ctx.state.endpoint = endpoint["url"]
+        ctx.state.server = ServerSection(
+            config_digest=wanted,
+            endpoint=endpoint["url"],
+            tp=tp,
+            pp=pp,
+            served_name=endpoint["model"],
+            aliases=names[1:],
+            remote_api_key_file=remote_key_file(ctx.state),
+        )
         if leftover:
             ctx.reporter.info(
                 f"{leftover} device slot(s) stay idle (one tp × pp group per cluster)"
@@ -272,10 +332,8 @@ class Serve(Stage):
 
     @staticmethod
     def _copy_api_key(ctx: UpContext) -> None:
-        src = Path(str(ctx.state.api_key_file))
-        dest = f"{remote_cluster_dir(ctx.state)}/{API_KEY_FILE}"
-        ctx.head_runner.copy_to(src, dest, mode=0o600, timeout=60)
-        ctx.state.remote_api_key_file = dest
+        src = Path(str(ctx.state.secrets.api_key_file))
+        ctx.head_runner.copy_to(src, remote_key_file(ctx.state), mode=0o600, timeout=60)
 
 
 class Ready(Stage):
@@ -284,8 +342,12 @@ class Ready(Stage):
     name = "ready"
     title = "server answers /ready"
 
+    def check(self, ctx: ClusterContext) -> StageCheck:
+        """Ready is the serve stage's check (/ready answers 200); nothing more to look at."""
+        return StageCheck(None, "see serve")
+
     def plan(self, ctx: UpContext) -> dict[str, list[str]]:
-        python = env_python(ctx.state.env_dir or "<env>")
+        python = env_python(env_dir_for(ctx))
         port = ctx.state.ports.api if ctx.state.ports else "<api-port>"
         return {
             ctx.head.label: [
@@ -294,7 +356,7 @@ class Ready(Stage):
         }
 
     def run(self, ctx: UpContext) -> StageOutcome:
-        python = env_python(str(ctx.state.env_dir))
+        python = env_python(str(ctx.state.env.dir))
         reply = wait_call(python, local_url(ctx), ctx.config.ready_timeout_s).run(
             ctx.run_head,
             what="waiting for /ready",
@@ -315,7 +377,7 @@ class Ready(Stage):
             if ctx.state.stages.get("serve", None)
             and ctx.state.stages["serve"].status == "unchanged"
             else "done",
-            f"{ctx.state.endpoint}/v1 is ready",
+            f"{ctx.state.server.endpoint}/v1 is ready",
         )
 
     @staticmethod
@@ -323,11 +385,11 @@ class Ready(Stage):
         """The engine's last exception line from the head's Ray logs, or "" (best effort)."""
         from cluster.stages.ray import root_cause_command  # ray.py imports this module
 
-        head = ctx.state.node(ctx.head.name)
-        if head is None or not head.ray_temp_dir:
+        temp_dir = ctx.state.ray.node(ctx.head.name).temp_dir
+        if not temp_dir:
             return ""
         res = ctx.run_head(
-            root_cause_command(head.ray_temp_dir),
+            root_cause_command(temp_dir),
             what="reading the engine's last error",
             timeout=30,
             check=False,

@@ -10,7 +10,7 @@ from cluster import fscache
 from cluster.errors import ConfigError, RemoteError
 from cluster.inventory import Node
 from cluster.runner import Result
-from cluster.stages.base import Stage, StageOutcome, UpContext
+from cluster.stages.base import ClusterContext, Stage, StageCheck, StageOutcome, Teardown, UpContext
 
 # The token file that proves the nodes share one filesystem: written on the head, read everywhere.
 TOKEN_NAME = ".llamacluster-shared-check"
@@ -75,6 +75,19 @@ class SharedStorage(Stage):
 
     name = "storage"
     title = "shared directory seen by every node"
+    sections = ("storage",)
+
+    def check(self, ctx: ClusterContext) -> StageCheck:
+        """Every node reads the head's token file in the shared directory."""
+        if len(ctx.cluster) == 1 or not ctx.state.shared_dir:
+            return StageCheck(None, "one node: nothing shared")
+        read = READ_TOKEN_TEMPLATE.format(shared=shlex.quote(ctx.state.shared_dir), name=TOKEN_NAME)
+        seen = {n: r.stdout.strip() for n, r in ctx.run(read, what="shared?", check=False).items()}
+        head = seen.get(ctx.head, "missing")
+        apart = [n.label for n, v in seen.items() if v != head or v == "missing"]
+        if apart:
+            return StageCheck(False, f"{', '.join(apart)} do not see {ctx.state.shared_dir}")
+        return StageCheck(True, f"{ctx.state.shared_dir} shared by {len(seen)} nodes")
 
     def skip_reason(self, ctx: UpContext) -> str | None:
         if len(ctx.cluster) == 1:
@@ -151,6 +164,7 @@ class SharedStorage(Stage):
         for n in ctx.cluster:
             ctx.reporter.node(n.label, "reads the head's token: same filesystem")
         how = "exported from the head" if ctx.config.nfs_server == "head" else "already shared"
+        ctx.state.storage.how = how
         return StageOutcome(
             "done" if changed else "unchanged", f"{ctx.state.shared_dir} {how} on every node"
         )
@@ -185,6 +199,52 @@ class Cache(Stage):
 
     name = "cache"
     title = "cachefilesd + fsc on the NFS mount"
+    sections = ("cache",)
+
+    def check(self, ctx: ClusterContext) -> StageCheck:
+        """cachefilesd runs on every node whose files the stage edited."""
+        edited = [n for n in ctx.cluster if ctx.state.cache.fs_edits.get(n.name)]
+        if not edited:
+            return StageCheck(None, "no cache set up")
+        if ctx.state.access.system_root != "/":
+            return StageCheck(
+                True, f"files edited under {ctx.state.access.system_root} (test root)"
+            )
+        results = ctx.run(
+            "pidof cachefilesd >/dev/null", what="cachefilesd?", nodes=edited, check=False
+        )
+        stopped = [n.label for n, r in results.items() if not r.ok]
+        if stopped:
+            return StageCheck(False, f"cachefilesd not running on {', '.join(stopped)}")
+        return StageCheck(True, f"cachefilesd running on {len(results)} node(s)")
+
+    def teardown(self, ctx: ClusterContext, how: Teardown) -> str | None:
+        """With --purge: put fstab, exports and cachefilesd's files back from their backups."""
+        if not how.purge:
+            return None
+        root = ctx.state.access.system_root
+        done = []
+        for runner in ctx.runners:
+            rec = ctx.state.node(runner.node.name)
+            if rec is None or not ctx.state.cache.fs_edits.get(rec.name):
+                continue
+            res = runner.run(
+                fscache.script_command(
+                    "revert",
+                    "--root",
+                    root,
+                    python=rec.python or "python3",
+                    sudo=(rec.sudo or "") if root == "/" else "",
+                ),
+                stdin=fscache.script_source(),
+                timeout=60,
+            )
+            if not res.ok:
+                ctx.reporter.warn(f"{runner.label}: could not revert system files: {res.tail(1)}")
+            else:
+                ctx.reporter.node(runner.label, "fstab/cachefilesd restored from backups")
+                done.append(runner.label)
+        return f"system files restored on {', '.join(done)}" if done else None
 
     def skip_reason(self, ctx: UpContext) -> str | None:
         if ctx.config.local:
@@ -257,8 +317,8 @@ class Cache(Stage):
             changed_any = changed_any or changed
         for name, files in edited.items():
             if files:
-                prev = ctx.state.fs_edits.get(name, [])
-                ctx.state.fs_edits[name] = sorted(set(prev) | set(files))
+                prev = ctx.state.cache.fs_edits.get(name, [])
+                ctx.state.cache.fs_edits[name] = sorted(set(prev) | set(files))
         return StageOutcome(
             "done" if changed_any else "unchanged", "cache configured on every node"
         )

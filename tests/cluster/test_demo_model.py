@@ -19,12 +19,11 @@ from cluster.demo_model import (
     build_demo_model,
     default_demo_model_dir,
     ensure_demo_model,
-    file_sha256,
-    iter_model_files,
     plan_demo_model,
     plan_shards,
 )
 from cluster.errors import ConfigError
+from tests.support.hub import file_sha256, iter_model_files
 
 HUB_FILES = {
     "config.json",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.demo_model import DEMO_MODEL_REPO_ID, file_sha256
+from cluster.demo_model import DEMO_MODEL_REPO_ID
 from cluster.download.controller import download_model
 from cluster.download.errors import AccessDeniedError
 from cluster.download.manifest import require_complete_manifest, verify_model_dir
@@ -21,7 +21,7 @@ from cluster.download.records import read_records
 from cluster.errors import DownloadError
 from cluster.inventory import Node
 from cluster.runner import LocalRunner, SSHRunner
-from tests.support.hub import GATED_REPO_ID, LoopbackHub
+from tests.support.hub import GATED_REPO_ID, LoopbackHub, file_sha256
 
 # Every test here starts node processes (multi-node or the whole CLI): the e2e tier.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]

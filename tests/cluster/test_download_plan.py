@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.demo_model import DEMO_MODEL_REPO_ID, file_sha256
+from cluster.demo_model import DEMO_MODEL_REPO_ID
 from cluster.download.errors import AccessDeniedError
 from cluster.download.plan import (
     RepoFile,
@@ -17,7 +17,7 @@ from cluster.download.plan import (
     select_files,
 )
 from cluster.errors import ConfigError
-from tests.support.hub import LoopbackHub
+from tests.support.hub import LoopbackHub, file_sha256
 
 
 def _weights(sizes: list[int]) -> list[RepoFile]:

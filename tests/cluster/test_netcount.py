@@ -141,15 +141,17 @@ def test_bench_cli_on_a_recorded_cluster(
     stream_server: StreamServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     from cluster.cli.app import main
-    from cluster.state import ClusterState, NodeState
+    from cluster.state import Access, ClusterState, NodeState, Secrets, ServerSection
 
     monkeypatch.setenv("LLAMACLUSTER_HOME", str(tmp_path / "home"))
     key = tmp_path / "api_key"
     key.write_text("secret-key-123\n")
     key.chmod(0o600)
     ClusterState(
-        name="t", local=True, endpoint=stream_server.base_url.removesuffix("/v1"),
-        api_key_file=str(key), served_model_name="tiny-test",
+        name="t", access=Access(local=True), secrets=Secrets(api_key_file=str(key)),
+        server=ServerSection(
+            endpoint=stream_server.base_url.removesuffix("/v1"), served_name="tiny-test"
+        ),
         nodes=[NodeState(name="head", label="127.0.0.1", host="127.0.0.1", interface="lo")],
     ).save()  # fmt: skip
     out = tmp_path / "out"
@@ -168,7 +170,7 @@ def test_recorded_nodes_share_a_counter_only_within_one_network_namespace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from cluster.bench.netcount import cluster_net_nodes
-    from cluster.state import ClusterState, NodeState
+    from cluster.state import Access, ClusterState, NodeState
 
     monkeypatch.setenv("LLAMACLUSTER_HOME", str(tmp_path / "home"))
 
@@ -180,7 +182,7 @@ def test_recorded_nodes_share_a_counter_only_within_one_network_namespace(
     hosts = ["127.0.0.2", "127.0.0.3", "198.18.1.3", "198.18.1.4"]
     ClusterState(
         name="ns",
-        inventory_text="\n".join(hosts) + "\n",
+        access=Access(inventory_text="\n".join(hosts) + "\n"),
         nodes=[
             node("head", "127.0.0.2", "lo", "net:[1]"),
             node("worker1", "127.0.0.3", "lo", "net:[1]"),  # same host, same namespace

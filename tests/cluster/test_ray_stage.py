@@ -19,13 +19,13 @@ from cluster.ray_nodes import (
     ray_node_env,
     ray_start_display,
     stop_ray_node,
-    write_token_file,
 )
 from cluster.runner import LocalRunner
 from cluster.stages.base import Reporter, UpContext
 from cluster.stages.ray import node_token_path, start_node, token_path
 from cluster.state import ClusterState, NodeState, cluster_key
 from tests.cluster.test_ray_nodes import FAKE_RAY
+from tests.support.ray_cluster import write_token_file
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import pytest
 from cluster.cli.ssh_cmd import split_node_and_command
 from cluster.errors import ConfigError
 from cluster.node_shell import pick_node, shell_argv
-from cluster.state import ClusterState
+from cluster.state import Access, ClusterState
 
 CLI = [str(Path(sys.executable).parent / "llamacluster")]
 
@@ -25,9 +25,11 @@ def recorded(sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str,
     inventory = "\n".join(f"{sshd.user}@{a}:{sshd.port}" for a in sshd.addresses) + "\n"
     ClusterState(
         name="t",
-        inventory_text=inventory,
-        identity_file=str(sshd.client_key),
-        known_hosts=str(tmp_path / "known_hosts"),
+        access=Access(
+            inventory_text=inventory,
+            identity_file=str(sshd.client_key),
+            known_hosts=str(tmp_path / "known_hosts"),
+        ),
     ).save()
     return {**os.environ, "LLAMACLUSTER_HOME": str(home)}
 
@@ -100,10 +102,12 @@ def test_strict_host_keys_recorded_by_up_are_honoured_by_exec_and_status(
     for name, strict in (("strict", True), ("lenient", False)):
         ClusterState(
             name=name,
-            inventory_text=inventory,
-            identity_file=str(sshd.client_key),
-            known_hosts=str(tmp_path / f"known_hosts-{name}"),  # empty: the host is unknown
-            strict_host_keys=strict,
+            access=Access(
+                inventory_text=inventory,
+                identity_file=str(sshd.client_key),
+                known_hosts=str(tmp_path / f"known_hosts-{name}"),  # empty: the host is unknown
+                strict_host_keys=strict,
+            ),
         ).save()
     refused = exec_command("strict", "echo reached", timeout=60)
     (result,) = refused.values()

@@ -21,7 +21,7 @@ from cluster.stages.base import (
 from cluster.stages.config import STAGE_NAMES
 from cluster.stages.preflight import check_alike, node_state_from_probe, parse_probe, pick_address
 from cluster.stages.serve import plan_parallelism
-from cluster.state import ClusterState, NodeState, load_state
+from cluster.state import Access, ClusterState, NodeState, Secrets, load_state
 
 
 @pytest.fixture(autouse=True)
@@ -166,7 +166,7 @@ def _context(config: UpConfig) -> UpContext:
     from rich.console import Console
 
     cluster = local_cluster()
-    state = ClusterState(name="t", local=True)
+    state = ClusterState(name="t", access=Access(local=True))
     return UpContext(
         config=config,
         cluster=cluster,
@@ -234,10 +234,11 @@ def test_tunnel_names_secret_files_and_prints_values_only_when_asked(tmp_path):
     key, _ = ensure_secret(cluster_dir("gpus") / "api_key", prefix="sk-lc-")
     state = ClusterState(
         name="gpus",
-        inventory_text="ubuntu@203.0.113.10:2222 10.0.0.10\nubuntu@203.0.113.11 10.0.0.11\n",
+        access=Access(
+            inventory_text="ubuntu@203.0.113.10:2222 10.0.0.10\nubuntu@203.0.113.11 10.0.0.11\n"
+        ),
         ports=Ports(ray_gcs=6379, dashboard=8265, api=8000),
-        token_path=str(token),
-        api_key_file=str(key),
+        secrets=Secrets(ray_token=str(token), api_key_file=str(key)),
     )
     state.save()
     lines = tunnel("gpus")
@@ -277,7 +278,7 @@ def test_ready_failure_names_the_engines_root_cause_from_the_head_logs(tmp_path)
 
     import cluster.stages.serve as serve_stage
     from cluster.errors import NotReadyError
-    from cluster.state import Ports
+    from cluster.state import Ports, RayNode
     from tests.support.status_server import status_server
 
     logs = tmp_path / "ray" / "session_latest" / "logs"
@@ -292,9 +293,9 @@ def test_ready_failure_names_the_engines_root_cause_from_the_head_logs(tmp_path)
     unhealthy = {"error": {"message": "engine failed to start"}}
     routes = {"/ready": (503, unhealthy), "/health": (503, unhealthy)}
     ctx = _context(UpConfig(local=True, ready_timeout_s=60))
-    ctx.state.env_dir = sys.prefix
+    ctx.state.env.dir = sys.prefix
     ctx.state.nodes = [NodeState(name="head", label="127.0.0.1", host="127.0.0.1")]
-    ctx.state.nodes[0].ray_temp_dir = str(tmp_path / "ray")
+    ctx.state.ray.nodes["head"] = RayNode(temp_dir=str(tmp_path / "ray"))
     with status_server(routes) as (url, seen), pytest.raises(NotReadyError) as caught:
         ctx.state.ports = Ports(api=int(url.rsplit(":", 1)[1]), ray_gcs=6379, dashboard=8265)
         serve_stage.Ready().run(ctx)
@@ -323,3 +324,73 @@ def test_redeploy_waits_for_the_old_servers_port_and_names_who_holds_it(monkeypa
     threading.Timer(1.0, held.close).start()
     serve_stage.Serve._wait_port_released(ctx, sys.executable, port)
     socket.create_server(("", port)).close()
+
+
+class _WritesForeignSection(Stage):
+    name = "download"
+    title = "a stage that writes the server's section"
+    sections = ("download",)
+
+    def plan(self, ctx):
+        return {}
+
+    def run(self, ctx):
+        ctx.state.server.endpoint = "http://elsewhere:1"
+        return StageOutcome("done", "wrote what is not its own")
+
+
+def test_a_stage_writing_another_stages_section_is_refused():
+    from cluster.stages.base import SectionOwnershipError
+
+    ctx = _context(UpConfig(local=True))
+    with pytest.raises(StageFailed) as caught:
+        run_stages(ctx, [_WritesForeignSection()])
+    assert isinstance(caught.value.__cause__, SectionOwnershipError)
+    assert "stage 'download' wrote the state's server (owned by serve)" in str(caught.value)
+
+
+def test_every_section_has_one_owning_stage_and_each_stage_owns_what_it_declares():
+    from cluster.stages import STAGES
+    from cluster.state import SECTION_OWNERS
+
+    declared = {section: stage.name for stage in STAGES for section in stage.sections}
+    for section, owner in declared.items():
+        assert SECTION_OWNERS[section] == owner, section
+    # The monitoring section waits for its stage (metrics history); every other has its owner.
+    assert set(SECTION_OWNERS) - set(declared) == {"monitoring"}
+
+
+def test_status_is_every_stages_check_and_down_every_stages_teardown(tmp_path, capsys):
+    import sys
+
+    from cluster.lifecycle import down, status
+    from cluster.state import Access, EnvSection, ModelSection, StageResult
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    ClusterState(
+        name="t",
+        access=Access(local=True),
+        nodes=[NodeState(name="head", label="127.0.0.1", host="127.0.0.1")],
+        env=EnvSection(dir=sys.prefix, versions={"head": {"vllm": "0.32.0", "ray": "2.60.0"}}),
+        model=ModelSection(source=str(model), dir=str(model), served_names=["m"]),
+        stages={"env": StageResult(status="done")},
+    ).save()
+    info = status("t")
+    out = capsys.readouterr().out
+    checks = info["checks"]
+    assert list(checks) == list(STAGE_NAMES)
+    assert checks["preflight"] == {"ok": True, "message": "1 node(s) reachable"}
+    assert checks["env"]["ok"] is True and "vllm 0.32.0" in checks["env"]["message"]
+    assert checks["download"] == {"ok": True, "message": f"{model} on every node"}
+    assert checks["ray"]["ok"] is None and checks["serve"]["ok"] is None
+    assert f"env:      ok {checks['env']['message']}" in out
+    # The model's files gone: the download stage's check says so, and status shows it.
+    (model / "config.json").unlink()
+    assert status("t")["checks"]["download"]["ok"] is False
+    assert "FAILED" in capsys.readouterr().out
+    assert down("t") is not None and load_state("t").stages == {}
+    assert down("t", purge=True) is None
+    with pytest.raises(Exception, match="no cluster named 't'"):
+        load_state("t")

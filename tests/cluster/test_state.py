@@ -20,8 +20,9 @@ def _mode(path) -> int:
 
 
 def test_round_trip_and_permissions():
-    s = st.ClusterState(name="demo-1", local=True, shared_dir="/tmp/x")
-    s.nodes.append(st.NodeState(name="head", label="127.0.0.2", host="127.0.0.2", ray_session=1234))
+    s = st.ClusterState(name="demo-1", access=st.Access(local=True), shared_dir="/tmp/x")
+    s.nodes.append(st.NodeState(name="head", label="127.0.0.2", host="127.0.0.2"))
+    s.ray.nodes["head"] = st.RayNode(session=1234, temp_dir="/tmp/lc-x")
     s.ports = st.Ports(ray_gcs=6379, dashboard=8265, api=8000)
     s.stages["preflight"] = st.StageResult(status="done", message="2 nodes", seconds=1.5)
     path = s.save()
@@ -29,7 +30,8 @@ def test_round_trip_and_permissions():
     assert _mode(path.parent) == 0o700
     back = st.load_state("demo-1")
     assert back.model_dump(exclude={"updated_at"}) == s.model_dump(exclude={"updated_at"})
-    assert back.head.ray_session == 1234
+    assert back.ray.node("head").session == 1234 and back.local
+    assert back.format == st.STATE_FORMAT
     assert st.list_clusters() == ["demo-1"]
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp left over
     st.remove_state("demo-1")

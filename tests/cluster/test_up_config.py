@@ -17,7 +17,7 @@ from cluster.lifecycle import UpConfig, up
 from cluster.stages import STAGES
 from cluster.stages.config import STAGE_NAMES
 from cluster.stages.serve import served_names
-from cluster.state import ClusterState, load_state
+from cluster.state import load_state
 from serve.config import ServeConfig
 
 CLI = [sys.executable, "-c", "from cluster.cli.app import run; run()"]
@@ -142,11 +142,12 @@ def test_model_dir_is_known_before_the_stages_run_even_with_skip_download(tmp_pa
     first.mkdir()
     second.mkdir()
     state = up(UpConfig(local=True, dry_run=True, model=str(first), skip=["download"]))
-    assert state.model_dir == str(first)
+    assert (state.model.dir, state.model.served_names) == (str(first), ["first"])
     state = up(UpConfig(local=True, dry_run=True, model=str(second), skip=["download"]))
-    assert state.model_dir == str(second)
+    assert (state.model.dir, state.model.repo_id) == (str(second), None)
     hub = up(UpConfig(local=True, dry_run=True, model="org/name", shared_dir=tmp_path / "s"))
-    assert hub.model_dir == f"{tmp_path / 's'}/models/org--name"
+    assert hub.model.dir == f"{tmp_path / 's'}/models/org--name"
+    assert (hub.model.repo_id, hub.model.served_names) == ("org/name", ["org/name"])
 
 
 def test_the_stage_list_and_the_stage_names_agree():
@@ -154,29 +155,69 @@ def test_the_stage_list_and_the_stage_names_agree():
     assert len({s.title for s in STAGES}) == len(STAGES)
 
 
+# A state file as the first format wrote it (flat fields, Ray records inside the nodes).
+V1_STATE = {
+    "name": "old", "local": False, "inventory_path": "/p/ips.txt",
+    "inventory_text": "root@203.0.113.5\n", "ssh_user": None, "ssh_port": None,
+    "identity_file": "/k", "known_hosts": None,
+    "nodes": [{
+        "name": "head", "label": "203.0.113.5", "host": "203.0.113.5", "private_ip": "10.1.0.5",
+        "devices": 8, "device_kind": "gpu", "device_info": {"gpu": "H100"},
+        "ray_temp_dir": "/tmp/lc-ab", "ray_session": 4242, "ray_ports": {"node_manager": 20001},
+        "token_path": "/root/.llamacluster/nodes/old-ab/ray_token",
+        "versions": {"python": "3.11.7", "vllm": "0.32.0", "ray": "2.60.0"},
+    }],
+    "ports": {"ray_gcs": 6379, "dashboard": 8265, "api": 8000},
+    "shared_dir": "/mnt/shared", "env_dir": "/mnt/shared/env", "model": "org/m",
+    "model_dir": "/mnt/shared/models/org--m", "served_model_name": "org--m", "tp": 8, "pp": 1,
+    "endpoint": "http://10.1.0.5:8000", "token_path": "/c/ray_token", "api_key_file": "/c/api_key",
+    "remote_token_path": "/root/.llamacluster/nodes/old-ab/ray_token",
+    "remote_api_key_file": "/root/.llamacluster/nodes/old-ab/api_key",
+    "config_hash": "x", "serve_config_hash": "y", "system_root": "/",
+    "fs_edits": {"head": ["/etc/fstab"]}, "stages": {}, "created_at": 1.0, "updated_at": 2.0,
+}  # fmt: skip
+
+
 def test_a_state_file_of_the_previous_format_loads_and_a_broken_one_fails_clearly(tmp_path):
-    current = ClusterState(name="old", local=True, model="org/m").model_dump(mode="json")
-    for field in ("strict_host_keys", "served_aliases", "revision"):
-        current.pop(field)  # fields the previous format did not have
     path = tmp_path / "home" / "clusters" / "old" / "state.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(current))
-    loaded = load_state("old")
-    assert loaded.model == "org/m" and loaded.strict_host_keys is False
-    assert loaded.served_aliases == []
-    path.write_text(json.dumps({**current, "nodes": "not a list"}))
+    path.write_text(json.dumps(V1_STATE))
+    s = load_state("old")
+    assert s.format == 2 and not s.local and s.access.identity_file == "/k"
+    assert s.ray.node("head").session == 4242 and s.ray.node("head").temp_dir == "/tmp/lc-ab"
+    assert s.ray.node("head").ports == {"node_manager": 20001}
+    assert s.ray.head_token_path == V1_STATE["remote_token_path"]
+    assert s.env.dir == "/mnt/shared/env" and s.env.versions["head"]["vllm"] == "0.32.0"
+    assert s.nodes[0].versions == {"python": "3.11.7"}
+    assert (s.model.repo_id, s.model.dir) == ("org/m", "/mnt/shared/models/org--m")
+    assert (s.server.endpoint, s.server.tp, s.server.config_digest) == (
+        "http://10.1.0.5:8000",
+        8,
+        "y",
+    )
+    assert (s.secrets.ray_token, s.secrets.api_key_file) == ("/c/ray_token", "/c/api_key")
+    assert s.cache.fs_edits == {"head": ["/etc/fstab"]}
+    s.save()  # written back in the new layout, and read again unchanged
+    assert json.loads(path.read_text())["format"] == 2
+    assert load_state("old").model_dump(exclude={"updated_at"}) == s.model_dump(
+        exclude={"updated_at"}
+    )
+    path.write_text(json.dumps({**V1_STATE, "nodes": "not a list"}))
     with pytest.raises(ConfigError) as caught:
         load_state("old")
     line = caught.value.one_line()
     assert str(path) in line and "unreadable" in line and "remove that file" in line
+    path.write_text(json.dumps({"format": 99, "name": "old"}))
+    with pytest.raises(ConfigError, match="format 99, newer"):
+        load_state("old")
 
 
 def test_strict_host_keys_is_recorded_by_up(tmp_path):
     inv = tmp_path / "ips.txt"
     inv.write_text("root@127.0.0.2:2222\n")
     state = up(UpConfig(inventory=inv, model="org/m", shared_dir=tmp_path, dry_run=True))
-    assert state.strict_host_keys is False
+    assert state.access.strict_host_keys is False
     strict = UpConfig(
         inventory=inv, model="org/m", shared_dir=tmp_path, dry_run=True, strict_host_keys=True
     )
-    assert up(strict).strict_host_keys is True
+    assert up(strict).access.strict_host_keys is True

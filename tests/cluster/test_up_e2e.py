@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -51,13 +53,18 @@ def _session_processes(session_ids: list[int]) -> list[str]:
     ]
 
 
-def _chat_stream(state: dict) -> str:
+def _sessions(state: dict) -> list[int]:
+    """The Ray session ids `up` recorded, head first."""
+    return [r["session"] for r in state["ray"]["nodes"].values() if r.get("session")]
+
+
+def _chat_stream(state: dict, model: str | None = None) -> str:
     from openai import OpenAI
 
-    key = Path(state["api_key_file"]).read_text().strip()
-    client = OpenAI(base_url=state["endpoint"] + "/v1", api_key=key, timeout=120)
+    key = Path(state["secrets"]["api_key_file"]).read_text().strip()
+    client = OpenAI(base_url=state["server"]["endpoint"] + "/v1", api_key=key, timeout=120)
     stream = client.chat.completions.create(
-        model=state["served_model_name"],
+        model=model or state["server"]["served_name"],
         messages=[{"role": "user", "content": "Hello"}],
         max_tokens=12,
         stream=True,
@@ -70,19 +77,29 @@ def _chat_stream(state: dict) -> str:
 def _model_ids(state: dict) -> list[str]:
     from openai import OpenAI
 
-    key = Path(state["api_key_file"]).read_text().strip()
-    client = OpenAI(base_url=state["endpoint"] + "/v1", api_key=key, timeout=60)
+    key = Path(state["secrets"]["api_key_file"]).read_text().strip()
+    client = OpenAI(base_url=state["server"]["endpoint"] + "/v1", api_key=key, timeout=60)
     return [m.id for m in client.models.list().data]
 
 
 def _bring_down_and_check(home: Path, name: str, env: dict[str, str]) -> None:
-    sessions = [n["ray_session"] for n in _state(home, name)["nodes"] if n.get("ray_session")]
+    sessions = _sessions(_state(home, name))
     if not sessions:
         return  # already down
-    down = _ok(llamacluster("down", "--name", name, env=env, timeout=300))
-    assert "is down" in down
-    assert _session_processes(sessions) == []
-    assert all(n.get("ray_session") is None for n in _state(home, name)["nodes"])
+    try:
+        down = _ok(llamacluster("down", "--name", name, env=env, timeout=300))
+        assert "is down" in down
+        assert _session_processes(sessions) == []
+        assert _sessions(_state(home, name)) == []
+    finally:
+        _kill_sessions(sessions)  # whatever `down` left of the sessions this test started
+
+
+def _kill_sessions(session_ids: list[int]) -> None:
+    """KILL the live processes of the given Ray sessions (only those this test started)."""
+    for line in _session_processes(session_ids):
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(line.split()[2]), signal.SIGKILL)
 
 
 @pytest.fixture
@@ -104,14 +121,14 @@ def test_up_local_serves_and_is_idempotent(tmp_path, cli_env, demo_model_dir):
         assert "ready" in first and "API key" in first
         state = _state(home, "local")
         # A local directory is served under the directory's name.
-        assert state["served_model_name"] == demo_model_dir.name
+        assert state["server"]["served_name"] == demo_model_dir.name
         assert _model_ids(state) == [demo_model_dir.name]
         assert _chat_stream(state)
         second = _ok(llamacluster("up", *common, *ports, env=cli_env))
         assert "nothing changed" in second, second
         status = _ok(llamacluster("status", "--local", env=cli_env, timeout=300))
         assert "ready" in status and "running" in status
-        sessions = [n["ray_session"] for n in _state(home, "local")["nodes"]]
+        sessions = _sessions(_state(home, "local"))
         # A changed serving config redeploys the server only: Ray keeps its sessions.
         # Aliases: vLLM's spelling of the flag, repeated; the first name is the main one.
         names = ["--served-model-name", "tiny", "--served-model-name", "tiny-alias"]
@@ -119,18 +136,21 @@ def test_up_local_serves_and_is_idempotent(tmp_path, cli_env, demo_model_dir):
             llamacluster("up", *common, *ports, "--max-model-len", "512", *names, env=cli_env)
         )
         assert "redeployed" in third and "changed: serve" in third, third
-        assert [n["ray_session"] for n in _state(home, "local")["nodes"]] == sessions
+        assert _sessions(_state(home, "local")) == sessions
         state = _state(home, "local")
-        assert (state["served_model_name"], state["served_aliases"]) == ("tiny", ["tiny-alias"])
+        assert (state["server"]["served_name"], state["server"]["aliases"]) == (
+            "tiny",
+            ["tiny-alias"],
+        )
         assert sorted(_model_ids(state)) == ["tiny", "tiny-alias"]
         assert _chat_stream(state)
-        assert _chat_stream({**state, "served_model_name": "tiny-alias"})
+        assert _chat_stream(state, model="tiny-alias")
         logs = _ok(llamacluster("logs", "--local", "-n", "5", env=cli_env, timeout=120))
         assert logs.strip()
         tunnel = _ok(llamacluster("tunnel", "--local", env=cli_env))
         assert (
             "no tunnel needed" in tunnel
-            and Path(state["api_key_file"]).read_text().strip() not in tunnel
+            and Path(state["secrets"]["api_key_file"]).read_text().strip() not in tunnel
         )
     finally:
         if (home / "clusters" / "local" / "state.json").exists():
@@ -164,10 +184,10 @@ def test_up_over_ssh_two_loopback_nodes_tp2_pp2(tmp_path, cli_env, sshd, hub_ser
         assert "fsc" in (root / "etc" / "fstab").read_text()  # cache stage, temp-root mode
         state = _state(home, name)
         # A hub model is served under its repo id, the name every OpenAI client sends.
-        assert state["served_model_name"] == DEMO_MODEL_REPO_ID
+        assert state["server"]["served_name"] == DEMO_MODEL_REPO_ID
         assert _model_ids(state) == [DEMO_MODEL_REPO_ID]
         assert [n["private_ip"] for n in state["nodes"]] == ["127.0.0.2", "127.0.0.3"]
-        assert (state["tp"], state["pp"]) == (2, 2)
+        assert (state["server"]["tp"], state["server"]["pp"]) == (2, 2)
         assert _chat_stream(state)
         second = _ok(llamacluster("up", *args, env=cli_env, timeout=900))
         assert "nothing changed" in second, second

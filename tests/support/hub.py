@@ -6,18 +6,36 @@ import contextlib
 import hashlib
 import hmac
 import json
+import os
 import re
 import secrets
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from cluster.demo_model import file_sha256, iter_model_files
+
+def file_sha256(path: str | os.PathLike[str], *, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file (the hub's LFS oid for weight files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def iter_model_files(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Every regular file of a model directory, sorted, without hidden paths (download caches)."""
+    root = Path(path)
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts):
+            yield p
+
 
 #: The gated copy of the demo model served by the `hub` fixture.
 GATED_REPO_ID = "llamacluster/demo-tiny-llama-gated"

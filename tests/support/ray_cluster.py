@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.errors import RemoteError
+from cluster.files import atomic_write
 from cluster.inventory import Node
 from cluster.ray_nodes import (
     RayClusterSpec,
@@ -16,14 +21,79 @@ from cluster.ray_nodes import (
     RayNodeSpec,
     RayNodeState,
     allocate_ports,
-    start_ray_cluster,
-    stop_ray_cluster,
+    start_ray_node,
+    stop_ray_node,
     wait_for_nodes,
-    write_token_file,
 )
-from cluster.runner import LocalRunner
+from cluster.runner import LocalRunner, Runner
 
 VENV_BIN = Path(sys.executable).parent
+
+
+def generate_token() -> str:
+    """A fresh cluster token: 32 random bytes, hex."""
+    return secrets.token_hex(32)
+
+
+def write_token_file(path: str | os.PathLike[str], token: str | None = None) -> Path:
+    """Write ``token`` (default: a new one) to ``path`` as a 0600 file, atomically.
+
+    Ray's head aborts when the token file is missing or empty, so this runs before ``ray start``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = token or generate_token()
+    atomic_write(path, token, mode=0o600)
+    return path
+
+
+def start_ray_cluster(
+    runners: Sequence[Runner], spec: RayClusterSpec, *, timeout: float = 180, retries: int = 1
+) -> list[RayNodeHandle]:
+    """Start the head, then every worker in parallel; ``runners[i]`` runs ``spec.nodes[i]``.
+
+    On any failure the nodes already started are stopped again and RemoteError names the
+    failed nodes, so a failed start leaves nothing behind.
+    """
+    if len(runners) != len(spec.nodes):
+        raise ValueError("one runner per node spec")
+    handles = [start_ray_node(runners[0], spec, 0, timeout=timeout, retries=retries)]
+    if len(runners) == 1:
+        return handles
+    errors: list[str] = []
+    with ThreadPoolExecutor(max_workers=min(32, len(runners) - 1)) as pool:
+        futures = [
+            pool.submit(start_ray_node, runner, spec, i, timeout=timeout, retries=retries)
+            for i, runner in enumerate(runners[1:], start=1)
+        ]
+        for future in futures:
+            try:
+                handles.append(future.result())
+            except RemoteError as exc:
+                errors.append(exc.message)
+    if errors:
+        stop_ray_cluster(runners, handles, grace_s=3)
+        raise RemoteError("; ".join(errors), hint=f"see {spec.temp_dir}/session_latest/logs")
+    return handles
+
+
+def stop_ray_cluster(
+    runners: Sequence[Runner], handles: Sequence[RayNodeHandle], *, grace_s: float = 10
+) -> None:
+    """Stop every recorded node, workers first and the head last; raise if any survived.
+
+    ``grace_s`` is how long each node's processes get after TERM before KILL (the GCS server
+    often needs the KILL; its state lives in memory only).
+    """
+    by_label = {r.label: r for r in runners}
+    ordered = sorted(handles, key=lambda h: h.head)  # workers first: the head holds the GCS
+    failed = []
+    for handle in ordered:
+        result = stop_ray_node(by_label[handle.node], handle, grace_s=grace_s)
+        if not result.ok:
+            failed.append(f"{handle.node} (session {handle.session_id}): {result.tail(3)}")
+    if failed:
+        raise RemoteError("could not stop Ray on " + "; ".join(failed))
 
 
 @dataclass
@@ -69,7 +139,11 @@ class LoopbackRayCluster:
     @property
     def env(self) -> dict[str, str]:
         """RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH and RAY_ADDRESS for a client process."""
-        return self.spec.client_env()
+        return {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": self.spec.token_path,
+            "RAY_ADDRESS": self.spec.address,
+        }
 
     @property
     def hosts(self) -> list[str]:

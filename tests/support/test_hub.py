@@ -13,8 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.demo_model import DEMO_MODEL_REPO_ID, file_sha256, iter_model_files
-from tests.support.hub import GATED_REPO_ID, LoopbackHub, identity_of, node_user_agent
+from cluster.demo_model import DEMO_MODEL_REPO_ID
+from tests.support.hub import (
+    GATED_REPO_ID,
+    LoopbackHub,
+    file_sha256,
+    identity_of,
+    iter_model_files,
+    node_user_agent,
+)
 
 
 def _tree_digests(root: Path) -> dict[str, str]:
