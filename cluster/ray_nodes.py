@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -231,10 +232,12 @@ exit $rc
 # stops every Ray process of the user on the host, other clusters included.
 _STOP_TEMPLATE = """\
 sid={sid}
-# Zombies (stat Z) are already dead: they only wait for their parent to reap them.
-members() {{ ps -eo pid=,sid=,stat= | awk -v s="$sid" '$2 == s && $3 !~ /^Z/ {{ print $1 }}'; }}
+{ours}
 pids=$(members)
 if [ -z "$pids" ]; then echo "no process left in session $sid"; exit 0; fi
+if ! ours; then
+  echo "session $sid is not this cluster's (no process of it names {temp}): left alone"; exit 0
+fi
 echo "stopping $(echo $pids | wc -w) process(es) of session $sid"
 kill -TERM $pids 2>/dev/null
 for _ in $(seq {polls}); do
@@ -264,6 +267,9 @@ class RayNodeHandle:
     ip: str
     session_id: int
     head: bool = False
+    #: This cluster's Ray temp dir: a session is this cluster's only while a process of it names
+    #: the dir (after a reboot the same session id can belong to anything).
+    temp_dir: str | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready form for the cluster state file."""
@@ -277,6 +283,7 @@ class RayNodeHandle:
             ip=str(data["ip"]),
             session_id=int(data["session_id"]),
             head=bool(data.get("head", False)),
+            temp_dir=data.get("temp_dir"),
         )
 
 
@@ -303,9 +310,15 @@ def start_ray_node(
         )
         sid = _parse_sid(result.stdout)
         if result.ok and sid is not None:
-            return RayNodeHandle(node=runner.label, ip=node.ip, session_id=sid, head=index == 0)
+            return RayNodeHandle(
+                node=runner.label,
+                ip=node.ip,
+                session_id=sid,
+                head=index == 0,
+                temp_dir=spec.temp_dir,
+            )
         if sid is not None:  # ray start failed half-way: leave nothing of it behind
-            stop_ray_node(runner, sid)
+            stop_ray_node(runner, sid, temp_dir=spec.temp_dir)
         if _STARTUP_TIMEOUT not in result.stdout or attempt == retries:
             break
         log.info("%s: Ray node timed out registering; starting it again", runner.label)
@@ -357,18 +370,60 @@ def _parse_sid(stdout: str) -> int | None:
     return None
 
 
+# Shell functions over session $sid: `members` lists its live processes of this user (zombies,
+# stat Z, only wait for their parent to reap them); `ours` succeeds when one of them names the
+# cluster's Ray temp dir on its command line (gcs_server, raylet, the agents all do).
+_MEMBERS_TEMPLATE = r"""
+members() {{ ps -eo pid=,sid=,uid=,stat= | awk -v s="$sid" -v u="$(id -u)" '$2 == s && $3 == u && $4 !~ /^Z/ {{ print $1 }}'; }}
+ours() {{
+  for p in $(members); do
+    tr '\0' ' ' < /proc/$p/cmdline 2>/dev/null | grep -qF -- {temp} && return 0
+  done
+  return 1
+}}
+""".strip()
+
+
+def session_alive_command(session_id: int, temp_dir: str) -> str:
+    """Exit 0 while session ``session_id`` has a live process of this user that names
+    ``temp_dir`` (this cluster's Ray temp dir); a session id reused by anything else is not."""
+    sid = int(session_id)
+    ours = _MEMBERS_TEMPLATE.format(temp=shlex.quote(temp_dir))
+    return f"sid={sid}\n{ours}\nours"
+
+
 def stop_ray_node(
-    runner: Runner, session_id: int | RayNodeHandle, *, grace_s: float = 10
+    runner: Runner,
+    session_id: int | RayNodeHandle,
+    *,
+    temp_dir: str | None = None,
+    grace_s: float = 10,
 ) -> Result:
     """Stop exactly the processes of one Ray node's session: TERM, wait ``grace_s``, KILL.
 
+    Only this user's processes, and only when the session is this cluster's (a process of it
+    names ``temp_dir``, taken from the handle when given one); otherwise nothing is signalled.
     Safe to repeat: a session with no process left is a success.
     """
-    sid = session_id.session_id if isinstance(session_id, RayNodeHandle) else int(session_id)
+    if isinstance(session_id, RayNodeHandle):
+        temp_dir = temp_dir or session_id.temp_dir
+        sid = session_id.session_id
+    else:
+        sid = int(session_id)
     if sid <= 1:
         raise ValueError(f"refusing to stop session {sid}")
+    if not temp_dir:
+        raise ValueError(
+            "stopping a Ray session needs the cluster's temp dir (to prove it is ours)"
+        )
     polls = max(1, int(grace_s / 0.25))
-    return runner.run(_STOP_TEMPLATE.format(sid=sid, polls=polls), timeout=grace_s + 30)
+    script = _STOP_TEMPLATE.format(
+        sid=sid,
+        polls=polls,
+        ours=_MEMBERS_TEMPLATE.format(temp=shlex.quote(temp_dir)),
+        temp=shlex.quote(temp_dir),
+    )
+    return runner.run(script, timeout=grace_s + 30)
 
 
 _PORTS_PER_NODE = 6  # node manager, object manager, metrics, agent http/grpc, runtime env

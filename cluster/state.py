@@ -201,6 +201,15 @@ class RayNode(BaseModel):
         default=None, description="Ray token file on the node (0600), under the node's own home."
     )
     boot_id: str | None = Field(default=None, description="The node's boot id at start.")
+    host: str | None = Field(default=None, description="The host it was started on.")
+    machine_id: str | None = Field(default=None, description="That host's machine id.")
+
+    def same_machine(self, node: NodeState) -> bool:
+        """Whether ``node`` (as preflight sees it now) is still the machine and boot this
+        record was made on; a record of another host, machine or boot is not to be trusted."""
+        pairs = ((self.host, node.host), (self.machine_id, node.machine_id))
+        pairs += ((self.boot_id, node.boot_id),)
+        return all(a is None or b is None or a == b for a, b in pairs)
 
 
 class RaySection(BaseModel):

@@ -16,6 +16,7 @@ from cluster.ray_nodes import (
     nodes_call,
     ports_call,
     ray_start_display,
+    session_alive_command,
     start_ray_node,
     start_ray_node_command,
     stop_ray_node,
@@ -36,7 +37,6 @@ from cluster.state import (
 )
 
 # Exit 0 while a process of the node's Ray session is alive.
-ALIVE_TEMPLATE = "ps -eo sid= | awk -v s={sid} '$1 == s {{ found = 1 }} END {{ exit !found }}'"
 # The stdout/stderr files of the server replica and the vLLM workers: Ray writes each worker's
 # actor name in the first lines of its files. The replica's files hold the engine's own output,
 # with the workers of other nodes forwarded there.
@@ -70,9 +70,10 @@ def ray_temp_dir(cluster_name: str) -> str:
     return f"/tmp/lc-{cluster_key(cluster_name)}"
 
 
-def ray_alive_command(session_id: int) -> str:
-    """Exit 0 while the Ray session of a node has a process."""
-    return ALIVE_TEMPLATE.format(sid=int(session_id))
+def ray_alive_command(session_id: int, temp_dir: str) -> str:
+    """Exit 0 while the node's Ray session runs: a process of this user in that session names
+    this cluster's temp dir (a session id reused after a reboot does not count)."""
+    return session_alive_command(session_id, temp_dir)
 
 
 def root_cause_command(temp_dir: str) -> str:
@@ -167,7 +168,12 @@ def stop_ray(ctx: ClusterContext, runners: list[Runner]) -> list[str]:
         rec = ctx.state.ray.nodes.get(runner.node.name)
         if rec is None or rec.session is None:
             continue
-        res = stop_ray_node(runner, rec.session)
+        if not rec.temp_dir:
+            ctx.reporter.warn(
+                f"{runner.label}: no Ray temp dir on record; session {rec.session} left alone"
+            )
+            continue
+        res = stop_ray_node(runner, rec.session, temp_dir=rec.temp_dir)
         if res.ok:
             ctx.reporter.node(runner.label, f"ray stopped (session {rec.session})")
             rec.session = None
@@ -186,7 +192,8 @@ def ray_alive(ctx: ClusterContext) -> dict[str, bool]:
         alive[runner.node.name] = bool(
             rec is not None
             and rec.session is not None
-            and runner.run(ray_alive_command(rec.session), timeout=30).ok
+            and rec.temp_dir is not None
+            and runner.run(ray_alive_command(rec.session, rec.temp_dir), timeout=30).ok
         )
     return alive
 
@@ -250,8 +257,10 @@ class RayCluster(Stage):
         ray = ctx.state.ray
         for rec in recs:
             found = ray.nodes.get(rec.name)
-            if found is not None and found.boot_id and rec.boot_id and found.boot_id != rec.boot_id:
-                # The node rebooted: its recorded session id may now belong to anything.
+            if found is not None and not found.same_machine(rec):
+                # Another host behind this role, or the node rebooted: the recorded session id
+                # may now belong to anything. Forget it (never signal it).
+                ctx.reporter.info(f"{rec.label}: Ray record from another host or boot dropped")
                 ray.nodes[rec.name] = RayNode()
         alive_by_name = ray_alive(ctx)
         alive = [alive_by_name[n.name] for n in ctx.cluster]
@@ -277,11 +286,8 @@ class RayCluster(Stage):
             spec = node_spec(ctx, rec)
             handle = start_node(ctx, runner, spec, i)
             node = ray.nodes[rec.name]
-            node.session, node.temp_dir, node.boot_id = (
-                handle.session_id,
-                spec.temp_dir,
-                rec.boot_id,
-            )
+            node.session, node.temp_dir = handle.session_id, spec.temp_dir
+            node.boot_id, node.host, node.machine_id = rec.boot_id, rec.host, rec.machine_id
             ctx.state.save()  # recorded at once: `down` can stop it even if a later step fails
             started.append(runner.node.name)
             ctx.reporter.node(

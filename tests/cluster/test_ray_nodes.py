@@ -158,13 +158,15 @@ def test_allocated_ports_are_distinct_and_free():
 
 
 FAKE_RAY = """#!/bin/bash
-# Stands in for `ray start`: leaves daemons behind in its session and exits, like Ray does.
+# Stands in for `ray start`: leaves daemons behind in its session and exits, like Ray does. Like
+# Ray's daemons, they name the cluster's temp dir on their command line.
 echo "fake ray $*"
 echo "auth=$RAY_AUTH_MODE token=$RAY_AUTH_TOKEN_PATH ingress=$RAY_SERVE_ENABLE_DIRECT_INGRESS"
-sleep 300 </dev/null >/dev/null 2>&1 &
+temp=$(printf '%s\\n' "$@" | grep -A1 -x -- --temp-dir | tail -n 1)
+bash -c "exec -a 'fake-raylet --temp-dir=$temp' sleep 300" </dev/null >/dev/null 2>&1 &
 [ "$FAKE_RAY_FAIL" = 1 ] && { echo "raylet failed" >&2; exit 1; }
 # A daemon that ignores TERM, so the stop has to escalate to KILL.
-bash -c 'trap "" TERM; exec sleep 301' </dev/null >/dev/null 2>&1 &
+bash -c "trap '' TERM; exec -a 'fake-gcs --temp-dir=$temp' sleep 301" </dev/null >/dev/null 2>&1 &
 exit 0
 """
 
@@ -385,3 +387,47 @@ def test_ray_over_ssh_on_loopback_nodes(sshd, tmp_path):
         subprocess.run(["rm", "-rf", temp_dir], check=False)
     for sid in sids:
         assert _session_members(sid) == []
+
+
+def _decoy(argv: list[str]) -> subprocess.Popen:
+    """A process in a session of its own, as an unrelated daemon after a reboot would be."""
+    return subprocess.Popen(argv, start_new_session=True)
+
+
+def test_a_decoy_in_the_recorded_session_is_neither_alive_nor_killed(tmp_path):
+    from cluster.inventory import local_cluster
+    from cluster.ray_nodes import session_alive_command
+
+    runner = LocalRunner(local_cluster().head)
+    temp = str(tmp_path / "lc-ours")
+    decoy = _decoy(["sleep", "60"])  # the recorded session id now belongs to someone else
+    ours = _decoy(["bash", "-c", f'exec -a "raylet --temp_dir={temp}" sleep 60'])
+    try:
+        assert not runner.run(session_alive_command(decoy.pid, temp)).ok
+        res = stop_ray_node(runner, decoy.pid, temp_dir=temp, grace_s=1)
+        assert res.ok and "left alone" in res.stdout
+        assert decoy.poll() is None  # not signalled
+        # A session whose process names the cluster's temp dir is ours: alive, and stopped.
+        assert runner.run(session_alive_command(ours.pid, temp)).ok
+        assert stop_ray_node(runner, ours.pid, temp_dir=temp, grace_s=1).ok
+        assert ours.wait(timeout=10) is not None
+        assert not runner.run(session_alive_command(ours.pid, temp)).ok
+        with pytest.raises(ValueError, match="temp dir"):
+            stop_ray_node(runner, decoy.pid)
+    finally:
+        for p in (decoy, ours):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_a_ray_record_of_another_host_or_boot_is_not_trusted():
+    from cluster.state import NodeState, RayNode
+
+    rec = RayNode(session=77, temp_dir="/tmp/lc-x", host="h1", machine_id="m1", boot_id="b1")
+    now = NodeState(name="worker1", label="h1", host="h1", machine_id="m1", boot_id="b1")
+    assert rec.same_machine(now)
+    assert not rec.same_machine(now.model_copy(update={"boot_id": "b2"}))  # rebooted
+    assert not rec.same_machine(now.model_copy(update={"host": "h2"}))  # another host
+    assert not rec.same_machine(now.model_copy(update={"machine_id": "m2"}))
+    assert RayNode(session=77).same_machine(now)  # an old record without them: kept
