@@ -10,6 +10,7 @@ from rich.console import Console
 from cluster.errors import ConfigError, LlamaclusterError
 from cluster.inventory import Cluster, load_inventory, local_cluster
 from cluster.keys import read_api_keys
+from cluster.lock import cluster_lock
 from cluster.recorded import RecordedCluster, person_ssh, ssh_config_of
 from cluster.runner import Result, prefixed_printer, run_on_nodes, runner_for
 from cluster.stages import STAGES
@@ -57,7 +58,7 @@ def _resolve(config: UpConfig) -> tuple[Cluster, ClusterState]:
             identity_file=config.identity_file,
         )
         inv_path, inv_text = str(Path(path).absolute()), Path(path).read_text(encoding="utf-8")
-    name = config.name or default_cluster_name(None if config.local else inv_path)
+    name = up_cluster_name(config)
     state = find_state(name) or ClusterState(name=name, access=Access(local=config.local))
     if state.local != config.local:
         raise ConfigError(
@@ -135,12 +136,30 @@ def resolve_model(
     )
 
 
+def up_cluster_name(config: UpConfig) -> str:
+    """The cluster an `up` with ``config`` works on (``--name``, else from the inventory)."""
+    if config.name:
+        return config.name
+    if config.local:
+        return default_cluster_name(None)
+    return default_cluster_name(str(Path(config.inventory or "deploy/ips.txt").absolute()))
+
+
 def up(config: UpConfig, *, console: Console | None = None) -> ClusterState:
     """Bring the cluster to the state ``config`` asks for, stage by stage; return its state.
 
     Every stage checks what is already there first, so a second call with the same config
     changes nothing. ``config.dry_run`` prints each stage's commands per node and runs nothing.
+    One operator at a time: a real run holds the cluster's lock (cluster/lock.py).
     """
+    if config.dry_run:
+        return _up(config, console)
+    reporter = Reporter(console)
+    with cluster_lock(up_cluster_name(config), "up", wait=config.wait, on_wait=reporter.print):
+        return _up(config, console)
+
+
+def _up(config: UpConfig, console: Console | None) -> ClusterState:
     reporter = Reporter(console, verbose=config.verbose)
     cluster, state = _resolve(config)
     _fill_defaults(config, state, dry_run=config.dry_run)
@@ -232,6 +251,7 @@ def down(
     keep_ray: bool = False,
     purge: bool = False,
     drain_timeout: float = 30.0,
+    wait: bool = False,
     console: Console | None = None,
 ) -> ClusterState | None:
     """Every stage's teardown, last stage first: drain and stop the server, stop exactly this
@@ -239,7 +259,23 @@ def down(
     fstab/cachefilesd edits, remove the cluster's files on the nodes and forget the cluster.
     Returns the remaining state (None after a purge)."""
     reporter = Reporter(console)
-    ctx = _context(RecordedCluster.load(name), reporter)
+    recorded = RecordedCluster.load(name)
+    with cluster_lock(name, "down", wait=wait, on_wait=reporter.print):
+        return _down(
+            recorded, reporter, keep_ray=keep_ray, purge=purge, drain_timeout=drain_timeout
+        )
+
+
+def _down(
+    recorded: RecordedCluster,
+    reporter: Reporter,
+    *,
+    keep_ray: bool,
+    purge: bool,
+    drain_timeout: float,
+) -> ClusterState | None:
+    name = recorded.name
+    ctx = _context(recorded, reporter)
     how = Teardown(purge=purge, drain_timeout=drain_timeout)
     for stage in reversed(STAGES):
         if keep_ray and stage.name in ("ray", "storage", "cache", "preflight"):

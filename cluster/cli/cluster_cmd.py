@@ -58,6 +58,7 @@ def up(
     skip: list[str] = _opt("skip"),
     dry_run: bool = _opt("dry_run"),
     verbose: bool = _opt("verbose", "-v"),
+    wait: bool = _opt("wait"),
 ) -> None:
     """Bring a cluster up: preflight, storage, cache, env, download, ray, serve, ready.
 
@@ -77,7 +78,7 @@ def up(
             api_key_file=api_key_file, max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization, cpu_kvcache_gb=cpu_kvcache_gb,
             engine_args=parse_engine_args(engine_arg),
-            ready_timeout_s=ready_timeout, skip=skip, dry_run=dry_run, verbose=verbose,
+            ready_timeout_s=ready_timeout, skip=skip, dry_run=dry_run, verbose=verbose, wait=wait,
         )  # fmt: skip
     except ValidationError as exc:
         raise validation_error(exc, UpConfig) from None
@@ -98,12 +99,19 @@ def down(
     drain_timeout: float = typer.Option(
         30.0, "--drain-timeout", help="Seconds running requests get."
     ),
+    wait: bool = typer.Option(
+        False, "--wait", help="When an `up` or `down` holds this cluster, wait for it."
+    ),
 ) -> None:
     """Drain the server, stop exactly this cluster's Ray processes on every node."""
     from cluster.lifecycle import down as do_down
 
     do_down(
-        cluster_name(name, ips, local), keep_ray=keep_ray, purge=purge, drain_timeout=drain_timeout
+        cluster_name(name, ips, local),
+        keep_ray=keep_ray,
+        purge=purge,
+        drain_timeout=drain_timeout,
+        wait=wait,
     )
 
 

@@ -121,6 +121,10 @@ class UpConfig(BaseModel):
     skip: list[str] = Field(default_factory=list, description="Stages not to run.")
     dry_run: bool = Field(default=False, description="Print every stage's commands, run nothing.")
     verbose: bool = Field(default=False, description="Show commands and their output as they run.")
+    wait: bool = Field(
+        default=False,
+        description="When another `up`/`down` holds this cluster, wait for it instead of failing.",
+    )
 
     @field_validator("skip")
     @classmethod
@@ -149,7 +153,7 @@ class UpConfig(BaseModel):
 
     def hashed_fields(self) -> dict[str, object]:
         """The fields whose change makes a rerun of `up` do work (not dry_run, verbose, skip)."""
-        return self.model_dump(mode="json", exclude={"dry_run", "verbose", "skip"})
+        return self.model_dump(mode="json", exclude={"dry_run", "verbose", "skip", "wait"})
 
     def serve_fields(self) -> dict[str, object]:
         """The fields that decide the server alone: changing only these redeploys the server."""
