@@ -319,7 +319,7 @@ def start_ray_node(
             )
         if sid is not None:  # ray start failed half-way: leave nothing of it behind
             stop_ray_node(runner, sid, temp_dir=spec.temp_dir)
-        if _STARTUP_TIMEOUT not in result.stdout or attempt == retries:
+        if STARTUP_TIMEOUT not in result.stdout or attempt == retries:
             break
         log.info("%s: Ray node timed out registering; starting it again", runner.label)
         time.sleep(2.0 * (attempt + 1))  # let the host's load settle a little first
@@ -331,7 +331,8 @@ def start_ray_node(
     )
 
 
-_STARTUP_TIMEOUT = "timed out during startup"
+#: What `ray start` prints when the node's raylet did not register with the GCS within 30 s.
+STARTUP_TIMEOUT = "timed out during startup"
 
 
 _SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")

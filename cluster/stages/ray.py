@@ -6,7 +6,9 @@ import shlex
 from dataclasses import asdict, replace
 from itertools import groupby
 
+from cluster.errors import RemoteError
 from cluster.ray_nodes import (
+    STARTUP_TIMEOUT,
     RayClusterSpec,
     RayHeadPorts,
     RayNodeHandle,
@@ -153,11 +155,19 @@ def node_spec(ctx: UpContext, rec: NodeState) -> RayClusterSpec:
     return replace(cluster_spec(ctx), env=node_env(rec, ctx.config.cpu_kvcache_gb))
 
 
-def start_node(ctx: UpContext, runner: Runner, spec: RayClusterSpec, index: int) -> RayNodeHandle:
+def start_node(
+    ctx: UpContext, runner: Runner, spec: RayClusterSpec, index: int, *, retries: int = 1
+) -> RayNodeHandle:
     """Start node ``index``: with ``-v`` its ``ray start`` line (env, then command; the token
     only as a file path) is shown first and Ray's output as it comes."""
     ctx.reporter.command(runner.label, ray_start_display(spec, index))
-    return start_ray_node(runner, spec, index, timeout=180, on_line=ctx.reporter.on_line)
+    return start_ray_node(
+        runner, spec, index, timeout=180, retries=retries, on_line=ctx.reporter.on_line
+    )
+
+
+#: Tries of one node's `ray start`, each on freshly picked ports (see RayCluster._start).
+START_TRIES = 3
 
 
 def stop_ray(ctx: ClusterContext, runners: list[Runner]) -> list[str]:
@@ -283,8 +293,7 @@ class RayCluster(Stage):
         for i, (runner, rec) in enumerate(zip(ctx.runners, recs, strict=True)):  # head first
             if alive[i]:
                 continue
-            spec = node_spec(ctx, rec)
-            handle = start_node(ctx, runner, spec, i)
+            spec, handle = self._start(ctx, runner, rec, i)
             node = ray.nodes[rec.name]
             node.session, node.temp_dir = handle.session_id, spec.temp_dir
             node.boot_id, node.host, node.machine_id = rec.boot_id, rec.host, rec.machine_id
@@ -296,6 +305,27 @@ class RayCluster(Stage):
             )
         self._wait(ctx, timeout=300)  # a loaded host takes minutes to register a node
         return StageOutcome("done", f"started on {', '.join(started)}; every node registered")
+
+    def _start(
+        self, ctx: UpContext, runner: Runner, rec: NodeState, index: int
+    ) -> tuple[RayClusterSpec, RayNodeHandle]:
+        """Start node ``index``; when Ray says the node "timed out during startup" (its raylet
+        never registered: most often one of the ports picked for it was taken by something
+        else between picking and starting), pick fresh ports for that node and start again,
+        up to START_TRIES times. Retrying on the same ports would fail the same way."""
+        for attempt in range(1, START_TRIES + 1):
+            spec = node_spec(ctx, rec)
+            try:
+                return spec, start_node(ctx, runner, spec, index, retries=0)
+            except RemoteError as exc:
+                if STARTUP_TIMEOUT not in exc.message or attempt == START_TRIES:
+                    raise
+                ctx.reporter.warn(
+                    f"{runner.label}: Ray timed out registering (try {attempt} of "
+                    f"{START_TRIES}); starting it again on fresh ports"
+                )
+                self._allocate_ports(ctx, [index])
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _allocate_ports(ctx: UpContext, indexes: list[int]) -> None:

@@ -206,3 +206,69 @@ def test_root_cause_is_the_engines_last_exception_not_vllms_wrapper(tmp_path: Pa
 
     assert cause(tmp_path) == "RuntimeError: open shm in SHMManager failed. errno: 2"
     assert cause(tmp_path / "none") == ""
+
+
+# `ray start` that fails the first time as Ray does when a raylet never registers, then works
+# like FAKE_RAY; it logs the node manager port of every call.
+FLAKY_RAY = """#!/bin/bash
+echo "$*" | grep -o -- '--node-manager-port [0-9]*' >> "$FLAKY_LOG"
+if [ ! -e "$FLAKY_LOG.failed" ]; then
+  touch "$FLAKY_LOG.failed"
+  echo "Exception: The current node timed out during startup. This could happen because"
+  exit 1
+fi
+"""
+
+
+def test_a_node_that_times_out_registering_starts_again_on_fresh_ports(tmp_path, monkeypatch):
+    import os
+    import sys
+
+    from cluster.stages.ray import RayCluster
+    from cluster.state import EnvSection, Ports, Secrets
+
+    env = tmp_path / "env"
+    (env / "bin").mkdir(parents=True)
+    (env / "bin" / "python").symlink_to(sys.executable)
+    ray = env / "bin" / "ray"
+    ray.write_text(FLAKY_RAY + FAKE_RAY.split("\n", 1)[1])
+    ray.chmod(0o755)
+    log = tmp_path / "starts.log"
+    monkeypatch.setenv("FLAKY_LOG", str(log))
+    token = write_token_file(tmp_path / "ray_token")
+    node = Node(index=0, host="127.0.0.2", local=True)
+    state = ClusterState(
+        name="flaky",
+        nodes=[
+            NodeState(
+                name="head", label="127.0.0.2", host="127.0.0.2", private_ip="127.0.0.2",
+                home=str(tmp_path / "home"), devices=1,
+            )
+        ],
+        ports=Ports(ray_gcs=6391, dashboard=8266, api=8001),
+        env=EnvSection(dir=str(env)),
+        secrets=Secrets(ray_token=str(token)),
+    )  # fmt: skip
+    out = io.StringIO()
+    ctx = UpContext(
+        config=UpConfig(local=True),
+        cluster=Cluster(nodes=(node,)),
+        state=state,
+        runners=[LocalRunner(node)],
+        reporter=Reporter(Console(file=out, soft_wrap=True)),
+    )
+    monkeypatch.setattr(RayCluster, "_wait", staticmethod(lambda ctx, timeout: None))
+    try:
+        outcome = RayCluster().run(ctx)
+    finally:
+        rec = state.ray.node("head")
+        if rec.session:
+            stop_ray_node(ctx.runners[0], rec.session, temp_dir=str(rec.temp_dir), grace_s=1)
+        subprocess.run(["rm", "-rf", str(rec.temp_dir)], check=False)
+    starts = log.read_text().split()
+    ports = [int(p) for p in starts if p.isdigit()]
+    assert len(ports) == 2 and ports[0] != ports[1], starts  # the second try: fresh ports
+    assert state.ray.node("head").ports["node_manager"] == ports[1]
+    assert outcome.status == "done" and state.ray.node("head").session
+    assert "timed out registering (try 1 of 3); starting it again on fresh ports" in out.getvalue()
+    assert os.path.exists(f"{log}.failed")
