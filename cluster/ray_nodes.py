@@ -92,6 +92,8 @@ class RayClusterSpec:
     ray_bin: str = "ray"
     python: str = "python3"
     object_store_memory: int | None = None
+    #: Variables for the head's daemons only (the dashboard's RAY_PROMETHEUS_HOST).
+    head_env: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -133,6 +135,8 @@ def ray_node_env(spec: RayClusterSpec, index: int = 0) -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     env.update(spec.env)
+    if index == 0:
+        env.update(spec.head_env)
     return env
 
 
@@ -393,6 +397,23 @@ def session_alive_command(session_id: int, temp_dir: str) -> str:
     return f"sid={sid}\n{ours}\nours"
 
 
+def stop_session_command(session_id: int, marker: str, *, grace_s: float = 10) -> str:
+    """Shell text that stops exactly the processes of session ``session_id`` of this user:
+    TERM, wait ``grace_s``, then KILL; only when a process of it names ``marker`` (a Ray temp
+    dir, the monitor's directory) on its command line, else nothing is signalled. A session
+    with no process left is a success (safe to repeat)."""
+    sid = int(session_id)
+    if sid <= 1:
+        raise ValueError(f"refusing to stop session {sid}")
+    polls = max(1, int(grace_s / 0.25))
+    return _STOP_TEMPLATE.format(
+        sid=sid,
+        polls=polls,
+        ours=_MEMBERS_TEMPLATE.format(temp=shlex.quote(marker)),
+        temp=shlex.quote(marker),
+    )
+
+
 def stop_ray_node(
     runner: Runner,
     session_id: int | RayNodeHandle,
@@ -411,19 +432,11 @@ def stop_ray_node(
         sid = session_id.session_id
     else:
         sid = int(session_id)
-    if sid <= 1:
-        raise ValueError(f"refusing to stop session {sid}")
     if not temp_dir:
         raise ValueError(
             "stopping a Ray session needs the cluster's temp dir (to prove it is ours)"
         )
-    polls = max(1, int(grace_s / 0.25))
-    script = _STOP_TEMPLATE.format(
-        sid=sid,
-        polls=polls,
-        ours=_MEMBERS_TEMPLATE.format(temp=shlex.quote(temp_dir)),
-        temp=shlex.quote(temp_dir),
-    )
+    script = stop_session_command(sid, temp_dir, grace_s=grace_s)
     return runner.run(script, timeout=grace_s + 30)
 
 

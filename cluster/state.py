@@ -75,6 +75,11 @@ class Ports(BaseModel):
     api: int = Field(description="OpenAI-compatible API port on the head (direct ingress).")
     serve_proxy: int | None = Field(default=None, description="Ray Serve's own HTTP proxy port.")
     ray_client: int | None = Field(default=None, description="Ray client server port.")
+    monitor: int | None = Field(
+        default=None,
+        description="The monitor's Prometheus, bound to 127.0.0.1 on the head (None: the "
+        "monitor stage was skipped when the ports were chosen).",
+    )
 
 
 class NodeState(BaseModel):
@@ -238,9 +243,25 @@ class ServerSection(BaseModel):
 
 
 class MonitoringSection(BaseModel):
-    """Written by the monitor stage (metrics history); empty until that stage exists."""
+    """Written by the monitor stage: the Prometheus it runs on the head, and how to find (and
+    stop) exactly it."""
 
-    enabled: bool = False
+    dir: str | None = Field(
+        default=None, description="Its directory on the head: config, token file, data, log."
+    )
+    url: str | None = Field(default=None, description="http://127.0.0.1:<port> on the head.")
+    pid: int | None = Field(
+        default=None, description="Its process id, which is also its session id (setsid)."
+    )
+    boot_id: str | None = Field(default=None, description="The head's boot id at start.")
+    config_digest: str | None = Field(
+        default=None, description="Hash of its config text and command line."
+    )
+    binary: str | None = Field(default=None, description="The prometheus binary run.")
+    version: str | None = Field(default=None, description="What `prometheus --version` said.")
+    installed: bool = Field(
+        default=False, description="The stage installed the distribution's package itself."
+    )
 
 
 #: The sections stages own, and which stage writes each (run_stages enforces it).

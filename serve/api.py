@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import hmac
 import json
@@ -11,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
@@ -30,6 +31,8 @@ OPEN_PATHS = frozenset({"/health", "/ready"})
 # Routes with a JSON body (415 for another content type).
 JSON_BODY_PREFIXES = ("/v1/",)
 REQUEST_ID_HEADER = b"x-request-id"
+# How an error event starts in an SSE stream (vLLM's and ours).
+SSE_ERROR_PREFIX = b'data: {"error"'
 # Paths the request counter names; anything else is counted as "other" (bounded labels).
 COUNTED_PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/models", "/metrics", "/health", "/ready"}
@@ -168,7 +171,13 @@ def key_matches(token: str | None, digests: list[bytes]) -> bool:
 
 @dataclass
 class ServerState:
-    """What the gateway needs to know about the engine behind it (set by serve.app)."""
+    """What the gateway needs to know about the engine behind it (set by serve.app and
+    serve.watchdog).
+
+    ``phase``: ``loading`` (first load), ``serving`` (an engine is up), ``restarting`` (the
+    watchdog tore a faulty engine down and builds a new one; no engine meanwhile), ``failed``
+    (restarts exhausted: Ray Serve replaces the replica).
+    """
 
     app: ASGIApp | None = None
     loading_error: str | None = None
@@ -176,13 +185,51 @@ class ServerState:
     last_probe_ok: float | None = None
     last_probe_error: str | None = None
     probe_max_age_s: float = 60.0
+    phase: str = "loading"
+    phase_since: float = field(default_factory=time.time)  # wall clock
+    phase_since_mono: float = field(default_factory=time.monotonic)
+    cause: str | None = None  # of the last fault
+    detail: str | None = None
+    attempt: int = 0  # restart attempts since the engine was last stable
+    max_attempts: int = 0
+    next_attempt_wall: float | None = None
+    last_restart_error: str | None = None
+    restart_history: Callable[[], list[dict[str, Any]]] = lambda: []
+
+    def set_phase(self, phase: str, *, now: float | None = None, wall: float | None = None) -> None:
+        """Enter ``phase`` (remembering since when)."""
+        self.phase = phase
+        self.phase_since_mono = time.monotonic() if now is None else now
+        self.phase_since = time.time() if wall is None else wall
+        if phase == "serving":
+            self.next_attempt_wall = None
+
+    def unavailable(self) -> str | None:
+        """Why no request can be served right now (no engine, or a dead one), else None."""
+        if self.phase == "restarting":
+            return self._restarting_reason()
+        if self.phase == "failed":
+            return f"the engine failed and is not coming back in this replica: {self.detail}"
+        if self.app is None:
+            return self.loading_error or "the model is still loading"
+        if (err := self.engine_error()) is not None:
+            return f"engine failed: {err}"
+        return None
+
+    def _restarting_reason(self) -> str:
+        since = _iso(self.phase_since)
+        text = (
+            f"engine restarting (attempt {self.attempt} of {self.max_attempts}, "
+            f"cause {self.cause}: {self.detail}, since {since})"
+        )
+        if self.last_restart_error:
+            text += f"; last attempt failed: {self.last_restart_error}"
+        return text
 
     def ready(self) -> tuple[bool, str]:
         """Ready = the engine answered a one-token generation recently."""
-        if self.app is None:
-            return False, self.loading_error or "model is loading"
-        if (err := self.engine_error()) is not None:
-            return False, f"engine failed: {err}"
+        if (reason := self.unavailable()) is not None:
+            return False, reason
         if self.last_probe_ok is None:
             return False, "waiting for the first test generation"
         age = time.monotonic() - self.last_probe_ok
@@ -192,12 +239,54 @@ class ServerState:
         return True, "ready"
 
     def healthy(self) -> tuple[bool, str]:
-        """Healthy = the process runs and the engine has not died (loading counts as alive)."""
+        """Healthy = the process runs and an engine is up or loading for the first time."""
         if self.loading_error is not None:
             return False, f"engine failed to start: {self.loading_error}"
+        if self.phase in ("restarting", "failed"):
+            return False, self.unavailable() or self.phase
         if self.app is not None and (err := self.engine_error()) is not None:
             return False, f"engine failed: {err}"
         return True, "loading" if self.app is None else "ok"
+
+    def status_word(self) -> str:
+        """One word for /health's ``status``: loading, ok, restarting, failed."""
+        if self.loading_error is not None or self.phase == "failed":
+            return "failed"
+        if self.phase == "restarting":
+            return "restarting"
+        if self.app is not None and self.engine_error() is not None:
+            return "failed"
+        return "loading" if self.app is None else "ok"
+
+    def engine_json(self) -> dict[str, Any]:
+        """The engine's state for /health (the controller's `status` reads it)."""
+        next_attempt = self.next_attempt_wall if self.phase == "restarting" else None
+        return {
+            "state": "failed" if self.loading_error is not None else self.phase,
+            "since": _iso(self.phase_since),
+            "cause": self.cause,
+            "detail": self.detail,
+            "attempt": self.attempt,
+            "max_attempts": self.max_attempts,
+            "next_attempt_at": _iso(next_attempt),
+            "last_restart_error": self.last_restart_error,
+            "loading_error": self.loading_error,
+        }
+
+    def health_body(self, ok: bool, reason: str) -> dict[str, Any]:
+        """/health's JSON: ``status``, ``engine`` and the restart history; an error in
+        OpenAI's shape when not healthy."""
+        body: dict[str, Any] = {} if ok else error_payload(503, reason)
+        body["status"] = self.status_word()
+        body["engine"] = self.engine_json()
+        body["restarts"] = self.restart_history()
+        return body
+
+
+def _iso(wall: float | None) -> str | None:
+    if wall is None:
+        return None
+    return dt.datetime.fromtimestamp(wall, dt.timezone.utc).isoformat(timespec="seconds")
 
 
 class Gateway:
@@ -233,6 +322,8 @@ class Gateway:
         # Ray Serve's own middleware already adds X-Request-Id (with the same id) in a replica.
         self._add_request_id = add_request_id
         self.in_flight = 0
+        # One future per request inside the app: end_in_flight() resolves them all.
+        self._aborts: set[asyncio.Future[str]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -249,12 +340,16 @@ class Gateway:
         send = _count_and_tag(send, request_id if self._add_request_id else None, label)
 
         if path in OPEN_PATHS and scope.get("method") in ("GET", "HEAD"):
-            ok, reason = self.state.ready() if path == "/ready" else self.state.healthy()
-            status = 200 if ok else 503
+            if path == "/ready":
+                ok, reason = self.state.ready()
+                payload = {"status": reason} if ok else error_payload(503, reason)
+            else:
+                ok, reason = self.state.healthy()
+                payload = self.state.health_body(ok, reason)
             await _send_json(
                 send,
-                status,
-                {"status": reason} if ok else error_payload(status, reason),
+                200 if ok else 503,
+                payload,
                 retry_after=None if ok else self._retry_after,
             )
             return
@@ -273,8 +368,9 @@ class Gateway:
             return
 
         app = self.state.app
-        if app is None:
-            reason = self.state.loading_error or "the model is still loading"
+        reason = self.state.unavailable()
+        if app is None or reason is not None:
+            reason = reason or "the model is still loading"
             await _send_json(send, 503, error_payload(503, reason), retry_after=self._retry_after)
             return
 
@@ -317,6 +413,17 @@ class Gateway:
             self.in_flight -= 1
             IN_FLIGHT.dec()
 
+    def end_in_flight(self, message: str) -> int:
+        """End every request inside the app now: a 503 for those that have not answered yet,
+        an SSE error event and ``[DONE]`` for streams (the engine behind them is going away).
+        Returns how many were ended."""
+        ended = 0
+        for abort in list(self._aborts):
+            if not abort.done():
+                abort.set_result(message)
+                ended += 1
+        return ended
+
     def _too_large(self) -> dict[str, Any]:
         return error_payload(413, f"request body is larger than {self._max_body} bytes")
 
@@ -337,7 +444,7 @@ class Gateway:
                 return b"".join(chunks)
 
     async def _call_app(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-        tracker = _ResponseTracker(send)
+        tracker = _ResponseTracker(send, self.state.unavailable, self._retry_after)
         received = 0
 
         if scope.get("method") == "POST" and scope.get("path") == CHAT_PATH:
@@ -362,20 +469,37 @@ class Gateway:
                     raise _BodyTooLarge
             return message
 
+        abort: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(app(scope, limited_receive, tracker.send))
+        self._aborts.add(abort)
         try:
-            if self._timeout is None:
-                await app(scope, limited_receive, tracker.send)
-            else:
-                await asyncio.wait_for(app(scope, limited_receive, tracker.send), self._timeout)
+            await asyncio.wait(
+                (task, abort), timeout=self._timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not task.done():
+                await _cancel(task)
+                if abort.done():
+                    await tracker.fail(503, abort.result(), retry_after=self._retry_after)
+                else:
+                    message = f"request took longer than the server's limit of {self._timeout:g}s"
+                    await tracker.fail(504, message)
+                return
+            task.result()
         except _BodyTooLarge:
             if not tracker.started:
                 await _send_json(send, 413, self._too_large())
-        except asyncio.TimeoutError:
-            message = f"request took longer than the server's limit of {self._timeout:g}s"
-            await tracker.fail(504, message)
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:
-            logger.exception("request failed inside the server")
-            await tracker.fail(500, f"internal server error ({type(exc).__name__})")
+            if (reason := self.state.unavailable()) is not None:
+                await tracker.fail(503, reason, retry_after=self._retry_after)
+            else:
+                logger.exception("request failed inside the server")
+                await tracker.fail(500, f"internal server error ({type(exc).__name__})")
+        finally:
+            self._aborts.discard(abort)
+            if not task.done():
+                task.cancel()
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         while True:
@@ -402,6 +526,14 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
+async def _cancel(task: asyncio.Future, grace_s: float = 2.0) -> None:
+    """Cancel a request's task and give it a moment to unwind (abort its engine request)."""
+    task.cancel()
+    await asyncio.wait((task,), timeout=grace_s)
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" noise
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -413,8 +545,16 @@ class _ClientGone(Exception):
 class _ResponseTracker:
     """Wraps `send`: rewrites error answers into OpenAI's shape, ends broken streams cleanly."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(
+        self,
+        send: Send,
+        unavailable: Callable[[], str | None] = lambda: None,
+        retry_after: bytes | None = None,
+    ) -> None:
         self._send = send
+        # A 5xx the app answers while the engine is gone becomes a 503 with Retry-After.
+        self._unavailable = unavailable
+        self._retry_after = retry_after
         self.started = False
         self.finished = False
         self.status = 0
@@ -440,28 +580,47 @@ class _ResponseTracker:
             body = normalize_error_body(self.status, b"".join(self._held_body))
             start = self._held_start
             self._held_start = None
-            headers = [
-                (k, v)
-                for k, v in start.get("headers", [])
-                if k.lower() not in (b"content-length", b"content-type")
-            ]
+            dropped = [b"content-length", b"content-type"]
+            extra: list[tuple[bytes, bytes]] = []
+            if self.status >= 500 and (reason := self._unavailable()) is not None:
+                start = {**start, "status": 503}
+                body = json.dumps(error_payload(503, reason)).encode()
+                if self._retry_after is not None:
+                    dropped.append(b"retry-after")
+                    extra.append((b"retry-after", self._retry_after))
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in dropped]
             headers += [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
+                *extra,
             ]
             await self._send({**start, "headers": headers})
             await self._send({"type": "http.response.body", "body": body})
             self.finished = True
             return
-        if kind == "http.response.body" and not message.get("more_body", False):
-            self.finished = True
+        if kind == "http.response.body":
+            if (
+                self.streaming
+                and message.get("body", b"").startswith(SSE_ERROR_PREFIX)
+                and (reason := self._unavailable()) is not None
+            ):
+                # vLLM's own error event for a request its dead engine dropped: the same 503
+                # event as when the watchdog ends the stream, whichever noticed first.
+                event = json.dumps(error_payload(503, reason))
+                message = {**message, "body": f"data: {event}\n\n".encode()}
+            if not message.get("more_body", False):
+                self.finished = True
         await self._send(message)
 
-    async def fail(self, status: int, message: str) -> None:
+    async def fail(self, status: int, message: str, *, retry_after: bytes | None = None) -> None:
         """Answer an error: a JSON error before the response began, an SSE error event after."""
         with contextlib.suppress(Exception):
-            if not self.started:
-                await _send_json(self._send, status, error_payload(status, message))
+            if not self.started or self._held_start is not None:
+                # Nothing sent yet (an error answer being held counts as nothing).
+                await _send_json(
+                    self._send, status, error_payload(status, message), retry_after=retry_after
+                )
+                self.finished = True
             elif self.streaming and not self.finished:
                 event = json.dumps(error_payload(status, message))
                 chunk = f"data: {event}\n\ndata: [DONE]\n\n".encode()

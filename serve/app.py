@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -26,8 +26,71 @@ DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 PORT_MIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
 PORT_MAX_ENV = "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"
 APP_ENV = "LLAMACLUSTER_APP"
-# A probe that takes longer than this counts as failed (the engine is stuck or overloaded).
-PROBE_TIMEOUT_S = 60.0
+# Ray's internal key-value store keeps each app's restart history, so it outlives a replica that
+# Ray Serve replaced (the controller can read it there too).
+HISTORY_KV_NAMESPACE = "llamacluster"
+
+
+def history_kv_key(app_name: str) -> str:
+    """The internal-KV key of an app's restart history."""
+    return f"restarts/{app_name}"
+
+
+class VllmSession:
+    """One vLLM engine (AsyncLLM with its tp × pp Ray workers) and vLLM's OpenAI app on it."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.app: Any = None
+        self.engine: Any = None
+        self._stack = contextlib.AsyncExitStack()
+        self._last_output: float | None = None
+
+    async def open(self) -> VllmSession:
+        from serve import vllm_glue
+
+        try:
+            vllm_glue.check_vllm_version()
+            args = vllm_glue.parse_vllm_args(self.config)
+            engine = await self._stack.enter_async_context(vllm_glue.engine_client(args))
+            self.engine = engine
+            vllm_glue.on_engine_output(engine, self._saw_output)
+            app = await vllm_glue.build_openai_app(engine, args)
+            await self._stack.enter_async_context(app.router.lifespan_context(app))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._stack.aclose()
+            raise
+        self.app = app
+        logger.info(
+            "engine loaded: %s tp=%d pp=%d", self.config.model, self.config.tp, self.config.pp
+        )
+        return self
+
+    def _saw_output(self) -> None:
+        self._last_output = time.monotonic()
+
+    def dead(self) -> str | None:
+        from serve import vllm_glue
+
+        err = vllm_glue.engine_failed(self.engine)
+        return None if err is None else f"{type(err).__name__}: {err}"
+
+    def in_flight(self) -> int:
+        from serve import vllm_glue
+
+        return vllm_glue.unfinished_requests(self.engine)
+
+    def last_output(self) -> float | None:
+        return self._last_output
+
+    async def probe(self) -> None:
+        from serve import vllm_glue
+
+        await vllm_glue.generate_one_token(self.engine, request_id=f"ready-{uuid.uuid4().hex}")
+
+    async def close(self) -> None:
+        await self._stack.aclose()
 
 
 @serve.ingress()
@@ -35,10 +98,14 @@ class LlamaclusterServer:
     """Serve replica: loads the engine in the background and serves it behind the Gateway.
 
     The HTTP endpoint is up at once (so /health and /ready answer while the model loads); the
-    engine, vLLM's OpenAI app and the readiness probe arrive when loading finishes.
+    engine, vLLM's OpenAI app and the readiness probe arrive when loading finishes. A watchdog
+    (serve/watchdog.py) restarts a dead, stalled or failing engine inside the replica and keeps
+    answering 503 + Retry-After meanwhile.
     """
 
     def __init__(self, config: ServeConfig, api_key_digests: list[bytes]) -> None:
+        from serve.watchdog import RestartPolicy, Supervisor, history_from_json
+
         self.config = config
         self.state = ServerState(probe_max_age_s=max(6 * config.ready_probe_interval_s, 30.0))
         self.gateway = Gateway(
@@ -51,76 +118,77 @@ class LlamaclusterServer:
             max_body_bytes=config.max_body_bytes,
             add_request_id=False,
         )
-        self._stack = contextlib.AsyncExitStack()
-        self._tasks: list[asyncio.Task] = []
-        self.engine: Any = None
+        policy = RestartPolicy(
+            stall_timeout_s=config.stall_timeout_s,
+            max_attempts=config.restart_max_attempts,
+            backoff_s=config.restart_backoff_s,
+            backoff_max_s=config.restart_backoff_max_s,
+            probe_interval_s=config.ready_probe_interval_s,
+        )
+        self.supervisor = Supervisor(
+            state=self.state,
+            policy=policy,
+            start=lambda: VllmSession(config).open(),
+            end_in_flight=self.gateway.end_in_flight,
+            history=history_from_json(_load_history(config.app_name)),
+            on_history=lambda items: _store_history(config.app_name, items),
+        )
+
+    @property
+    def engine(self) -> Any:
+        """The current vLLM engine (None while loading or restarting)."""
+        session = self.supervisor.session
+        return None if session is None else getattr(session, "engine", None)
 
     async def __serve_build_asgi_app__(self):
         """Ray Serve's late-bound ingress hook: start loading, return the gateway right away."""
-        self._tasks.append(asyncio.create_task(self._load()))
+        self.supervisor.launch()
         return self.gateway
 
-    async def _load(self) -> None:
-        from serve import vllm_glue
-
-        try:
-            vllm_glue.check_vllm_version()
-            args = vllm_glue.parse_vllm_args(self.config)
-            engine = await self._stack.enter_async_context(vllm_glue.engine_client(args))
-            app = await vllm_glue.build_openai_app(engine, args)
-            await self._stack.enter_async_context(app.router.lifespan_context(app))
-        except BaseException as exc:
-            logger.exception("the engine failed to start")
-            self.state.loading_error = f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, Exception):
-                raise
-            return
-        self.engine = engine
-        self.state.engine_error = lambda: vllm_glue.engine_failed(engine)
-        self.state.app = app
-        self._tasks.append(asyncio.create_task(self._probe_loop()))
-        logger.info(
-            "engine loaded: %s tp=%d pp=%d", self.config.model, self.config.tp, self.config.pp
-        )
-
-    async def _probe_loop(self) -> None:
-        """Keep /ready honest: one-token generations at a steady interval."""
-        from serve import vllm_glue
-
-        while True:
-            try:
-                await asyncio.wait_for(
-                    vllm_glue.generate_one_token(
-                        self.engine, request_id=f"ready-{uuid.uuid4().hex}"
-                    ),
-                    PROBE_TIMEOUT_S,
-                )
-                self.state.last_probe_ok = time.monotonic()
-                self.state.last_probe_error = None
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.state.last_probe_error = f"{type(exc).__name__}: {exc}"
-                logger.warning("readiness probe failed: %s", self.state.last_probe_error)
-            await asyncio.sleep(self.config.ready_probe_interval_s)
-
     def unfinished_requests(self) -> int:
-        """Requests the engine tracks right now (running + waiting); -1 while loading."""
-        from serve import vllm_glue
-
-        return -1 if self.engine is None else vllm_glue.unfinished_requests(self.engine)
+        """Requests the engine tracks right now (running + waiting); -1 without an engine."""
+        session = self.supervisor.session
+        return -1 if session is None else session.in_flight()
 
     async def check_health(self) -> None:
-        """Ray Serve's health check: a dead engine makes Serve replace the replica."""
-        err = self.state.engine_error() if self.state.app is not None else None
-        if err is not None:
-            raise RuntimeError(f"engine failed: {err}")
+        """Ray Serve's health check: failing it makes Serve replace the replica (a new process
+        and placement group). The watchdog restarts a faulty engine inside the replica first;
+        this fails only when that gave up or the watchdog itself stopped working."""
+        if (problem := self.supervisor.health_problem()) is not None:
+            raise RuntimeError(problem)
 
     async def __del__(self) -> None:
-        for task in self._tasks:
-            task.cancel()
         with contextlib.suppress(Exception):
-            await self._stack.aclose()
+            await self.supervisor.aclose()
+
+
+def _load_history(app_name: str) -> list[dict[str, Any]]:
+    """The restart history a previous replica of this app stored, if any."""
+    with contextlib.suppress(Exception):
+        from ray.experimental import internal_kv
+
+        raw = internal_kv._internal_kv_get(history_kv_key(app_name), namespace=HISTORY_KV_NAMESPACE)
+        if raw:
+            return json.loads(raw)
+    return []
+
+
+def _store_history(app_name: str, items: list[dict[str, Any]]) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(
+        history_kv_key(app_name),
+        json.dumps(items),
+        overwrite=True,
+        namespace=HISTORY_KV_NAMESPACE,
+    )
+
+
+def _forget_history(app_name: str) -> None:
+    with contextlib.suppress(Exception):
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_del(history_kv_key(app_name), namespace=HISTORY_KV_NAMESPACE)
 
 
 @dataclass(frozen=True)
@@ -298,6 +366,7 @@ def shutdown(app_name: str, *, ray_address: str | None = None) -> bool:
     found = app_name in apps
     if found:
         serve.delete(app_name)
+        _forget_history(app_name)
     if not (set(apps) - {app_name}):
         serve.shutdown()
     return found
@@ -327,7 +396,7 @@ def wait_until_ready(url: str, *, timeout_s: float = 600.0, poll_s: float = 1.0)
                 return
             last = _reason(ready)
             health = httpx.get(f"{url}/health", timeout=5.0)
-            if health.status_code != 200:
+            if health.status_code != 200 and not _restarting(health):
                 raise NotReadyError(
                     f"server at {url} is not healthy: {_reason(health)}",
                     hint="see the replica log in the Ray dashboard (Serve view) or "
@@ -341,6 +410,14 @@ def wait_until_ready(url: str, *, timeout_s: float = 600.0, poll_s: float = 1.0)
         hint="check the replica log in the Ray dashboard (Serve view); a large model may "
         "need a longer --ready-timeout",
     )
+
+
+def _restarting(response: Any) -> bool:
+    """Does /health say the engine is being restarted (so waiting makes sense)?"""
+    try:
+        return response.json().get("status") == "restarting"
+    except (ValueError, AttributeError):
+        return False
 
 
 def _reason(response: Any) -> str:

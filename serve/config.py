@@ -114,6 +114,32 @@ class ServeConfig(BaseModel):
         gt=0,
         description="How often the background one-token probe runs.",
     )
+    stall_timeout_s: float = Field(
+        json_schema_extra={"flag": "--stall-timeout"},
+        default=60.0,
+        ge=0,
+        description="Seconds with requests in flight and no engine output before the engine "
+        "counts as stalled and is restarted; 0 turns the stall watchdog off.",
+    )
+    restart_max_attempts: int = Field(
+        json_schema_extra={"flag": "--restart-attempts"},
+        default=5,
+        ge=0,
+        description="Engine restarts inside the replica before it gives up and Ray Serve "
+        "replaces the replica; 0: no in-process restart.",
+    )
+    restart_backoff_s: float = Field(
+        json_schema_extra={"flag": "--restart-backoff"},
+        default=5.0,
+        gt=0,
+        description="Wait before the second restart attempt; doubles with every further one.",
+    )
+    restart_backoff_max_s: float = Field(
+        json_schema_extra={"flag": "--restart-backoff-max"},
+        default=300.0,
+        gt=0,
+        description="Longest wait between two restart attempts.",
+    )
     engine_cpus: float = Field(
         default=1.0, gt=0, description="CPUs reserved on the head for the engine process."
     )
@@ -154,6 +180,12 @@ class ServeConfig(BaseModel):
         if self.cpu_kvcache_space_gb is not None and self.device != "cpu":
             raise ValueError(
                 "cpu_kvcache_space_gb only applies to CPU nodes: drop it or set device=cpu"
+            )
+        if self.restart_backoff_max_s < self.restart_backoff_s:
+            raise ValueError(
+                f"restart_backoff_max_s ({self.restart_backoff_max_s:g}) is below "
+                f"restart_backoff_s ({self.restart_backoff_s:g}): the cap must be at least the "
+                "first wait"
             )
         if self.port == self.proxy_port:
             raise ValueError(f"port and proxy_port are both {self.port}: pick two different ports")

@@ -11,6 +11,7 @@ deploy     DeployRequest     ``url``, ``model``: the app deployed (detached) on 
 stop       StopRequest       ``stopped``: whether the app ran (exit 0 either way)
 wait       WaitRequest       ``url``: /ready answered 200 within ``timeout_s``
 ready      ReadyRequest      ``status``: /ready answers 200 now (else exit 1)
+health     ReadyRequest      ``status``, ``health``: /health's JSON (engine state, restarts)
 port-free  PortFreeRequest   ``port``: nothing holds it (else exit 1 after ``wait_s``)
 ========== ================= =============================================================
 
@@ -128,6 +129,28 @@ def ready(req: ReadyRequest) -> dict[str, Any]:
     return {"status": status}
 
 
+def health(req: ReadyRequest) -> dict[str, Any]:
+    """One GET of /health: its HTTP status and JSON body (the engine's state and restart
+    history), whatever the status; no answer at all exits 1."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = req.url.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=req.timeout_s) as response:
+            status, text = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read()
+    except Exception as exc:
+        raise VerbFailed(f"{url} did not answer: {type(exc).__name__}: {exc}", status=None) from exc
+    try:
+        body = json.loads(text or b"{}")
+    except ValueError:
+        body = {}
+    return {"status": status, "health": body if isinstance(body, dict) else {}}
+
+
 def port_free(req: PortFreeRequest) -> dict[str, Any]:
     """Bind the port (SO_REUSEADDR, as the server will) every 0.5 s until it works or
     ``wait_s`` has passed."""
@@ -154,6 +177,7 @@ VERBS: dict[str, Verb] = {
     "stop": Verb(StopRequest, stop),
     "wait": Verb(WaitRequest, wait),
     "ready": Verb(ReadyRequest, ready),
+    "health": Verb(ReadyRequest, health),
     "port-free": Verb(PortFreeRequest, port_free),
 }
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+from collections.abc import Callable
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
@@ -147,7 +148,10 @@ async def engine_client(args: argparse.Namespace):
     try:
         yield engine
     finally:
-        engine.shutdown(timeout=vllm_config.shutdown_timeout)
+        # In a thread: with a hung worker, stopping the engine core takes seconds, and the
+        # replica must keep answering (503, /health) meanwhile. vLLM's own engine monitor calls
+        # shutdown from a thread too (it hands the socket closing to the event loop).
+        await asyncio.to_thread(engine.shutdown, timeout=vllm_config.shutdown_timeout)
 
 
 async def build_openai_app(engine: EngineClient, args: argparse.Namespace) -> FastAPI:
@@ -173,6 +177,25 @@ async def generate_one_token(engine: EngineClient, *, request_id: str) -> None:
     params = SamplingParams(max_tokens=1, temperature=0.0)
     async for _ in engine.generate("ready", params, request_id):
         pass
+
+
+def on_engine_output(engine: Any, callback: Callable[[], None]) -> None:
+    """Call ``callback`` whenever the engine core sends output (the stall watchdog's heartbeat).
+
+    AsyncLLM's output handler awaits ``engine_core.get_output_async()`` once per message from
+    the engine core; with stats on (vLLM's default) the engine core sends one after every
+    scheduler step, a prefill chunk included, so a long prompt is progress, a hang is silence.
+    The handler looks the method up on each call, so wrapping the instance's attribute works.
+    """
+    core = engine.engine_core
+    original = core.get_output_async
+
+    async def get_output_async(*args: Any, **kwargs: Any) -> Any:
+        outputs = await original(*args, **kwargs)
+        callback()
+        return outputs
+
+    core.get_output_async = get_output_async
 
 
 def engine_failed(engine: Any) -> BaseException | None:

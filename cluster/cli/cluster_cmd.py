@@ -53,14 +53,19 @@ def up(
     dashboard_port: int = _opt("dashboard_port"),
     api_port: int = _opt("api_port"),
     api_key_file: Path | None = _opt("api_key_file"),
+    monitor_port: int = _opt("monitor_port"),
+    monitor_retention_time: str = _opt("monitor_retention_time"),
+    monitor_retention_size: str = _opt("monitor_retention_size"),
     ready_timeout: float = _opt("ready_timeout_s"),
+    stall_timeout: float = _opt("stall_timeout_s"),
+    restart_attempts: int = _opt("restart_max_attempts"),
     system_root: Path = _opt("system_root", hidden=True),
     skip: list[str] = _opt("skip"),
     dry_run: bool = _opt("dry_run"),
     verbose: bool = _opt("verbose", "-v"),
     wait: bool = _opt("wait"),
 ) -> None:
-    """Bring a cluster up: preflight, storage, cache, env, download, ray, serve, ready.
+    """Bring a cluster up: preflight, storage, cache, env, download, ray, serve, ready, monitor.
 
     vLLM's own spellings work too (--tensor-parallel-size/-tp, --pipeline-parallel-size/-pp, --max-model-len, --served-model-name, --gpu-memory-utilization); any other vLLM engine argument passes through with --engine-arg KEY=VALUE.
     """
@@ -75,10 +80,13 @@ def up(
             served_model_name=served_model_name, tp=tp, pp=pp, shared_dir=shared_dir, env=env,
             nfs_server=nfs_server, system_root=system_root, cache_dir=cache_dir, device=device, cpu_slots=cpu_slots,
             ray_port=ray_port, dashboard_port=dashboard_port, api_port=api_port,
-            api_key_file=api_key_file, max_model_len=max_model_len,
+            api_key_file=api_key_file, monitor_port=monitor_port,
+            monitor_retention_time=monitor_retention_time,
+            monitor_retention_size=monitor_retention_size, max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization, cpu_kvcache_gb=cpu_kvcache_gb,
             engine_args=parse_engine_args(engine_arg),
-            ready_timeout_s=ready_timeout, skip=skip, dry_run=dry_run, verbose=verbose, wait=wait,
+            ready_timeout_s=ready_timeout, stall_timeout_s=stall_timeout,
+            restart_max_attempts=restart_attempts, skip=skip, dry_run=dry_run, verbose=verbose, wait=wait,
         )  # fmt: skip
     except ValidationError as exc:
         raise validation_error(exc, UpConfig) from None
@@ -183,7 +191,7 @@ def tunnel(
         False, "--show-secrets", help="Also print the token and the API key."
     ),
 ) -> None:
-    """The ssh -L command for the API and the dashboard (8265), and where the secrets are."""
+    """The ssh -L command for the API, the dashboard (8265) and the monitor (9090), and where the secrets are."""
     from cluster.lifecycle import tunnel as do_tunnel
 
     for line in do_tunnel(cluster_name(name, ips, local), show_secrets=show_secrets):

@@ -17,6 +17,9 @@ def demo(
     dashboard_port: int = typer.Option(
         8265, "--dashboard-port", help="Ray dashboard port on 127.0.0.1 (0: free)."
     ),
+    monitor_port: int = typer.Option(
+        9090, "--monitor-port", help="The monitor's Prometheus port on 127.0.0.1 (0: free)."
+    ),
     down: bool = typer.Option(False, "--down", help="Stop the local cluster at the end."),
 ) -> None:
     """Serve the built-in random-weight demo model on this machine: up --local, a streamed chat, a short bench."""
@@ -30,5 +33,6 @@ def demo(
         api_port=api_port,
         ray_port=ray_port,
         dashboard_port=dashboard_port,
+        monitor_port=monitor_port,
         keep=not down,
     )

@@ -77,6 +77,21 @@ def serve(
     ready_probe_interval: float = typer.Option(
         10.0, "--ready-probe-interval", help="Seconds between the one-token readiness probes."
     ),
+    stall_timeout: float = typer.Option(
+        60.0,
+        "--stall-timeout",
+        help="Seconds with requests in flight and no engine output before the engine is "
+        "restarted (0: off).",
+    ),
+    restart_attempts: int = typer.Option(
+        5, "--restart-attempts", help="Engine restarts in the replica before Serve replaces it."
+    ),
+    restart_backoff: float = typer.Option(
+        5.0, "--restart-backoff", help="Seconds before the second restart; doubles after."
+    ),
+    restart_backoff_max: float = typer.Option(
+        300.0, "--restart-backoff-max", help="Longest wait between two restart attempts."
+    ),
     engine_cpus: float = typer.Option(
         1.0, "--engine-cpus", help="CPUs reserved on the head for the engine process."
     ),
@@ -119,6 +134,10 @@ def serve(
         "retry_after_s": retry_after,
         "max_body_bytes": max_body_bytes,
         "ready_probe_interval_s": ready_probe_interval,
+        "stall_timeout_s": stall_timeout,
+        "restart_max_attempts": restart_attempts,
+        "restart_backoff_s": restart_backoff,
+        "restart_backoff_max_s": restart_backoff_max,
         "engine_cpus": engine_cpus,
         "drain_timeout_s": drain_timeout,
         "engine_args": parse_engine_args(engine_arg),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from cluster.stages.base import Stage
 from cluster.stages.download import Download
 from cluster.stages.env import SharedEnv
+from cluster.stages.monitor import Monitor
 from cluster.stages.preflight import Preflight
 from cluster.stages.ray import RayCluster
 from cluster.stages.serve import Ready, Serve
@@ -20,4 +21,5 @@ STAGES: tuple[Stage, ...] = (
     RayCluster(),
     Serve(),
     Ready(),
+    Monitor(),
 )

@@ -9,7 +9,17 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 #: Stage names in the order `up` runs them (also the values --skip accepts).
-STAGE_NAMES = ("preflight", "storage", "cache", "env", "download", "ray", "serve", "ready")
+STAGE_NAMES = (
+    "preflight",
+    "storage",
+    "cache",
+    "env",
+    "download",
+    "ray",
+    "serve",
+    "ready",
+    "monitor",
+)
 
 
 class UpConfig(BaseModel):
@@ -94,6 +104,23 @@ class UpConfig(BaseModel):
     api_key_file: Path | None = Field(
         default=None, description="API key file (0600); default: one generated for the cluster."
     )
+    monitor_port: int = Field(
+        default=9090,
+        ge=0,
+        le=65535,
+        description="The monitor's Prometheus port on the head's 127.0.0.1; 0: free.",
+    )
+    monitor_retention_time: str = Field(
+        default="15d",
+        pattern=r"^([0-9]+(ms|s|m|h|d|w|y))+$",
+        description="How long the monitor keeps metrics (Prometheus duration: 12h, 15d, 4w).",
+    )
+    monitor_retention_size: str = Field(
+        default="1GB",
+        pattern=r"^[0-9]+(B|KB|MB|GB|TB)$",
+        description="Most disk the monitor's metrics may take on the head (512MB, 1GB, 10GB); "
+        "the oldest data goes first.",
+    )
     max_model_len: int | None = Field(
         default=None, ge=16, description="Context length to serve (default: the model's)."
     )
@@ -111,6 +138,19 @@ class UpConfig(BaseModel):
         default_factory=dict,
         description="Any other vLLM engine argument as KEY=VALUE (repeatable; VALUE is JSON when "
         "it parses): e.g. --engine-arg enable_prefix_caching=true --engine-arg max_num_seqs=64.",
+    )
+    stall_timeout_s: float = Field(
+        json_schema_extra={"flag": "--stall-timeout"},
+        default=60.0,
+        ge=0,
+        description="Seconds with requests in flight and no engine output before the server "
+        "restarts its engine (0: off).",
+    )
+    restart_max_attempts: int = Field(
+        json_schema_extra={"flag": "--restart-attempts"},
+        default=5,
+        ge=0,
+        description="Engine restarts inside the server before Ray Serve replaces it.",
     )
     ready_timeout_s: float = Field(
         json_schema_extra={"flag": "--ready-timeout"},
@@ -167,6 +207,8 @@ class UpConfig(BaseModel):
                 "pp",
                 "max_model_len",
                 "gpu_memory_utilization",
+                "stall_timeout_s",
+                "restart_max_attempts",
                 "cpu_kvcache_gb",
                 "engine_args",
                 "api_key_file",

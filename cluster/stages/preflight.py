@@ -357,17 +357,26 @@ class Preflight(Stage):
 
     @staticmethod
     def _choose_ports(ctx: UpContext) -> bool:
-        """Keep recorded ports; else take the asked ones (checked free) or free ones for 0."""
-        if ctx.state.ports is not None:
-            return False
+        """Keep recorded ports; else take the asked ones (checked free) or free ones for 0.
+
+        The monitor's port is chosen with the others unless the monitor stage is skipped; a
+        cluster whose ports were chosen without it gets it by the first `up` that runs it."""
         cfg = ctx.config
-        asked = {
-            "ray_gcs": cfg.ray_port,
-            "dashboard": cfg.dashboard_port,
-            "api": cfg.api_port,
-            "serve_proxy": 0,  # unused by clients: any free port
-            "ray_client": 0,
-        }
+        recorded = ctx.state.ports
+        want_monitor = "monitor" not in cfg.skip
+        if recorded is not None and (recorded.monitor is not None or not want_monitor):
+            return False
+        asked: dict[str, int] = {}
+        if recorded is None:
+            asked = {
+                "ray_gcs": cfg.ray_port,
+                "dashboard": cfg.dashboard_port,
+                "api": cfg.api_port,
+                "serve_proxy": 0,  # unused by clients: any free port
+                "ray_client": 0,
+            }
+        if want_monitor:
+            asked["monitor"] = cfg.monitor_port
         zero = [k for k, v in asked.items() if v == 0]
         if zero:
             out = ctx.run_head(
@@ -384,7 +393,7 @@ class Preflight(Stage):
                     hint=f"pass another --{key.replace('_gcs', '').replace('_', '-')}-port "
                     "(0 picks a free one)",
                 )
-        ctx.state.ports = Ports(**asked)
+        ctx.state.ports = Ports(**asked) if recorded is None else recorded.model_copy(update=asked)
         return True
 
     @staticmethod

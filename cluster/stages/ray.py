@@ -119,7 +119,10 @@ def cluster_spec(ctx: UpContext) -> RayClusterSpec:
     """The RayClusterSpec of this cluster from the recorded nodes and ports (for a dry run
     before preflight chose the ports: the ports asked for)."""
     p = ctx.state.ports or Ports(
-        ray_gcs=ctx.config.ray_port, dashboard=ctx.config.dashboard_port, api=ctx.config.api_port
+        ray_gcs=ctx.config.ray_port,
+        dashboard=ctx.config.dashboard_port,
+        api=ctx.config.api_port,
+        monitor=None if "monitor" in ctx.config.skip else ctx.config.monitor_port,
     )
     nodes = []
     for n in ctx.cluster:
@@ -147,7 +150,17 @@ def cluster_spec(ctx: UpContext) -> RayClusterSpec:
         env=node_env(head, ctx.config.cpu_kvcache_gb) if head else {},
         ray_bin=python.rsplit("/", 1)[0] + "/ray",
         python=python,
+        head_env=head_env(p),
     )
+
+
+def head_env(ports: Ports) -> dict[str, str]:
+    """What only the head's Ray daemons get: the address of the monitor's Prometheus (the
+    dashboard and Serve read it at start; the port is chosen by preflight, so Ray can be told
+    before the monitor stage starts Prometheus)."""
+    if ports.monitor is None:
+        return {}
+    return {"RAY_PROMETHEUS_HOST": f"http://127.0.0.1:{ports.monitor}"}
 
 
 def node_spec(ctx: UpContext, rec: NodeState) -> RayClusterSpec:

@@ -57,6 +57,28 @@ def ready_probe(python: str, url: str) -> RemoteCall:
     return serve_call(python, "ready", ReadyRequest(url=url))
 
 
+def health_call(python: str, url: str) -> RemoteCall:
+    """The server's /health JSON (engine state, restart history) as the head reaches it."""
+    return serve_call(python, "health", ReadyRequest(url=url))
+
+
+def engine_line(health: dict) -> str:
+    """One line on the engine from /health's JSON: ``ok``, or ``restarting (attempt 2 of 5,
+    cause stall, since ...)``, and the last restarts."""
+    engine = health.get("engine") or {}
+    state = health.get("status") or engine.get("state") or "?"
+    if state in ("restarting", "failed"):
+        state += (
+            f" (attempt {engine.get('attempt')} of {engine.get('max_attempts')}, cause "
+            f"{engine.get('cause')}, since {engine.get('since')})"
+        )
+    restarts = health.get("restarts") or []
+    if restarts:
+        last = [f"{r.get('time', '?')} {r.get('cause')}: {r.get('outcome')}" for r in restarts[-3:]]
+        state += f"; {len(restarts)} restart(s), last: " + "; ".join(last)
+    return state
+
+
 def port_free_call(python: str, port: int) -> RemoteCall:
     """Wait until nothing holds ``port`` on the head (PORT_RELEASE_WAIT_S at most)."""
     return serve_call(python, "port-free", PortFreeRequest(port=port, wait_s=PORT_RELEASE_WAIT_S))
@@ -153,6 +175,8 @@ def serve_values(ctx: UpContext, tp: int, pp: int) -> dict[str, object]:
         "port": ctx.state.ports.api,
         "proxy_port": ctx.state.ports.serve_proxy or ctx.state.ports.api + 2,
         "engine_args": dict(cfg.engine_args),
+        "stall_timeout_s": cfg.stall_timeout_s,
+        "restart_max_attempts": cfg.restart_max_attempts,
     }
     values["served_model_name"] = list(ctx.state.model.served_names)
     if cfg.max_model_len:
@@ -177,12 +201,15 @@ class Serve(Stage):
         if not server.config_digest or not ctx.state.env.dir or not ctx.state.ports:
             return StageCheck(None, "no server deployed")
         url = f"http://127.0.0.1:{ctx.state.ports.api}"
-        ready = ready_probe(env_python(ctx.state.env.dir), url).run(
-            ctx.run_head, what="ready probe", check=False
-        )
+        python = env_python(ctx.state.env.dir)
+        ready = ready_probe(python, url).run(ctx.run_head, what="ready probe", check=False)
         names = ", ".join([str(server.served_name), *server.aliases])
         what = f"{names}, tp={server.tp} × pp={server.pp} at {server.endpoint}/v1"
-        return StageCheck(ready.ok, f"{what} ({'ready' if ready.ok else 'not ready'})")
+        health = health_call(python, url).run(ctx.run_head, what="health", check=False)
+        engine = engine_line(health.data.get("health", {})) if health.ok and health.data else "?"
+        return StageCheck(
+            ready.ok, f"{what} ({'ready' if ready.ok else 'not ready'}; engine {engine})"
+        )
 
     def teardown(self, ctx: ClusterContext, how: Teardown) -> str | None:
         """Drain running requests and stop the server (the Serve app) on the head."""

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e
 
 CLI = [sys.executable, "-c", "from cluster.cli.app import run; run()"]
 # Free ports, so a developer's own Ray or server on the defaults does not collide; a short bench.
-DEMO_ARGS = ["--api-port", "0", "--ray-port", "0", "--dashboard-port", "0"]
+DEMO_ARGS = ["--api-port", "0", "--ray-port", "0", "--dashboard-port", "0", "--monitor-port", "0"]
 DEMO_ARGS += ["--requests", "4", "--concurrency", "1,2", "--down"]
 
 

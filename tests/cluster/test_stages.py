@@ -356,8 +356,8 @@ def test_every_section_has_one_owning_stage_and_each_stage_owns_what_it_declares
     declared = {section: stage.name for stage in STAGES for section in stage.sections}
     for section, owner in declared.items():
         assert SECTION_OWNERS[section] == owner, section
-    # The monitoring section waits for its stage (metrics history); every other has its owner.
-    assert set(SECTION_OWNERS) - set(declared) == {"monitoring"}
+    # Every section has its owner among the stages (monitoring: the monitor stage).
+    assert set(SECTION_OWNERS) == set(declared)
 
 
 def test_status_is_every_stages_check_and_down_every_stages_teardown(tmp_path, capsys):

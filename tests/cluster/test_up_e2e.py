@@ -84,6 +84,8 @@ def _model_ids(state: dict) -> list[str]:
 
 def _bring_down_and_check(home: Path, name: str, env: dict[str, str]) -> None:
     sessions = _sessions(_state(home, name))
+    monitor = _state(home, name)["monitoring"].get("pid")
+    sessions += [monitor] if monitor else []  # the monitor's Prometheus: its own session
     if not sessions:
         return  # already down
     try:
@@ -91,6 +93,7 @@ def _bring_down_and_check(home: Path, name: str, env: dict[str, str]) -> None:
         assert "is down" in down
         assert _session_processes(sessions) == []
         assert _sessions(_state(home, name)) == []
+        assert _state(home, name)["monitoring"].get("pid") is None
     finally:
         _kill_sessions(sessions)  # whatever `down` left of the sessions this test started
 
@@ -115,11 +118,15 @@ def test_up_local_serves_and_is_idempotent(tmp_path, cli_env, demo_model_dir):
     home = Path(cli_env["LLAMACLUSTER_HOME"])
     common = ["--local", "--model", str(demo_model_dir), "--tp", "1", "--pp", "1"]
     ports = ["--ray-port", "0", "--dashboard-port", "0", "--api-port", "0", "--cpu-kvcache-gb", "1"]
+    ports += ["--monitor-port", "0"]
     try:
         first = _ok(llamacluster("up", *common, *ports, env=cli_env))
         assert "skipped" in first and "--local" in first  # storage/cache said so
         assert "ready" in first and "API key" in first
         state = _state(home, "local")
+        # The monitor's Prometheus scrapes Ray and the server (through the key file).
+        assert state["monitoring"]["pid"] and "monitor:  Prometheus http://127.0.0.1:" in first
+        assert "server 1/1" in first and "prometheus 1/1" in first
         # A local directory is served under the directory's name.
         assert state["server"]["served_name"] == demo_model_dir.name
         assert _model_ids(state) == [demo_model_dir.name]
@@ -128,6 +135,7 @@ def test_up_local_serves_and_is_idempotent(tmp_path, cli_env, demo_model_dir):
         assert "nothing changed" in second, second
         status = _ok(llamacluster("status", "--local", env=cli_env, timeout=300))
         assert "ready" in status and "running" in status
+        assert "monitor:  ok prometheus" in status, status
         sessions = _sessions(_state(home, "local"))
         # A changed serving config redeploys the server only: Ray keeps its sessions.
         # Aliases: vLLM's spelling of the flag, repeated; the first name is the main one.
@@ -176,7 +184,7 @@ def test_up_over_ssh_two_loopback_nodes_tp2_pp2(tmp_path, cli_env, sshd, hub_ser
         "--known-hosts", str(tmp_path / "known_hosts"), "--model", DEMO_MODEL_REPO_ID,
         "--shared-dir", str(shared), "--env", str(VENV), "--system-root", str(root),
         "--tp", "2", "--pp", "2", "--cpu-slots", "2", "--cpu-kvcache-gb", "1",
-        "--ray-port", "0", "--dashboard-port", "0", "--api-port", "0",
+        "--ray-port", "0", "--dashboard-port", "0", "--api-port", "0", "--monitor-port", "0",
     ]  # fmt: skip
     try:
         first = _ok(llamacluster("up", *args, env=cli_env, timeout=1500))

@@ -49,6 +49,9 @@ def test_world_size_and_served_name_defaults(tmp_path) -> None:
         ({"no_auth": True}, "pick one"),
         ({"engine_argz": {}}, "--engine-argz: "),
         ({"app_name": "has space"}, "--app-name: "),
+        ({"stall_timeout_s": -1}, "--stall-timeout: "),
+        ({"restart_max_attempts": -1}, "--restart-attempts: "),
+        ({"restart_backoff_s": 10, "restart_backoff_max_s": 5}, "the cap must be at least"),
     ],
 )
 def test_bad_values_say_what_to_fix(values: dict, needle: str) -> None:

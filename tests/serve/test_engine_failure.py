@@ -1,4 +1,5 @@
-"""A real engine dying mid-stream: the client gets an SSE error event, then [DONE]; /health fails."""
+"""A real engine dying mid-stream: the client gets an SSE error event, then [DONE]; /health fails
+while the watchdog restarts the engine in the replica, and the server is ready again."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def test_engine_death_mid_stream(make_ray_cluster, demo_model_dir: Path) -> None
             "stream": True,
         }
         events: list[str] = []
+        killed_at = time.monotonic()
         with httpx.stream(
             "POST",
             f"{server.base_url}/chat/completions",
@@ -63,10 +65,13 @@ def test_engine_death_mid_stream(make_ray_cluster, demo_model_dir: Path) -> None
                 events.append(line[6:])
                 if len(events) == 3:
                     os.kill(pids[0], signal.SIGKILL)
+                    killed_at = time.monotonic()
+        ended_s = time.monotonic() - killed_at
         assert events[-1] == "[DONE]"
         errors = [json.loads(e) for e in events[:-1] if '"error"' in e]
         assert errors, events[-5:]
         assert set(errors[-1]["error"]) >= {"message", "type", "code"}
+        assert errors[-1]["error"]["code"] == 503  # the engine is gone: retry later
         assert len(events) < 1900  # it stopped early, not after all tokens
 
         deadline = time.monotonic() + 30
@@ -78,3 +83,17 @@ def test_engine_death_mid_stream(make_ray_cluster, demo_model_dir: Path) -> None
             time.sleep(0.5)
         assert health is not None and health.status_code == 503
         assert "engine" in health.json()["error"]["message"]
+
+        # The watchdog restarts the engine inside the replica and records why.
+        deadline = time.monotonic() + 300
+        while httpx.get(f"{server.url}/ready", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, httpx.get(f"{server.url}/health").text
+            time.sleep(0.5)
+        ready_s = time.monotonic() - killed_at
+        restarts = httpx.get(f"{server.url}/health", timeout=5).json()["restarts"]
+        assert [(r["cause"], r["outcome"]) for r in restarts] == [("engine_dead", "recovered")]
+        assert len(engine_core_pids(server.app_name)) == 1  # the new one; the old one is gone
+        print(
+            f"\nengine core killed: stream ended {ended_s:.1f}s after SIGKILL; "
+            f"ready again {ready_s:.1f}s after it"
+        )

@@ -153,7 +153,8 @@ async def test_loading_answers_503_with_retry_after() -> None:
         ready = await c.get("/ready")
         assert_openai_error(ready, 503)
         assert ready.headers["retry-after"] == "3"
-        assert (await c.get("/health")).json() == {"status": "loading"}
+        health = (await c.get("/health")).json()
+        assert health["status"] == "loading" and health["engine"]["state"] == "loading"
         assert_openai_error(await c.post("/v1/chat/completions", json=CHAT), 503)
 
 
