@@ -28,11 +28,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from serve.api import ASGIApp, ServerState
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 ENGINE_DEAD = "engine_dead"
 STALL = "stall"
@@ -50,6 +52,9 @@ STABLE_AFTER_S = 600.0
 CLOSE_TIMEOUT_S = 60.0
 # Restart history entries kept (oldest dropped first).
 HISTORY_LIMIT = 50
+# How long a cancelled probe (or a timed-out probe / teardown) gets to unwind before the
+# supervisor goes on without waiting for it.
+UNWIND_TIMEOUT_S = 5.0
 
 
 def restart_delay(attempt: int, base_s: float, cap_s: float) -> float:
@@ -228,8 +233,7 @@ class Supervisor:
         """Stop supervising and tear the engine down (replica shutdown)."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+            await _settle(self._task, CLOSE_TIMEOUT_S, "the engine supervisor")
         if self.session is not None:
             session, self.session = self.session, None
             await self._close(session)
@@ -281,7 +285,8 @@ class Supervisor:
     async def _watch(self, session: EngineSession) -> _Fault:
         """Poll the engine until a fault; the probe runs alongside."""
         detector = StallDetector(self.policy.stall_timeout_s, self.policy.first_output_grace_s)
-        probe = asyncio.create_task(self._probe_loop(session))
+        stop = asyncio.Event()
+        probe = asyncio.create_task(self._probe_loop(session, stop))
         try:
             while True:
                 await asyncio.sleep(self.policy.poll_s)
@@ -304,26 +309,34 @@ class Supervisor:
                     self.attempt = 0
                     self.state.attempt = 0
         finally:
+            # Bounded, and the flag as well as the cancel: a probe that swallows its
+            # cancellation must neither hold the restart (and the requests in flight) up nor
+            # record anything about this engine afterwards.
+            stop.set()
             probe.cancel()
-            with contextlib.suppress(BaseException):
-                await probe
+            await _settle(probe, UNWIND_TIMEOUT_S, "the readiness probe")
 
     def _fault(self, cause: str, detail: str) -> _Fault:
         logger.error("engine fault (%s): %s", cause, detail)
         return _Fault(cause, detail, self.wall(), self.clock())
 
-    async def _probe_loop(self, session: EngineSession) -> None:
-        """Keep /ready honest (one-token generations at a steady interval) and count errors."""
+    async def _probe_loop(self, session: EngineSession, stop: asyncio.Event) -> None:
+        """Keep /ready honest (one-token generations at a steady interval) and count errors,
+        until ``stop`` is set (the engine is being replaced)."""
         policy = self.policy
-        while True:
+        while not stop.is_set():
             try:
-                await asyncio.wait_for(session.probe(), policy.probe_timeout_s)
+                await _wait_for(session.probe(), policy.probe_timeout_s)
             except asyncio.CancelledError:
                 raise
             except asyncio.TimeoutError:
+                if stop.is_set():
+                    return
                 self.state.last_probe_error = f"timed out after {policy.probe_timeout_s:g}s"
                 logger.warning("readiness probe %s", self.state.last_probe_error)
             except Exception as exc:
+                if stop.is_set():
+                    return
                 self.state.last_probe_error = f"{type(exc).__name__}: {exc}"
                 self._probe_errors += 1
                 logger.warning(
@@ -337,6 +350,8 @@ class Supervisor:
                         f"{self.state.last_probe_error}"
                     )
             else:
+                if stop.is_set():
+                    return
                 self._probe_ok()
             await asyncio.sleep(policy.probe_interval_s)
 
@@ -436,7 +451,7 @@ class Supervisor:
 
     async def _close(self, session: EngineSession) -> None:
         try:
-            await asyncio.wait_for(session.close(), CLOSE_TIMEOUT_S)
+            await _wait_for(session.close(), CLOSE_TIMEOUT_S)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -482,3 +497,45 @@ def history_from_json(items: Any) -> list[RestartRecord]:
 
 def _err(reason: str | None) -> BaseException | None:
     return None if reason is None else RuntimeError(reason)
+
+
+async def _wait_for(aw: Awaitable[T], timeout_s: float) -> T:
+    """``asyncio.wait_for`` that never swallows a cancellation.
+
+    Before Python 3.12, ``asyncio.wait_for`` returns the result instead of raising when the
+    task awaiting it is cancelled in the same loop step as the awaited work finishes: the
+    cancellation is lost and the task runs on (a probe loop that never stops). Here a
+    cancellation always propagates (and cancels the work); on timeout the work is cancelled,
+    given a bounded moment to unwind, and ``asyncio.TimeoutError`` raised.
+    """
+    task = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=timeout_s)
+    except BaseException:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise
+    if not done:
+        task.cancel()
+        await _settle(task, UNWIND_TIMEOUT_S, "work past its timeout")
+        raise asyncio.TimeoutError
+    return task.result()
+
+
+async def _settle(task: asyncio.Future, timeout_s: float, what: str) -> None:
+    """Wait (at most ``timeout_s``) for a cancelled task to end. Never raises for the task's
+    own outcome; the caller's cancellation still propagates."""
+    task.add_done_callback(_retrieve)
+    if task.done():
+        return
+    await asyncio.wait((task,), timeout=timeout_s)
+    if not task.done():
+        logger.error(
+            "%s did not stop %gs after being cancelled; going on without it", what, timeout_s
+        )
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """Mark a finished task's outcome as seen (no "exception was never retrieved" noise)."""
+    if not task.cancelled():
+        task.exception()
