@@ -1,8 +1,10 @@
-"""This server vs plain vLLM's OpenAI server, side by side: TTFT p50/p99 and output tokens/s.
+"""This server vs plain vLLM's OpenAI server, like for like: TTFT p50/p99, ITL p99, tokens/s.
 
 Both run the same engine arguments with the Ray executor on one loopback Ray node, on the demo
-model; the bench client's compare mode alternates them (A, B, A, B per point). Prints a table,
-writes JSON. Targets: TTFT p50 overhead <= 10 ms at c=1, tokens/s >= 0.95x plain vLLM at c=16.
+model. Each server runs alone on the machine: started, measured at every concurrency, stopped;
+the order alternates per round (A B, B A, ...) and the table shows each figure's median over the
+rounds. Prints a table, writes JSON. Targets: TTFT p50 at c=1 within +3 ms of plain vLLM, output
+tokens/s at least 0.97x and ITL p99 at most 1.1x at every concurrency.
 
     .venv/bin/python benchmarks/bench_server.py --out bench-results/server.json
 """
@@ -14,6 +16,7 @@ import contextlib
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,18 +26,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-TTFT_TARGET_MS = 10.0
-TOKS_TARGET_RATIO = 0.95
+TTFT_TARGET_MS = 3.0
+TOKS_TARGET_RATIO = 0.97
+ITL_P99_TARGET_RATIO = 1.1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "bench-results" / "server.json")
-    ap.add_argument("--requests-c1", type=int, default=40, help="measured requests at c=1")
-    ap.add_argument("--requests-c16", type=int, default=96, help="measured requests at c=16")
+    ap.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 4, 16, 64], help="points to measure"
+    )
+    ap.add_argument(
+        "--requests-per-slot", type=int, default=6, help="measured requests per concurrent slot"
+    )
+    ap.add_argument("--min-requests", type=int, default=40, help="at least this many per point")
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per point")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds; each server alone per round")
     return ap.parse_args(argv)
 
 
@@ -87,14 +96,38 @@ def stop_session(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def measure(base_url: str, api_key: str | None, args, model_dir: Path) -> dict[int, object]:
+    """Every concurrency point against one server (the only one running); point per c."""
     from cluster.bench.config import BenchConfig, Endpoint, LoadConfig, WorkloadConfig
     from cluster.bench.runner import run_benchmark
+
+    points = {}
+    for concurrency in args.concurrency:
+        config = BenchConfig(
+            endpoints=[Endpoint(name="server", base_url=base_url, api_key=api_key)],
+            workload=WorkloadConfig(
+                api="chat",
+                input_len=args.input_len,
+                output_len=args.output_len,
+                tokenizer=str(model_dir),
+            ),
+            load=LoadConfig(
+                concurrency=[concurrency],
+                num_requests=max(args.requests_per_slot * concurrency, args.min_requests),
+                rounds=1,
+            ),
+        )
+        result = run_benchmark(config, keep_records=False)
+        points[concurrency] = result.point("server", f"c={concurrency}")
+    return points
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from cluster.demo_model import build_demo_model
     from serve.config import load_config
     from tests.support.ray_cluster import start_loopback_ray_cluster
-    from tests.support.server import running_server
+    from tests.support.server import free_port, running_server
 
     work = Path(tempfile.mkdtemp(prefix="bench-server-"))
     model_dir = build_demo_model(work / "demo-tiny-llama")
@@ -104,80 +137,81 @@ def main(argv: list[str] | None = None) -> int:
         "device": "cpu",
         "cpu_kvcache_space_gb": 1,
         "max_model_len": 2048,
-        "max_num_seqs": 32,
+        "max_num_seqs": 64,
         "engine_args": {"enforce_eager": True},
     }
-    baseline = None
-    rows = []
+    # runs[server] = one {c: point} per round; each server runs alone, the order alternating.
+    runs: dict[str, list[dict[int, object]]] = {"vllm": [], "llamacluster": []}
     try:
-        from tests.support.server import free_port
-
-        vllm_port = free_port()
-        env = {**cluster.env, "VLLM_CPU_KVCACHE_SPACE": "1"}
-        baseline = start_plain_vllm(
-            load_config(**common, no_auth=True), port=vllm_port, env=env, log=work / "vllm.log"
-        )
-        wait_ready(f"http://127.0.0.1:{vllm_port}/health")
-        with running_server(cluster, model_dir, **{**common, "max_ongoing_requests": 1024}) as ours:
-            for concurrency, count in ((1, args.requests_c1), (16, args.requests_c16)):
-                config = BenchConfig(
-                    endpoints=[
-                        Endpoint(name="vllm", base_url=f"http://127.0.0.1:{vllm_port}/v1"),
-                        Endpoint(name="llamacluster", base_url=ours.base_url, api_key=ours.api_key),
-                    ],
-                    workload=WorkloadConfig(
-                        api="chat",
-                        input_len=args.input_len,
-                        output_len=args.output_len,
-                        tokenizer=str(model_dir),
-                    ),
-                    load=LoadConfig(
-                        concurrency=[concurrency], num_requests=count, rounds=args.rounds
-                    ),
-                )
-                result = run_benchmark(config, keep_records=False)
-                base = result.point("vllm", f"c={concurrency}")
-                cand = result.point("llamacluster", f"c={concurrency}")
-                rows.append((concurrency, base, cand))
+        for r in range(args.rounds):
+            order = ["vllm", "llamacluster"] if r % 2 == 0 else ["llamacluster", "vllm"]
+            for server in order:
+                if server == "vllm":
+                    port = free_port()
+                    env = {**cluster.env, "VLLM_CPU_KVCACHE_SPACE": "1"}
+                    proc = start_plain_vllm(
+                        load_config(**common, no_auth=True),
+                        port=port,
+                        env=env,
+                        log=work / f"vllm-{r}.log",
+                    )
+                    try:
+                        wait_ready(f"http://127.0.0.1:{port}/health")
+                        runs[server].append(
+                            measure(f"http://127.0.0.1:{port}/v1", None, args, model_dir)
+                        )
+                    finally:
+                        stop_session(proc)
+                else:
+                    with running_server(
+                        cluster, model_dir, **{**common, "max_ongoing_requests": 1024}
+                    ) as ours:
+                        runs[server].append(measure(ours.base_url, ours.api_key, args, model_dir))
+                print(f"round {r + 1}: {server} measured", flush=True)
     finally:
-        if baseline is not None:
-            stop_session(baseline)
         cluster.stop()
 
+    def med(server: str, c: int, get) -> float:
+        return statistics.median(get(run[c]) for run in runs[server])
+
+    metrics = {
+        "ttft_p50_ms": lambda p: p.ttft_ms.p50,
+        "ttft_p99_ms": lambda p: p.ttft_ms.p99,
+        "itl_p99_ms": lambda p: p.itl_ms.p99,
+        "output_tok_s": lambda p: p.output_throughput,
+        "failed": lambda p: p.failed,
+    }
     table = [
-        "| c | server | TTFT p50 ms | TTFT p99 ms | output tok/s | failed |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| c | server | TTFT p50 ms | TTFT p99 ms | ITL p99 ms | output tok/s | failed |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     summary = []
-    for concurrency, base, cand in rows:
-        for name, p in (("plain vLLM", base), ("llamacluster", cand)):
+    for c in args.concurrency:
+        row = {"concurrency": c}
+        for name in metrics:
+            row[name] = {s: med(s, c, metrics[name]) for s in runs}
+        for server, label in (("vllm", "plain vLLM"), ("llamacluster", "llamacluster")):
             table.append(
-                f"| {concurrency} | {name} | {p.ttft_ms.p50:.1f} | {p.ttft_ms.p99:.1f} | "
-                f"{p.output_throughput:.0f} | {p.failed} |"
+                f"| {c} | {label} | {row['ttft_p50_ms'][server]:.1f} | "
+                f"{row['ttft_p99_ms'][server]:.1f} | {row['itl_p99_ms'][server]:.1f} | "
+                f"{row['output_tok_s'][server]:.0f} | {row['failed'][server]:g} |"
             )
-        ttft_delta = cand.ttft_ms.p50 - base.ttft_ms.p50
-        ratio = cand.output_throughput / base.output_throughput if base.output_throughput else 0
-        summary.append(
-            {
-                "concurrency": concurrency,
-                "ttft_p50_ms": {"vllm": base.ttft_ms.p50, "ours": cand.ttft_ms.p50},
-                "ttft_p99_ms": {"vllm": base.ttft_ms.p99, "ours": cand.ttft_ms.p99},
-                "output_tok_s": {"vllm": base.output_throughput, "ours": cand.output_throughput},
-                "ttft_p50_overhead_ms": ttft_delta,
-                "ttft_p50_ratio": cand.ttft_ms.p50 / base.ttft_ms.p50 if base.ttft_ms.p50 else None,
-                "output_tok_s_ratio": ratio,
-            }
+        row["ttft_p50_overhead_ms"] = (
+            row["ttft_p50_ms"]["llamacluster"] - row["ttft_p50_ms"]["vllm"]
         )
+        row["output_tok_s_ratio"] = _ratio(row["output_tok_s"])
+        row["itl_p99_ratio"] = _ratio(row["itl_p99_ms"])
         table.append(
-            f"| {concurrency} | ours / vLLM | {summary[-1]['ttft_p50_ratio']:.2f}x "
-            f"({ttft_delta:+.1f} ms) | {cand.ttft_ms.p99 / base.ttft_ms.p99:.2f}x | "
-            f"{ratio:.2f}x | |"
+            f"| {c} | ours vs vLLM | {row['ttft_p50_overhead_ms']:+.1f} ms | "
+            f"{_ratio(row['ttft_p99_ms']):.2f}x | {row['itl_p99_ratio']:.2f}x | "
+            f"{row['output_tok_s_ratio']:.2f}x | |"
         )
-    c1 = summary[0]
-    c16 = summary[-1]
+        summary.append(row)
+    by_c = {row["concurrency"]: row for row in summary}
     verdict = {
-        "ttft_p50_overhead_c1_ok": c1["ttft_p50_overhead_ms"] <= TTFT_TARGET_MS,
-        "tok_s_ratio_c16_ok": c16["output_tok_s_ratio"] >= TOKS_TARGET_RATIO,
+        "ttft_p50_overhead_c1_ok": 1 in by_c and by_c[1]["ttft_p50_overhead_ms"] <= TTFT_TARGET_MS,
+        "tok_s_ratio_ok": all(r["output_tok_s_ratio"] >= TOKS_TARGET_RATIO for r in summary),
+        "itl_p99_ratio_ok": all(r["itl_p99_ratio"] <= ITL_P99_TARGET_RATIO for r in summary),
     }
     print("\n".join(table))
     print(json.dumps(verdict))
@@ -191,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.replace(tmp, args.out)
     return 0
+
+
+def _ratio(pair: dict[str, float]) -> float:
+    """ours / plain vLLM (0 when the baseline is 0)."""
+    return pair["llamacluster"] / pair["vllm"] if pair["vllm"] else 0.0
 
 
 if __name__ == "__main__":

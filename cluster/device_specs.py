@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cluster.measure import CpuMeasurement
 
 
 class DeviceSpec(BaseModel):
@@ -29,10 +35,44 @@ class DeviceSpec(BaseModel):
     )
     source: str = Field(description="Where the numbers come from.")
     is_cpu: bool = Field(default=False, description="A CPU socket/node rather than a GPU.")
+    family: str = Field(
+        default="cpu",
+        description="Efficiency family (nvidia-hopper, nvidia-ampere, nvidia-ada, cpu): which "
+        "fitted curve turns the ideal bound into the expected speed (cluster/planner/efficiency.py).",
+    )
+    measured: bool = Field(
+        default=False,
+        description="Bandwidth and FLOP/s were measured on the node (achieved rates, not "
+        "datasheet peaks): the expected speed takes them at efficiency 1.0.",
+    )
+    layer_overhead_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="Fixed time each layer adds to every step beyond its bytes and FLOPs (its "
+        "kernel calls), measured on the node (CpuMeasurement.layer_overhead_ms); 0 for the "
+        "table's devices, whose efficiency curves already hold it.",
+    )
+    host_link_gbs: float = Field(
+        default=32,
+        gt=0,
+        description="Device-to-host link, GB/s per direction (PCIe 4.0 x16 32, PCIe 5.0 x16 64, "
+        "NVLink-C2C 450); offloaded KV cache travels over it.",
+    )
+
+
+# Efficiency family of each table entry (the rest: cpu) and host links other than PCIe 4.0.
+_FAMILIES = {
+    **dict.fromkeys(("a10", "a100-40gb", "a100-80gb", "rtx3060"), "nvidia-ampere"),
+    **dict.fromkeys(("h100-sxm", "h100-pcie", "h200", "gh200"), "nvidia-hopper"),
+    **dict.fromkeys(("l4", "l40s", "rtx4090"), "nvidia-ada"),
+}
+_HOST_LINKS = {"h100-sxm": 64, "h100-pcie": 64, "h200": 64, "gh200": 450}
 
 
 def _spec(key, name, mem, bw, tflops, link, source, *, is_cpu=False) -> DeviceSpec:
     return DeviceSpec(
+        family=_FAMILIES.get(key, "cpu"),
+        host_link_gbs=_HOST_LINKS.get(key, 32),
         key=key,
         name=name,
         memory_gib=mem,
@@ -157,3 +197,62 @@ def get_device(
     if changes:
         spec = spec.model_copy(update={**changes, "source": f"{spec.source}, overridden"})
     return spec
+
+
+def measured_cpu_device(
+    measurement: CpuMeasurement,
+    *,
+    slots: int = 1,
+    memory_gib: float | None = None,
+    where: str = "this machine",
+) -> DeviceSpec:
+    """The CPU entry with what a node measured (cluster/measure.py): one of its ``slots`` worker
+    slots gets an equal share of the node's weight-streaming rate (the engine's matmul kernel at
+    batch 1, else the streaming read) and matmul throughput, and pays the measured fixed cost per
+    layer (0 when the measurement predates it).
+
+    The result is marked ``measured`` (achieved rates, not datasheet peaks). ``memory_gib``
+    overrides the placeholder's memory, as ``get_device`` does.
+    """
+    if slots < 1:
+        raise ConfigError(f"slots must be at least 1, got {slots}", hint="pass --cpu-slots >= 1")
+    base = get_device("cpu", memory_gib=memory_gib)
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(measurement.at))
+    share = f", 1/{slots} per slot" if slots > 1 else ""
+    return base.model_copy(
+        update={
+            "name": f"CPU slot ({measurement.threads // slots or 1} cores)",
+            "bandwidth_gbs": measurement.weight_stream_gbs / slots,
+            "bf16_tflops": measurement.matmul_tflops / slots,
+            "layer_overhead_ms": measurement.layer_overhead_ms or 0.0,
+            "measured": True,
+            "source": f"measured on {where} {when}: {measurement.describe()}{share}",
+        }
+    )
+
+
+# nvidia-smi names to table keys: the first substring found wins (longer names first, so
+# "a100" does not read as "a10" nor "h100 pcie" as "h100").
+_SMI_NAMES = (
+    ("gh200", "gh200"),
+    ("h200", "h200"),
+    ("h100 pcie", "h100-pcie"),
+    ("h100", "h100-sxm"),
+    ("a100-sxm4-40gb", "a100-40gb"),
+    ("a100-pcie-40gb", "a100-40gb"),
+    ("a100", "a100-80gb"),
+    ("l40s", "l40s"),
+    ("a10", "a10"),
+    ("l4", "l4"),
+    ("4090", "rtx4090"),
+    ("3060", "rtx3060"),
+)
+
+
+def device_for_gpu_name(gpu_name: str) -> DeviceSpec | None:
+    """The table's spec for a GPU as nvidia-smi names it ("NVIDIA H200"), or None if unknown."""
+    name = gpu_name.strip().lower()
+    for needle, key in _SMI_NAMES:
+        if needle in name:
+            return DEVICES[key]
+    return None

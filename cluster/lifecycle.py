@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -223,9 +224,14 @@ def print_ready(state: ClusterState, reporter: Reporter) -> None:
     if state.monitoring.pid is not None and state.monitoring.url:
         where = "" if state.local else " on the head (`llamacluster tunnel` forwards it)"
         reporter.print(f"  monitor:  Prometheus {state.monitoring.url}{where}")
+        from cluster.monitor import dashboard_url
+
+        reporter.print(
+            f"  charts:   {dashboard_url(state.monitoring.url)}   (llamacluster top: live)"
+        )
     reporter.print("  curl:")
     reporter.console.print(
-        f'    curl -s {base}/chat/completions -H "Authorization: Bearer $(cat {key})" '
+        f'    curl -s {base}/chat/completions -H "Authorization: Bearer $(head -n1 {key})" '
         f"-H 'Content-Type: application/json' "
         f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'',
         markup=False,
@@ -233,7 +239,7 @@ def print_ready(state: ClusterState, reporter: Reporter) -> None:
     reporter.print("  python:")
     reporter.console.print(
         f"    from openai import OpenAI; from pathlib import Path\n"
-        f'    client = OpenAI(base_url="{base}", api_key=Path("{key}").read_text().strip())\n'
+        f'    client = OpenAI(base_url="{base}", api_key=Path("{key}").read_text().split()[0])\n'
         f'    print(client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello"}}]).choices[0].message.content)',
         markup=False,
     )
@@ -283,9 +289,10 @@ def _down(
     for stage in reversed(STAGES):
         if keep_ray and stage.name in ("ray", "storage", "cache", "preflight"):
             continue
+        started = time.monotonic()
         done = stage.teardown(ctx, how)
         if done:
-            reporter.info(f"{stage.name}: {done}")
+            reporter.info(f"{stage.name}: {done} ({time.monotonic() - started:.1f} s)")
     state = ctx.state
     state.stages = {}
     state.save()
@@ -314,6 +321,12 @@ def status(name: str, *, console: Console | None = None) -> dict[str, object]:
             if kernels
             else ""
         )
+        measured = state.measure.cpu.get(rec.name)
+        if measured is not None:
+            cpu += (
+                f"measured read {measured.read_gbs:.1f} GB/s, {measured.dtype} matmul "
+                f"{measured.matmul_tflops:.3g} TFLOP/s, "
+            )
         reporter.node(
             rec.label,
             f"{rec.name}: {rec.private_ip} ({rec.interface}), {rec.devices} {rec.device_kind} "
@@ -384,7 +397,7 @@ def tunnel(name: str, *, show_secrets: bool = False) -> list[str]:
     """Lines to print: the ``ssh -L`` command for the API, the dashboard and the monitor (when
     it has a port), and where the dashboard token and the API key are (their values with
     ``show_secrets``)."""
-    from cluster.monitor import TUNNEL_PORT
+    from cluster.monitor import TUNNEL_PORT, dashboard_url
 
     state = load_state(name)
     if not state.ports:
@@ -397,6 +410,8 @@ def tunnel(name: str, *, show_secrets: bool = False) -> list[str]:
     lines = []
     if state.local:
         monitor = f", monitor http://127.0.0.1:{monitor_port}" if monitor_port else ""
+        if monitor_port:
+            monitor += f" (dashboards {dashboard_url(f'http://127.0.0.1:{monitor_port}')})"
         lines.append(
             f"local cluster: no tunnel needed; API http://127.0.0.1:{p.api}/v1, dashboard "
             f"http://127.0.0.1:{p.dashboard}{monitor}"
@@ -412,6 +427,8 @@ def tunnel(name: str, *, show_secrets: bool = False) -> list[str]:
         argv = ssh_argv(head, person_ssh(state), batch=False, extra_args=["-N", *forwards])
         lines.append(shlex.join(argv))
         monitor = f", monitor http://127.0.0.1:{TUNNEL_PORT}" if monitor_port else ""
+        if monitor_port:
+            monitor += f" (dashboards {dashboard_url(f'http://127.0.0.1:{TUNNEL_PORT}')})"
         lines.append(
             f"then: API http://127.0.0.1:{p.api}/v1, dashboard http://127.0.0.1:8265{monitor}"
         )

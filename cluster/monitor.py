@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from cluster import promctl
+from cluster import dashboards, promctl
 from cluster.ray_nodes import session_alive_command, stop_session_command
 from cluster.state import config_hash
 
@@ -24,6 +25,11 @@ TOKEN_FILE = "api_token"
 DATA_DIR = "data"
 PID_FILE = "prometheus.pid"
 LOG_FILE = "prometheus.log"
+#: The dashboards (cluster/dashboards): Prometheus console pages and their library, rendered by
+#: Prometheus at ``/consoles/<page>`` and read from disk on every request (no restart to update).
+CONSOLES_DIR = "consoles"
+LIBRARIES_DIR = "console_libraries"
+DASHBOARD_PAGE = "consoles/index.html"
 #: Ray's dashboard writes its nodes' metrics addresses here, under the Ray temp dir (a link to
 #: the file in the current session's directory), every 5 s (ray/_private/metrics_agent.py).
 RAY_DISCOVERY_FILE = "prom_metrics_service_discovery.json"
@@ -75,6 +81,14 @@ class MonitorSpec:
     @property
     def log_path(self) -> str:
         return f"{self.dir}/{LOG_FILE}"
+
+    @property
+    def consoles_path(self) -> str:
+        return f"{self.dir}/{CONSOLES_DIR}"
+
+    @property
+    def libraries_path(self) -> str:
+        return f"{self.dir}/{LIBRARIES_DIR}"
 
     @property
     def listen(self) -> str:
@@ -144,7 +158,19 @@ def argv(spec: MonitorSpec) -> list[str]:
         f"--storage.tsdb.retention.time={spec.retention_time}",
         f"--storage.tsdb.retention.size={spec.retention_size}",
         f"--web.listen-address={spec.listen}",
+        f"--web.console.templates={spec.consoles_path}",
+        f"--web.console.libraries={spec.libraries_path}",
     ]
+
+
+def dashboard_files(spec: MonitorSpec) -> dict[str, str]:
+    """The dashboards' files by their path on the head (under the monitor's directory)."""
+    return {f"{spec.dir}/{rel}": text for rel, text in dashboards.files().items()}
+
+
+def dashboard_url(base_url: str) -> str:
+    """The dashboards' first page on a Prometheus at ``base_url``."""
+    return f"{base_url.rstrip('/')}/{DASHBOARD_PAGE}"
 
 
 def digest(spec: MonitorSpec) -> str:
@@ -322,7 +348,7 @@ def promctl_command(args: list[str], python: str = "python3") -> str:
     return promctl.script_command(*args, python=python)
 
 
-def summarize_targets(targets: list[dict]) -> tuple[dict[str, tuple[int, int]], list[str]]:
+def summarize_targets(targets: Iterable[dict]) -> tuple[dict[str, tuple[int, int]], list[str]]:
     """Per job (up, total), and one line per target that is not up."""
     per_job: dict[str, tuple[int, int]] = {}
     down = []

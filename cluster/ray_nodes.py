@@ -232,6 +232,29 @@ echo "LLAMACLUSTER_RAY_SID=$(cat {sid_file} 2>/dev/null)"
 exit $rc
 """
 
+# The same start under the node's supervisor (cluster/supervisor.py): it leads a new session
+# (its pid is the session id of every Ray process it starts), runs `ray start` once and writes
+# "<sid> <exit code>" to the status file, then stays to restart Ray. Detached like the daemons:
+# output to a file, stdin from /dev/null.
+_SUPERVISED_TEMPLATE = """\
+unset RAY_AUTH_TOKEN
+mkdir -p {temp_dir}
+test -s "$RAY_AUTH_TOKEN_PATH" || {{ echo "token file $RAY_AUTH_TOKEN_PATH is missing or empty" >&2; exit 2; }}
+status={status}
+rm -f "$status"
+{python} -m cluster.supervisor run --temp-dir {temp_dir} --status-file "$status" --log {log} -- {argv} > {sup_log} 2>&1 < /dev/null &
+pid=$!
+for _ in $(seq {polls}); do
+  [ -s "$status" ] && break
+  kill -0 $pid 2>/dev/null || break
+  sleep 0.5
+done
+cat {log} 2>/dev/null
+echo "LLAMACLUSTER_RAY_SID=$pid"
+read -r _ rc < "$status" 2>/dev/null || {{ echo "the supervisor ended before Ray started: $(tail -n 5 {sup_log})"; exit 1; }}
+exit $rc
+"""
+
 # TERM every process of the session, wait, then KILL what is left. Never `ray stop`: that
 # stops every Ray process of the user on the host, other clusters included.
 _STOP_TEMPLATE = """\
@@ -274,6 +297,8 @@ class RayNodeHandle:
     #: This cluster's Ray temp dir: a session is this cluster's only while a process of it names
     #: the dir (after a reboot the same session id can belong to anything).
     temp_dir: str | None = None
+    #: The session leader is the node's supervisor (cluster/supervisor.py), which restarts Ray.
+    supervised: bool = False
 
     def to_dict(self) -> dict:
         """JSON-ready form for the cluster state file."""
@@ -288,6 +313,7 @@ class RayNodeHandle:
             session_id=int(data["session_id"]),
             head=bool(data.get("head", False)),
             temp_dir=data.get("temp_dir"),
+            supervised=bool(data.get("supervised", False)),
         )
 
 
@@ -299,15 +325,22 @@ def start_ray_node(
     timeout: float = 180,
     retries: int = 1,
     on_line: LineSink | None = None,
+    supervise: bool = False,
 ) -> RayNodeHandle:
     """Start node ``index`` of ``spec`` through ``runner`` and return its handle.
 
     Ray gives a raylet a fixed 30 s to register; on a busy host that can pass, so that one
     failure is retried (after stopping what the failed try left). Any other failure raises
     RemoteError with the tail of Ray's output. ``on_line`` receives Ray's output (``-v``).
+    ``supervise``: under the node's supervisor process, which starts Ray again when its raylet
+    is gone (``spec.python`` must import this project).
     """
     node = spec.nodes[index]
-    command = start_ray_node_command(spec, index)
+    command = (
+        start_supervised_command(spec, index, timeout=timeout)
+        if supervise
+        else start_ray_node_command(spec, index)
+    )
     for attempt in range(retries + 1):
         result = runner.run(
             command, env=ray_node_env(spec, index), timeout=timeout, on_line=on_line
@@ -320,9 +353,10 @@ def start_ray_node(
                 session_id=sid,
                 head=index == 0,
                 temp_dir=spec.temp_dir,
+                supervised=supervise,
             )
         if sid is not None:  # ray start failed half-way: leave nothing of it behind
-            stop_ray_node(runner, sid, temp_dir=spec.temp_dir)
+            stop_ray_node(runner, sid, temp_dir=spec.temp_dir, supervised=supervise)
         if STARTUP_TIMEOUT not in result.stdout or attempt == retries:
             break
         log.info("%s: Ray node timed out registering; starting it again", runner.label)
@@ -367,6 +401,27 @@ def start_ray_node_command(spec: RayClusterSpec, index: int) -> str:
     )
 
 
+def start_supervised_command(spec: RayClusterSpec, index: int, *, timeout: float = 180) -> str:
+    """The shell text that starts node ``index`` under its supervisor (see _SUPERVISED_TEMPLATE);
+    it waits up to ``timeout`` for the first ``ray start``."""
+    node = spec.nodes[index]
+    temp = spec.temp_dir
+    return _SUPERVISED_TEMPLATE.format(
+        temp_dir=shell_join([temp]),
+        status=shell_join([f"{temp}/llamacluster-supervisor-{node.ip}.status"]),
+        python=shell_join([spec.python]),
+        log=shell_join([f"{temp}/llamacluster-start-{node.ip}.log"]),
+        sup_log=shell_join([supervisor_log(spec, node)]),
+        argv=shell_join(ray_start_argv(spec, index)),
+        polls=max(1, int(timeout / 0.5)),
+    )
+
+
+def supervisor_log(spec: RayClusterSpec, node: RayNodeSpec) -> str:
+    """Where a node's supervisor writes what it did (restarts, failed starts), on that node."""
+    return f"{spec.temp_dir}/llamacluster-supervisor-{node.ip}.log"
+
+
 def _parse_sid(stdout: str) -> int | None:
     for line in reversed(stdout.splitlines()):
         if line.startswith("LLAMACLUSTER_RAY_SID="):
@@ -397,6 +452,46 @@ def session_alive_command(session_id: int, temp_dir: str) -> str:
     return f"sid={sid}\n{ours}\nours"
 
 
+def raylet_alive_command(session: int | str, temp_dir: str) -> str:
+    """Exit 0 while a raylet of session ``session`` (an id, or shell text printing one) runs as
+    this user and names ``temp_dir``: the node's Ray, not only its supervisor, is there."""
+    sid = str(int(session)) if isinstance(session, int) else f"$({session})"
+    members = _MEMBERS_TEMPLATE.format(temp=shlex.quote(temp_dir))
+    return (
+        f"sid={sid}\n{members}\n"
+        "for p in $(members); do\n"
+        '  [ "$(cat /proc/$p/comm 2>/dev/null)" = raylet ] || continue\n'
+        f"  tr '\\0' ' ' < /proc/$p/cmdline 2>/dev/null | grep -qF -- {shlex.quote(temp_dir)} && exit 0\n"
+        "done\nexit 1"
+    )
+
+
+# TERM the supervisor by its pid (only when it is one: its own session leader whose command line
+# names cluster.supervisor and the cluster's temp dir), and wait for it to end.
+_STOP_SUPERVISOR_TEMPLATE = """\
+pid={pid}
+[ -r /proc/$pid/cmdline ] || {{ echo "supervisor $pid not running"; exit 0; }}
+cmd=$(tr '\\0' ' ' < /proc/$pid/cmdline)
+if [ "$(ps -o sid= -p $pid | tr -d ' ')" != "$pid" ] || [ "$(ps -o uid= -p $pid | tr -d ' ')" != "$(id -u)" ] \\
+   || ! echo "$cmd" | grep -qF -- cluster.supervisor || ! echo "$cmd" | grep -qF -- {temp}; then
+  echo "process $pid is not this cluster's supervisor: left alone"; exit 0
+fi
+kill -TERM $pid
+for _ in $(seq 40); do kill -0 $pid 2>/dev/null || {{ echo "supervisor $pid stopped"; exit 0; }}; sleep 0.25; done
+kill -KILL $pid 2>/dev/null; echo "supervisor $pid killed (ignored TERM)"
+"""
+
+
+def stop_supervisor_command(pid: int, temp_dir: str) -> str:
+    """Shell text that stops the node supervisor ``pid`` (TERM, then KILL after 10 s), only when
+    it is this cluster's; its Ray is stopped separately, by the session."""
+    if int(pid) <= 1:
+        raise ValueError(f"refusing to stop pid {pid}")
+    # A subshell: its exits end this step only, so the session stop that follows still runs.
+    text = _STOP_SUPERVISOR_TEMPLATE.format(pid=int(pid), temp=shlex.quote(temp_dir))
+    return f"(\n{text})\n"
+
+
 def stop_session_command(session_id: int, marker: str, *, grace_s: float = 10) -> str:
     """Shell text that stops exactly the processes of session ``session_id`` of this user:
     TERM, wait ``grace_s``, then KILL; only when a process of it names ``marker`` (a Ray temp
@@ -420,15 +515,19 @@ def stop_ray_node(
     *,
     temp_dir: str | None = None,
     grace_s: float = 10,
+    supervised: bool = False,
 ) -> Result:
     """Stop exactly the processes of one Ray node's session: TERM, wait ``grace_s``, KILL.
 
     Only this user's processes, and only when the session is this cluster's (a process of it
     names ``temp_dir``, taken from the handle when given one); otherwise nothing is signalled.
+    ``supervised`` (or a supervised handle): the session leader is the node's supervisor; it is
+    stopped first, by its pid, so it cannot start Ray again meanwhile.
     Safe to repeat: a session with no process left is a success.
     """
     if isinstance(session_id, RayNodeHandle):
         temp_dir = temp_dir or session_id.temp_dir
+        supervised = supervised or session_id.supervised
         sid = session_id.session_id
     else:
         sid = int(session_id)
@@ -437,7 +536,9 @@ def stop_ray_node(
             "stopping a Ray session needs the cluster's temp dir (to prove it is ours)"
         )
     script = stop_session_command(sid, temp_dir, grace_s=grace_s)
-    return runner.run(script, timeout=grace_s + 30)
+    if supervised:
+        script = stop_supervisor_command(sid, temp_dir) + script
+    return runner.run(script, timeout=grace_s + 45)
 
 
 _PORTS_PER_NODE = 6  # node manager, object manager, metrics, agent http/grpc, runtime env

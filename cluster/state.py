@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from cluster.errors import ConfigError
 from cluster.files import atomic_write
+from cluster.measure import CpuMeasurement, LinkMeasurement
 
 #: Name of the state file inside a cluster's directory.
 STATE_FILE = "state.json"
@@ -187,6 +188,17 @@ class EnvSection(BaseModel):
     )
 
 
+class MeasureSection(BaseModel):
+    """Written by the measure stage: what each node's CPU and the links to the head achieved."""
+
+    cpu: dict[str, CpuMeasurement] = Field(
+        default_factory=dict, description="Per node name: the CPU micro-benchmark."
+    )
+    links: dict[str, LinkMeasurement] = Field(
+        default_factory=dict, description="Per worker name: TCP from the head to it."
+    )
+
+
 class DownloadSection(BaseModel):
     """Written by the download stage: what was fetched and verified."""
 
@@ -208,6 +220,16 @@ class RayNode(BaseModel):
     boot_id: str | None = Field(default=None, description="The node's boot id at start.")
     host: str | None = Field(default=None, description="The host it was started on.")
     machine_id: str | None = Field(default=None, description="That host's machine id.")
+    supervisor: Literal["systemd", "process"] | None = Field(
+        default=None,
+        description="What restarts this node's Ray: a systemd unit, the supervisor process "
+        "(cluster/supervisor.py; then ``session`` is its pid), or nothing.",
+    )
+    unit: str | None = Field(
+        default=None,
+        description="The systemd unit written for this node (also in test-root mode, where only "
+        "the file is written); `down --purge` removes it.",
+    )
 
     def same_machine(self, node: NodeState) -> bool:
         """Whether ``node`` (as preflight sees it now) is still the machine and boot this
@@ -271,6 +293,7 @@ SECTION_OWNERS: dict[str, str] = {
     "storage": "storage",
     "cache": "cache",
     "env": "env",
+    "measure": "measure",
     "download": "download",
     "ray": "ray",
     "server": "serve",
@@ -304,6 +327,7 @@ class ClusterState(BaseModel):
     storage: StorageSection = Field(default_factory=StorageSection)
     cache: CacheSection = Field(default_factory=CacheSection)
     env: EnvSection = Field(default_factory=EnvSection)
+    measure: MeasureSection = Field(default_factory=MeasureSection)
     download: DownloadSection = Field(default_factory=DownloadSection)
     ray: RaySection = Field(default_factory=RaySection)
     server: ServerSection = Field(default_factory=ServerSection)

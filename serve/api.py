@@ -42,6 +42,32 @@ COUNTED_PATHS = frozenset(
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 CHAT_PATH = "/v1/chat/completions"
 
+# The only routes a user key reaches (default deny): the OpenAI routes of the served model,
+# the probes, metrics and tokenizer helpers. Every other route of vLLM's app (elastic EP
+# scaling, /v1/responses with its stored responses, SageMaker's /invocations dispatcher, the
+# render and batch routes, dev-mode and LoRA routes, plugin routes, docs) answers 404 unless
+# the caller holds an admin key.
+PUBLIC_PATHS = frozenset(
+    {
+        CHAT_PATH,
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/models",
+        "/tokenize",
+        "/detokenize",
+        "/metrics",
+        "/health",
+        "/ready",
+    }
+)
+# Public routes whose JSON body the gateway checks before vLLM sees it.
+BODY_CHECKED_PATHS = frozenset(
+    {CHAT_PATH, "/v1/completions", "/v1/embeddings", "/tokenize", "/detokenize"}
+)
+# Deepest JSON nesting accepted: OpenAI requests (tool schemas included) stay far below it,
+# and deeper bodies make parsers and validators recurse without bound.
+MAX_JSON_DEPTH = 64
+
 REQUESTS = Counter(
     "llamacluster_http_requests",
     "HTTP requests answered by the llamacluster server, by route and status code.",
@@ -49,6 +75,11 @@ REQUESTS = Counter(
 )
 IN_FLIGHT = Gauge(
     "llamacluster_requests_in_flight", "Requests inside the server (running + queued)."
+)
+ENGINE_RESTARTS = Counter(
+    "llamacluster_engine_restarts",
+    "Engine faults that made the replica's supervisor restart the engine, by cause.",
+    ["cause"],
 )
 
 # OpenAI's error `type` for each status we answer ourselves.
@@ -113,15 +144,107 @@ def normalize_error_body(status: int, body: bytes) -> bytes:
     return json.dumps(error_payload(status, message or HTTPStatus(status).phrase)).encode()
 
 
-def chat_messages_problem(body: bytes) -> str | None:
-    """What is wrong with a chat request's `messages` (None when fine or not JSON at all).
+def is_public_route(path: str) -> bool:
+    """Does a user key reach ``path``? Anything not listed is for admin keys only."""
+    return path in PUBLIC_PATHS
+
+
+def json_depth_exceeds(data: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Is parsed JSON nested deeper than ``limit`` arrays/objects? (Iterative: no recursion.)"""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """What the gateway bounds in a request body before vLLM sees it."""
+
+    max_n: int | None = None
+    max_tokens: int | None = None
+    # None or empty: media URLs (http/https) are refused; else only these hosts.
+    allowed_media_domains: frozenset[str] = frozenset()
+
+
+# Body fields that bound how many tokens a request generates (completions; chat).
+_MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
+def body_problem(path: str, data: Any, limits: BodyLimits) -> tuple[str, str | None] | None:
+    """What is wrong with a parsed request body, as (message, param), or None.
+
+    vLLM checks the OpenAI fields itself; these are the server's own bounds (``n``, output
+    tokens, media URLs) and the chat roles vLLM does not check.
+    """
+    if not isinstance(data, dict):
+        return None
+    n = data.get("n")
+    if limits.max_n is not None and isinstance(n, int) and n > limits.max_n:
+        return f"`n` is {n}; this server allows at most {limits.max_n}", "n"
+    for name in _MAX_TOKEN_FIELDS:
+        value = data.get(name)
+        if limits.max_tokens is not None and isinstance(value, int) and value > limits.max_tokens:
+            return f"`{name}` is {value}; this server allows at most {limits.max_tokens}", name
+    if path == CHAT_PATH and (problem := chat_messages_problem(data)) is not None:
+        return problem, "messages"
+    if (url := media_url_refused(data.get("messages"), limits.allowed_media_domains)) is not None:
+        if limits.allowed_media_domains:
+            allowed = ", ".join(sorted(limits.allowed_media_domains))
+            return f"media URL {url!r} is not on an allowed domain ({allowed})", "messages"
+        return (
+            f"media URL {url!r} refused: this server does not fetch media from URLs; send it "
+            "inline as a data: URL (or start the server with --allowed-media-domains)",
+            "messages",
+        )
+    return None
+
+
+def media_url_refused(messages: Any, allowed_domains: frozenset[str]) -> str | None:
+    """The first http(s) media URL in chat content parts whose host is not allowed, or None.
+
+    A content part names its media as ``{"type": "image_url", "image_url": {"url": ...}}``
+    (audio_url, video_url and other kinds alike, or the URL as a plain string): every string
+    under a key ending in ``url`` inside the parts is looked at.
+    """
+    from urllib.parse import urlsplit
+
+    if not isinstance(messages, list):
+        return None
+    stack: list[Any] = [m.get("content") for m in messages if isinstance(m, dict)]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            for key, value in item.items():
+                if isinstance(value, str) and str(key).lower().endswith("url"):
+                    try:
+                        parts = urlsplit(value.strip())
+                        host = parts.hostname or ""
+                    except ValueError:  # a malformed URL is refused, not fetched
+                        return value[:200]
+                    if parts.scheme.lower() in ("http", "https") and host not in allowed_domains:
+                        return value[:200]
+                elif isinstance(value, (dict, list)):
+                    stack.append(value)
+    return None
+
+
+def chat_messages_problem(data: Any) -> str | None:
+    """What is wrong with a parsed chat request's `messages` (None when fine or not an object).
 
     vLLM checks most fields itself; it accepts unknown roles, so they are checked here.
     """
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None  # vLLM answers malformed JSON with its own 400
     if not isinstance(data, dict):
         return None
     messages = data.get("messages")
@@ -273,14 +396,32 @@ class ServerState:
             "loading_error": self.loading_error,
         }
 
-    def health_body(self, ok: bool, reason: str) -> dict[str, Any]:
+    def health_body(self, ok: bool, reason: str, *, details: bool = True) -> dict[str, Any]:
         """/health's JSON: ``status``, ``engine`` and the restart history; an error in
-        OpenAI's shape when not healthy."""
+        OpenAI's shape when not healthy.
+
+        Without ``details`` (a caller without a key) every free-text field (exception
+        messages, paths) is left out: states, causes, counts and times remain.
+        """
+        status = self.status_word()
+        if not details:
+            reason = f"engine {status}"
         body: dict[str, Any] = {} if ok else error_payload(503, reason)
-        body["status"] = self.status_word()
-        body["engine"] = self.engine_json()
-        body["restarts"] = self.restart_history()
+        body["status"] = status
+        engine = self.engine_json()
+        restarts = self.restart_history()
+        if not details:
+            engine = {k: v for k, v in engine.items() if k not in _HEALTH_DETAIL_FIELDS}
+            restarts = [
+                {k: v for k, v in r.items() if k not in _HEALTH_DETAIL_FIELDS} for r in restarts
+            ]
+        body["engine"] = engine
+        body["restarts"] = restarts
         return body
+
+
+# /health fields with free text (exception messages, paths): shown to key holders only.
+_HEALTH_DETAIL_FIELDS = frozenset({"detail", "error", "last_restart_error", "loading_error"})
 
 
 def _iso(wall: float | None) -> str | None:
@@ -292,9 +433,10 @@ def _iso(wall: float | None) -> str | None:
 class Gateway:
     """ASGI middleware around vLLM's OpenAI app: every rule of the public endpoint in one place.
 
-    Order per request: request id → open probes → auth (default deny) → loading (503) →
-    content type (415) / body size (413) → load bound (429) → the app, with a timeout and with
-    every error answer rewritten into OpenAI's shape.
+    Order per request: request id → open probes → auth (default deny) → route allowlist
+    (404; admin keys reach every route) → loading (503) → content type (415) / body size (413)
+    → load bound (429) → body checks (400) → the app, with a request timeout and a stream idle
+    timeout and with every error answer rewritten into OpenAI's shape.
     """
 
     def __init__(
@@ -309,8 +451,15 @@ class Gateway:
         request_timeout_s: float | None = None,
         max_body_bytes: int = 8 * 1024 * 1024,
         add_request_id: bool = True,
+        admin_key_digests: Iterable[bytes] = (),
+        stream_idle_timeout_s: float | None = None,
+        body_limits: BodyLimits = BodyLimits(),
     ) -> None:
         self._keys = [key_digest(k) for k in api_keys] + list(api_key_digests)
+        # Keys that also reach the routes outside PUBLIC_PATHS; none: those routes are 404.
+        self._admin_keys = list(admin_key_digests)
+        self._idle_timeout = stream_idle_timeout_s
+        self._limits = body_limits
         if not self._keys and not no_auth:
             raise ValueError("Gateway needs API keys or an explicit no_auth=True")
         self.state = state
@@ -339,13 +488,21 @@ class Gateway:
         label = path if path in COUNTED_PATHS else "other"
         send = _count_and_tag(send, request_id if self._add_request_id else None, label)
 
+        token = bearer_token(scope["headers"])
+        is_admin = key_matches(token, self._admin_keys)
+        has_key = is_admin or key_matches(token, self._keys)
         if path in OPEN_PATHS and scope.get("method") in ("GET", "HEAD"):
+            # Without a key the probes say only how things stand; the reasons (exception
+            # text, paths) are for key holders.
             if path == "/ready":
                 ok, reason = self.state.ready()
+                if not has_key:
+                    word = self.state.status_word()
+                    reason = "ready" if ok else "not ready" + ("" if word == "ok" else f" ({word})")
                 payload = {"status": reason} if ok else error_payload(503, reason)
             else:
                 ok, reason = self.state.healthy()
-                payload = self.state.health_body(ok, reason)
+                payload = self.state.health_body(ok, reason, details=has_key)
             await _send_json(
                 send,
                 200 if ok else 503,
@@ -354,7 +511,7 @@ class Gateway:
             )
             return
 
-        if not self._no_auth and not key_matches(bearer_token(scope["headers"]), self._keys):
+        if not self._no_auth and not has_key:
             await _send_json(
                 send,
                 401,
@@ -364,6 +521,16 @@ class Gateway:
                     code="invalid_api_key",
                 ),
                 extra=[(b"www-authenticate", b"Bearer")],
+            )
+            return
+
+        if not is_public_route(path) and not is_admin:
+            await _send_json(
+                send,
+                404,
+                error_payload(
+                    404, f"no route {path[:200]}: this server offers the OpenAI API under /v1"
+                ),
             )
             return
 
@@ -413,6 +580,43 @@ class Gateway:
             self.in_flight -= 1
             IN_FLIGHT.dec()
 
+    def set_key_digests(self, digests: Iterable[bytes]) -> bool:
+        """Accept exactly the keys with these digests from the next request on; returns whether
+        the set changed. An empty set is refused (it would lock every client out).
+
+        One assignment of a new list: a request checks its key against one whole list, the old
+        one or the new one, never a mix; requests already inside the app run on.
+        """
+        new = list(dict.fromkeys(digests))
+        if not new:
+            raise ValueError("refusing an empty set of API keys")
+        changed = set(new) != set(self._keys)
+        self._keys = new
+        return changed
+
+    async def follow_key_digests(
+        self, read: Callable[[], list[bytes] | None], *, interval_s: float = 1.0
+    ) -> None:
+        """Apply the key digests ``read()`` returns, every ``interval_s``, until cancelled.
+
+        ``read`` runs in a thread (it may ask the network); when it fails, or finds nothing,
+        the last good set stays in force, and a failure is logged once per run of failures.
+        """
+        failing = False
+        while True:
+            try:
+                digests = await asyncio.to_thread(read)
+                if digests and self.set_key_digests(digests):
+                    logger.info("API keys reloaded: %d key(s) accepted", len(self._keys))
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not failing:
+                    logger.warning("cannot reload the API keys (keeping the last ones): %s", exc)
+                failing = True
+            await asyncio.sleep(interval_s)
+
     def end_in_flight(self, message: str) -> int:
         """End every request inside the app now: a 503 for those that have not answered yet,
         an SSE error event and ``[DONE]`` for streams (the engine behind them is going away).
@@ -447,7 +651,7 @@ class Gateway:
         tracker = _ResponseTracker(send, self.state.unavailable, self._retry_after)
         received = 0
 
-        if scope.get("method") == "POST" and scope.get("path") == CHAT_PATH:
+        if scope.get("method") == "POST" and scope.get("path") in BODY_CHECKED_PATHS:
             try:
                 body = await self._read_body(receive)
             except _ClientGone:
@@ -455,8 +659,9 @@ class Gateway:
             if body is None:
                 await _send_json(send, 413, self._too_large())
                 return
-            if (problem := chat_messages_problem(body)) is not None:
-                await _send_json(send, 400, error_payload(400, problem, param="messages"))
+            if (problem := self._body_problem(scope["path"], body)) is not None:
+                message, param = problem
+                await _send_json(send, 400, error_payload(400, message, param=param))
                 return
             receive = _replay(body, receive)
 
@@ -473,16 +678,12 @@ class Gateway:
         task = asyncio.ensure_future(app(scope, limited_receive, tracker.send))
         self._aborts.add(abort)
         try:
-            await asyncio.wait(
-                (task, abort), timeout=self._timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            if not task.done():
-                await _cancel(task)
+            if (timed_out := await self._wait(task, abort, tracker)) is not None:
+                await _cancel(task)  # aborts the engine request
                 if abort.done():
                     await tracker.fail(503, abort.result(), retry_after=self._retry_after)
                 else:
-                    message = f"request took longer than the server's limit of {self._timeout:g}s"
-                    await tracker.fail(504, message)
+                    await tracker.fail(504, timed_out)
                 return
             task.result()
         except _BodyTooLarge:
@@ -500,6 +701,50 @@ class Gateway:
             self._aborts.discard(abort)
             if not task.done():
                 task.cancel()
+
+    def _body_problem(self, path: str, body: bytes) -> tuple[str, str | None] | None:
+        """(message, param) when a JSON body breaks the server's bounds, else None."""
+        try:
+            data = json.loads(body)
+        except RecursionError:
+            return f"JSON nested deeper than {MAX_JSON_DEPTH} levels", None
+        except (ValueError, UnicodeDecodeError):
+            return None  # vLLM answers malformed JSON with its own 400
+        if json_depth_exceeds(data):
+            return f"JSON nested deeper than {MAX_JSON_DEPTH} levels", None
+        return body_problem(path, data, self._limits)
+
+    async def _wait(
+        self, task: asyncio.Future, abort: asyncio.Future, tracker: _ResponseTracker
+    ) -> str | None:
+        """Wait for the app (or an abort); the reason when a time limit ended it instead:
+        the request timeout, or a stream with no output for the idle timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = None if self._timeout is None else loop.time() + self._timeout
+        while True:
+            now = loop.time()
+            waits = [] if deadline is None else [deadline - now]
+            if self._idle_timeout is not None:
+                # Before a stream starts this only re-checks; after, it is the idle deadline.
+                last = tracker.last_sent if tracker.streaming else now
+                waits.append(last + self._idle_timeout - now)
+            timeout = max(0.0, min(waits)) if waits else None
+            await asyncio.wait((task, abort), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if task.done() or abort.done():
+                return None if task.done() else "aborted"
+            now = loop.time()
+            if deadline is not None and now >= deadline:
+                return f"request took longer than the server's limit of {self._timeout:g}s"
+            if (
+                self._idle_timeout is not None
+                and tracker.streaming
+                and not tracker.finished
+                and now - tracker.last_sent >= self._idle_timeout
+            ):
+                return (
+                    f"no output for {self._idle_timeout:g}s (the server's stream idle "
+                    "limit): the request was aborted"
+                )
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         while True:
@@ -559,11 +804,14 @@ class _ResponseTracker:
         self.finished = False
         self.status = 0
         self.streaming = False
+        # When the last body chunk went out (event loop clock): the stream idle timeout.
+        self.last_sent = asyncio.get_running_loop().time()
         self._held_start: Message | None = None
         self._held_body: list[bytes] = []
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
+        self.last_sent = asyncio.get_running_loop().time()
         if kind == "http.response.start":
             self.started = True
             self.status = int(message["status"])
@@ -671,3 +919,75 @@ async def _send_json(
     headers += extra or []
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+# --- the HTTP server's own limits ---------------------------------------------------------------
+# Ray Serve's direct-ingress server is uvicorn, started by Serve with only a keep-alive timeout:
+# uvicorn has no header-read timeout, and its `limit_concurrency` would count slow sockets and
+# refuse everyone else. The replica makes Serve's server use this protocol instead
+# (install_http_limits): a connection that has not sent a whole request head within
+# ``header_timeout_s`` (on connect, and after each answer on a kept-alive connection) is closed,
+# and a connection past ``max_connections`` gets a 503 and is closed at once.
+
+HTTP_PROTOCOL_SPEC = "serve.api:LimitedHTTPProtocol"
+
+
+def _auto_http_protocol() -> type:
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    return AutoHTTPProtocol
+
+
+class LimitedHTTPProtocol(_auto_http_protocol()):  # type: ignore[misc]
+    """uvicorn's HTTP protocol with a header-read timeout and a connection cap."""
+
+    header_timeout_s: float = 30.0
+    max_connections: int = 2048
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        if len(self.connections) > self.max_connections:
+            body = json.dumps(
+                error_payload(503, f"server is at its limit of {self.max_connections} connections")
+            ).encode()
+            transport.write(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                + f"content-length: {len(body)}\r\nretry-after: 1\r\n".encode()
+                + b"connection: close\r\n\r\n"
+                + body
+            )
+            transport.close()
+            return
+        self._arm_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_timer()  # the next request's head must come in time too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if getattr(self, "_head_timer", None) is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            return  # a request is running: the gateway's own timeouts bound it
+        self.transport.close()
+
+
+def install_http_limits(*, header_timeout_s: float, max_connections: int) -> None:
+    """Make every uvicorn server this process starts afterwards (Ray Serve's direct ingress
+    among them) use LimitedHTTPProtocol with these limits."""
+    from uvicorn.config import HTTP_PROTOCOLS
+
+    LimitedHTTPProtocol.header_timeout_s = header_timeout_s
+    LimitedHTTPProtocol.max_connections = max_connections
+    HTTP_PROTOCOLS["auto"] = HTTP_PROTOCOL_SPEC

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -13,8 +14,14 @@ from typing import Any
 from ray import serve
 
 from cluster.errors import ConfigError, NotReadyError
-from serve.api import Gateway, ServerState, key_digest
+from serve.api import BodyLimits, Gateway, ServerState, install_http_limits, key_digest
 from serve.config import ServeConfig, check_device_slots, cluster_slots, placement_bundles
+from serve.keystore import (
+    KEY_POLL_INTERVAL_S,
+    forget_key_digests,
+    load_key_digests,
+    publish_key_digests,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +33,11 @@ DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 PORT_MIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
 PORT_MAX_ENV = "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"
 APP_ENV = "LLAMACLUSTER_APP"
+MEDIA_REDIRECTS_ENV = "VLLM_MEDIA_URL_ALLOW_REDIRECTS"
+# Serve keeps a stopping direct-ingress replica listening this long even when it has no request,
+# so that an external load balancer can deregister it first. Nothing sits in front of our one
+# replica, so it stops as soon as its running requests finish (bounded by --drain-timeout).
+MIN_DRAINING_PERIOD_S = "0"
 # Ray's internal key-value store keeps each app's restart history, so it outlives a replica that
 # Ray Serve replaced (the controller can read it there too).
 HISTORY_KV_NAMESPACE = "llamacluster"
@@ -34,6 +46,14 @@ HISTORY_KV_NAMESPACE = "llamacluster"
 def history_kv_key(app_name: str) -> str:
     """The internal-KV key of an app's restart history."""
     return f"restarts/{app_name}"
+
+
+def _stored_key_digests(app_name: str) -> list[bytes] | None:
+    """The published digests when the KV answers (a replica Serve replaced must not fall back
+    to the keys of the original deploy), else None."""
+    with contextlib.suppress(Exception):
+        return load_key_digests(app_name)
+    return None
 
 
 class VllmSession:
@@ -103,20 +123,36 @@ class LlamaclusterServer:
     answering 503 + Retry-After meanwhile.
     """
 
-    def __init__(self, config: ServeConfig, api_key_digests: list[bytes]) -> None:
+    def __init__(
+        self,
+        config: ServeConfig,
+        api_key_digests: list[bytes],
+        admin_key_digests: list[bytes] | None = None,
+    ) -> None:
         from serve.watchdog import RestartPolicy, Supervisor, history_from_json
 
         self.config = config
+        # Before Serve starts this replica's HTTP server (after the constructor).
+        install_http_limits(
+            header_timeout_s=config.header_timeout_s, max_connections=config.max_connections
+        )
         self.state = ServerState(probe_max_age_s=max(6 * config.ready_probe_interval_s, 30.0))
         self.gateway = Gateway(
             self.state,
-            api_key_digests=api_key_digests,
+            api_key_digests=_stored_key_digests(config.app_name) or api_key_digests,
             no_auth=config.no_auth,
             max_ongoing_requests=config.max_ongoing_requests,
             retry_after_s=config.retry_after_s,
             request_timeout_s=config.request_timeout_s,
             max_body_bytes=config.max_body_bytes,
             add_request_id=False,
+            admin_key_digests=admin_key_digests or [],
+            stream_idle_timeout_s=config.stream_idle_timeout_s,
+            body_limits=BodyLimits(
+                max_n=config.max_n,
+                max_tokens=config.max_tokens_limit,
+                allowed_media_domains=frozenset(config.allowed_media_domains),
+            ),
         )
         policy = RestartPolicy(
             stall_timeout_s=config.stall_timeout_s,
@@ -143,6 +179,13 @@ class LlamaclusterServer:
     async def __serve_build_asgi_app__(self):
         """Ray Serve's late-bound ingress hook: start loading, return the gateway right away."""
         self.supervisor.launch()
+        if not self.config.no_auth:
+            app_name = self.config.app_name
+            self._key_follower = asyncio.ensure_future(
+                self.gateway.follow_key_digests(
+                    lambda: load_key_digests(app_name), interval_s=KEY_POLL_INTERVAL_S
+                )
+            )
         return self.gateway
 
     def unfinished_requests(self) -> int:
@@ -158,6 +201,8 @@ class LlamaclusterServer:
             raise RuntimeError(problem)
 
     async def __del__(self) -> None:
+        if (follower := getattr(self, "_key_follower", None)) is not None:
+            follower.cancel()
         with contextlib.suppress(Exception):
             await self.supervisor.aclose()
 
@@ -207,9 +252,12 @@ def replica_env(config: ServeConfig) -> dict[str, str]:
     inherit the caller's environment."""
     env = {
         DIRECT_INGRESS_ENV: "1",
-        DRAIN_ENV: f"{config.drain_timeout_s:g}",
+        DRAIN_ENV: MIN_DRAINING_PERIOD_S,
         # Names the app in every process it starts (engine core, workers), for `ps e` and tests.
         APP_ENV: config.app_name,
+        # Media is fetched only from --allowed-media-domains, and a redirect must not lead
+        # elsewhere (vLLM follows redirects by default).
+        MEDIA_REDIRECTS_ENV: "0",
     }
     if config.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_space_gb or 4)
@@ -222,7 +270,7 @@ def controller_env(config: ServeConfig) -> dict[str, str]:
     """Environment of the Serve controller: direct ingress on, endpoint port fixed."""
     return {
         DIRECT_INGRESS_ENV: "1",
-        DRAIN_ENV: f"{config.drain_timeout_s:g}",
+        DRAIN_ENV: MIN_DRAINING_PERIOD_S,
         PORT_MIN_ENV: str(config.port),
         PORT_MAX_ENV: str(config.port + 1),
     }
@@ -246,12 +294,18 @@ def build_application(config: ServeConfig, api_keys: list[str]):
         },
         health_check_period_s=10,
         health_check_timeout_s=60,
+        # A stopping replica checks for running requests this often; Serve's 2 s default
+        # made every idle `down` wait two loops.
+        graceful_shutdown_wait_loop_s=0.25,
         graceful_shutdown_timeout_s=config.drain_timeout_s + 30,
     )
     # Only key digests and a config without keys reach the replica: Ray keeps constructor
     # arguments in its own store, and secrets must not sit there.
-    keyless = config.model_copy(update={"api_keys": [], "api_key_file": None})
-    return deployment.bind(keyless, [key_digest(k) for k in api_keys])
+    keyless = config.model_copy(
+        update={"api_keys": [], "api_key_file": None, "admin_key_file": None}
+    )
+    admin = [key_digest(k) for k in config.resolved_admin_keys()]
+    return deployment.bind(keyless, [key_digest(k) for k in api_keys], admin)
 
 
 def _connect(ray_address: str | None) -> None:
@@ -292,6 +346,9 @@ def deploy(config: ServeConfig, *, ray_address: str | None = None) -> Endpoint:
     if existing is None:
         # A redeploy keeps its own slots; a fresh one needs them free.
         check_device_slots(cluster_slots(), config)
+    if api_keys:
+        # Before the replica starts: it prefers the published keys to its constructor's.
+        publish_key_digests(config.app_name, [key_digest(k) for k in api_keys])
     serve.start(
         http_options={"host": config.host, "port": config.proxy_port},
         controller_options={"runtime_env": {"env_vars": controller_env(config)}},
@@ -367,6 +424,8 @@ def shutdown(app_name: str, *, ray_address: str | None = None) -> bool:
     if found:
         serve.delete(app_name)
         _forget_history(app_name)
+        with contextlib.suppress(Exception):
+            forget_key_digests(app_name)
     if not (set(apps) - {app_name}):
         serve.shutdown()
     return found
@@ -383,19 +442,25 @@ def _serve_apps() -> dict[str, Any] | None:
     return dict(serve.status().applications)
 
 
-def wait_until_ready(url: str, *, timeout_s: float = 600.0, poll_s: float = 1.0) -> None:
-    """Poll GET {url}/ready until 200; fail early when the engine failed to start."""
+def wait_until_ready(
+    url: str, *, timeout_s: float = 600.0, poll_s: float = 1.0, api_key: str | None = None
+) -> None:
+    """Poll GET {url}/ready until 200; fail early when the engine failed to start.
+
+    With ``api_key`` the failure says why (the probes tell reasons to key holders only).
+    """
     import httpx
 
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     deadline = time.monotonic() + timeout_s
     last = "no answer yet"
     while time.monotonic() < deadline:
         try:
-            ready = httpx.get(f"{url}/ready", timeout=5.0)
+            ready = httpx.get(f"{url}/ready", timeout=5.0, headers=headers)
             if ready.status_code == 200:
                 return
             last = _reason(ready)
-            health = httpx.get(f"{url}/health", timeout=5.0)
+            health = httpx.get(f"{url}/health", timeout=5.0, headers=headers)
             if health.status_code != 200 and not _restarting(health):
                 raise NotReadyError(
                     f"server at {url} is not healthy: {_reason(health)}",

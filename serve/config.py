@@ -101,9 +101,46 @@ class ServeConfig(BaseModel):
     )
     request_timeout_s: float | None = Field(
         json_schema_extra={"flag": "--request-timeout"},
-        default=None,
+        default=600.0,
         gt=0,
-        description="Per-request time limit (504 after it); default: none.",
+        description="Per-request time limit in seconds (504, or an SSE error event mid-stream).",
+    )
+    stream_idle_timeout_s: float | None = Field(
+        json_schema_extra={"flag": "--stream-idle-timeout"},
+        default=120.0,
+        gt=0,
+        description="Seconds a stream may go without output before it ends with an SSE error "
+        "event and [DONE] and its engine request is aborted.",
+    )
+    max_n: int = Field(
+        default=16, ge=1, description="Largest `n` (choices per request) accepted (400 past)."
+    )
+    max_tokens_limit: int = Field(
+        default=32768,
+        ge=1,
+        description="Largest `max_tokens` / `max_completion_tokens` accepted (400 past).",
+    )
+    allowed_media_domains: list[str] = Field(
+        default_factory=list,
+        description="Hosts the server may fetch multimodal media (image_url, ...) from, without "
+        "redirects; empty: media URLs are refused (inline data: URLs still work).",
+    )
+    admin_key_file: Path | None = Field(
+        default=None,
+        description="File (mode 0600) with the keys that reach vLLM's operational routes; "
+        "without it those routes answer 404.",
+    )
+    header_timeout_s: float = Field(
+        json_schema_extra={"flag": "--header-timeout"},
+        default=30.0,
+        gt=0,
+        description="Seconds a connection may take to send a request's headers before it is "
+        "closed (slow clients cannot hold connections).",
+    )
+    max_connections: int = Field(
+        default=2048,
+        ge=1,
+        description="Open client connections the endpoint accepts; past it new ones get 503.",
     )
     max_body_bytes: int = Field(
         default=8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 past)."
@@ -154,10 +191,31 @@ class ServeConfig(BaseModel):
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="Ray Serve application name (one per served model).",
     )
+    quantization: str | None = Field(
+        default=None,
+        description="vLLM quantization method (fp8, awq, gptq, ...); default: the checkpoint's.",
+    )
+    speculative_config: dict[str, Any] | None = Field(
+        default=None,
+        description="vLLM speculative decoding config (method ngram, eagle, eagle3, mtp or "
+        "draft_model, num_speculative_tokens, model, ...).",
+    )
+    kv_offload_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Host-memory KV cache in GiB, summed over tensor-parallel ranks (vLLM's "
+        "kv_offloading_size, native CPU offloading).",
+    )
     engine_args: dict[str, Any] = Field(
         json_schema_extra={"flag": "--engine-arg"},
         default_factory=dict,
         description="Extra vLLM engine arguments by name (e.g. {'enforce_eager': True}).",
+    )
+    revision: str | None = Field(
+        default=None,
+        description="Hub commit the model directory holds (from its download manifest): the "
+        "server refuses a directory whose manifest.json is missing, incomplete or of another "
+        "commit, and vLLM gets it as `revision`.",
     )
 
     @model_validator(mode="before")
@@ -173,6 +231,9 @@ class ServeConfig(BaseModel):
             names = [default_served_name(str(data["model"]))]
         if names is not None:
             data["served_model_name"] = list(dict.fromkeys(names))
+        if data.get("revision"):
+            # vLLM's own `revision` engine argument carries it to the engine.
+            data["engine_args"] = {"revision": data["revision"], **(data.get("engine_args") or {})}
         return data
 
     @model_validator(mode="after")
@@ -196,6 +257,14 @@ class ServeConfig(BaseModel):
             raise ValueError("no_auth together with API keys: pick one (drop --no-auth)")
         if self.api_key_file is not None:
             read_key_file(self.api_key_file)  # fails early with a fix-it message
+        if self.admin_key_file is not None:
+            admin = set(read_key_file(self.admin_key_file))
+            if admin & set(keys + (read_key_file(self.api_key_file) if self.api_key_file else [])):
+                raise ValueError("an admin key is also an API key: give admins keys of their own")
+        if any(not d or "/" in d or ":" in d for d in self.allowed_media_domains):
+            raise ValueError(
+                "allowed_media_domains takes bare host names (images.example.com), not URLs"
+            )
         return self
 
     @property
@@ -217,6 +286,10 @@ class ServeConfig(BaseModel):
         if not keys and env_key:
             keys.append(env_key)
         return keys
+
+    def resolved_admin_keys(self) -> list[str]:
+        """The keys of ``admin_key_file`` (none without it)."""
+        return [] if self.admin_key_file is None else read_key_file(self.admin_key_file)
 
 
 def default_served_name(model: str) -> str:
@@ -241,6 +314,7 @@ def load_config(**values: Any) -> ServeConfig:
         config = ServeConfig(**values)
     except ValidationError as exc:
         raise validation_error(exc, ServeConfig, what="bad serve config: ") from None
+    check_downloaded_model(config)
     if not config.no_auth and not config.resolved_api_keys():
         raise ConfigError(
             "no API key configured",
@@ -248,6 +322,24 @@ def load_config(**values: Any) -> ServeConfig:
             "or run without auth explicitly with --no-auth",
         )
     return config
+
+
+def check_downloaded_model(config: ServeConfig) -> None:
+    """Refuse a hub model whose download is unfinished: with ``revision`` set, or in a directory
+    the downloader wrote into, the manifest must be complete, every file in place, one commit."""
+    from cluster.download.manifest import require_complete_manifest
+    from cluster.download.records import state_dir
+
+    model_dir = Path(config.model).expanduser()
+    if config.revision is None and not state_dir(model_dir).is_dir():
+        return
+    manifest = require_complete_manifest(model_dir)
+    if config.revision is not None and manifest.commit != config.revision:
+        raise NotReadyError(
+            f"{model_dir} holds {manifest.repo}@{manifest.commit[:12]}, not the commit "
+            f"{config.revision[:12]} this server was asked to serve",
+            hint="run the download stage again (`llamacluster up`) or serve the commit it holds",
+        )
 
 
 def placement_bundles(config: ServeConfig) -> list[dict[str, float]]:

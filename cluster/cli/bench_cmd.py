@@ -114,6 +114,11 @@ def bench(
         name, net_counters=net_counters, base_url=base_url, model=model, api_key=api_key,
         api_key_file=api_key_file, endpoints=endpoint,
     )  # fmt: skip
+    from cluster.series import cluster_series
+
+    # The cluster's own series over the run (its monitor's Prometheus), beside the client's.
+    series = cluster_series(name) if name and plots else None
+    observers = [*observers, series] if series else observers
     config = build_config(
         base_url=base_url,
         model=model,
@@ -149,12 +154,29 @@ def bench(
     table = ratios_table(result)
     if table is not None:
         console.print(table)
+    if name:
+        from cluster.bench.expected import cluster_expectations, expected_table
+        from cluster.errors import LlamaclusterError
+
+        try:
+            expected, planned = cluster_expectations(
+                name, input_len=input_len, output_len=output_len,
+                concurrencies=[int(p.x) for p in result.points if p.mode == "closed"],
+            )  # fmt: skip
+            table = expected_table(result, expected)
+            if table is not None:
+                console.print(table)
+                result.notes.append(planned)
+        except LlamaclusterError as exc:
+            result.warnings.append(f"no expected figures: {exc}")
     for note in result.notes:
         err.print(f"[dim]note:[/] {note}", highlight=False)
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     out = output_dir or Path("bench-results") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     written = write_reports(result, out, plots=plots, per_request=save_requests)
+    if series is not None:
+        written.update(series.write(out))
     console.print("results: " + ", ".join(str(p) for p in written.values()), highlight=False)
     if result.all_failed:
         kinds: dict[str, int] = {}

@@ -37,6 +37,9 @@ def up(
     max_model_len: int | None = _opt("max_model_len"),
     gpu_memory_utilization: float | None = _opt("gpu_memory_utilization"),
     engine_arg: list[str] = _opt("engine_args"),
+    quantization: str | None = _opt("quantization"),
+    speculative_config: str | None = _opt("speculative_config"),
+    kv_offload_gb: float | None = _opt("kv_offload_gb"),
     shared_dir: Path | None = _opt("shared_dir"),
     env: Path | None = _opt("env"),
     nfs_server: str = _opt("nfs_server"),
@@ -59,6 +62,15 @@ def up(
     ready_timeout: float = _opt("ready_timeout_s"),
     stall_timeout: float = _opt("stall_timeout_s"),
     restart_attempts: int = _opt("restart_max_attempts"),
+    request_timeout: float | None = _opt("request_timeout_s"),
+    stream_idle_timeout: float | None = _opt("stream_idle_timeout_s"),
+    header_timeout: float = _opt("header_timeout_s"),
+    max_connections: int = _opt("max_connections"),
+    max_n: int = _opt("max_n"),
+    max_tokens_limit: int = _opt("max_tokens_limit"),
+    allowed_media_domains: list[str] = _opt("allowed_media_domains"),
+    admin_key_file: Path | None = _opt("admin_key_file"),
+    supervise: bool = _opt("supervise"),
     system_root: Path = _opt("system_root", hidden=True),
     skip: list[str] = _opt("skip"),
     dry_run: bool = _opt("dry_run"),
@@ -71,6 +83,7 @@ def up(
     """
     from cluster.cli.serve_cmd import parse_engine_args
     from cluster.lifecycle import up as do_up
+    from cluster.planner.engine_options import parse_speculative_config
 
     try:
         config = UpConfig(
@@ -84,9 +97,15 @@ def up(
             monitor_retention_time=monitor_retention_time,
             monitor_retention_size=monitor_retention_size, max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization, cpu_kvcache_gb=cpu_kvcache_gb,
-            engine_args=parse_engine_args(engine_arg),
+            engine_args=parse_engine_args(engine_arg), quantization=quantization,
+            speculative_config=parse_speculative_config(speculative_config) if speculative_config else None,
+            kv_offload_gb=kv_offload_gb,
             ready_timeout_s=ready_timeout, stall_timeout_s=stall_timeout,
-            restart_max_attempts=restart_attempts, skip=skip, dry_run=dry_run, verbose=verbose, wait=wait,
+            restart_max_attempts=restart_attempts, request_timeout_s=request_timeout,
+            stream_idle_timeout_s=stream_idle_timeout, header_timeout_s=header_timeout,
+            max_connections=max_connections, max_n=max_n, max_tokens_limit=max_tokens_limit,
+            allowed_media_domains=allowed_media_domains, admin_key_file=admin_key_file,
+            supervise=supervise, skip=skip, dry_run=dry_run, verbose=verbose, wait=wait,
         )  # fmt: skip
     except ValidationError as exc:
         raise validation_error(exc, UpConfig) from None

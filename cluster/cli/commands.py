@@ -6,7 +6,9 @@ from cluster.cli import demo_cmd  # noqa: F401
 from cluster.cli import cluster_cmd  # noqa: F401
 from cluster.cli import ssh_cmd  # noqa: F401
 from cluster.cli import chat_cmd  # noqa: F401
+from cluster.cli import top_cmd  # noqa: F401
 from cluster.cli import serve_cmd  # noqa: F401
+from cluster.cli import keys_cmd  # noqa: F401
 from cluster.cli import download_cmd  # noqa: F401
 from cluster.cli import bench_cmd  # noqa: F401
 from cluster.cli import plan_cmd  # noqa: F401

@@ -75,6 +75,14 @@ def download(
     ),
     jobs: int = typer.Option(2, "--jobs", help="Files fetched at once on each node."),
     connections: int = typer.Option(8, "--connections", help="hf_transfer connections per file."),
+    stall_timeout: float = typer.Option(
+        60.0,
+        "--stall-timeout",
+        help="Seconds without a byte before a transfer is killed and retried (0: never).",
+    ),
+    wait: bool = typer.Option(
+        False, "--wait", help="Queue behind another download into the same --target."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-node plan and stop."),
     warm: bool = typer.Option(
         False, "--warm", help="Afterwards, every node reads the weights into its page cache."
@@ -120,7 +128,12 @@ def download(
         )
         print_plan(plan, console=console)
         return
-    settings = FetchSettings(downloader=downloader, jobs=jobs, connections=connections)  # type: ignore[arg-type]
+    settings = FetchSettings(
+        downloader=downloader,  # type: ignore[arg-type]
+        jobs=jobs,
+        connections=connections,
+        stall_timeout_s=stall_timeout,
+    )
     view: ProgressView | None = None
 
     def on_plan(plan) -> None:
@@ -147,6 +160,9 @@ def download(
             warm=warm,
             on_event=on_event,
             on_plan=on_plan,
+            command=f"download {repo}",
+            wait=wait,
+            on_wait=lambda line: console.print(line, style="yellow"),
         )
     finally:
         if view is not None:

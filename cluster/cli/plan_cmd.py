@@ -14,6 +14,7 @@ from cluster.errors import ConfigError
 if TYPE_CHECKING:
     from rich.console import Group
 
+    from cluster.device_specs import DeviceSpec
     from cluster.planner import Plan
 
 
@@ -28,8 +29,11 @@ def plan(
     ),
     nodes: int | None = typer.Option(None, "--nodes", min=1, help="Number of nodes (default 1)."),
     gpus_per_node: int = typer.Option(1, "--gpus-per-node", min=1, help="Devices per node."),
-    gpu: str = typer.Option(
-        "h100-sxm", "--gpu", help="Device name from the spec table (see docs/PLANNER.md)."
+    gpu: str | None = typer.Option(
+        None,
+        "--gpu",
+        help="Device name from the spec table (see docs/PLANNER.md); default h100-sxm, or the "
+        "measured CPU with --measure.",
     ),
     gpu_mem_gb: float | None = typer.Option(
         None, "--gpu-mem-gb", help="Override device memory (GiB)."
@@ -59,25 +63,50 @@ def plan(
     mem_fraction: float = typer.Option(
         0.9, "--mem-fraction", min=0.01, max=1.0, help="Share of device memory vLLM may use."
     ),
-    link_gbps: float = typer.Option(
-        100.0, "--link-gbps", min=0.001, help="Network between nodes, Gbit/s."
+    link_gbps: float | None = typer.Option(
+        None,
+        "--link-gbps",
+        min=0.001,
+        help="Network between nodes, Gbit/s (default: the slowest link `up` measured between "
+        "the --ips nodes, else 100).",
+    ),
+    measure: bool = typer.Option(
+        False,
+        "--measure",
+        help="Plan CPU nodes with measured numbers: this machine's CPU, or with --ips the "
+        "nodes' CPUs and links (measured now with the env `up` installed there).",
+    ),
+    name: str | None = typer.Option(
+        None, "--name", help="With --ips: the cluster's name, when `up` was given --name."
     ),
     cost_per_hour: float | None = typer.Option(
         None, "--cost-per-hour", min=0.0001, help="Whole cluster's price, dollars per hour."
     ),
-    flops_efficiency: float = typer.Option(
-        1.0,
+    flops_efficiency: float | None = typer.Option(
+        None,
         "--flops-efficiency",
         min=0.01,
         max=1.0,
-        help="Achieved/peak FLOP/s (1.0 = ideal bound).",
+        help="Achieved/peak FLOP/s for the expected figures (default: the device's fitted curve).",
     ),
-    bandwidth_efficiency: float = typer.Option(
-        1.0,
+    bandwidth_efficiency: float | None = typer.Option(
+        None,
         "--bandwidth-efficiency",
         min=0.01,
         max=1.0,
-        help="Achieved/peak bandwidth (1.0 = ideal).",
+        help="Achieved/peak bandwidth for the expected figures (default: the fitted curve).",
+    ),
+    quantization: str | None = typer.Option(
+        None, "--quantization", "-q", help="vLLM quantization method (fp8, awq, gptq, ...)."
+    ),
+    speculative_config: str | None = typer.Option(
+        None,
+        "--speculative-config",
+        help='vLLM speculative decoding JSON, e.g. \'{"method": "eagle", "model": "DIR", '
+        "\"num_speculative_tokens\": 3}': the draft's memory is counted.",
+    ),
+    kv_offload_gb: float | None = typer.Option(
+        None, "--kv-offload-gb", min=0.001, help="Host-memory KV cache (vLLM CPU offload), GiB."
     ),
     tp: int | None = typer.Option(None, "--tp", min=1, help="Force the tensor-parallel size."),
     pp: int | None = typer.Option(None, "--pp", min=1, help="Force the pipeline-parallel size."),
@@ -86,19 +115,36 @@ def plan(
     """Size a deployment before renting it: parameters, memory per device, tp x pp, speed, cost."""
     from cluster.device_specs import get_device
     from cluster.planner import ClusterShape, PlanOptions, load_model_shape, plan_deployment
+    from cluster.planner.engine_options import draft_cost, parse_speculative_config
 
     node_count = _node_count(ips, nodes)
-    device = get_device(
-        gpu,
-        memory_gib=gpu_mem_gb,
-        bandwidth_gbs=mem_bandwidth_gbs,
-        bf16_tflops=tflops,
-        interconnect_gbs=interconnect_gbs,
-    )
+    shape = load_model_shape(model, revision=revision)  # a bad --model fails before measuring
+    overrides = {
+        "memory_gib": gpu_mem_gb,
+        "bandwidth_gbs": mem_bandwidth_gbs,
+        "bf16_tflops": tflops,
+        "interconnect_gbs": interconnect_gbs,
+    }
+    device, measured_link = _measured(ips, name, gpu=gpu, measure=measure, slots=gpus_per_node)
+    if device is None:
+        device = get_device(gpu or ("cpu" if measure else "h100-sxm"), **overrides)
+    elif any(v is not None for v in overrides.values()):
+        device = device.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    link = link_gbps or measured_link or 100.0
     cluster = ClusterShape(
-        nodes=node_count, devices_per_node=gpus_per_node, device=device, link_gbps=link_gbps
+        nodes=node_count, devices_per_node=gpus_per_node, device=device, link_gbps=link
     )
+    spec = parse_speculative_config(speculative_config) if speculative_config else None
+    draft = None
+    if spec is not None:
+        draft_model = spec.get("model")
+        draft_shape = load_model_shape(str(draft_model)) if draft_model else None
+        draft = draft_cost(spec, shape, draft_shape=draft_shape)
     options = PlanOptions(
+        quantization=quantization,
+        speculative_config=spec,
+        draft=draft,
+        kv_offload_gib=kv_offload_gb,
         dtype=dtype,
         kv_dtype=kv_dtype,
         max_model_len=max_model_len,
@@ -111,11 +157,59 @@ def plan(
         tp=tp,
         pp=pp,
     )
-    result = plan_deployment(load_model_shape(model, revision=revision), cluster, options)
+    result = plan_deployment(shape, cluster, options)
     if as_json:
         typer.echo(json.dumps(result.model_dump(mode="json"), indent=2))
     else:
         table_console().print(_render(result))
+
+
+def _measured(
+    ips: Path | None, name: str | None, *, gpu: str | None, measure: bool, slots: int
+) -> tuple[DeviceSpec | None, float | None]:
+    """The measured CPU device and slowest link, when there are any to use.
+
+    ``--measure`` measures now: this machine, or the --ips nodes with the env `up` installed
+    there. Without it, --ips takes what `up`'s measure stage recorded: the link always, the CPU
+    numbers when planning CPU nodes (--gpu cpu)."""
+    from cluster.device_specs import get_device, measured_cpu_device
+    from cluster.stages import measure as m
+
+    named_cpu = gpu is not None and get_device(gpu).is_cpu
+    wants_cpu = measure or named_cpu
+    if measure and gpu is not None and not named_cpu:
+        raise ConfigError(
+            f"--measure measures CPU nodes, not {gpu}", hint="drop --gpu (or pass --gpu cpu)"
+        )
+    if ips is None:
+        if not measure:
+            return None, None
+        cpu = m.measure_here(slots=slots)
+        typer.echo(f"measured this machine: {cpu.describe()}", err=True)
+        return measured_cpu_device(cpu, slots=slots), None
+    from cluster.state import default_cluster_name, find_state
+
+    cluster_name = name or default_cluster_name(ips)
+    state = find_state(cluster_name)
+    if measure:
+        if state is None:
+            raise ConfigError(
+                f"no cluster recorded for {ips} (name {cluster_name!r}): nothing to measure with",
+                hint=f"run `llamacluster up --ips {ips}` first (its measure stage records the "
+                "numbers), or pass --name; `plan --measure` without --ips measures this machine",
+            )
+        section = m.measure_recorded(cluster_name)
+    elif state is not None:
+        section = state.measure
+    else:
+        return None, None
+    nodes = state.nodes
+    for line in [section.cpu[n.name].describe() for n in nodes if n.name in section.cpu][:1] + [
+        link.describe() for link in section.links.values()
+    ]:
+        typer.echo(f"measured: {line}", err=True)
+    device = m.measured_cpu_spec(nodes, section, slots=slots) if wants_cpu else None
+    return device, m.measured_link_gbps(section)
 
 
 def _node_count(ips: Path | None, nodes: int | None) -> int:
@@ -185,27 +279,41 @@ def _render(plan: Plan) -> Group:
         )
     layout.caption = f"{plan.sequences_fit} sequences of {plan.max_model_len} tokens fit at once"
 
+    ideal, expected = perf.ideal, perf.expected
     speed = Table(
-        title="Speed (bounds: max of memory and compute time per stage)", title_justify="left"
+        title="Speed: ideal bound (datasheet rates) and expected (fitted efficiency)",
+        title_justify="left",
     )
-    speed.add_column("step")
-    for col in ("ms", "bound", "memory ms", "compute ms", "comm ms"):
+    speed.add_column("figure")
+    for col in ("ideal", "expected", "bound", "memory ms", "compute ms", "comm ms"):
         speed.add_column(col, justify="right")
-    rows = (
-        (f"decode, batch 1, context {perf.context_tokens}", perf.decode_batch1),
-        (f"decode, {perf.effective_concurrency} concurrent", perf.decode_at_concurrency),
-        (f"prefill, {perf.context_tokens} tokens", perf.prefill),
+    step_rows = (
+        (f"decode ms/token, batch 1, context {perf.context_tokens}", "decode_batch1"),
+        (f"decode ms/token, {perf.effective_concurrency} concurrent", "decode_at_concurrency"),
+        (f"prefill ms, {perf.context_tokens} tokens", "prefill"),
     )
-    for label, step in rows:
+    for label, field in step_rows:
+        low, high = getattr(ideal, field), getattr(expected, field)
         speed.add_row(
             label,
-            f"{step.total_ms:.2f}",
-            step.bound,
-            f"{step.memory_ms:.2f}",
-            f"{step.compute_ms:.2f}",
-            f"{step.tp_comm_ms + step.pp_comm_ms:.3f}",
+            f"{low.total_ms:.2f}",
+            f"{high.total_ms:.2f}",
+            high.bound,
+            f"{high.memory_ms:.2f}",
+            f"{high.compute_ms:.2f}",
+            f"{high.tp_comm_ms + high.pp_comm_ms:.3f}",
         )
-    speed.caption = f"throughput {perf.throughput_tokens_per_s:,.0f} output tokens/s"
+    speed.add_row(
+        f"output tokens/s at {perf.effective_concurrency} concurrent",
+        f"{ideal.throughput_tokens_per_s:,.0f}",
+        f"{expected.throughput_tokens_per_s:,.0f}",
+    )
+    speed.add_row(
+        f"TTFT ms, {perf.context_tokens}-token prompt",
+        f"{ideal.ttft_ms:.2f}",
+        f"{expected.ttft_ms:.2f}",
+    )
+    speed.caption = "memory/compute/comm columns: the expected step"
 
     traffic = Table(title="Communication per token", show_header=False, title_justify="left")
     traffic.add_row(

@@ -68,8 +68,33 @@ def serve(
     retry_after: int = typer.Option(
         1, "--retry-after", help="Retry-After seconds sent with 429 and 503 answers."
     ),
-    request_timeout: float | None = typer.Option(
-        None, "--request-timeout", help="Per-request limit in seconds."
+    request_timeout: float = typer.Option(
+        600.0, "--request-timeout", help="Per-request limit in seconds."
+    ),
+    stream_idle_timeout: float = typer.Option(
+        120.0,
+        "--stream-idle-timeout",
+        help="Seconds a stream may go without output before it is ended and aborted.",
+    ),
+    max_n: int = typer.Option(16, "--max-n", help="Largest `n` accepted (400 past)."),
+    max_tokens_limit: int = typer.Option(
+        32768, "--max-tokens-limit", help="Largest max_tokens / max_completion_tokens accepted."
+    ),
+    allowed_media_domains: list[str] = typer.Option(
+        [],
+        "--allowed-media-domains",
+        help="Host media URLs may be fetched from (repeatable); default: media URLs refused.",
+    ),
+    admin_key_file: Path | None = typer.Option(
+        None,
+        "--admin-key-file",
+        help="Keys (file, 0600) for vLLM's operational routes; without it they answer 404.",
+    ),
+    header_timeout: float = typer.Option(
+        30.0, "--header-timeout", help="Seconds a client may take to send a request's headers."
+    ),
+    max_connections: int = typer.Option(
+        2048, "--max-connections", help="Open client connections accepted; past it 503."
     ),
     max_body_bytes: int = typer.Option(
         8 * 1024 * 1024, "--max-body-bytes", help="Largest request body accepted (413 past)."
@@ -101,6 +126,20 @@ def serve(
     engine_arg: list[str] = typer.Option(
         [], "--engine-arg", help="Extra vLLM engine argument KEY=VALUE (repeatable)."
     ),
+    quantization: str | None = typer.Option(
+        None, "--quantization", help="vLLM quantization method (fp8, awq, gptq, ...)."
+    ),
+    speculative_config: str | None = typer.Option(
+        None, "--speculative-config", help="vLLM speculative decoding config (JSON)."
+    ),
+    kv_offload_gb: float | None = typer.Option(
+        None, "--kv-offload-gb", help="Host-memory KV cache, GiB over the tp ranks."
+    ),
+    revision: str | None = typer.Option(
+        None,
+        "--revision",
+        help="Hub commit the model directory holds (checked against its download manifest).",
+    ),
     app_name: str = typer.Option("llamacluster", "--app-name", help="Serve application name."),
     address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
     ready_timeout: float = typer.Option(
@@ -110,6 +149,7 @@ def serve(
     as_json: bool = typer.Option(False, "--json", help="Print the endpoint as JSON."),
 ) -> None:
     """Deploy the OpenAI server (vLLM tp × pp on Ray Serve) on a running Ray cluster."""
+    from cluster.planner.engine_options import parse_speculative_config
     from serve.config import load_config
 
     values: dict[str, Any] = {
@@ -131,6 +171,13 @@ def serve(
         "proxy_port": proxy_port,
         "max_ongoing_requests": max_ongoing_requests,
         "request_timeout_s": request_timeout,
+        "stream_idle_timeout_s": stream_idle_timeout,
+        "max_n": max_n,
+        "max_tokens_limit": max_tokens_limit,
+        "allowed_media_domains": allowed_media_domains,
+        "admin_key_file": admin_key_file,
+        "header_timeout_s": header_timeout,
+        "max_connections": max_connections,
         "retry_after_s": retry_after,
         "max_body_bytes": max_body_bytes,
         "ready_probe_interval_s": ready_probe_interval,
@@ -141,6 +188,12 @@ def serve(
         "engine_cpus": engine_cpus,
         "drain_timeout_s": drain_timeout,
         "engine_args": parse_engine_args(engine_arg),
+        "quantization": quantization,
+        "speculative_config": parse_speculative_config(speculative_config)
+        if speculative_config
+        else None,
+        "kv_offload_gb": kv_offload_gb,
+        "revision": revision,
         "app_name": app_name,
     }
     config = load_config(**{k: v for k, v in values.items() if v is not None})
@@ -153,7 +206,8 @@ def serve(
     if not as_json:
         err_console.print(f"deployed {endpoint.app_name}: {endpoint.url}  (waiting for /ready)")
     if wait:
-        wait_until_ready(endpoint.url, timeout_s=ready_timeout)
+        keys = config.resolved_api_keys()
+        wait_until_ready(endpoint.url, timeout_s=ready_timeout, api_key=keys[0] if keys else None)
     if as_json:
         typer.echo(
             json.dumps({"url": endpoint.url, "model": endpoint.model, "app": endpoint.app_name})

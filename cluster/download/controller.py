@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -13,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from cluster.download.errors import AccessDeniedError
+from cluster.download.lease import DEFAULT_TTL_S, DownloadBusyError, Lease, new_lease
 from cluster.download.manifest import Manifest, write_manifest
 from cluster.download.node import FetchSettings, NodeRequest
 from cluster.download.plan import DownloadPlan, plan_download
-from cluster.errors import DownloadError
+from cluster.errors import ConfigError, DownloadError
 from cluster.runner import (
     LocalRunner,
     OutputLine,
@@ -61,9 +63,16 @@ def node_env(token: str | None) -> dict[str, str]:
 class _EventRouter:
     """Parses JSON lines from every node; keeps each node's last failure for the error message."""
 
-    def __init__(self, sink: EventSink | None, *, stage: str) -> None:
+    def __init__(
+        self,
+        sink: EventSink | None,
+        *,
+        stage: str,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> None:
         self.sink = sink
         self.stage = stage
+        self.on_wait = on_wait
         self.lock = threading.Lock()
         self.failed: dict[str, dict[str, Any]] = {}
         self.done: dict[str, dict[str, Any]] = {}
@@ -79,6 +88,8 @@ class _EventRouter:
         if not isinstance(event, dict) or "event" not in event:
             return
         event["stage"] = self.stage  # download, manifest or warm: one sink sees them all
+        if event["event"] == "waiting" and self.on_wait is not None:
+            self.on_wait(str(event.get("message")))
         with self.lock:
             node = str(event.get("node"))
             if event["event"] == "failed":
@@ -98,9 +109,10 @@ def _run_node_action(
     on_event: EventSink | None,
     what: str,
     timeout: float | None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the node program on every runner in parallel; one error naming every failed node."""
-    router = _EventRouter(on_event, stage=what)
+    router = _EventRouter(on_event, stage=what, on_wait=on_wait)
     names = {r.node: r.node.name for r in runners}
     results: dict[Any, Result] = run_on_nodes(
         runners,
@@ -128,6 +140,10 @@ def _run_node_action(
         access = [e for e in reported.values() if e.get("kind") == "access"]
         if access:
             raise AccessDeniedError(access[0]["message"], hint=access[0].get("hint"))
+        if what == "lease" and len(reported) == 1:
+            # The head's lease and checks: its own line, with its own exit code.
+            (name, event), (res,) = next(iter(reported.items())), results.values()
+            raise _node_error(event, exit_code=res.returncode)
         listing = "; ".join(f"{n}: {e.get('message')}" for n, e in sorted(reported.items()))
         raise DownloadError(
             f"{what} failed on {len(reported)} of {len(results)} node(s): {listing}",
@@ -135,6 +151,45 @@ def _run_node_action(
             or "re-run the same command: verified files are kept, only the rest is fetched",
         )
     return {names[n]: router.done.get(names[n], {}) for n in results}
+
+
+def _node_error(event: dict[str, Any], *, exit_code: int) -> DownloadError:
+    """A node's reported failure as an error of the same exit code (3: busy or mixed commits)."""
+    message, hint = str(event.get("message")), event.get("hint")
+    if event.get("kind") == "busy":
+        return DownloadBusyError(message, hint=hint)
+    if exit_code == ConfigError.exit_code:
+        return ConfigError(message, hint=hint)
+    return DownloadError(message, hint=hint)
+
+
+class _LeaseKeeper:
+    """Renews the directory's lease on the head every ttl/4 while the download runs."""
+
+    def __init__(self, renew: Callable[[], dict[str, Any]], *, ttl_s: float) -> None:
+        self._renew = renew
+        self._interval = ttl_s / 4
+        self._stop = threading.Event()
+        self.lost = False
+        self._thread = threading.Thread(target=self._loop, name="lease-renewal", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                held = self._renew().get("held", True)
+            except Exception:
+                continue  # a missed renewal is made up by the next; the ttl has room for it
+            if not held:
+                self.lost = True
+                return
+
+    def __enter__(self) -> _LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
 
 
 def warm_lists(plan: DownloadPlan, nodes: Sequence[str]) -> dict[str, list[str]]:
@@ -163,11 +218,19 @@ def download_model(
     on_event: EventSink | None = None,
     on_plan: Callable[[DownloadPlan], None] | None = None,
     timeout: float | None = None,
+    command: str | None = None,
+    wait: bool = False,
+    on_wait: Callable[[str], None] | None = None,
+    lease_ttl_s: float = DEFAULT_TTL_S,
 ) -> DownloadResult:
     """Fetch one commit of ``repo`` into ``target`` (shared by all nodes), every node its share.
 
-    The plan is made here; each node fetches, verifies and records its files; then the head
-    merges the records into ``manifest.json``. Re-running resumes: verified files are skipped.
+    The plan is made here. The head takes the directory's lease (a second download into the same
+    directory is refused, naming the holder, or with ``wait`` queues behind it), checks that the
+    directory holds no other commit and has room for what is still to fetch; each node fetches,
+    verifies and records its files; then the head merges the records into ``manifest.json``.
+    The lease is renewed while this runs and removed at the end. Re-running resumes: verified
+    files are skipped. ``command`` is what a waiting operator sees as the holder.
     """
     if not runners:
         raise DownloadError("no nodes to download to")
@@ -176,10 +239,59 @@ def download_model(
     plan = plan_download(
         repo, nodes=names, revision=revision, include=include, exclude=exclude, token=token
     )
-    if on_plan is not None:
-        on_plan(plan)
     settings = settings or FetchSettings()
     common = {"python": python, "token": token, "on_event": on_event, "timeout": timeout}
+    head = runners[:1]
+    claim = new_lease(command or f"download {repo}", ttl_s=lease_ttl_s)
+    taken = _run_node_action(
+        head,
+        NodeRequest(
+            action="acquire", target=target, plan=plan, lease=claim, wait=wait, settings=settings
+        ),
+        what="lease",
+        on_wait=on_wait,
+        **common,
+    )[names[0]]
+    lease = Lease.model_validate(taken["lease"])
+
+    def lease_call(action: str) -> dict[str, Any]:
+        request = NodeRequest(action=action, target=target, lease=lease)  # type: ignore[arg-type]
+        return _run_node_action(head, request, what="lease", **{**common, "on_event": None})[
+            names[0]
+        ]
+
+    try:
+        if on_plan is not None:
+            on_plan(plan)
+        with _LeaseKeeper(lambda: lease_call("renew"), ttl_s=lease_ttl_s) as keeper:
+            result = _fetch_and_finalize(
+                runners, plan, target=target, settings=settings, warm=warm, common=common
+            )
+        if keeper.lost:
+            raise DownloadError(
+                f"the lease on {target} expired during the download and another download took "
+                "it over",
+                hint="check who downloads into it now; re-run afterwards to verify the directory",
+            )
+    finally:
+        # An unreleased lease only expires: never let the release mask the real error.
+        with contextlib.suppress(Exception):
+            lease_call("release")
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _fetch_and_finalize(
+    runners: Sequence[Runner],
+    plan: DownloadPlan,
+    *,
+    target: str,
+    settings: FetchSettings,
+    warm: bool | Mapping[str, list[str]],
+    common: dict[str, Any],
+) -> DownloadResult:
+    """Every node fetches its share, the head writes the manifest, then the optional warm pass."""
+    names = [r.node.name for r in runners]
     summaries = _run_node_action(
         runners,
         NodeRequest(action="fetch", target=target, plan=plan, settings=settings),
@@ -206,5 +318,4 @@ def download_model(
             what="warm",
             **common,
         )
-    result.seconds = time.monotonic() - started
     return result

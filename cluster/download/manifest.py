@@ -86,21 +86,33 @@ def write_manifest(model_dir: Path, plan: DownloadPlan) -> Manifest:
     return manifest
 
 
+def parse_manifest(text: str, *, where: Path | str) -> Manifest:
+    """A manifest from its JSON text (read here or on another node); ``where`` names it."""
+    try:
+        return Manifest.model_validate_json(text)
+    except (ValidationError, json.JSONDecodeError) as exc:
+        raise NotReadyError(
+            f"{where} is not a valid manifest",
+            hint="run `llamacluster download` again to rewrite it",
+        ) from exc
+
+
 def load_manifest(model_dir: Path) -> Manifest:
     """Read the manifest, with an error that says how to make one."""
     path = manifest_path(model_dir)
     try:
-        return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise NotReadyError(
             f"no {MANIFEST_NAME} in {model_dir}: the model download is missing or unfinished",
             hint="run `llamacluster download REPO --target DIR` first",
         ) from exc
-    except (ValidationError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
         raise NotReadyError(
             f"{path} is not a valid manifest",
             hint="run `llamacluster download` again to rewrite it",
         ) from exc
+    return parse_manifest(text, where=path)
 
 
 def require_complete_manifest(model_dir: Path) -> Manifest:

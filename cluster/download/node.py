@@ -22,9 +22,23 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field
 
-from cluster.download.errors import AccessDeniedError, ChecksumMismatchError, access_error
+from cluster.download.errors import (
+    AccessDeniedError,
+    ChecksumMismatchError,
+    DiskFullError,
+    access_error,
+    is_disk_full,
+)
+from cluster.download.lease import (
+    DownloadBusyError,
+    Lease,
+    acquire_lease,
+    release_lease,
+    renew_lease,
+)
 from cluster.download.manifest import remove_manifest, write_manifest
-from cluster.download.plan import DownloadPlan, RepoFile
+from cluster.download.plan import DownloadPlan, RepoFile, check_repo_paths
+from cluster.download.prepare import free_bytes, prepare_target
 from cluster.download.records import (
     RecordEntry,
     append_record,
@@ -69,12 +83,21 @@ class FetchSettings(BaseModel):
     backoff_s: float = Field(
         default=1.0, ge=0, le=60, description="First backoff; doubles per attempt (jittered)."
     )
+    stall_timeout_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="A transfer child that moves no byte for this long is killed and the file "
+        "retried; 0 turns the watchdog off.",
+    )
 
 
 class NodeRequest(BaseModel):
     """What the controller sends one node on stdin."""
 
-    action: Literal["fetch", "finalize", "warm"] = Field(description="What to do.")
+    action: Literal["acquire", "renew", "release", "fetch", "finalize", "warm"] = Field(
+        description="What to do: take, renew or give back the directory's lease (head only), "
+        "fetch this node's share, write the manifest, or warm the page cache."
+    )
     node: str | None = Field(
         default=None, description="This node's name; `--node` on the command line overrides it."
     )
@@ -83,6 +106,12 @@ class NodeRequest(BaseModel):
     settings: FetchSettings = Field(default_factory=FetchSettings, description="Fetch settings.")
     warm_files: dict[str, list[str]] = Field(
         default_factory=dict, description="Files each node reads (warm), by node name."
+    )
+    lease: Lease | None = Field(
+        default=None, description="The controller's claim on the directory (lease actions)."
+    )
+    wait: bool = Field(
+        default=False, description="acquire: queue behind a live lease instead of failing."
     )
 
 
@@ -199,6 +228,9 @@ class NodeFetcher:
         self.plan: DownloadPlan = request.plan
         self.node = check_node_name(request.node)
         self.target = Path(request.target)
+        # The controller checked the names already; a node never trusts its input to stay inside
+        # the model directory.
+        check_repo_paths(self.plan.repo, (f.path for f in self.plan.files))
         self.settings = request.settings
         self.emitter = emitter
         self.token = token
@@ -252,12 +284,18 @@ class NodeFetcher:
         try:
             hf_transfer.download(**job)
         except Exception as exc:
+            if is_disk_full(exc):
+                raise self._disk_full(f, str(exc)) from exc
             raise HfTransferFailed(f"{type(exc).__name__}: {exc}") from exc
         self.emitter.progress(f.path, f.size)
 
     def _transfer_in_child(self, f: RepoFile, job: dict[str, Any]) -> None:
         """Large files: hf_transfer keeps the GIL for the whole transfer, so in-process files
-        would move one after another and progress would stall; one child process per file."""
+        would move one after another and progress would stall; one child process per file.
+
+        A child that moves no byte for ``stall_timeout_s`` (a connection hung without an error)
+        is killed, by the pid this process started, and the file is retried.
+        """
         proc = subprocess.Popen(
             [sys.executable, str(TRANSFER_CHILD)],
             stdin=subprocess.PIPE,
@@ -266,22 +304,75 @@ class NodeFetcher:
             text=True,
         )
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        stdout, stderr = proc.stdout, proc.stderr
+        last_change = [time.monotonic()]
+        err_text: list[str] = []
+
+        def pump_stdout() -> None:
+            for line in stdout:
+                if line.strip().isdigit():
+                    last_change[0] = time.monotonic()
+                    self.emitter.progress(f.path, int(line))
+
+        readers = [
+            threading.Thread(target=pump_stdout, daemon=True),
+            threading.Thread(target=lambda: err_text.append(stderr.read()), daemon=True),
+        ]
+        stall_s = self.settings.stall_timeout_s
+        stalled = False
         try:
             proc.stdin.write(json.dumps(job))
             proc.stdin.close()
-            for line in proc.stdout:
-                if line.strip().isdigit():
-                    self.emitter.progress(f.path, int(line))
-            err = proc.stderr.read()
-            code = proc.wait()
+            for t in readers:
+                t.start()
+            written = _bytes_on_disk(Path(job["filename"]))
+            while True:
+                try:
+                    code = proc.wait(timeout=min(1.0, stall_s / 4) if stall_s else None)
+                    break
+                except subprocess.TimeoutExpired:
+                    # hf_transfer reports whole chunks only; bytes landing in the file count too.
+                    now_written = _bytes_on_disk(Path(job["filename"]))
+                    if now_written != written:
+                        written, last_change[0] = now_written, time.monotonic()
+                    if time.monotonic() - last_change[0] > stall_s:
+                        stalled = True
+                        proc.kill()  # our own child, by its pid (Popen keeps it)
+                        code = proc.wait()
+                        break
+            for t in readers:
+                t.join(timeout=10)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        err = "".join(err_text)
+        if stalled:
+            raise TransferStalled(
+                f"no progress for {stall_s:g} s: transfer process {proc.pid} killed",
+            )
         if code == 127 or "No module named 'hf_transfer'" in err:
             raise ImportError(err.strip() or "hf_transfer is not installed")
         if code != 0:
+            if is_disk_full(err):
+                raise self._disk_full(f, err.strip().splitlines()[-1])
             raise HfTransferFailed(err.strip().splitlines()[-1] if err.strip() else f"exit {code}")
+
+    def _disk_full(self, f: RepoFile, cause: str) -> DiskFullError:
+        """The one fatal line for ENOSPC/EDQUOT: node, path, bytes needed, bytes free."""
+        from cluster.download.progress import format_bytes
+
+        path = self.target / f.path
+        free = free_bytes(self.target)
+        shown = "unknown" if free is None else format_bytes(free)
+        return DiskFullError(
+            f"node {self.node}: no space left writing {path} (needs {format_bytes(f.size)}, "
+            f"{shown} free in {self.target}; {cause.strip()[:120]})",
+            node=self.node,
+            path=str(path),
+            needed=f.size,
+            free=free,
+        )
 
     def _fetch_hub(self, f: RepoFile, tmp: Path) -> None:
         from huggingface_hub import hf_hub_download
@@ -355,7 +446,11 @@ class NodeFetcher:
                         self._fetch_hf_transfer(f, tmp)
                     except ImportError as exc:
                         raise _Fallback(f"hf_transfer not importable: {exc}") from exc
+                    except (DownloadError, TransferStalled):
+                        raise
                     except Exception as exc:
+                        if is_disk_full(exc):
+                            raise self._disk_full(f, str(exc)) from exc
                         classified = classify_error(
                             exc, repo=self.plan.repo, token_given=bool(self.token)
                         )
@@ -378,12 +473,17 @@ class NodeFetcher:
                 continue
             except AccessDeniedError:
                 raise
+            except TransferStalled as exc:
+                error = exc
+                wait = backoff_s(attempt, base=self.settings.backoff_s)
             except ChecksumMismatchError as exc:
                 error: Exception = exc
                 wait = backoff_s(attempt, base=self.settings.backoff_s)
             except DownloadError:
                 raise
             except Exception as exc:
+                if is_disk_full(exc):  # the hub downloader, the rename or the record
+                    raise self._disk_full(f, str(exc)) from exc
                 error = classify_error(exc, repo=self.plan.repo, token_given=bool(self.token))
                 if isinstance(error, LlamaclusterError):
                     raise error from exc
@@ -441,8 +541,8 @@ class NodeFetcher:
             try:
                 sha256 = self.fetch_file(f)
             except Exception as exc:
-                if isinstance(exc, AccessDeniedError):
-                    stop.set()
+                if isinstance(exc, AccessDeniedError | DiskFullError):
+                    stop.set()  # fatal for every file: do not start the others
                 failures.append(exc)
                 self.emitter.emit("error", path=f.path, **_error_fields(exc))
                 return
@@ -465,12 +565,25 @@ class NodeFetcher:
             "seconds": round(time.monotonic() - started, 3),
         }
         if failures:
-            access = [e for e in failures if isinstance(e, AccessDeniedError)]
+            access = [e for e in failures if isinstance(e, AccessDeniedError | DiskFullError)]
             first = access[0] if access else failures[0]
             if isinstance(first, LlamaclusterError):
                 raise first
             raise DownloadError(str(first))
         return summary
+
+
+class TransferStalled(RetryableError):
+    """A transfer child moved no byte for the stall timeout and was killed: retry the file."""
+
+
+def _bytes_on_disk(path: Path) -> int:
+    """Allocated bytes of a file being written (0 when it does not exist yet)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return 0
+    return st.st_blocks * 512 + st.st_size
 
 
 class _Fallback(Exception):
@@ -481,6 +594,10 @@ def _error_fields(exc: BaseException) -> dict[str, Any]:
     kind = (
         "access"
         if isinstance(exc, AccessDeniedError)
+        else "busy"
+        if isinstance(exc, DownloadBusyError)
+        else "disk"
+        if isinstance(exc, DiskFullError)
         else "checksum"
         if isinstance(exc, ChecksumMismatchError)
         else "fatal"
@@ -514,6 +631,8 @@ def warm_files(target: Path, paths: list[str], emitter: Emitter, *, jobs: int = 
 def handle(request: NodeRequest, emitter: Emitter, *, token: str | None) -> dict[str, Any]:
     """Run one request; the summary dict goes into the final ``done`` event."""
     target = Path(request.target)
+    if request.action in ("acquire", "renew", "release"):
+        return _lease_action(request, emitter)
     if request.action == "fetch":
         return NodeFetcher(request, emitter, token=token).run()
     if request.action == "finalize":
@@ -529,6 +648,33 @@ def handle(request: NodeRequest, emitter: Emitter, *, token: str | None) -> dict
     paths = request.warm_files.get(request.node or "", [])
     n = warm_files(target, paths, emitter, jobs=request.settings.jobs * 2)
     return {"bytes": n, "seconds": round(time.monotonic() - started, 3)}
+
+
+def _lease_action(request: NodeRequest, emitter: Emitter) -> dict[str, Any]:
+    """Take (and check the directory for), renew or give back the model directory's lease."""
+    if request.lease is None:
+        raise DownloadError(f"{request.action} request without a lease")
+    target = Path(request.target)
+    if request.action == "renew":
+        renewed = renew_lease(target, request.lease)
+        return {"held": renewed is not None, "expires_at": renewed.expires_at if renewed else None}
+    if request.action == "release":
+        return {"released": release_lease(target, request.lease)}
+    if request.plan is None:
+        raise DownloadError("acquire request without a plan")
+    check_repo_paths(request.plan.repo, (f.path for f in request.plan.files))
+    lease = acquire_lease(
+        target,
+        request.lease,
+        wait=request.wait,
+        on_wait=lambda line: emitter.emit("waiting", message=line),
+    )
+    try:
+        summary = prepare_target(target, request.plan, node=request.node or "?")
+    except BaseException:
+        release_lease(target, lease)
+        raise
+    return {"lease": lease.model_dump(mode="json"), **summary}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from collections.abc import Iterable, Sequence
+from pathlib import PurePosixPath
 
 from pydantic import BaseModel, Field, computed_field
 
@@ -37,6 +38,46 @@ DEFAULT_EXCLUDE_PATTERNS: tuple[str, ...] = (
 WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".ckpt")
 # A file this large is balanced like a weight file whatever its name (a huge tokenizer, say).
 LARGE_FILE_BYTES = 16 * 1024 * 1024
+
+
+# Names llamacluster itself keeps at the top of the model directory: a hub file must not replace
+# them (a forged record or manifest would make unverified bytes look verified).
+RESERVED_TOP_LEVEL = (".llamacluster", "manifest.json")
+
+
+def unsafe_path_reason(path: str) -> str | None:
+    """Why a file name from the hub must not be written under the model directory, or None.
+
+    Refused: empty, absolute, a backslash, NUL or another control character, a ``.``, ``..`` or
+    empty component, and llamacluster's own top-level names. Pure: no filesystem access.
+    """
+    if not path:
+        return "the name is empty"
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return "it contains a NUL or control character"
+    if "\\" in path:
+        return "it contains a backslash"
+    if path.startswith("/") or PurePosixPath(path).is_absolute():
+        return "it is an absolute path"
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "it has an empty, '.' or '..' component"
+    if parts[0] in RESERVED_TOP_LEVEL:
+        return f"{parts[0]!r} is llamacluster's own name in the model directory"
+    return None
+
+
+def check_repo_paths(repo: str, paths: Iterable[str]) -> None:
+    """Refuse the whole listing when any name is unsafe: one line naming the first such file."""
+    for path in paths:
+        reason = unsafe_path_reason(path)
+        if reason is not None:
+            raise DownloadError(
+                f"the hub listed an unsafe file name {path!r} in {repo} ({reason}); "
+                "nothing was written",
+                hint="a hub or mirror that sends such names cannot be trusted: check HF_ENDPOINT "
+                "and the repository",
+            )
 
 
 class RepoFile(BaseModel):
@@ -179,6 +220,7 @@ def make_plan(
     exclude: Sequence[str] = (),
 ) -> DownloadPlan:
     """Pure: choose the files and assign them to nodes for one resolved commit."""
+    check_repo_paths(repo, (f.path for f in files))
     kept, excluded = select_files(files, include=include, exclude=exclude)
     if not kept:
         raise ConfigError(
@@ -244,6 +286,7 @@ def resolve_repo_files(
                 git_sha1=None if s.lfs else s.blob_id,
             )
         )
+    check_repo_paths(repo, (f.path for f in files))
     return info.sha, files
 
 

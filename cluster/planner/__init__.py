@@ -7,10 +7,13 @@ The package, leaves first (each module imports only those above it):
 - ``loader``: config.json from a local directory or the Hugging Face hub.
 - ``params``: parameter counts (total, active, per tensor-parallel rank).
 - ``memory``: weight and KV-cache bytes, the dtypes a plan uses, runtime headroom.
+- ``engine_options``: vLLM's --quantization, --speculative-config (draft memory), KV offload.
 - ``options``: the cluster (ClusterShape) and the knobs of a plan (PlanOptions).
 - ``stages``: pipeline stages of a layout and the memory of one device of a stage.
 - ``layout``: the tp x pp search (choose_parallelism).
-- ``speed``: roofline step time and parallel communication.
+- ``efficiency``: fitted efficiency curves per device family; which efficiency a plan uses.
+- ``speed``: step time (bytes and FLOPs per stage at given efficiencies) and communication.
+- ``calibration``: measured step times and the fit of the efficiency curves to them.
 - ``plan``: Plan and plan_deployment, which puts it all together.
 
 `llamacluster plan` renders the Plan (cluster/cli/plan_cmd.py); `up` calls choose_parallelism.
@@ -24,6 +27,13 @@ from cluster.planner.dtypes import (
     QUANTIZED_DTYPES,
     WEIGHT_DTYPE_BYTES,
     normalize_dtype,
+)
+from cluster.planner.efficiency import CURVES, EfficiencyCurve, StepEfficiency, expected_efficiency
+from cluster.planner.engine_options import (
+    DraftCost,
+    draft_cost,
+    parse_speculative_config,
+    quantization_weight_dtype,
 )
 from cluster.planner.layout import choose_parallelism, tp_violation
 from cluster.planner.loader import load_model_config, load_model_shape
@@ -49,7 +59,15 @@ from cluster.planner.params import (
     expert_params,
     shared_expert_params,
 )
-from cluster.planner.plan import Cost, ModelSummary, Performance, Plan, plan_deployment
+from cluster.planner.plan import (
+    Cost,
+    Figures,
+    KVOffload,
+    ModelSummary,
+    Performance,
+    Plan,
+    plan_deployment,
+)
 from cluster.planner.shape import MLAShape, ModelShape, MoEShape, parse_model_shape
 from cluster.planner.speed import (
     PP_TENSORS_PER_HOP,
@@ -64,6 +82,7 @@ from cluster.planner.stages import StageMemory, pipeline_stage_layers
 __all__ = [
     "ACTIVATION_TOKENS_LARGE",
     "ACTIVATION_TOKENS_SMALL",
+    "CURVES",
     "GIB",
     "INT4_GROUP_SIZE",
     "INT4_SCALE_OVERHEAD_BYTES",
@@ -78,6 +97,10 @@ __all__ = [
     "ClusterShape",
     "Communication",
     "Cost",
+    "DraftCost",
+    "EfficiencyCurve",
+    "Figures",
+    "KVOffload",
     "MLAShape",
     "MoEShape",
     "ModelShape",
@@ -87,12 +110,15 @@ __all__ = [
     "Plan",
     "PlanOptions",
     "StageMemory",
+    "StepEfficiency",
     "StepTime",
     "attention_params_per_device",
     "choose_parallelism",
     "communication",
     "count_parameters",
     "dense_mlp_params",
+    "draft_cost",
+    "expected_efficiency",
     "expert_params",
     "experts_touched",
     "kv_bytes_per_token",
@@ -101,8 +127,10 @@ __all__ = [
     "load_model_shape",
     "normalize_dtype",
     "parse_model_shape",
+    "parse_speculative_config",
     "pipeline_stage_layers",
     "plan_deployment",
+    "quantization_weight_dtype",
     "resolve_kv_dtype",
     "resolve_weight_dtype",
     "runtime_headroom_bytes",

@@ -9,10 +9,10 @@ from pydantic import BaseModel
 
 from cluster.errors import ConfigError
 from cluster.planner.dtypes import GIB
+from cluster.planner.engine_options import plan_weight_dtype
 from cluster.planner.memory import (
     kv_bytes_per_token,
     resolve_kv_dtype,
-    resolve_weight_dtype,
     weight_bytes,
 )
 from cluster.planner.options import ClusterShape, PlanOptions
@@ -105,7 +105,9 @@ def _evaluate(
     weight_dtype: str,
     kv_dtype: str,
 ) -> tuple[_Layout, list[_Stage]]:
-    stages = _build_stages(shape, tp=tp, pp=pp, weight_dtype=weight_dtype, kv_dtype=kv_dtype)
+    stages = _build_stages(
+        shape, tp=tp, pp=pp, weight_dtype=weight_dtype, kv_dtype=kv_dtype, draft=options.draft
+    )
     memory = [
         _stage_memory(
             s, shape, cluster, tp=tp, weight_dtype=weight_dtype, mem_fraction=options.mem_fraction
@@ -188,7 +190,7 @@ def choose_parallelism(
     """
     options = options or PlanOptions()
     _check_forced_layout(shape, cluster, options)
-    weight_dtype = resolve_weight_dtype(shape, options.dtype)
+    weight_dtype = plan_weight_dtype(shape, options.dtype, options.quantization)
     kv_dtype = resolve_kv_dtype(options.kv_dtype, weight_dtype)
     max_len = _max_model_len(shape, options)
     layouts = _candidate_layouts(shape, cluster, options)

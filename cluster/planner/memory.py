@@ -71,6 +71,15 @@ def kv_bytes_per_token(shape: ModelShape, kv_dtype: str = "bf16") -> int:
     return shape.num_layers * kv_bytes_per_token_per_layer(shape, kv_dtype)
 
 
+def max_num_batched_tokens(device: DeviceSpec) -> int:
+    """vLLM's default tokens per scheduler step (the prefill chunk and the activation peak)."""
+    return (
+        ACTIVATION_TOKENS_LARGE
+        if device.memory_gib >= LARGE_DEVICE_GIB
+        else ACTIVATION_TOKENS_SMALL
+    )
+
+
 def runtime_headroom_bytes(
     shape: ModelShape, device: DeviceSpec, *, tp: int, act_bytes: int
 ) -> float:
@@ -80,11 +89,7 @@ def runtime_headroom_bytes(
     max_num_batched_tokens (residual, norm output, QKV, gate/up output) + fp32 logits for the
     default max_num_seqs.
     """
-    tokens = (
-        ACTIVATION_TOKENS_LARGE
-        if device.memory_gib >= LARGE_DEVICE_GIB
-        else ACTIVATION_TOKENS_SMALL
-    )
+    tokens = max_num_batched_tokens(device)
     ffn = shape.intermediate_size
     if shape.moe is not None:
         moe = shape.moe

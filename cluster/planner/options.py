@@ -3,6 +3,8 @@ knobs of a plan (PlanOptions)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -14,6 +16,7 @@ from pydantic import (
 
 from cluster.device_specs import DeviceSpec
 from cluster.planner.dtypes import KV_DTYPE_BYTES, WEIGHT_DTYPE_BYTES, normalize_dtype
+from cluster.planner.engine_options import DraftCost
 
 
 class ClusterShape(BaseModel):
@@ -62,17 +65,40 @@ class PlanOptions(BaseModel):
         le=1,
         description="Share of device memory vLLM may use (gpu_memory_utilization).",
     )
-    flops_efficiency: float = Field(
-        default=1.0, gt=0, le=1, description="Achieved / peak FLOP/s; 1.0 = the ideal bound."
-    )
-    bandwidth_efficiency: float = Field(
-        default=1.0,
+    flops_efficiency: float | None = Field(
+        default=None,
         gt=0,
         le=1,
-        description="Achieved / peak memory bandwidth; 1.0 = the ideal bound.",
+        description="Achieved / peak FLOP/s for the expected figures; None = the device "
+        "family's fitted curve (the ideal bound always uses 1.0).",
+    )
+    bandwidth_efficiency: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Achieved / peak memory bandwidth for the expected figures; None = the "
+        "device family's fitted curve (the ideal bound always uses 1.0).",
     )
     cost_per_hour: float | None = Field(
         default=None, gt=0, description="Price of the whole cluster per hour, in dollars."
+    )
+    quantization: str | None = Field(
+        default=None,
+        description="vLLM --quantization method (fp8, awq, gptq, ...): sets the weight dtype.",
+    )
+    speculative_config: dict[str, Any] | None = Field(
+        default=None, description="vLLM --speculative-config (ngram, EAGLE, MTP, draft model)."
+    )
+    draft: DraftCost | None = Field(
+        default=None,
+        description="The speculative draft's memory, sized from speculative_config "
+        "(cluster.planner.draft_cost); counted on the last pipeline stage.",
+    )
+    kv_offload_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="vLLM --kv-offloading-size: host-memory KV cache in GiB, summed over the "
+        "tensor-parallel ranks.",
     )
     tp: int | None = Field(default=None, ge=1, description="Force this tensor-parallel size.")
     pp: int | None = Field(default=None, ge=1, description="Force this pipeline-parallel size.")

@@ -3,11 +3,13 @@ the compute bound) and the tensor- and pipeline-parallel traffic per token."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from cluster.planner.options import ClusterShape, PlanOptions
+from cluster.planner.efficiency import StepEfficiency
+from cluster.planner.options import ClusterShape
 from cluster.planner.shape import ModelShape
 from cluster.planner.stages import _Stage
 
@@ -39,37 +41,37 @@ class StepTime(BaseModel):
     compute_ms: float = Field(description="Time for the FLOPs at the given peak.")
     tp_comm_ms: float = Field(description="Tensor-parallel all-reduces.")
     pp_comm_ms: float = Field(description="Pipeline stage hops.")
+    layer_overhead_ms: float = Field(
+        default=0.0,
+        description="Fixed cost of the layers' kernel calls (measured devices; in total_ms).",
+    )
     bound: Literal["memory", "compute"] = Field(description="Which bound dominates the stages.")
 
 
-def _step_time(
-    shape: ModelShape,
-    cluster: ClusterShape,
-    stages: list[_Stage],
-    options: PlanOptions,
-    *,
-    tp: int,
-    act_bytes: int,
-    seqs: int,
-    new_tokens: int,
-    past_tokens: int,
-) -> StepTime:
-    """Time of one step of ``seqs`` sequences each adding ``new_tokens`` after ``past_tokens``."""
-    dev = cluster.device
-    bandwidth = dev.bandwidth_gbs * 1e9 * options.bandwidth_efficiency
-    flops = dev.bf16_tflops * 1e12 * options.flops_efficiency
+@dataclass(frozen=True)
+class StageWork:
+    """What one pipeline stage (one tensor-parallel rank) moves and computes in one step."""
+
+    layers: int
+    weight_bytes: float  # weights read: dense parts, LM head, routed experts touched
+    kv_bytes: float  # KV cache read (context) and written (new tokens)
+    flops: float  # linear layers, attention and the logits
+
+
+def stage_work(
+    shape: ModelShape, stages: list[_Stage], *, seqs: int, new_tokens: int, past_tokens: int
+) -> list[StageWork]:
+    """Bytes and FLOPs of one step of ``seqs`` sequences each adding ``new_tokens`` after
+    ``past_tokens``, per stage (pure arithmetic; the speed models divide it by device rates)."""
     tokens = seqs * new_tokens
     # Causal attention: each new token attends to the past and to the new tokens before it.
     pairs = seqs * (new_tokens * past_tokens + new_tokens * (new_tokens + 1) / 2)
     kv_tokens = seqs * (past_tokens + new_tokens)
-    mem_total = compute_total = busy = 0.0
-    memory_bound_time = 0.0
+    work = []
     for s in stages:
         touched = 0.0
         if s.moe_layers and shape.moe is not None:
             touched = experts_touched(shape.moe.num_experts, shape.moe.experts_per_token, tokens)
-        mem_bytes = s.dense_read_bytes + s.moe_layers * touched * s.expert_bytes
-        mem_bytes += kv_tokens * s.kv_bytes_per_token  # read the context, write the new tokens
         linear = s.dense_linear_params + (
             s.moe_layers * shape.moe.experts_per_token * s.expert_linear_params
             if shape.moe
@@ -77,20 +79,60 @@ def _step_time(
         )
         # vLLM computes logits only for the last token of each sequence.
         flop = 2 * linear * tokens + 2 * s.lm_head_params * seqs + s.attn_flops_per_pair * pairs
-        mem_t, comp_t = mem_bytes / bandwidth, flop / flops
+        work.append(
+            StageWork(
+                layers=s.num_layers,
+                weight_bytes=s.dense_read_bytes + s.moe_layers * touched * s.expert_bytes,
+                kv_bytes=kv_tokens * s.kv_bytes_per_token,
+                flops=flop,
+            )
+        )
+    return work
+
+
+def _step_time(
+    shape: ModelShape,
+    cluster: ClusterShape,
+    stages: list[_Stage],
+    efficiency: StepEfficiency,
+    *,
+    tp: int,
+    act_bytes: int,
+    seqs: int,
+    new_tokens: int,
+    past_tokens: int,
+) -> StepTime:
+    """Time of one step of ``seqs`` sequences each adding ``new_tokens`` after ``past_tokens``,
+    each stage's bytes and FLOPs at the device's rates times ``efficiency``."""
+    dev = cluster.device
+    bandwidth = dev.bandwidth_gbs * 1e9
+    flops = dev.bf16_tflops * 1e12
+    mem_total = compute_total = busy = fixed = 0.0
+    memory_bound_time = 0.0
+    work = stage_work(shape, stages, seqs=seqs, new_tokens=new_tokens, past_tokens=past_tokens)
+    for w in work:
+        layers = max(1, w.layers)
+        weight_eff = efficiency.weights(w.weight_bytes / layers)
+        mem_t = w.weight_bytes / (bandwidth * weight_eff)
+        mem_t += w.kv_bytes / (bandwidth * efficiency.kv)
+        comp_t = w.flops / (flops * efficiency.compute(w.flops / layers))
         mem_total += mem_t
         compute_total += comp_t
         busy += max(mem_t, comp_t)
+        # Paid by every step whatever its size: kernel launches, small kernels (measured).
+        fixed += w.layers * efficiency.layer_ms / 1e3
         memory_bound_time += mem_t if mem_t >= comp_t else 0.0
     comm = communication(shape, cluster, tp=tp, pp=len(stages), act_bytes=act_bytes)
+    tokens = seqs * new_tokens
     tp_ms = comm.tp_ms_per_token * tokens
     pp_ms = comm.pp_ms_per_token * tokens
     return StepTime(
-        total_ms=busy * 1e3 + tp_ms + pp_ms,
+        total_ms=(busy + fixed) * 1e3 + tp_ms + pp_ms,
         memory_ms=mem_total * 1e3,
         compute_ms=compute_total * 1e3,
         tp_comm_ms=tp_ms,
         pp_comm_ms=pp_ms,
+        layer_overhead_ms=fixed * 1e3,
         bound="memory" if memory_bound_time >= busy / 2 else "compute",
     )
 

@@ -4,12 +4,13 @@ models read), and the memory of one device of a stage."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydantic import BaseModel, Field
 
 from cluster.errors import ConfigError
 from cluster.planner.dtypes import GIB, WEIGHT_DTYPE_BYTES
+from cluster.planner.engine_options import DraftCost
 from cluster.planner.memory import _base_bytes, kv_bytes_per_token_per_layer, runtime_headroom_bytes
 from cluster.planner.options import ClusterShape
 from cluster.planner.params import (
@@ -53,7 +54,13 @@ class _Stage:
 
 
 def _build_stages(
-    shape: ModelShape, *, tp: int, pp: int, weight_dtype: str, kv_dtype: str
+    shape: ModelShape,
+    *,
+    tp: int,
+    pp: int,
+    weight_dtype: str,
+    kv_dtype: str,
+    draft: DraftCost | None = None,
 ) -> list[_Stage]:
     qbytes, bbytes = WEIGHT_DTYPE_BYTES[weight_dtype], _base_bytes(weight_dtype)
     embed_dev = shape.vocab_size * shape.hidden_size / tp
@@ -108,6 +115,15 @@ def _build_stages(
             )
         )
         start += count
+    if draft is not None:
+        # vLLM runs the drafter on the last stage, sharded like the target; its KV cache shares
+        # the target's block pool, so every cached token costs the draft's KV too.
+        last = stages[-1]
+        stages[-1] = replace(
+            last,
+            weight_bytes=last.weight_bytes + draft.weight_bytes(weight_dtype, tp=tp),
+            kv_bytes_per_token=last.kv_bytes_per_token + draft.kv_bytes_per_token(kv_dtype, tp=tp),
+        )
     return stages
 
 

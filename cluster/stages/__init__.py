@@ -5,6 +5,7 @@ from __future__ import annotations
 from cluster.stages.base import Stage
 from cluster.stages.download import Download
 from cluster.stages.env import SharedEnv
+from cluster.stages.measure import Measure
 from cluster.stages.monitor import Monitor
 from cluster.stages.preflight import Preflight
 from cluster.stages.ray import RayCluster
@@ -17,6 +18,7 @@ STAGES: tuple[Stage, ...] = (
     SharedStorage(),
     Cache(),
     SharedEnv(),
+    Measure(),
     Download(),
     RayCluster(),
     Serve(),

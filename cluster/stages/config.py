@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import sys
+from copy import copy
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
+from cluster.keys import read_api_keys
+from serve.config import ServeConfig
 
 #: Stage names in the order `up` runs them (also the values --skip accepts).
 STAGE_NAMES = (
@@ -14,12 +19,33 @@ STAGE_NAMES = (
     "storage",
     "cache",
     "env",
+    "measure",
     "download",
     "ray",
     "serve",
     "ready",
     "monitor",
 )
+
+
+#: Server settings `up` hands to the server as they are: the field (flag, default, bounds, help)
+#: is the server's own, so `up` and `serve` cannot drift apart.
+SERVER_FIELDS = (
+    "stall_timeout_s",
+    "restart_max_attempts",
+    "request_timeout_s",
+    "stream_idle_timeout_s",
+    "header_timeout_s",
+    "max_connections",
+    "max_n",
+    "max_tokens_limit",
+    "allowed_media_domains",
+)
+
+
+def _server_field(name: str) -> FieldInfo:
+    """A copy of ServeConfig's field ``name`` (for an UpConfig field of the same name)."""
+    return copy(ServeConfig.model_fields[name])
 
 
 class UpConfig(BaseModel):
@@ -133,30 +159,50 @@ class UpConfig(BaseModel):
     cpu_kvcache_gb: int | None = Field(
         default=None, ge=1, description="KV cache GiB per CPU worker (VLLM_CPU_KVCACHE_SPACE)."
     )
+    quantization: str | None = Field(
+        default=None,
+        description="vLLM quantization method (fp8, awq, gptq, ...); the planner sizes weights "
+        "by it. Default: the checkpoint's.",
+    )
+    speculative_config: dict[str, object] | None = Field(
+        default=None,
+        description="vLLM speculative decoding as JSON, e.g. "
+        '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\'.',
+    )
+    kv_offload_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Host-memory KV cache in GiB over the tensor-parallel ranks (vLLM "
+        "--kv-offloading-size).",
+    )
     engine_args: dict[str, object] = Field(
         json_schema_extra={"flag": "--engine-arg"},
         default_factory=dict,
         description="Any other vLLM engine argument as KEY=VALUE (repeatable; VALUE is JSON when "
         "it parses): e.g. --engine-arg enable_prefix_caching=true --engine-arg max_num_seqs=64.",
     )
-    stall_timeout_s: float = Field(
-        json_schema_extra={"flag": "--stall-timeout"},
-        default=60.0,
-        ge=0,
-        description="Seconds with requests in flight and no engine output before the server "
-        "restarts its engine (0: off).",
-    )
-    restart_max_attempts: int = Field(
-        json_schema_extra={"flag": "--restart-attempts"},
-        default=5,
-        ge=0,
-        description="Engine restarts inside the server before Ray Serve replaces it.",
-    )
+    stall_timeout_s: float = _server_field("stall_timeout_s")
+    restart_max_attempts: int = _server_field("restart_max_attempts")
+    request_timeout_s: float | None = _server_field("request_timeout_s")
+    stream_idle_timeout_s: float | None = _server_field("stream_idle_timeout_s")
+    header_timeout_s: float = _server_field("header_timeout_s")
+    max_connections: int = _server_field("max_connections")
+    max_n: int = _server_field("max_n")
+    max_tokens_limit: int = _server_field("max_tokens_limit")
+    allowed_media_domains: list[str] = _server_field("allowed_media_domains")
+    admin_key_file: Path | None = _server_field("admin_key_file")
     ready_timeout_s: float = Field(
         json_schema_extra={"flag": "--ready-timeout"},
         default=900.0,
         gt=0,
         description="How long to wait for /ready.",
+    )
+    supervise: bool = Field(
+        json_schema_extra={"flag": "--supervise/--no-supervise"},
+        default=True,
+        description="Keep each node's Ray running: a systemd unit where systemd runs, else a "
+        "small supervisor process; either restarts Ray when it dies (--no-supervise: plain "
+        "`ray start`, repaired only by the next `up`).",
     )
     skip: list[str] = Field(default_factory=list, description="Stages not to run.")
     dry_run: bool = Field(default=False, description="Print every stage's commands, run nothing.")
@@ -165,6 +211,13 @@ class UpConfig(BaseModel):
         default=False,
         description="When another `up`/`down` holds this cluster, wait for it instead of failing.",
     )
+
+    @field_validator("admin_key_file")
+    @classmethod
+    def _admin_keys_readable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            read_api_keys(value)  # missing, empty or readable by others: one line, how to fix
+        return value
 
     @field_validator("skip")
     @classmethod
@@ -207,9 +260,12 @@ class UpConfig(BaseModel):
                 "pp",
                 "max_model_len",
                 "gpu_memory_utilization",
-                "stall_timeout_s",
-                "restart_max_attempts",
+                *SERVER_FIELDS,
+                "admin_key_file",
                 "cpu_kvcache_gb",
+                "quantization",
+                "speculative_config",
+                "kv_offload_gb",
                 "engine_args",
                 "api_key_file",
             },

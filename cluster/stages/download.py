@@ -73,6 +73,9 @@ class Download(Stage):
             revision=ctx.state.model.revision,
             token=os.environ.get("HF_TOKEN") or None,
             timeout=6 * 3600,
+            command=f"up --name {ctx.state.name} (download {model})",
+            wait=ctx.config.wait,  # `up --wait` also queues behind another download into the dir
+            on_wait=ctx.reporter.print,
         )
         for name, summary in result.summaries.items():
             node = next(n for n in ctx.cluster if n.name == name)

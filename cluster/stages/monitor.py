@@ -14,7 +14,7 @@ from cluster.state import ClusterState, MonitoringSection, remote_cluster_dir
 
 #: How long `up` waits for a (re)started Prometheus to be ready and scraping itself.
 READY_WAIT_S = 60
-#: How long `up` then waits for the Ray and server jobs' first good scrape (a warning after).
+#: How long `up` waits for a running Prometheus to answer ready (a failure after).
 TARGETS_WAIT_S = 30
 
 NO_BINARY_HINT = (
@@ -165,7 +165,7 @@ class Monitor(Stage):
     def plan(self, ctx: UpContext) -> dict[str, list[str]]:
         spec = monitor_spec(ctx)
         install = [] if ctx.config.test_root else [monitor.install_display(_sudo(ctx) or "")]
-        probe = monitor.probe_args(spec, need_jobs=spec.jobs(), wait_s=TARGETS_WAIT_S)
+        probe = monitor.probe_args(spec, wait_s=TARGETS_WAIT_S)
         return {
             ctx.head.label: [
                 monitor.probe_command(installer=not ctx.config.test_root),
@@ -175,6 +175,8 @@ class Monitor(Stage):
                 f"write {spec.config_path} (0600, only when it differs): jobs "
                 + ", ".join(spec.jobs())
                 + f"; the server's key as credentials_file {spec.token_path}",
+                f"write the dashboards -> {spec.consoles_path}/, {spec.libraries_path}/ "
+                "(console pages, only when they differ)",
                 monitor.start_display(spec),
                 monitor.promctl_command(probe, python=_python(ctx.state))
                 + "   # ready, ours, and a target up in each job",
@@ -257,10 +259,10 @@ class Monitor(Stage):
         rec.version = found.get("version")
         _, seen = _probe(
             ctx,
-            monitor.probe_args(
-                spec, pid=rec.pid, log=spec.log_path, need_jobs=spec.jobs(), wait_s=TARGETS_WAIT_S
-            ),
-            what="waiting for prometheus's targets",
+            # Ready and ours is enough: a target's first scrape lands at a random offset within
+            # its interval (up to 10 s), which `up` does not wait for; `status` shows them.
+            monitor.probe_args(spec, pid=rec.pid, log=spec.log_path, wait_s=TARGETS_WAIT_S),
+            what="waiting for prometheus",
             timeout=TARGETS_WAIT_S + 60,
         )
         if not (seen.get("ready") and seen.get("ours")):
@@ -268,13 +270,18 @@ class Monitor(Stage):
                 f"prometheus on {ctx.head.label} is not ready: {seen.get('error')}",
                 hint=f"see {spec.log_path} on the head (a port taken? pass another --monitor-port)",
             )
-        per_job, down = monitor.summarize_targets(seen.get("targets", []))
+        targets = seen.get("targets", [])
+        per_job, down = monitor.summarize_targets(
+            t for t in targets if t.get("health") != "unknown"
+        )
         for line in down:
             ctx.reporter.warn(f"target not up: {line}")
+        pending = sum(t.get("health") == "unknown" for t in targets)
         ctx.reporter.node(
             ctx.head.label,
             f"prometheus {spec.url} (pid {rec.pid}), targets up: "
-            f"{monitor.describe_targets(per_job)}",
+            f"{monitor.describe_targets(per_job)}"
+            + (f"; {pending} awaiting their first scrape" if pending else ""),
         )
         what = f"prometheus {spec.url} on the head, retention {spec.retention_time} / {spec.retention_size}"
         if started:
@@ -300,6 +307,8 @@ class Monitor(Stage):
         the names of those written."""
         written = []
         files = [("config", spec.config_path, monitor.config_text(spec))]
+        # Prometheus reads console pages on every request: a changed page needs no restart.
+        files += [("dashboards", p, t) for p, t in monitor.dashboard_files(spec).items()]
         if spec.server_target:
             key = read_api_key(str(ctx.state.secrets.api_key_file))
             files.insert(0, ("token file", spec.token_path, key + "\n"))
@@ -310,7 +319,7 @@ class Monitor(Stage):
                 stdin=text,
                 timeout=60,
             )
-            if res.stdout.strip().splitlines()[-1:] == ["changed"]:
+            if res.stdout.strip().splitlines()[-1:] == ["changed"] and what not in written:
                 written.append(what)
         return written
 

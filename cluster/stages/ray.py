@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import shlex
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from itertools import groupby
 
-from cluster.errors import RemoteError
+from cluster import supervisor as sup
+from cluster.errors import NotReadyError, RemoteError
 from cluster.ray_nodes import (
     STARTUP_TIMEOUT,
     RayClusterSpec,
@@ -17,10 +20,13 @@ from cluster.ray_nodes import (
     allocate_ports,
     nodes_call,
     ports_call,
+    ray_node_env,
+    ray_start_argv,
     ray_start_display,
-    session_alive_command,
+    raylet_alive_command,
     start_ray_node,
     start_ray_node_command,
+    start_supervised_command,
     stop_ray_node,
     wait_for_nodes,
 )
@@ -73,9 +79,74 @@ def ray_temp_dir(cluster_name: str) -> str:
 
 
 def ray_alive_command(session_id: int, temp_dir: str) -> str:
-    """Exit 0 while the node's Ray session runs: a process of this user in that session names
-    this cluster's temp dir (a session id reused after a reboot does not count)."""
-    return session_alive_command(session_id, temp_dir)
+    """Exit 0 while the node's Ray runs: a raylet of this user in that session names this
+    cluster's temp dir (a session id reused after a reboot does not count, nor a supervisor
+    whose Ray is gone)."""
+    return raylet_alive_command(session_id, temp_dir)
+
+
+def record_alive_command(rec: RayNode, sudo: str = "") -> str | None:
+    """``ray_alive_command`` for a node's record: a systemd unit's Ray is found by the unit's
+    main pid (it changes with every restart), any other by the recorded session."""
+    if rec.temp_dir is None:
+        return None
+    if rec.supervisor == "systemd" and rec.unit:
+        show = (
+            f"{sudo + ' ' if sudo else ''}systemctl show -p MainPID --value {shlex.quote(rec.unit)}"
+        )
+        return raylet_alive_command(show, rec.temp_dir)
+    if rec.session is None:
+        return None
+    return ray_alive_command(rec.session, rec.temp_dir)
+
+
+# Exit 0 when systemd manages this machine and can be driven (PID 1 is systemd, its runtime
+# directory exists, systemctl is there); print the user Ray should run as.
+SYSTEMD_USABLE = (
+    'test -d /run/systemd/system && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ] '
+    "&& command -v systemctl >/dev/null && id -un"
+)
+
+
+def systemd_commands(unit: str, sudo: str = "") -> dict[str, list[str]]:
+    """The systemctl lines per step of a node's unit: ``start`` (after writing it), ``stop``
+    (`down`), ``purge`` (after removing it)."""
+    s = f"{sudo} " if sudo else ""
+    u = shlex.quote(unit)
+    return {
+        "start": [
+            f"{s}systemctl daemon-reload",
+            f"{s}systemctl enable {u}",
+            f"{s}systemctl restart {u}",
+        ],
+        "stop": [f"{s}systemctl disable --now {u}"],
+        "purge": [f"{s}systemctl daemon-reload"],
+    }
+
+
+def node_unit(ctx: UpContext, spec: RayClusterSpec, index: int, user: str) -> tuple[str, str]:
+    """Name and text of node ``index``'s systemd unit: its ``ray start`` and environment."""
+    rec = ctx.state.nodes[index]
+    name = sup.unit_name(ctx.state.name, cluster_key(ctx.state.name), rec.name)
+    text = sup.unit_text(
+        cluster=ctx.state.name,
+        node=rec.name,
+        user=user,
+        argv=ray_start_argv(spec, index),
+        env=ray_node_env(spec, index),
+        temp_dir=spec.temp_dir,
+    )
+    return name, text
+
+
+def unit_file_command(
+    command: str, root: str, name: str, *, text: str | None = None, python: str, sudo: str
+) -> str:
+    """``install-unit``/``remove-unit`` of cluster/supervisor.py on a node (source on stdin)."""
+    args = ["--root", root, "--name", name]
+    if text is not None:
+        args += ["--text-b64", base64.b64encode(text.encode()).decode()]
+    return sup.script_command(command, *args, python=python, sudo=sudo)
 
 
 def root_cause_command(temp_dir: str) -> str:
@@ -169,13 +240,26 @@ def node_spec(ctx: UpContext, rec: NodeState) -> RayClusterSpec:
 
 
 def start_node(
-    ctx: UpContext, runner: Runner, spec: RayClusterSpec, index: int, *, retries: int = 1
+    ctx: UpContext,
+    runner: Runner,
+    spec: RayClusterSpec,
+    index: int,
+    *,
+    retries: int = 1,
+    supervise: bool = False,
 ) -> RayNodeHandle:
-    """Start node ``index``: with ``-v`` its ``ray start`` line (env, then command; the token
-    only as a file path) is shown first and Ray's output as it comes."""
+    """Start node ``index`` (under its supervisor process with ``supervise``): with ``-v`` its
+    ``ray start`` line (env, then command; the token only as a file path) is shown first and
+    Ray's output as it comes."""
     ctx.reporter.command(runner.label, ray_start_display(spec, index))
     return start_ray_node(
-        runner, spec, index, timeout=180, retries=retries, on_line=ctx.reporter.on_line
+        runner,
+        spec,
+        index,
+        timeout=180,
+        retries=retries,
+        on_line=ctx.reporter.on_line,
+        supervise=supervise,
     )
 
 
@@ -183,42 +267,132 @@ def start_node(
 START_TRIES = 3
 
 
-def stop_ray(ctx: ClusterContext, runners: list[Runner]) -> list[str]:
-    """Stop this cluster's Ray on ``runners``' nodes (workers first) by the recorded session
-    ids; the stopped nodes' records are dropped. Returns the labels of the nodes stopped."""
-    stopped = []
-    for runner in reversed(runners):
-        rec = ctx.state.ray.nodes.get(runner.node.name)
-        if rec is None or rec.session is None:
-            continue
-        if not rec.temp_dir:
-            ctx.reporter.warn(
-                f"{runner.label}: no Ray temp dir on record; session {rec.session} left alone"
-            )
-            continue
-        res = stop_ray_node(runner, rec.session, temp_dir=rec.temp_dir)
-        if res.ok:
-            ctx.reporter.node(runner.label, f"ray stopped (session {rec.session})")
-            rec.session = None
-            stopped.append(runner.label)
-        else:
-            ctx.reporter.node(runner.label, f"could not stop ray: {res.tail(1)}", ok=False)
+def _sudo(ctx: ClusterContext, name: str) -> str:
+    rec = ctx.state.node(name)
+    return rec.sudo if rec is not None and rec.sudo else ""
+
+
+def _system_python(ctx: ClusterContext, name: str) -> str:
+    rec = ctx.state.node(name)
+    return rec.python if rec is not None and rec.python else "python3"
+
+
+#: After the server has drained (``down``), Ray's processes hold nothing worth waiting for, and
+#: some of them (gcs_server, the autoscaler monitor, actors) ignore TERM for longer than 10 s.
+DOWN_GRACE_S = 2.0
+
+
+def stop_ray(ctx: ClusterContext, runners: list[Runner], *, grace_s: float = 10.0) -> list[str]:
+    """Stop this cluster's Ray on ``runners``' nodes (the workers together, then the head): a
+    systemd unit is stopped and disabled, a supervisor process stopped by its pid, then the Ray
+    session by its id (TERM, ``grace_s``, KILL); the stopped nodes' records are dropped. Returns
+    the labels of the nodes stopped."""
+    head = ctx.state.head.name if ctx.state.head else None
+    workers = [r for r in runners if r.node.name != head]
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(workers)))) as pool:
+        stopped = [
+            label for label in pool.map(lambda r: _stop_ray_on(ctx, r, grace_s), workers) if label
+        ]
+    stopped += [
+        label for r in runners if r.node.name == head and (label := _stop_ray_on(ctx, r, grace_s))
+    ]
     ctx.state.save()
     return stopped
 
 
+def _stop_ray_on(ctx: ClusterContext, runner: Runner, grace_s: float) -> str | None:
+    """Stop this cluster's Ray on one node; its label when stopped."""
+    rec = ctx.state.ray.nodes.get(runner.node.name)
+    if rec is None:
+        return None
+    if rec.supervisor == "systemd" and rec.unit and ctx.state.access.system_root == "/":
+        for line in systemd_commands(rec.unit, _sudo(ctx, runner.node.name))["stop"]:
+            res = runner.run(line, timeout=120)
+            if not res.ok:
+                ctx.reporter.node(runner.label, f"{line}: {res.tail(1)}", ok=False)
+        ctx.reporter.node(runner.label, f"unit {rec.unit} stopped and disabled")
+    if rec.session is None:
+        return None
+    if not rec.temp_dir:
+        ctx.reporter.warn(
+            f"{runner.label}: no Ray temp dir on record; session {rec.session} left alone"
+        )
+        return None
+    res = stop_ray_node(
+        runner,
+        rec.session,
+        temp_dir=rec.temp_dir,
+        supervised=rec.supervisor == "process",
+        grace_s=grace_s,
+    )
+    if not res.ok:
+        ctx.reporter.node(runner.label, f"could not stop ray: {res.tail(1)}", ok=False)
+        return None
+    ctx.reporter.node(runner.label, f"ray stopped (session {rec.session})")
+    rec.session = None
+    return runner.label
+
+
+def remove_units(ctx: ClusterContext) -> list[str]:
+    """Remove the systemd unit written for each node (exactly that file, under the recorded
+    system root); returns the labels of the nodes whose unit went."""
+    root = ctx.state.access.system_root
+    removed = []
+    for runner in ctx.runners:
+        rec = ctx.state.ray.nodes.get(runner.node.name)
+        if rec is None or not rec.unit:
+            continue
+        name = runner.node.name
+        sudo = _sudo(ctx, name) if root == "/" else ""
+        command = unit_file_command(
+            "remove-unit", root, rec.unit, python=_system_python(ctx, name), sudo=sudo
+        )
+        res = runner.run(command, stdin=sup.script_source(), timeout=60)
+        if not res.ok:
+            ctx.reporter.node(runner.label, f"could not remove {rec.unit}: {res.tail(1)}", ok=False)
+            continue
+        if root == "/":
+            for line in systemd_commands(rec.unit, sudo)["purge"]:
+                runner.run(line, timeout=60)
+        ctx.reporter.node(runner.label, f"unit {rec.unit} removed")
+        rec.unit = None
+        removed.append(runner.label)
+    ctx.state.save()
+    return removed
+
+
 def ray_alive(ctx: ClusterContext) -> dict[str, bool]:
-    """Per node name: does this cluster's Ray session run there?"""
+    """Per node name: does this cluster's Ray (its raylet) run there?"""
     alive: dict[str, bool] = {}
     for runner in ctx.runners:
         rec = ctx.state.ray.nodes.get(runner.node.name)
-        alive[runner.node.name] = bool(
-            rec is not None
-            and rec.session is not None
-            and rec.temp_dir is not None
-            and runner.run(ray_alive_command(rec.session, rec.temp_dir), timeout=30).ok
+        command = (
+            record_alive_command(rec, _sudo(ctx, runner.node.name)) if rec is not None else None
         )
+        alive[runner.node.name] = bool(command and runner.run(command, timeout=30).ok)
     return alive
+
+
+def registered(ctx: ClusterContext, *, timeout: float = 10) -> str | None:
+    """What the head's GCS says is missing (a node not alive there, missing device slots), or
+    None when every node is registered."""
+    state = ctx.state
+    head = state.head
+    if head is None or state.ports is None or not state.env.dir or not state.ray.head_token_path:
+        return "no Ray on record"
+    try:
+        wait_for_nodes(
+            f"{head.private_ip}:{state.ports.ray_gcs}",
+            [str(n.private_ip) for n in state.nodes],
+            {str(n.private_ip): n.devices for n in state.nodes},
+            token_path=state.ray.head_token_path,
+            timeout=timeout,
+            runner=ctx.head_runner,
+            python=env_python(state.env.dir),
+        )
+    except NotReadyError as exc:
+        return exc.message
+    return None
 
 
 class RayCluster(Stage):
@@ -233,23 +407,35 @@ class RayCluster(Stage):
         if not ctx.state.ray.nodes:
             return StageCheck(None, "Ray never started")
         alive = ray_alive(ctx)
-        per_node = {
-            n.label: (
-                f"ray running (session {ctx.state.ray.node(n.name).session})"
-                if alive[n.name]
-                else "ray stopped"
+
+        def running(name: str) -> str:
+            rec = ctx.state.ray.node(name)
+            how = {"systemd": f", unit {rec.unit}", "process": ", supervised"}.get(
+                str(rec.supervisor), ""
             )
-            for n in ctx.cluster
+            return f"ray running (session {rec.session}{how})"
+
+        per_node = {
+            n.label: running(n.name) if alive[n.name] else "ray stopped" for n in ctx.cluster
         }
         stopped = [n.label for n in ctx.cluster if not alive[n.name]]
         if stopped:
             return StageCheck(False, f"Ray stopped on {', '.join(stopped)}", per_node)
-        return StageCheck(True, f"Ray running on {len(alive)} node(s)", per_node)
+        missing = registered(ctx)
+        if missing:
+            return StageCheck(False, missing, per_node)
+        return StageCheck(
+            True, f"Ray running on {len(alive)} node(s), all registered with the head", per_node
+        )
 
     def teardown(self, ctx: ClusterContext, how: Teardown) -> str | None:
-        """Stop exactly this cluster's Ray processes on every node (by their sessions)."""
-        stopped = stop_ray(ctx, ctx.runners)
-        return f"Ray stopped on {', '.join(stopped)}" if stopped else None
+        """Stop exactly this cluster's Ray processes on every node (units, supervisors, then
+        sessions); ``--purge`` also removes the systemd units written for the nodes."""
+        stopped = stop_ray(ctx, ctx.runners, grace_s=DOWN_GRACE_S)
+        removed = remove_units(ctx) if how.purge else []
+        done = [f"Ray stopped on {', '.join(stopped)}"] if stopped else []
+        done += [f"units removed on {', '.join(removed)}"] if removed else []
+        return "; ".join(done) or None
 
     def plan(self, ctx: UpContext) -> dict[str, list[str]]:
         plan = {}
@@ -264,7 +450,7 @@ class RayCluster(Stage):
                 ),
                 f"copy <controller token> -> {spec.node_token_path(i)} (0600)",
                 "# " + ray_start_display(spec, i),
-                *start_ray_node_command(spec, i).strip().splitlines(),
+                *self._plan_start(ctx, spec, i),
             ]
         spec = cluster_spec(ctx)
         expected = {n.ip: float(n.num_gpus) for n in spec.nodes}
@@ -274,6 +460,28 @@ class RayCluster(Stage):
             )
         )
         return plan
+
+    @staticmethod
+    def _plan_start(ctx: UpContext, spec: RayClusterSpec, index: int) -> list[str]:
+        """``--dry-run`` lines of one node's start: plain, or (``--supervise``) a unit where
+        systemd runs, else the supervisor process."""
+        if not ctx.config.supervise:
+            return start_ray_node_command(spec, index).strip().splitlines()
+        rec = ctx.state.nodes[index] if index < len(ctx.state.nodes) else None
+        name = rec.name if rec else ctx.cluster.nodes[index].name
+        unit = sup.unit_name(ctx.state.name, cluster_key(ctx.state.name), name)
+        root = str(ctx.config.system_root)
+        python = rec.python if rec and rec.python else "python3"
+        sudo = "" if ctx.config.test_root else (rec.sudo if rec and rec.sudo else "")
+        write = unit_file_command("install-unit", root, unit, python=python, sudo=sudo)
+        lines = [
+            f"{SYSTEMD_USABLE}   # systemd here? then:",
+            f"{write} --text-b64 <the unit: ray start ... --block, Restart=on-failure>",
+        ]
+        if not ctx.config.test_root:
+            lines += systemd_commands(unit, sudo)["start"]
+        lines.append("# else (no systemd, or files only under a test root): the supervisor process")
+        return lines + start_supervised_command(spec, index).strip().splitlines()
 
     def run(self, ctx: UpContext) -> StageOutcome:
         recs = [ctx.node_state(n) for n in ctx.cluster]
@@ -293,8 +501,19 @@ class RayCluster(Stage):
             return StageOutcome("unchanged", f"{len(recs)} node(s) already in this cluster's Ray")
         if not alive[0] and any(alive):
             # Workers of a dead head cannot rejoin: restart them all.
+            ctx.reporter.info("the head's Ray is gone: every node's Ray starts again")
             stop_ray(ctx, [r for r, a in zip(ctx.runners, alive, strict=True) if a])
             alive = [False] * len(alive)
+        elif any(alive):
+            lost = [r.label for r, a in zip(ctx.runners, alive, strict=True) if not a]
+            kept = [r.label for r, a in zip(ctx.runners, alive, strict=True) if a]
+            ctx.reporter.info(
+                f"repairing {', '.join(lost)}: its Ray is gone; "
+                f"{', '.join(kept)} keep their running Ray untouched"
+            )
+        # What is left of a lost node's Ray (a supervisor between restarts, a daemon that
+        # outlived its raylet) goes first, by its recorded ids, so two never run side by side.
+        stop_ray(ctx, [r for r, a in zip(ctx.runners, alive, strict=True) if not a])
         self._allocate_ports(ctx, [i for i, a in enumerate(alive) if not a])
         for runner, rec in zip(ctx.runners, recs, strict=True):
             node = ray.nodes.setdefault(rec.name, RayNode())
@@ -306,21 +525,104 @@ class RayCluster(Stage):
         for i, (runner, rec) in enumerate(zip(ctx.runners, recs, strict=True)):  # head first
             if alive[i]:
                 continue
-            spec, handle = self._start(ctx, runner, rec, i)
+            mode = self._supervisor(ctx, runner, rec)
             node = ray.nodes[rec.name]
-            node.session, node.temp_dir = handle.session_id, spec.temp_dir
+            if mode is not None and mode[0] == "systemd":
+                spec = node_spec(ctx, rec)
+                node.temp_dir, node.supervisor = spec.temp_dir, "systemd"
+                node.unit = self._write_unit(ctx, runner, spec, i, mode[1])
+                node.session = self._start_unit(ctx, runner, node)
+            else:
+                if mode is not None and ctx.config.test_root:
+                    # Files only under a test root: the unit is written, Ray runs under the
+                    # supervisor process (no systemctl runs there).
+                    node.unit = self._write_unit(ctx, runner, node_spec(ctx, rec), i, mode[1])
+                spec, handle = self._start(ctx, runner, rec, i, supervise=mode is not None)
+                node.session, node.temp_dir = handle.session_id, spec.temp_dir
+                node.supervisor = "process" if mode is not None else None
             node.boot_id, node.host, node.machine_id = rec.boot_id, rec.host, rec.machine_id
             ctx.state.save()  # recorded at once: `down` can stop it even if a later step fails
             started.append(runner.node.name)
+            how = {"systemd": f", unit {node.unit}", "process": ", supervised"}.get(
+                str(node.supervisor), ""
+            )
             ctx.reporter.node(
                 runner.label,
-                f"ray started (session {handle.session_id}, {rec.devices} {rec.device_kind} slot(s))",
+                f"ray started (session {node.session}{how}, "
+                f"{rec.devices} {rec.device_kind} slot(s))",
             )
         self._wait(ctx, timeout=300)  # a loaded host takes minutes to register a node
         return StageOutcome("done", f"started on {', '.join(started)}; every node registered")
 
+    @staticmethod
+    def _supervisor(ctx: UpContext, runner: Runner, rec: NodeState) -> tuple[str, str] | None:
+        """How this node's Ray is kept running: ``("systemd", user)`` where systemd runs and
+        can be driven (root or ``sudo -n``), ``("process", user)`` elsewhere (and always under a
+        test root or with ``--local``); None with ``--no-supervise``."""
+        if not ctx.config.supervise:
+            return None
+        found = runner.run(SYSTEMD_USABLE, timeout=30)
+        user = found.stdout.strip().splitlines()[-1] if found.ok and found.stdout.strip() else ""
+        # A test root runs no service command; `--local` installs no system unit on this machine.
+        if not user or ctx.config.test_root or ctx.state.local:
+            return ("process", user or rec.user or "")
+        if rec.sudo is None:
+            ctx.reporter.warn(
+                f"{runner.label}: systemd runs but neither root nor `sudo -n`: Ray is kept "
+                "running by a supervisor process instead of a unit (not started at boot)"
+            )
+            return ("process", user)
+        return ("systemd", user)
+
+    @staticmethod
+    def _write_unit(
+        ctx: UpContext, runner: Runner, spec: RayClusterSpec, index: int, user: str
+    ) -> str:
+        """Write node ``index``'s unit under the system root (exactly one file of its own; the
+        same text again changes nothing); returns its name."""
+        rec = ctx.state.nodes[index]
+        name, text = node_unit(ctx, spec, index, user or "root")
+        root = str(ctx.config.system_root)
+        command = unit_file_command(
+            "install-unit",
+            root,
+            name,
+            text=text,
+            python=_system_python(ctx, rec.name),
+            sudo="" if ctx.config.test_root else _sudo(ctx, rec.name),
+        )
+        ctx.reporter.command(runner.label, command.split(" --text-b64 ")[0] + " --text-b64 ...")
+        res = runner.run(command, stdin=sup.script_source(), timeout=60)
+        res.check(what=f"writing the Ray unit {name} on {runner.label}")
+        return name
+
+    @staticmethod
+    def _start_unit(ctx: UpContext, runner: Runner, node: RayNode) -> int:
+        """Enable and (re)start the node's unit, wait for its raylet; return the unit's main
+        pid (the session id of its Ray, until systemd restarts it)."""
+        assert node.unit and node.temp_dir
+        sudo = _sudo(ctx, runner.node.name)
+        for line in systemd_commands(node.unit, sudo)["start"]:
+            ctx.reporter.command(runner.label, line)
+            runner.run(line, timeout=120).check(what=f"{line} on {runner.label}")
+        alive = record_alive_command(node, sudo)
+        assert alive is not None
+        show = f"{sudo + ' ' if sudo else ''}systemctl show -p MainPID --value {shlex.quote(node.unit)}"
+        wait = f"for _ in $(seq 360); do ( {alive} ) && exec {show}; sleep 0.5; done; exit 1"
+        res = runner.run(wait, timeout=240)
+        if not res.ok or not res.stdout.strip().isdigit():
+            journal = runner.run(
+                f"{sudo + ' ' if sudo else ''}journalctl -u {shlex.quote(node.unit)} -n 8 --no-pager",
+                timeout=30,
+            )
+            raise RemoteError(
+                f"Ray of unit {node.unit} did not start on {runner.label}: {journal.tail(8)}",
+                hint=f"see `journalctl -u {node.unit}` on that node",
+            )
+        return int(res.stdout.strip().splitlines()[-1])
+
     def _start(
-        self, ctx: UpContext, runner: Runner, rec: NodeState, index: int
+        self, ctx: UpContext, runner: Runner, rec: NodeState, index: int, *, supervise: bool
     ) -> tuple[RayClusterSpec, RayNodeHandle]:
         """Start node ``index``; when Ray says the node "timed out during startup" (its raylet
         never registered: most often one of the ports picked for it was taken by something
@@ -329,7 +631,7 @@ class RayCluster(Stage):
         for attempt in range(1, START_TRIES + 1):
             spec = node_spec(ctx, rec)
             try:
-                return spec, start_node(ctx, runner, spec, index, retries=0)
+                return spec, start_node(ctx, runner, spec, index, retries=0, supervise=supervise)
             except RemoteError as exc:
                 if STARTUP_TIMEOUT not in exc.message or attempt == START_TRIES:
                     raise

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-from pathlib import Path
+import shlex
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from cluster.errors import ConfigError, NotReadyError, RemoteError
+from cluster.keys import read_api_keys
 from cluster.remote import RemoteCall, Request
 from cluster.stages.base import ClusterContext, Stage, StageCheck, StageOutcome, Teardown, UpContext
+from cluster.stages.config import SERVER_FIELDS
 from cluster.stages.env import env_dir_for, env_python
 from cluster.state import (
     API_KEY_FILE,
@@ -20,11 +25,16 @@ from cluster.state import (
 from serve.remote import MODULE as SERVE_REMOTE
 from serve.remote import (
     DeployRequest,
+    KeysRequest,
     PortFreeRequest,
     ReadyRequest,
     StopRequest,
     WaitRequest,
 )
+
+if TYPE_CHECKING:
+    from cluster.runner import Runner
+    from cluster.state import MeasureSection
 
 DEFAULT_APP_NAME = "llamacluster"
 """The Serve application `up` deploys (serve.config's default app name)."""
@@ -84,14 +94,50 @@ def port_free_call(python: str, port: int) -> RemoteCall:
     return serve_call(python, "port-free", PortFreeRequest(port=port, wait_s=PORT_RELEASE_WAIT_S))
 
 
-def wait_call(python: str, url: str, timeout_s: float) -> RemoteCall:
-    """Wait until the app at ``url`` answers /ready (fails early when it is not healthy)."""
-    return serve_call(python, "wait", WaitRequest(url=url, timeout_s=timeout_s))
+def wait_call(
+    python: str, url: str, timeout_s: float, *, api_key_file: str | None = None
+) -> RemoteCall:
+    """Wait until the app at ``url`` answers /ready (fails early when it is not healthy; with
+    the head's key file, the failure says why)."""
+    return serve_call(
+        python, "wait", WaitRequest(url=url, timeout_s=timeout_s, api_key_file=api_key_file)
+    )
 
 
 def stop_call(python: str, ray_address: str, app_name: str = DEFAULT_APP_NAME) -> RemoteCall:
     """Stop (drain and delete) the Serve app ``app_name`` of the cluster at ``ray_address``."""
     return serve_call(python, "stop", StopRequest(ray_address=ray_address, app_name=app_name))
+
+
+def keys_call(
+    python: str, ray_address: str, key_file: str, app_name: str = DEFAULT_APP_NAME
+) -> RemoteCall:
+    """Make the running app accept exactly the keys of ``key_file`` on the head (within
+    seconds, no redeploy); the reply says how many and whether the set changed."""
+    return serve_call(
+        python,
+        "keys",
+        KeysRequest(ray_address=ray_address, app_name=app_name, api_key_file=key_file),
+    )
+
+
+def publish_api_keys(state: ClusterState, runner: Runner) -> dict:
+    """Copy the controller's key file to the head and have the running server accept exactly
+    its keys (`llamacluster keys`); the ``keys`` verb's reply. A clear error when nothing is
+    served or the head cannot be reached."""
+    head = state.head
+    token = state.ray.head_token_path
+    if not (state.server.config_digest and head and state.env.dir and state.ports and token):
+        raise NotReadyError(
+            f"cluster {state.name!r} serves nothing right now",
+            hint=f"the key file changed; `llamacluster up --name {state.name}` serves it",
+        )
+    runner.copy_to(str(state.secrets.api_key_file), remote_key_file(state), mode=0o600, timeout=60)
+    address = f"{head.private_ip}:{state.ports.ray_gcs}"
+    call = keys_call(env_python(state.env.dir), address, remote_key_file(state))
+    return call.run(runner.run, env=ray_driver_env(token), timeout=120).value(
+        what="publishing the API keys"
+    )
 
 
 def local_url(ctx: UpContext) -> str:
@@ -108,16 +154,20 @@ def plan_parallelism(
     pp: int | None = None,
     max_model_len: int | None = None,
     cpu_kvcache_gb: int | None = None,
+    measured: MeasureSection | None = None,
+    quantization: str | None = None,
 ) -> tuple[int, int]:
     """tp × pp for ``model`` on ``nodes``: the flags when both are given, else the planner's
     smallest layout that fits (tp inside a node first, pp across nodes; a given one is kept).
 
-    Only memory decides the fit, so a GPU node is sized as an H100 with its measured memory.
+    Only memory decides the fit, so a GPU node is sized as an H100 with its measured memory;
+    CPU nodes and the network between nodes take what the measure stage recorded, if anything.
     """
     if tp and pp:
         return tp, pp
     from cluster.device_specs import get_device
     from cluster.planner import ClusterShape, PlanOptions, choose_parallelism, load_model_shape
+    from cluster.stages.measure import measured_cpu_spec, measured_link_gbps
 
     shape = load_model_shape(model)
     head = nodes[0]
@@ -125,11 +175,17 @@ def plan_parallelism(
         mem = min(int(x) for x in head.device_info.get("memory_mib", "0").split(",") if x)
         device = get_device("h100-sxm", memory_gib=mem / 1024 if mem else None)
     else:
-        device = get_device("cpu", memory_gib=float(cpu_kvcache_gb) + 4 if cpu_kvcache_gb else None)
+        memory = float(cpu_kvcache_gb) + 4 if cpu_kvcache_gb else None
+        spec = measured_cpu_spec(nodes, measured, memory_gib=memory) if measured else None
+        device = spec or get_device("cpu", memory_gib=memory)
+    link = measured_link_gbps(measured) if measured else None
     cluster = ClusterShape(
-        nodes=len(nodes), devices_per_node=max(1, min(n.devices for n in nodes)), device=device
+        nodes=len(nodes),
+        devices_per_node=max(1, min(n.devices for n in nodes)),
+        device=device,
+        **({"link_gbps": link} if link else {}),
     )
-    options = PlanOptions(tp=tp, pp=pp, max_model_len=max_model_len)
+    options = PlanOptions(tp=tp, pp=pp, max_model_len=max_model_len, quantization=quantization)
     return choose_parallelism(shape, cluster, options=options)
 
 
@@ -143,6 +199,8 @@ def default_parallelism(ctx: UpContext) -> tuple[int, int]:
         pp=cfg.pp,
         max_model_len=cfg.max_model_len,
         cpu_kvcache_gb=cfg.cpu_kvcache_gb,
+        quantization=cfg.quantization,
+        measured=ctx.state.measure,
     )
 
 
@@ -156,9 +214,32 @@ def served_names(asked: list[str], model: str) -> list[str]:
     return [Path(model).expanduser().absolute().name if is_local_model(model) else model]
 
 
+def remote_admin_key_file(state: ClusterState) -> str:
+    """Where the admin key file (--admin-key-file) lives on the head, beside the API key file."""
+    return str(PurePosixPath(remote_key_file(state)).with_name("admin_keys"))
+
+
 def remote_key_file(state: ClusterState) -> str:
     """Where the API key file lives on the head (this cluster's private dir there)."""
     return f"{remote_cluster_dir(state)}/{API_KEY_FILE}"
+
+
+def model_commit(ctx: UpContext) -> str | None:
+    """The commit a downloaded hub model holds, from its manifest on the head (None: a model
+    given as a directory). No manifest there: the download is missing or unfinished."""
+    from cluster.download.manifest import manifest_path, parse_manifest
+
+    if ctx.state.model.repo_id is None or not ctx.state.model.dir:
+        return None
+    path = manifest_path(Path(ctx.state.model.dir))
+    read = ctx.run_head(f"cat {shlex.quote(str(path))}", what="reading the manifest", check=False)
+    if not read.ok:
+        raise NotReadyError(
+            f"no readable {path.name} in {ctx.state.model.dir} on the head: the model download "
+            "is missing or unfinished",
+            hint="run `llamacluster up` again: its download stage resumes and writes it",
+        )
+    return parse_manifest(read.stdout, where=path).commit
 
 
 def serve_values(ctx: UpContext, tp: int, pp: int) -> dict[str, object]:
@@ -175,10 +256,18 @@ def serve_values(ctx: UpContext, tp: int, pp: int) -> dict[str, object]:
         "port": ctx.state.ports.api,
         "proxy_port": ctx.state.ports.serve_proxy or ctx.state.ports.api + 2,
         "engine_args": dict(cfg.engine_args),
-        "stall_timeout_s": cfg.stall_timeout_s,
-        "restart_max_attempts": cfg.restart_max_attempts,
+        "quantization": cfg.quantization,
+        "speculative_config": cfg.speculative_config,
+        "kv_offload_gb": cfg.kv_offload_gb,
+        **{name: getattr(cfg, name) for name in SERVER_FIELDS},
     }
+    if cfg.admin_key_file is not None:
+        values["admin_key_file"] = remote_admin_key_file(ctx.state)
     values["served_model_name"] = list(ctx.state.model.served_names)
+    if (commit := model_commit(ctx)) is not None:
+        # A hub model: the server checks the manifest is complete and of this commit, and
+        # vLLM gets the commit as its revision. A new commit is a new config: redeployed.
+        values["revision"] = commit
     if cfg.max_model_len:
         values["max_model_len"] = cfg.max_model_len
     if cfg.gpu_memory_utilization is not None:
@@ -262,6 +351,9 @@ class Serve(Stage):
                 ready_probe(python, url).display(
                     "the stage ends here when this config already answers"
                 ),
+                keys_call(python, address, remote_key_file(ctx.state)).display(
+                    "before it ends: publish the key file's keys, with RAY_AUTH_TOKEN_PATH"
+                ),
                 stop_call(python, address).display(changed + ", with RAY_AUTH_TOKEN_PATH"),
                 *([port_free_call(python, api).display(changed)] if api else []),
                 serve_call(
@@ -281,20 +373,41 @@ class Serve(Stage):
         self._copy_api_key(ctx)
         values = serve_values(ctx, tp, pp)
         wanted = config_hash(values)
+        if ctx.config.admin_key_file is not None:
+            ctx.head_runner.copy_to(
+                ctx.config.admin_key_file, remote_admin_key_file(ctx.state), mode=0o600, timeout=60
+            )
+            # Admin keys are read when the server starts: new admin keys redeploy it.
+            admin = sorted(read_api_keys(ctx.config.admin_key_file))
+            wanted = config_hash(
+                {**values, "admin_keys": [hashlib.sha256(k.encode()).hexdigest() for k in admin]}
+            )
         python = env_python(str(ctx.state.env.dir))
         leftover = total - tp * pp
         note = f"; {leftover} device slot(s) left idle" if leftover else ""
+        head = ctx.node_state(ctx.head)
+        token = ctx.state.ray.head_token_path
+        assert ctx.state.ports is not None and token
+        address = f"{head.private_ip}:{ctx.state.ports.ray_gcs}"
         if (
             ctx.state.server.config_digest == wanted
             and ready_probe(python, local_url(ctx))
             .run(ctx.run_head, what="ready probe", check=False)
             .ok
         ):
+            # The config hash names the key file, not its keys: publish them (no redeploy).
+            keys = (
+                keys_call(python, address, remote_key_file(ctx.state))
+                .run(ctx.run_head, what="publishing the API keys", env=ray_driver_env(token))
+                .value(what="publishing the API keys")
+            )
+            if keys.get("changed"):
+                return StageOutcome(
+                    "done",
+                    f"API keys updated ({keys.get('keys')} accepted, no redeploy); "
+                    f"already serving tp={tp} × pp={pp}{note}",
+                )
             return StageOutcome("unchanged", f"already serving tp={tp} × pp={pp}{note}")
-        head = ctx.node_state(ctx.head)
-        token = ctx.state.ray.head_token_path
-        assert ctx.state.ports is not None and token
-        address = f"{head.private_ip}:{ctx.state.ports.ray_gcs}"
         if ctx.state.server.config_digest is not None:
             # A changed config: stop the old app first (its devices are needed by the new one).
             stop_call(python, address).run(
@@ -384,7 +497,12 @@ class Ready(Stage):
 
     def run(self, ctx: UpContext) -> StageOutcome:
         python = env_python(str(ctx.state.env.dir))
-        reply = wait_call(python, local_url(ctx), ctx.config.ready_timeout_s).run(
+        reply = wait_call(
+            python,
+            local_url(ctx),
+            ctx.config.ready_timeout_s,
+            api_key_file=ctx.state.server.remote_api_key_file,
+        ).run(
             ctx.run_head,
             what="waiting for /ready",
             timeout=ctx.config.ready_timeout_s + 30,

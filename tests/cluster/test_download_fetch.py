@@ -362,7 +362,13 @@ _LOAD_SCRIPT = """
 import sys
 from vllm import LLM, SamplingParams
 if __name__ == "__main__":
-    llm = LLM(model=sys.argv[1], max_model_len=256, enforce_eager=True, dtype="float32")
+    llm = LLM(
+        model=sys.argv[1],
+        revision=sys.argv[2],
+        max_model_len=256,
+        enforce_eager=True,
+        dtype="float32",
+    )
     out = llm.generate(["hello"], SamplingParams(max_tokens=4, temperature=0))
     print("TOKENS", len(out[0].outputs[0].token_ids))
 """
@@ -380,12 +386,12 @@ def test_vllm_loads_the_downloaded_model(
     finally:
         for r in runners:
             r.close()
-    require_complete_manifest(target)
+    commit = require_complete_manifest(target).commit  # what the server hands vLLM
     script = tmp_path / "load.py"
     script.write_text(_LOAD_SCRIPT)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"}
     proc = subprocess.run(
-        [sys.executable, str(script), str(target)],
+        [sys.executable, str(script), str(target), commit],
         capture_output=True,
         text=True,
         timeout=560,

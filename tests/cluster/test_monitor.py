@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster import monitor, promctl
+from cluster import dashboards, monitor, promctl
 from cluster.inventory import local_cluster
 from cluster.lifecycle import UpConfig, up
 from cluster.runner import LocalRunner
@@ -319,6 +319,11 @@ def _flags(port: int) -> dict:
         return json.loads(r.read())["data"]
 
 
+def _page(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        return r.read().decode()
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -349,7 +354,9 @@ def test_the_stage_runs_checks_restarts_and_stops_a_real_prometheus(tmp_path, mo
     ray_temp.mkdir()
     started: list[int] = []
     server_text = "# TYPE lc_test_tokens_total counter\nlc_test_tokens_total 42\n"
-    ray_text = "# TYPE ray_node_cpu_utilization gauge\nray_node_cpu_utilization 12.5\n"
+    ray_text = (
+        '# TYPE ray_node_cpu_utilization gauge\nray_node_cpu_utilization{ip="127.0.0.9"} 12.5\n'
+    )
     with metrics_server(server_text, token=KEY) as api, metrics_server(ray_text) as ray_node:
         # Ray's dashboard writes the nodes' metrics addresses like this.
         (ray_temp / monitor.RAY_DISCOVERY_FILE).write_text(
@@ -414,9 +421,22 @@ def test_the_stage_runs_checks_restarts_and_stops_a_real_prometheus(tmp_path, mo
             assert all(status == 200 for _, status in api.seen)
             print(f"started and scraping in {time.monotonic() - t0:.1f} s")
 
+            # The dashboards are installed and rendered by this Prometheus (its console pages):
+            # the node table is filled server-side from the scraped Ray series.
+            assert (mdir / "consoles" / "index.html").read_text() == dashboards.text("index.html")
+            nodes_page = _page(port, "/consoles/nodes.html")
+            assert 'class="lc-node"' in nodes_page and "<td>127.0.0.9</td>" in nodes_page
+            assert 'lcGraph("requests"' in _page(port, "/consoles/index.html")
+            assert _page(port, "/classic/static/js/prom_console.js")  # the chart code it serves
+
             # A second run changes nothing: same process.
             again = stage.run(ctx)
             assert again.status == "unchanged", again
+            # A changed page is rewritten without restarting Prometheus (read per request).
+            (mdir / "consoles" / "index.html").write_text("old page")
+            redone = stage.run(ctx)
+            assert redone.status == "done" and "dashboards rewritten" in redone.message, redone
+            assert state.monitoring.pid == pid
             assert state.monitoring.pid == pid
 
             check = stage.check(ctx)

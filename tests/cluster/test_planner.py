@@ -421,15 +421,20 @@ def test_more_tp_means_faster_decode():
     assert t8.tp_comm_ms > t2.tp_comm_ms > 0
 
 
-def test_efficiency_factors_scale_the_bounds():
+def test_efficiency_overrides_scale_the_expected_figures():
     shape = shape_of(LLAMA_7B)
     cluster = ClusterShape(device=A100_80)
-    ideal = plan_deployment(shape, cluster, PlanOptions(concurrency=1)).performance
+    plain = plan_deployment(shape, cluster, PlanOptions(concurrency=1)).performance
     real = plan_deployment(
         shape, cluster, PlanOptions(concurrency=1, flops_efficiency=0.5, bandwidth_efficiency=0.8)
     ).performance
-    assert real.decode_batch1.total_ms == pytest.approx(ideal.decode_batch1.total_ms / 0.8)
-    assert real.prefill.total_ms == pytest.approx(ideal.prefill.total_ms / 0.5)
+    # The ideal bound ignores the flags; the expected figures divide by them.
+    assert real.ideal == plain.ideal
+    assert real.expected.decode_batch1.total_ms == pytest.approx(
+        real.ideal.decode_batch1.total_ms / 0.8
+    )
+    assert real.expected.prefill.total_ms == pytest.approx(real.ideal.prefill.total_ms / 0.5)
+    assert "--bandwidth-efficiency" in real.expected.efficiency
 
 
 def test_device_table_and_overrides():
@@ -469,8 +474,12 @@ def test_cli_json(tmp_path, capsys):
     plan = json.loads(out)
     assert (plan["tp"], plan["pp"], plan["devices_used"]) == (1, 1, 1)
     assert plan["model"]["params"]["total"] == 6_738_415_616
-    assert plan["performance"]["decode_batch1"]["total_ms"] == pytest.approx(6.73, rel=0.05)
-    assert plan["performance"]["prefill"]["total_ms"] == pytest.approx(22.41, rel=0.05)
+    ideal, expected = plan["performance"]["ideal"], plan["performance"]["expected"]
+    assert ideal["decode_batch1"]["total_ms"] == pytest.approx(6.73, rel=0.05)
+    assert ideal["prefill"]["total_ms"] == pytest.approx(22.41, rel=0.05)
+    # An A100 has no calibration of its own: the Hopper curve, and the output says so.
+    assert "nvidia-ampere" in expected["efficiency"] and "nvidia-hopper" in expected["efficiency"]
+    assert expected["decode_batch1"]["total_ms"] > 1.3 * ideal["decode_batch1"]["total_ms"]
     assert plan["cost"]["dollars_per_million_tokens"] > 0
     assert plan["cluster"]["device"]["bandwidth_gbs"] == 2039
 
@@ -480,7 +489,7 @@ def test_cli_table(tmp_path, capsys):
     code, out, _ = run_cli(["plan", "--model", str(path), "--gpus-per-node", "2"], capsys)
     assert code == 0
     assert "46.70 B total, 12.88 B active" in out and "tp=2 x pp=1" in out
-    assert "ideal bounds" in out
+    assert "ideal" in out and "expected" in out and "nvidia-hopper curve" in out
     # Piped output (not a terminal) keeps whole cells instead of rich's 80-column "…".
     assert "…" not in out
 

@@ -272,3 +272,33 @@ def test_a_node_that_times_out_registering_starts_again_on_fresh_ports(tmp_path,
     assert outcome.status == "done" and state.ray.node("head").session
     assert "timed out registering (try 1 of 3); starting it again on fresh ports" in out.getvalue()
     assert os.path.exists(f"{log}.failed")
+
+
+def test_dry_run_plans_the_supervisor_and_no_supervise_plans_plain_ray_start(tmp_path, capsys):
+    inv = tmp_path / "ips.txt"
+    inv.write_text("root@127.0.0.2:2222\nroot@127.0.0.3:2222\n")
+    _state("sup").save()
+    common = dict(
+        name="sup",
+        inventory=inv,
+        model="org/model",
+        shared_dir=tmp_path / "shared",
+        system_root=tmp_path / "root",
+        dry_run=True,
+    )
+
+    def ray_plan(**kw) -> str:
+        up(UpConfig(**common, **kw))
+        out = capsys.readouterr().out
+        return out[out.index("▸ ray") : out.index("▸ serve")]
+
+    key = cluster_key("sup")
+    supervised = ray_plan()
+    for node in ("head", "worker1"):
+        unit = f"llamacluster-ray-sup-{key}-{node}.service"
+        assert f"install-unit --root {tmp_path / 'root'} --name {unit}" in supervised
+    assert supervised.count("-m cluster.supervisor run --temp-dir") == 2
+    assert "systemctl restart" not in supervised  # a test root runs no service command
+    plain = ray_plan(supervise=False)
+    assert "cluster.supervisor" not in plain and "install-unit" not in plain
+    assert plain.count("setsid --wait") == 2

@@ -221,3 +221,35 @@ def test_strict_host_keys_is_recorded_by_up(tmp_path):
         inventory=inv, model="org/m", shared_dir=tmp_path, dry_run=True, strict_host_keys=True
     )
     assert up(strict).access.strict_host_keys is True
+
+
+def test_server_settings_of_up_are_the_servers_own_fields():
+    from cluster.stages.config import SERVER_FIELDS
+
+    for name in (*SERVER_FIELDS, "admin_key_file"):
+        ours, theirs = UpConfig.model_fields[name], ServeConfig.model_fields[name]
+        assert (ours.default, ours.description, ours.metadata) == (
+            theirs.default,
+            theirs.description,
+            theirs.metadata,
+        ), name
+        assert flag_of(UpConfig, name) == flag_of(ServeConfig, name)
+    # A changed limit is a changed server: it redeploys the server alone.
+    base = UpConfig(local=True).serve_fields()
+    changed = UpConfig(local=True, max_n=2, allowed_media_domains=["img.example"]).serve_fields()
+    assert {k for k in base if base[k] != changed[k]} == {"max_n", "allowed_media_domains"}
+
+
+def test_up_refuses_an_admin_key_file_others_can_read(tmp_path):
+    keys = tmp_path / "admin"
+    keys.write_text("admin-secret-0001\n")
+    keys.chmod(0o644)
+    done = subprocess.run(
+        [*CLI, "up", "--local", "--dry-run", "--admin-key-file", str(keys)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "--admin-key-file" in done.stderr and "chmod 600" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -250,6 +250,23 @@ def test_other_routes_are_denied_without_a_key(api_server: ApiServer, path: str)
     assert_openai_error(httpx.get(api_server.url + path), 401)
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/scale_elastic_ep"),
+        ("POST", "/v1/responses"),
+        ("POST", "/invocations"),
+        ("GET", "/version"),
+        ("GET", "/docs"),
+    ],
+)
+def test_operational_routes_are_404_for_a_user_key(
+    api_server: ApiServer, method: str, path: str
+) -> None:
+    response = httpx.request(method, api_server.url + path, json={}, headers=api_server.auth)
+    assert assert_openai_error(response, 404)["message"].startswith("no route ")
+
+
 def test_health_and_ready_are_open(api_server: ApiServer) -> None:
     assert httpx.get(f"{api_server.url}/health").status_code == 200
     assert httpx.get(f"{api_server.url}/ready").status_code == 200

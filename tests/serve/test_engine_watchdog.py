@@ -144,7 +144,8 @@ def test_stalled_worker_is_detected_and_the_whole_engine_restarted(
                 model=server.model, messages=body["messages"], max_tokens=4
             )
             assert reply.usage.completion_tokens == 4
-            health = httpx.get(f"{server.url}/health", timeout=5).json()
+            # With the key: the full history (free-text details too), as stored in the KV.
+            health = httpx.get(f"{server.url}/health", headers=server.auth, timeout=5).json()
             assert health["status"] == "ok" and health["engine"]["state"] == "serving"
             assert len(health["restarts"]) == len(before["restarts"]) + 1
             restart = health["restarts"][-1]

@@ -95,7 +95,8 @@ def test_an_unknown_verb_exits_2_with_the_usage(argv):
     )
     assert proc.returncode == 2
     assert failure_line(proc) == (
-        "usage: python -m serve.remote deploy|stop|wait|ready|health|port-free (one JSON request on stdin)"
+        "usage: python -m serve.remote deploy|stop|wait|ready|health|port-free|keys "
+        "(one JSON request on stdin)"
     )
 
 

@@ -1,0 +1,204 @@
+"""Achieved / peak efficiency of a device family: the fitted curves that turn the planner's ideal
+roofline into an expected figure, and the choice of efficiency for a plan (curve, measured device
+or the --bandwidth-efficiency/--flops-efficiency overrides)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.device_specs import DeviceSpec
+
+# Scales of the curves' x axes: weight bytes per layer in GB, FLOPs per layer in TFLOP.
+WEIGHT_BYTES_SCALE = 1e9
+FLOPS_SCALE = 1e12
+# Efficiency a device whose bandwidth and FLOP/s were measured on it gets: the figures are
+# already achieved rates (a copy / matmul loop), so the expected time is the roofline at them.
+MEASURED_EFFICIENCY = 1.0
+
+
+def inverse_efficiency_curve(
+    floor: float, overhead: float, exponent: float, scale: float
+) -> Callable[[float], float]:
+    """``x -> 1 / (floor + overhead * (x / scale) ** -exponent)``, capped at 1.
+
+    With exponent 1 the overhead term is a fixed time per layer on top of the streaming time at
+    efficiency 1/floor: small layers lose to per-kernel costs, large ones approach 1/floor.
+    """
+
+    def efficiency(x: float) -> float:
+        inverse = floor + overhead * (max(x, 1.0) / scale) ** -exponent
+        return min(1.0, 1.0 / inverse)
+
+    return efficiency
+
+
+class EfficiencyCurve(BaseModel):
+    """Efficiency of one device family, fitted to step times measured on one of its devices.
+
+    Decode is memory bound: weight reads run at ``1 / (a + b / (GB per layer)^c)`` of the
+    datasheet bandwidth (larger layers stream better), KV-cache reads at a constant share.
+    Prefill is compute bound: ``1 / (a + b / (TFLOP per layer)^c)`` of the dense bf16 peak.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    family: str = Field(description="Device family the curve serves (DeviceSpec.family).")
+    device: str = Field(description="The device the calibration ran on.")
+    source: str = Field(description="Calibration file the parameters were fitted to.")
+    measured_on: str = Field(description="Date of the calibration run (YYYY-MM-DD).")
+    weight_floor: float = Field(gt=0, description="a of the weight-read curve (1/a: the limit).")
+    weight_overhead: float = Field(ge=0, description="b of the weight-read curve.")
+    weight_exponent: float = Field(gt=0, description="c of the weight-read curve.")
+    kv_efficiency: float = Field(gt=0, le=1, description="Share of bandwidth KV-cache reads get.")
+    flops_floor: float = Field(gt=0, description="a of the prefill FLOP curve (1/a: the limit).")
+    flops_overhead: float = Field(ge=0, description="b of the prefill FLOP curve.")
+    flops_exponent: float = Field(gt=0, description="c of the prefill FLOP curve.")
+    fitted_rows: list[str] = Field(description="Calibration rows the fit used.")
+    held_out_rows: list[str] = Field(description="Rows left out of the fit (checked by tests).")
+
+    def weights(self, bytes_per_layer: float) -> float:
+        """Bandwidth efficiency of weight reads for layers of ``bytes_per_layer`` bytes."""
+        return inverse_efficiency_curve(
+            self.weight_floor, self.weight_overhead, self.weight_exponent, WEIGHT_BYTES_SCALE
+        )(bytes_per_layer)
+
+    def compute(self, flops_per_layer: float) -> float:
+        """FLOP efficiency for layers of ``flops_per_layer`` FLOPs per step."""
+        return inverse_efficiency_curve(
+            self.flops_floor, self.flops_overhead, self.flops_exponent, FLOPS_SCALE
+        )(flops_per_layer)
+
+
+@dataclass(frozen=True)
+class StepEfficiency:
+    """Efficiencies the speed model divides by: weight reads (by bytes per layer), KV reads,
+    and compute (by FLOPs per layer)."""
+
+    weights: Callable[[float], float]
+    kv: float
+    compute: Callable[[float], float]
+    label: str  # where the numbers come from, for the plan's notes
+    layer_ms: float = 0.0  # fixed time per layer per step on top of the bounds (measured devices)
+
+    @classmethod
+    def constant(
+        cls, bandwidth: float, flops: float, label: str, *, layer_ms: float = 0.0
+    ) -> StepEfficiency:
+        """The same efficiency for every layer size (ideal: 1.0, or the override flags)."""
+        return cls(lambda _: bandwidth, bandwidth, lambda _: flops, label, layer_ms)
+
+    @classmethod
+    def of_curve(cls, curve: EfficiencyCurve, label: str) -> StepEfficiency:
+        return cls(curve.weights, curve.kv_efficiency, curve.compute, label)
+
+
+IDEAL = StepEfficiency.constant(1.0, 1.0, "ideal bound (efficiency 1.0)")
+
+# Fitted by cluster.planner.calibration.fit_curve to the calibration file named in `source`
+# (kept in cluster/planner/calibration/ with the script that measured it);
+# tests/cluster/test_planner_expected.py re-runs the fit and compares.
+CURVES: dict[str, EfficiencyCurve] = {
+    c.family: c
+    for c in (
+        EfficiencyCurve(
+            family="nvidia-hopper",
+            device="NVIDIA H200",
+            source="h200-2026-11-30.json",
+            measured_on="2026-11-30",
+            weight_floor=1.139952,
+            weight_overhead=0.240083,
+            weight_exponent=1.0,
+            kv_efficiency=0.661186,
+            flops_floor=1.506939,
+            flops_overhead=0.143792,
+            flops_exponent=0.5,
+            fitted_rows=[
+                "llama-7b decode b1 ctx512",
+                "llama-7b prefill 512",
+                "llama-3.1-8b decode b1 ctx512",
+                "llama-3.1-8b decode b32 ctx512",
+                "llama-3.1-8b decode b128 ctx512",
+                "llama-3.1-8b decode b256 ctx1024",
+                "llama-3.1-8b prefill 512",
+                "llama-3.1-70b decode b1 ctx512",
+                "llama-3.1-70b prefill 512",
+            ],
+            held_out_rows=[
+                "llama-3.1-8b decode b8 ctx512",
+                "llama-3.1-8b prefill 2048",
+                "llama-3.1-70b decode b32 ctx512",
+            ],
+        ),
+    )
+}
+# Families without a calibration of their own borrow the closest one's curve (and say so).
+FALLBACK_FAMILY = {"nvidia-ampere": "nvidia-hopper", "nvidia-ada": "nvidia-hopper"}
+
+
+def expected_efficiency(
+    device: DeviceSpec,
+    *,
+    bandwidth_efficiency: float | None = None,
+    flops_efficiency: float | None = None,
+) -> StepEfficiency:
+    """The efficiency the expected figures use, and a label saying where it comes from.
+
+    Explicit overrides win (each replaces its own curve); a measured device is taken at its
+    measured rates plus its measured fixed cost per layer; otherwise the family's curve, or the curve a family without calibration
+    falls back to. A family with neither (CPU nodes from the table's placeholder) stays at 1.0.
+    """
+    base: StepEfficiency
+    if device.measured:
+        fixed = (
+            f" plus the measured {device.layer_overhead_ms:.3f} ms per layer of kernel calls"
+            if device.layer_overhead_ms
+            else ""
+        )
+        base = StepEfficiency.constant(
+            MEASURED_EFFICIENCY,
+            MEASURED_EFFICIENCY,
+            f"measured device rates taken as achieved (efficiency {MEASURED_EFFICIENCY:g}){fixed}",
+            layer_ms=device.layer_overhead_ms,
+        )
+    elif device.family in CURVES:
+        curve = CURVES[device.family]
+        own = (
+            ""
+            if device.name == curve.device or device.key in curve.device.lower()
+            else (f"; {device.key} has no calibration of its own")
+        )
+        base = StepEfficiency.of_curve(
+            curve,
+            f"{curve.family} curve fitted on {curve.device} ({curve.source}, "
+            f"{curve.measured_on}){own}",
+        )
+    elif device.family in FALLBACK_FAMILY:
+        curve = CURVES[FALLBACK_FAMILY[device.family]]
+        base = StepEfficiency.of_curve(
+            curve,
+            f"no calibration for the {device.family} family: using the {curve.family} curve "
+            f"fitted on {curve.device} ({curve.source}, {curve.measured_on})",
+        )
+    else:
+        base = StepEfficiency.constant(
+            1.0,
+            1.0,
+            f"no efficiency curve for the {device.family} family: expected equals ideal; "
+            "measure the node (--mem-bandwidth-gbs/--tflops with measured figures)",
+        )
+    if bandwidth_efficiency is None and flops_efficiency is None:
+        return base
+    parts = []
+    weights, kv, compute = base.weights, base.kv, base.compute
+    if bandwidth_efficiency is not None:
+        weights, kv = (lambda _: bandwidth_efficiency), bandwidth_efficiency
+        parts.append(f"bandwidth efficiency {bandwidth_efficiency:g} (--bandwidth-efficiency)")
+    if flops_efficiency is not None:
+        compute = lambda _: flops_efficiency  # noqa: E731
+        parts.append(f"flops efficiency {flops_efficiency:g} (--flops-efficiency)")
+    if bandwidth_efficiency is None or flops_efficiency is None:
+        parts.append(f"otherwise {base.label}")
+    return StepEfficiency(weights, kv, compute, "; ".join(parts), base.layer_ms)

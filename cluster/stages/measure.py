@@ -1,0 +1,300 @@
+"""Measure stage: each machine's memory bandwidth and matmul speed, and TCP from the head to each
+worker, recorded for the planner (tp × pp defaults, `plan --ips`) and shown by `status`.
+
+After the env stage, because the CPU benchmark needs the env's torch (the system python3 rarely
+has torch or even numpy, and a pure-Python loop measures the interpreter, not the memory); the
+link test needs only the standard library but runs from the same remote program
+(cluster/measure.py) so one verb set serves `up` and `plan --measure`. Before the download, so
+nothing else loads the CPUs or the network while it runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from cluster.errors import ConfigError, RemoteError
+from cluster.inventory import Node
+from cluster.measure import (
+    CpuMeasurement,
+    CpuRequest,
+    LinkMeasurement,
+    ReceiveRequest,
+    SendRequest,
+    call,
+    slowest_link,
+)
+from cluster.remote import Reply, parse_reply
+from cluster.stages.base import ClusterContext, Reporter, Stage, StageCheck, StageOutcome, UpContext
+from cluster.stages.env import env_dir_for, env_python
+from cluster.stages.preflight import FREE_PORTS_TEMPLATE
+from cluster.state import MeasureSection, NodeState
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from cluster.device_specs import DeviceSpec
+
+#: Seconds the link test streams per worker.
+LINK_SECONDS = 2.0
+#: Parallel TCP connections of the link test (one stream rarely fills a fast link).
+LINK_STREAMS = 4
+
+
+def machines(nodes: list[NodeState]) -> dict[str, list[NodeState]]:
+    """Nodes grouped by the machine they run on (machine id, else host): nodes sharing a
+    machine share its CPU and memory, so one measurement (run alone) stands for all of them."""
+    groups: dict[str, list[NodeState]] = {}
+    for n in nodes:
+        groups.setdefault(n.machine_id or n.host, []).append(n)
+    return groups
+
+
+def link_pairs(nodes: list[NodeState]) -> list[tuple[NodeState, NodeState]]:
+    """(head, worker) for each worker at another private address than the head."""
+    if not nodes:
+        return []
+    head = nodes[0]
+    return [(head, w) for w in nodes[1:] if w.private_ip != head.private_ip]
+
+
+def machine_slots(nodes: list[NodeState]) -> dict[str, int]:
+    """Per node name: the worker slots of all nodes on its machine (the engine's threads there
+    are the machine's cores less these)."""
+    return {
+        n.name: sum(max(1, m.devices) for m in group)
+        for group in machines(nodes).values()
+        for n in group
+    }
+
+
+def is_current(ctx: ClusterContext) -> bool:
+    """Whether every node has a CPU measurement of its machine for its slots (with the engine
+    kernel's rate) and every worker a link one to its address."""
+    recorded = ctx.state.measure
+    slots = machine_slots(ctx.state.nodes)
+    for n in ctx.state.nodes:
+        cpu = recorded.cpu.get(n.name)
+        if cpu is None or cpu.gemv_gbs is None or cpu.slots != slots[n.name]:
+            return False
+        if cpu.machine_id and n.machine_id and cpu.machine_id != n.machine_id:
+            return False
+    for _, worker in link_pairs(ctx.state.nodes):
+        link = recorded.links.get(worker.name)
+        if link is None or link.dst_ip != worker.private_ip:
+            return False
+    return True
+
+
+class Measure(Stage):
+    """CPU micro-benchmark per machine, TCP bandwidth and round trip from the head to every
+    worker; a rerun keeps what was measured for the same machines and addresses."""
+
+    name = "measure"
+    title = "measure CPU memory bandwidth and matmul speed, and the head-to-worker links"
+    sections = ("measure",)
+
+    def check(self, ctx: ClusterContext) -> StageCheck:
+        """What was measured (no new measurement: status stays cheap)."""
+        recorded = ctx.state.measure
+        if not recorded.cpu:
+            return StageCheck(None, "nothing measured")
+        per_node = {
+            n.label: recorded.cpu[n.name].describe()
+            for n in ctx.state.nodes
+            if n.name in recorded.cpu
+        }
+        links = [link.describe() for link in recorded.links.values()]
+        head = ctx.state.head
+        cpu = recorded.cpu.get(head.name) if head else None
+        first = cpu.describe() if cpu else next(iter(per_node.values()))
+        message = f"head {first}" + ("; " + "; ".join(links) if links else "")
+        return StageCheck(True, message, per_node)
+
+    def plan(self, ctx: UpContext) -> dict[str, list[str]]:
+        python = env_python(env_dir_for(ctx))
+        plan = {
+            n.label: [call(python, "cpu", CpuRequest()).display("one node per machine")]
+            for n in ctx.cluster
+        }
+        for w in ctx.cluster.workers:
+            ip = w.private_ip or w.host
+            plan[w.label] += [
+                FREE_PORTS_TEMPLATE.format(count=1),
+                call(
+                    python, "receive", ReceiveRequest(ip=ip, port=1, streams=LINK_STREAMS)
+                ).display("on the port just chosen"),
+            ]
+            plan[ctx.head.label].append(
+                call(
+                    python,
+                    "send",
+                    SendRequest(host=ip, port=1, streams=LINK_STREAMS, seconds=LINK_SECONDS),
+                ).display(f"to {w.label}'s receiver, at the same time")
+            )
+        return plan
+
+    def run(self, ctx: UpContext) -> StageOutcome:
+        if is_current(ctx):
+            return StageOutcome("unchanged", self._summary(ctx))
+        python = env_python(str(ctx.state.env.dir or env_dir_for(ctx)))
+        recorded = ctx.state.measure
+        fresh = measure_nodes(ctx, python)
+        recorded.cpu, recorded.links = fresh.cpu, fresh.links
+        for n in ctx.state.nodes:
+            ctx.reporter.node(n.label, recorded.cpu[n.name].describe())
+        for link in recorded.links.values():
+            ctx.reporter.info(link.describe())
+        return StageOutcome("done", self._summary(ctx))
+
+    @staticmethod
+    def _summary(ctx: UpContext) -> str:
+        recorded = ctx.state.measure
+        head = ctx.state.nodes[0]
+        cpu = recorded.cpu[head.name]
+        text = f"head read {cpu.read_gbs:.1f} GB/s, {cpu.dtype} {cpu.matmul_tflops:.3g} TFLOP/s"
+        if recorded.links:
+            slowest = min(recorded.links.values(), key=lambda link: link.gbps)
+            text += f"; slowest link {slowest.describe()}"
+        return text
+
+
+def measure_nodes(ctx: ClusterContext, python: str) -> MeasureSection:
+    """Measure every machine's CPU and every head-to-worker link of ``ctx`` with ``python``."""
+    cpu = measure_cpus(ctx, python)  # first: the link test must not share the CPUs with it
+    links = {w.name: measure_link(ctx, python, h, w) for h, w in link_pairs(ctx.state.nodes)}
+    return MeasureSection(cpu=cpu, links=links)
+
+
+def measure_here(python: str | None = None, *, slots: int = 1) -> CpuMeasurement:
+    """This machine's CPU for ``slots`` worker slots, by the same remote program run as a child
+    of ``python`` (default: the running interpreter), as `plan --measure` does without --ips."""
+    from cluster.runner import LocalRunner
+
+    request = call(python or sys.executable, "cpu", CpuRequest(slots=slots))
+    reply = request.run(LocalRunner().run, timeout=300)
+    return CpuMeasurement.model_validate(reply.value(what="the CPU micro-benchmark"))
+
+
+def measure_recorded(name: str, *, console: Console | None = None) -> MeasureSection:
+    """Measure the nodes of the cluster ``name`` now, with its env (`plan --measure --ips`);
+    the state is left as it is (the measure stage of `up` records)."""
+    from cluster.recorded import RecordedCluster
+
+    recorded = RecordedCluster.load(name)
+    state = recorded.state
+    if not state.env.dir or not state.nodes:
+        raise ConfigError(
+            f"cluster {name!r} has no Python env on its nodes yet: nothing to measure with",
+            hint=f"run `llamacluster up` for it (at least through its env stage: --name {name})",
+        )
+    ctx = ClusterContext(
+        cluster=recorded.inventory,
+        state=state,
+        runners=recorded.runners(),
+        reporter=Reporter(console),
+    )
+    return measure_nodes(ctx, env_python(state.env.dir))
+
+
+def measure_cpus(ctx: ClusterContext, python: str) -> dict[str, CpuMeasurement]:
+    """One run per machine, machines in parallel; a machine's nodes share its result.
+
+    Each run uses the threads the engine will have there: the machine's cores less one per
+    worker slot of its nodes (vLLM's CPU backend keeps those for its schedulers)."""
+    groups = machines(ctx.state.nodes)
+    per_node = machine_slots(ctx.state.nodes)
+    slots = {g[0].name: per_node[g[0].name] for g in groups.values()}
+    by_name: dict[str, CpuMeasurement] = {}
+    for count in sorted(set(slots.values())):  # machines alike run as one fan-out
+        request = call(python, "cpu", CpuRequest(slots=count))
+        results = ctx.run(
+            request.command,
+            what="CPU micro-benchmark",
+            nodes=[n for n in ctx.cluster if slots.get(n.name) == count],
+            stdin=request.stdin,
+            timeout=300,
+            check=False,
+        )
+        for node, result in results.items():
+            reply = Reply(result, parse_reply(result.stdout)).value(what="the CPU micro-benchmark")
+            rec = ctx.node_state(node)
+            by_name[node.name] = CpuMeasurement.model_validate(
+                {**reply, "machine_id": rec.machine_id}
+            )
+    return {n.name: by_name[group[0].name] for group in groups.values() for n in group}
+
+
+def measure_link(
+    ctx: ClusterContext, python: str, head: NodeState, worker: NodeState
+) -> LinkMeasurement:
+    """A receiver on the worker's private IP (a free port chosen there, as preflight
+    chooses ports) and the sender on the head, run side by side."""
+    wnode = _node(ctx, worker.name)
+    port = int(
+        ctx.run(FREE_PORTS_TEMPLATE.format(count=1), what="choosing a port", nodes=[wnode])[
+            wnode
+        ].stdout.split()[0]
+    )
+    ip = str(worker.private_ip)
+    rx = call(python, "receive", ReceiveRequest(ip=ip, port=port, streams=LINK_STREAMS))
+    tx = call(
+        python,
+        "send",
+        SendRequest(host=ip, port=port, streams=LINK_STREAMS, seconds=LINK_SECONDS),
+    )
+    with ThreadPoolExecutor(2) as pool:
+        receiving = pool.submit(
+            lambda: rx.run(
+                lambda cmd, **kw: ctx.run(cmd, nodes=[wnode], **kw)[wnode],
+                what=f"link test receiver on {worker.label}",
+                timeout=120,
+                check=False,
+            )
+        )
+        sent = tx.run(ctx.run_head, what=f"link test to {worker.label}", timeout=120, check=False)
+        received = receiving.result()
+    if not sent.ok:
+        why = received.error if not received.ok else sent.error
+        raise RemoteError(
+            f"link test {head.label} → {worker.label} ({ip}:{port}) failed: {why}",
+            hint="preflight proved the port range open; rerun `up`, or --skip measure",
+        )
+    return LinkMeasurement.model_validate(
+        {**sent.value(what="the link test"), "src": head.name, "dst": worker.name}
+    )
+
+
+def _node(ctx: ClusterContext, name: str) -> Node:
+    return next(n for n in ctx.cluster if n.name == name)
+
+
+def measured_cpu_spec(
+    nodes: list[NodeState],
+    recorded: MeasureSection,
+    *,
+    memory_gib: float | None = None,
+    slots: int | None = None,
+) -> DeviceSpec | None:
+    """The planner's CPU device from what the measure stage recorded: the slowest machine's
+    numbers (a pipeline runs at its slowest stage's pace), shared by that node's slots (or by
+    ``slots``); None when nothing was measured or the nodes are GPU nodes."""
+    from cluster.device_specs import measured_cpu_device
+
+    measured = [(recorded.cpu[n.name], n) for n in nodes if n.name in recorded.cpu]
+    if not measured or any(n.device_kind != "cpu" for n in nodes):
+        return None
+
+    def per_slot(pair: tuple[CpuMeasurement, NodeState]) -> float:
+        return pair[0].weight_stream_gbs / (slots or max(1, pair[1].devices))
+
+    cpu, node = min(measured, key=per_slot)
+    share = slots or max(1, node.devices)
+    return measured_cpu_device(cpu, slots=share, memory_gib=memory_gib, where=node.label)
+
+
+def measured_link_gbps(recorded: MeasureSection) -> float | None:
+    """The network the planner should assume between nodes: the slowest link measured."""
+    slowest = slowest_link(recorded.links)
+    return slowest.gbps if slowest else None
