@@ -5,7 +5,9 @@ module's source on stdin (``python3 - <command> --root / ...``) and reads one JS
 Every edit works under a ``--root`` prefix (tests edit files in a temp root), keeps exactly one
 backup (``<file>.llamacluster.bak``, the file as it was before the first edit), writes atomically
 with the original mode, leaves the file byte-identical on a second run, and refuses with no write
-when it cannot tell which line to change.
+when it cannot tell which line to change. In fstab and exports each line it adds or changes
+follows a marker comment naming the path, and `revert` undoes exactly those lines: whatever an
+administrator wrote there later stays.
 """
 
 from __future__ import annotations
@@ -27,8 +29,16 @@ CACHEFILESD_CONF = "etc/cachefilesd.conf"
 EDITED_FILES = (FSTAB, EXPORTS, CACHEFILESD_DEFAULT, CACHEFILESD_CONF)
 NFS_TYPES = ("nfs", "nfs4")
 DEFAULT_CACHE_DIR = "/var/cache/fscache"
-DEFAULT_EXPORT_OPTIONS = "rw,sync,no_subtree_check,no_root_squash"
-DEFAULT_MOUNT_OPTIONS = "defaults,_netdev,fsc"
+# root_squash: a worker's root is nobody on the head's disk, unless the SSH user is root
+# (then the workers must write as root: `no_root_squash`, asked for explicitly).
+DEFAULT_EXPORT_OPTIONS = "rw,sync,no_subtree_check,root_squash"
+# nofail: a head that is down does not hold a worker's boot; the mount gives up after 30 s.
+DEFAULT_MOUNT_OPTIONS = "defaults,_netdev,nofail,x-systemd.mount-timeout=30s,timeo=150,fsc"
+#: Marker comments in fstab/exports: the line after one is this module's (``<kind> <path>``).
+MARK_PREFIX = "# llamacluster:"
+MARK_SUFFIX = "(llamacluster down --purge undoes the next line)"
+#: Files whose edits are undone line by line (the others are put back from their backup).
+MARKED_FILES = (FSTAB, EXPORTS)
 
 # Exit codes of the script (the controller maps them to messages).
 EXIT_OK = 0
@@ -100,12 +110,74 @@ def _atomic_write(path: str, text: str, *, mode: int) -> None:
         os.close(dfd)
 
 
+def _mark(kind: str, path: str) -> str:
+    return f"{MARK_PREFIX} {kind} {_escape(_norm(path))} {MARK_SUFFIX}\n"
+
+
+def _parse_mark(line: str) -> tuple[str, str] | None:
+    text = line.strip()
+    if not (text.startswith(MARK_PREFIX) and text.endswith(MARK_SUFFIX)):
+        return None
+    words = text[len(MARK_PREFIX) : -len(MARK_SUFFIX)].split()
+    return (words[0], _unescape(words[1])) if len(words) == 2 else None
+
+
+def _without_fsc(line: str) -> str:
+    f = _fields(line)
+    if len(f) < 4:
+        return line
+    options = [o for o in f[3].group().split(",") if o != "fsc"] or ["defaults"]
+    return _replace_field(line, f[3], ",".join(options))
+
+
+def unmark(text: str) -> str:
+    """``text`` less this module's edits: each marker goes; the line after it is removed (a
+    mount or export line) or loses ``fsc`` (an fsc edit) only when it still names the marker's
+    path. Every other line, an administrator's next to ours included, stays as it is."""
+    lines = _lines(text)
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        mark = _parse_mark(lines[i])
+        if mark is None:
+            out.append(lines[i])
+            i += 1
+            continue
+        kind, path = mark
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        f = _fields(nxt)
+        target = {"mount": 1, "fsc": 1, "export": 0}.get(kind)
+        ours = target is not None and len(f) > target
+        ours = ours and _norm(_unescape(f[target].group())) == _norm(path)
+        i += 1
+        if not ours:
+            continue  # only the marker: the line after it is not (or no longer) ours
+        if kind == "fsc":
+            out.append(_without_fsc(nxt))
+        i += 1
+    return "".join(out)
+
+
 def revert(root: str) -> dict:
-    """Put every edited file back as it was before the first edit and drop the backups."""
+    """Undo every edit: fstab and exports lose exactly the marked lines (or the ``fsc`` added
+    to one), cachefilesd's files go back to their backups; the backups are dropped."""
     restored, removed = [], []
     for rel in EDITED_FILES:
         path = _path(root, rel)
         backup = path + BACKUP_SUFFIX
+        if rel in MARKED_FILES:  # marked lines go even if someone removed the backup
+            text = _read(path)
+            left = unmark(text) if text is not None else None
+            if left is not None and not left.strip() and os.path.exists(backup + ".absent"):
+                os.unlink(path)
+                removed.append("/" + rel)
+            elif left is not None and left != text:
+                _atomic_write(path, left, mode=os.stat(path).st_mode & 0o7777)
+                restored.append("/" + rel)
+            for leftover in (backup + ".absent", backup):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+            continue
         if not os.path.exists(backup):
             continue
         if os.path.exists(backup + ".absent"):
@@ -218,9 +290,9 @@ def add_fsc(root: str, shared_dir: str) -> dict:
     new_options = _with_option(options, "fsc")
     if new_options == options:
         return {"changed": False, "mountpoint": mountpoint, "line": i + 1}
-    lines[i] = _replace_field(lines[i], f[3], new_options)
+    lines[i] = _mark("fsc", mountpoint) + _replace_field(lines[i], f[3], new_options)
     changed = write_file(path, "".join(lines))
-    return {"changed": changed, "mountpoint": mountpoint, "line": i + 1}
+    return {"changed": changed, "mountpoint": mountpoint, "line": i + 2}
 
 
 def _ensure_trailing_newline(text: str) -> str:
@@ -254,8 +326,8 @@ def add_mount(
             "remove it or pick another --shared-dir"
         )
     line = f"{_escape(want_src)} {_escape(_norm(shared_dir))} nfs4 {options} 0 0\n"
-    changed = write_file(path, _ensure_trailing_newline(text) + line)
-    return {"changed": changed, "line": len(_lines(text)) + 1}
+    changed = write_file(path, _ensure_trailing_newline(text) + _mark("mount", shared_dir) + line)
+    return {"changed": changed, "line": len(_lines(text)) + 2}
 
 
 def add_export(
@@ -280,9 +352,12 @@ def add_export(
         return {"changed": False, "line": same[0] + 1}
     hosts = " ".join(f"{c}({options})" for c in clients)
     changed = write_file(
-        path, _ensure_trailing_newline(text) + f"{_escape(_norm(shared_dir))} {hosts}\n"
+        path,
+        _ensure_trailing_newline(text)
+        + _mark("export", shared_dir)
+        + f"{_escape(_norm(shared_dir))} {hosts}\n",
     )
-    return {"changed": changed, "line": len(_lines(text)) + 1}
+    return {"changed": changed, "line": len(_lines(text)) + 2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +476,9 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
         if name == "add-export":
             sp.add_argument("--client", action="append", required=True)
+            sp.add_argument(
+                "--no-root-squash", action="store_true", help="the SSH user is root: keep root"
+            )
         if name == "add-mount":
             sp.add_argument("--server", required=True)
     return p
@@ -418,7 +496,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "cachefilesd":
             result = configure_cachefilesd(args.root, cache_dir=args.cache_dir)
         elif args.command == "add-export":
-            result = add_export(args.root, shared_dir=args.shared_dir, clients=args.client)
+            options = DEFAULT_EXPORT_OPTIONS
+            if args.no_root_squash:
+                options = options.replace("root_squash", "no_root_squash")
+            result = add_export(
+                args.root, shared_dir=args.shared_dir, clients=args.client, options=options
+            )
         elif args.command == "add-mount":
             result = add_mount(args.root, server=args.server, shared_dir=args.shared_dir)
         else:

@@ -14,7 +14,10 @@ DEFAULT_INVENTORY = Path("deploy/ips.txt")
 
 # A host is a DNS name, an IPv4 address or an alias from the user's ~/.ssh/config.
 _HOST_RE = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.\-]*[A-Za-z0-9_])?$")
-_USER_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-]*\$?$")
+# POSIX portable user names (plus Samba's trailing $), at most 32 characters like useradd's.
+_USER_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-]{0,30}\$?$")
+# An IPv6 zone (``fe80::1%eth0``): an interface name or index; the kernel's names are < 16 bytes.
+_SCOPE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
 _FORMAT_HINT = "expected '[user@]host[:port] [private-ip]', e.g. 'ubuntu@203.0.113.7:22 10.0.0.7'"
 
 
@@ -113,6 +116,33 @@ def _fail(source: str, lineno: int, what: str, *, hint: str = _FORMAT_HINT) -> C
     return ConfigError(f"{source}:{lineno}: {what}", hint=hint)
 
 
+def check_user(user: str, where: str) -> str:
+    """``user`` when it is a safe login name, else a ConfigError naming ``where`` it came from."""
+    if not _USER_RE.match(user):
+        raise ConfigError(
+            f"{where}: {user!r} is not a valid user name",
+            hint="a user name is letters, digits, '_', '.' and '-' (at most 32), not starting "
+            "with '-'",
+        )
+    return user
+
+
+def _ipv6(host: str, source: str, lineno: int, what: str, *, hint: str = _FORMAT_HINT) -> str:
+    """``host`` parsed as IPv6; a zone (``%eth0``) must be an interface name or number."""
+    try:
+        addr = ipaddress.IPv6Address(host)
+    except ValueError:
+        raise _fail(source, lineno, what, hint=hint) from None
+    if addr.scope_id is not None and not _SCOPE_RE.match(addr.scope_id):
+        raise _fail(
+            source,
+            lineno,
+            f"bad IPv6 zone {addr.scope_id!r} in {host!r}",
+            hint="a zone is the interface name or number, e.g. 'fe80::7%eth0'",
+        )
+    return host
+
+
 def _split_host_port(text: str, source: str, lineno: int) -> tuple[str, int | None]:
     """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 address (no port)."""
     port_text: str | None = None
@@ -125,22 +155,16 @@ def _split_host_port(text: str, source: str, lineno: int) -> tuple[str, int | No
             if not rest.startswith(":"):
                 raise _fail(source, lineno, f"unexpected {rest!r} after ']' in {text!r}")
             port_text = rest[1:]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise _fail(source, lineno, f"{host!r} in brackets is not an IPv6 address") from None
+        _ipv6(host, source, lineno, f"{host!r} in brackets is not an IPv6 address")
     elif text.count(":") > 1:
         # A bare IPv6 address: a port can only be given with brackets.
-        host = text
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise _fail(
-                source,
-                lineno,
-                f"{text!r} is neither host[:port] nor an IPv6 address",
-                hint="write IPv6 addresses with a port as '[2001:db8::7]:22'",
-            ) from None
+        host = _ipv6(
+            text,
+            source,
+            lineno,
+            f"{text!r} is neither host[:port] nor an IPv6 address",
+            hint="write IPv6 addresses with a port as '[2001:db8::7]:22'",
+        )
     else:
         host, sep, port_text = text.partition(":")
         if not sep:
@@ -180,13 +204,12 @@ def parse_node_line(
     user: str | None = None
     if "@" in target:
         user, _, target = target.rpartition("@")
-        if not _USER_RE.match(user):
-            raise _fail(source, lineno, f"{user!r} is not a valid user name")
+        check_user(user, f"{source}:{lineno}")
     host, port = _split_host_port(target, source, lineno)
     private_ip: str | None = None
     if len(fields) == 2:
         try:
-            private_ip = str(ipaddress.ip_address(fields[1].strip("[]")))
+            parsed = ipaddress.ip_address(fields[1].strip("[]"))
         except ValueError:
             raise _fail(
                 source,
@@ -194,6 +217,15 @@ def parse_node_line(
                 f"private IP {fields[1]!r} is not an IP address",
                 hint="the second field is the node's address on the private network, e.g. 10.0.0.7",
             ) from None
+        if getattr(parsed, "scope_id", None) is not None:
+            raise _fail(
+                source,
+                lineno,
+                f"private IP {fields[1]!r} has an IPv6 zone",
+                hint="Ray and Gloo need an address without '%zone': give the node's global or "
+                "unique-local address (a zone is fine in the SSH host, the first field)",
+            )
+        private_ip = str(parsed)
     return Node(
         index=index,
         host=host,
@@ -220,6 +252,8 @@ def parse_inventory(
     """
     if default_port is not None and not 1 <= default_port <= 65535:
         raise ConfigError(f"bad SSH port {default_port}", hint="use a number from 1 to 65535")
+    if default_user is not None:
+        check_user(default_user, "--ssh-user")
     key = Path(identity_file).expanduser() if identity_file is not None else None
     nodes: list[Node] = []
     seen: dict[tuple[str, int | None], int] = {}

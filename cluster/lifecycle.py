@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
-from cluster.errors import ConfigError, LlamaclusterError
+from cluster.errors import ConfigError, LlamaclusterError, RemoteError
 from cluster.inventory import Cluster, load_inventory, local_cluster
 from cluster.keys import read_api_keys
 from cluster.lock import cluster_lock
@@ -207,7 +208,8 @@ def print_ready(state: ClusterState, reporter: Reporter) -> None:
     server = state.server
     model = server.served_name or "<model>"
     base = f"{server.endpoint}/v1"
-    local_base = f"http://127.0.0.1:{state.ports.api}/v1" if state.ports else base
+    scheme = base.split("://", 1)[0]
+    local_base = f"{scheme}://127.0.0.1:{state.ports.api}/v1" if state.ports else base
     key = state.secrets.api_key_file
     reporter.print()
     aliases = f" (also: {', '.join(server.aliases)})" if server.aliases else ""
@@ -216,6 +218,15 @@ def print_ready(state: ClusterState, reporter: Reporter) -> None:
         f"tp={server.tp} × pp={server.pp})"
     )
     reporter.print(f"  API key:  {key}  (0600; never printed)")
+    from cluster.stages.serve import controller_tls_files
+
+    if scheme == "https":
+        from cluster.tls import fingerprint_sha256
+
+        cert = controller_tls_files(state.name)[0]
+        if cert.exists():
+            reporter.print(f"  TLS cert: {cert}  (clients trust it: SSL_CERT_FILE={cert})")
+            reporter.print(f"  SHA-256:  {fingerprint_sha256(cert)}")
     if not state.local:
         reporter.print(
             f"  tunnel:   llamacluster tunnel --name {state.name}   (then use {local_base})"
@@ -230,8 +241,9 @@ def print_ready(state: ClusterState, reporter: Reporter) -> None:
             f"  charts:   {dashboard_url(state.monitoring.url)}   (llamacluster top: live)"
         )
     reporter.print("  curl:")
+    cacert = f"--cacert {controller_tls_files(state.name)[0]} " if scheme == "https" else ""
     reporter.console.print(
-        f'    curl -s {base}/chat/completions -H "Authorization: Bearer $(head -n1 {key})" '
+        f'    curl -s {cacert}{base}/chat/completions -H "Authorization: Bearer $(head -n1 {key})" '
         f"-H 'Content-Type: application/json' "
         f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'',
         markup=False,
@@ -261,17 +273,24 @@ def down(
     purge: bool = False,
     drain_timeout: float = 30.0,
     wait: bool = False,
+    force: bool = False,
     console: Console | None = None,
 ) -> ClusterState | None:
     """Every stage's teardown, last stage first: drain and stop the server, stop exactly this
     cluster's Ray processes (by their recorded sessions), and with ``purge`` revert the
-    fstab/cachefilesd edits, remove the cluster's files on the nodes and forget the cluster.
-    Returns the remaining state (None after a purge)."""
+    fstab/exports/cachefilesd edits, remove the cluster's files on the nodes and forget the
+    cluster. A purge that a node did not confirm keeps the state (what is left to undo) and
+    raises, unless ``force``. Returns the remaining state (None after a purge)."""
     reporter = Reporter(console)
     recorded = RecordedCluster.load(name)
     with cluster_lock(name, "down", wait=wait, on_wait=reporter.print):
         return _down(
-            recorded, reporter, keep_ray=keep_ray, purge=purge, drain_timeout=drain_timeout
+            recorded,
+            reporter,
+            keep_ray=keep_ray,
+            purge=purge,
+            drain_timeout=drain_timeout,
+            force=force,
         )
 
 
@@ -282,6 +301,7 @@ def _down(
     keep_ray: bool,
     purge: bool,
     drain_timeout: float,
+    force: bool = False,
 ) -> ClusterState | None:
     name = recorded.name
     ctx = _context(recorded, reporter)
@@ -296,6 +316,13 @@ def _down(
     state = ctx.state
     state.stages = {}
     state.save()
+    if purge and how.failed and not force:
+        raise RemoteError(
+            f"cluster {name} kept: {', '.join(how.failed)} did not confirm the teardown "
+            "(its system file edits are still recorded)",
+            hint=f"make the node reachable and run `llamacluster down --name {name} --purge` "
+            "again, or add --force to forget the cluster anyway",
+        )
     if purge:
         remove_state(name)
         reporter.print(f"cluster [cyan]{name}[/] purged")
@@ -339,21 +366,32 @@ def status(name: str, *, console: Console | None = None) -> dict[str, object]:
         if check.ok is None:
             continue
         mark = "[green]ok[/]" if check.ok else "[red]FAILED[/]"
-        reporter.print(f"{stage.name + ':':<10}{mark} {check.message}")
+        reporter.print(f"{stage.name + ':':<10}{mark} {escape(check.message)}")
     if state.ports:
         monitor = (
             f", monitor 127.0.0.1:{state.ports.monitor}" if state.ports.monitor is not None else ""
         )
         reporter.print(
             f"ports:    ray {state.ports.ray_gcs}, dashboard 127.0.0.1:{state.ports.dashboard}, "
-            f"api {state.ports.api}{monitor}"
+            f"api {state.server.endpoint or state.ports.api}{monitor}"
         )
+    from cluster.exposure import probe_cluster
+
+    # Real connects from here to every node's public address on the recorded ports.
+    findings, exposure = probe_cluster(state)
+    for line in exposure:
+        reporter.console.print(line, markup=False)
     return {
         "name": state.name,
         "checks": {k: {"ok": c.ok, "message": c.message} for k, c in checks.items()},
         "ray": {n.name: ray.get(n.label, "").startswith("ray running") for n in ctx.cluster},
         "ready": bool(checks["serve"].ok),
         "endpoint": state.server.endpoint,
+        "exposed": [
+            f"{f.target.node} {f.target.host}:{f.target.port} ({f.target.name})"
+            for f in findings
+            if f.state == "open"
+        ],
     }
 
 
@@ -408,19 +446,23 @@ def tunnel(name: str, *, show_secrets: bool = False) -> list[str]:
     # The monitor's port once the monitor stage has run (a skipped stage has nothing to show).
     monitor_port = p.monitor if state.monitoring.url else None
     lines = []
+    scheme = (state.server.endpoint or "http://").split("://", 1)[0]
     if state.local:
         monitor = f", monitor http://127.0.0.1:{monitor_port}" if monitor_port else ""
         if monitor_port:
             monitor += f" (dashboards {dashboard_url(f'http://127.0.0.1:{monitor_port}')})"
         lines.append(
-            f"local cluster: no tunnel needed; API http://127.0.0.1:{p.api}/v1, dashboard "
+            f"local cluster: no tunnel needed; API {state.server.endpoint or f'http://127.0.0.1:{p.api}'}/v1, dashboard "
             f"http://127.0.0.1:{p.dashboard}{monitor}"
         )
     else:
         head = RecordedCluster(state).inventory.head
         from cluster.runner import ssh_argv
+        from cluster.stages.serve import api_target_on_head
 
-        forwards = ["-L", f"{p.api}:127.0.0.1:{p.api}", "-L", f"8265:127.0.0.1:{p.dashboard}"]
+        # The API is bound to the head's private address (or --api-host), not its 127.0.0.1.
+        api_at = api_target_on_head(state) if state.server.endpoint else f"127.0.0.1:{p.api}"
+        forwards = ["-L", f"{p.api}:{api_at}", "-L", f"8265:127.0.0.1:{p.dashboard}"]
         if monitor_port:
             forwards += ["-L", f"{TUNNEL_PORT}:127.0.0.1:{monitor_port}"]
         # No ControlMaster for a tunnel a person keeps open: a plain, self-contained ssh.
@@ -430,7 +472,7 @@ def tunnel(name: str, *, show_secrets: bool = False) -> list[str]:
         if monitor_port:
             monitor += f" (dashboards {dashboard_url(f'http://127.0.0.1:{TUNNEL_PORT}')})"
         lines.append(
-            f"then: API http://127.0.0.1:{p.api}/v1, dashboard http://127.0.0.1:8265{monitor}"
+            f"then: API {scheme}://127.0.0.1:{p.api}/v1, dashboard http://127.0.0.1:8265{monitor}"
         )
     token, key = state.secrets.ray_token, state.secrets.api_key_file
     lines.append(f"dashboard token: {token} (paste it into the dashboard's login dialog)")

@@ -330,10 +330,15 @@ def _vllm_cpu_attention(
 
     from cluster import cpu_features
 
-    # vLLM's choice of kernel for bf16 with blocks of 32 (its cpu_attn backend; importing it
-    # here would cost seconds): AMX where Linux grants it, else the vector kernel.
-    amx = dtype == torch.bfloat16 and "amx_tile" in cpu_features.local_flags()
-    isa = "amx" if amx else ("neon" if cpu_features.local_arch() == "aarch64" else "vec")
+    # The kernel vLLM's CPU backend picks (cluster.cpu_features says which for bf16; importing
+    # vLLM's own picker would cost seconds); AMX is a bf16 kernel only.
+    arch = cpu_features.local_arch()
+    picked = cpu_features.engine_kernels(
+        cpu_features.local_flags(), arch=arch, amx_grant=cpu_features.amx_permitted()
+    ).attention
+    if picked == "native":
+        picked = "neon" if arch == "aarch64" else picked
+    isa = "vec" if picked == "amx" and dtype != torch.bfloat16 else picked
     blocks = LAYER_CONTEXT // block + 1
     kv = torch.full((blocks, kv_heads, block, 2 * dim), 0.01, dtype=dtype)
     key_cache, value_cache = kv.view(blocks, kv_heads, 2 * block, dim).chunk(2, dim=2)

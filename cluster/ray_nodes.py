@@ -216,13 +216,38 @@ def sid_file(spec: RayClusterSpec, node: RayNodeSpec) -> str:
     return f"{spec.temp_dir}/llamacluster-{node.ip}.sid"
 
 
+# The cluster's Ray temp dir sits at a fixed path under /tmp, where anyone may create a name
+# first. It must be a real directory (not a symlink), owned by this user and closed to others
+# (0700: Ray keeps its sockets, logs and session files there); the files written into it here
+# must not be symlinks either. Anything else: one line on stderr, exit 2, nothing written.
+_TEMP_DIR_GUARD = """\
+t={temp_dir}
+if [ -L "$t" ]; then echo "Ray temp dir $t is a symlink: refusing it (remove it and run again)" >&2; exit 2; fi
+mkdir -p -m 0700 "$t" || exit 2
+if [ -L "$t" ] || [ ! -d "$t" ]; then echo "Ray temp dir $t is not a directory: refusing it" >&2; exit 2; fi
+if [ "$(stat -c %u "$t")" != "$(id -u)" ]; then echo "Ray temp dir $t belongs to uid $(stat -c %u "$t"), not to $(id -un): refusing it (remove it and run again)" >&2; exit 2; fi
+chmod 0700 "$t" || exit 2
+for f in {files}; do
+  if [ -L "$f" ]; then echo "$f is a symlink: refusing to write through it (remove it and run again)" >&2; exit 2; fi
+done"""
+
+
+def temp_dir_guard(temp_dir: str, files: Sequence[str] = ()) -> str:
+    """Shell text that makes ``temp_dir`` a 0700 directory of this user, or exits 2 with one
+    line: a symlink, a non-directory or another user's directory is refused, and so is any of
+    ``files`` (paths the caller will write) that is a symlink."""
+    return _TEMP_DIR_GUARD.format(
+        temp_dir=shell_join([temp_dir]), files=shell_join(list(files)) if files else '""'
+    )
+
+
 # Runs `ray start` as the leader of a new session, so every Ray process of the node (daemons,
 # agents, workers, replicas) shares that session id and can be stopped by it and only it. Its
 # output goes to a file: daemons inherit the descriptors, and an inherited SSH pipe would keep
 # the connection open forever.
 _START_TEMPLATE = """\
 unset RAY_AUTH_TOKEN
-mkdir -p {temp_dir}
+{guard}
 test -s "$RAY_AUTH_TOKEN_PATH" || {{ echo "token file $RAY_AUTH_TOKEN_PATH is missing or empty" >&2; exit 2; }}
 log={log}
 setsid --wait bash -c 'echo $$ > "$1"; shift; exec "$@"' _ {sid_file} {argv} > "$log" 2>&1 < /dev/null
@@ -238,7 +263,7 @@ exit $rc
 # output to a file, stdin from /dev/null.
 _SUPERVISED_TEMPLATE = """\
 unset RAY_AUTH_TOKEN
-mkdir -p {temp_dir}
+{guard}
 test -s "$RAY_AUTH_TOKEN_PATH" || {{ echo "token file $RAY_AUTH_TOKEN_PATH is missing or empty" >&2; exit 2; }}
 status={status}
 rm -f "$status"
@@ -392,10 +417,10 @@ def ray_start_display(spec: RayClusterSpec, index: int) -> str:
 def start_ray_node_command(spec: RayClusterSpec, index: int) -> str:
     """The shell text that starts node ``index`` under its own session (see _START_TEMPLATE)."""
     node = spec.nodes[index]
-    temp = shell_join([spec.temp_dir])
+    log = f"{spec.temp_dir}/llamacluster-start-{node.ip}.log"
     return _START_TEMPLATE.format(
-        temp_dir=temp,
-        log=shell_join([f"{spec.temp_dir}/llamacluster-start-{node.ip}.log"]),
+        guard=temp_dir_guard(spec.temp_dir, [log, sid_file(spec, node)]),
+        log=shell_join([log]),
         sid_file=shell_join([sid_file(spec, node)]),
         argv=shell_join(ray_start_argv(spec, index)),
     )
@@ -406,11 +431,16 @@ def start_supervised_command(spec: RayClusterSpec, index: int, *, timeout: float
     it waits up to ``timeout`` for the first ``ray start``."""
     node = spec.nodes[index]
     temp = spec.temp_dir
+    status, log = (
+        f"{temp}/llamacluster-supervisor-{node.ip}.status",
+        f"{temp}/llamacluster-start-{node.ip}.log",
+    )
     return _SUPERVISED_TEMPLATE.format(
+        guard=temp_dir_guard(temp, [status, log, supervisor_log(spec, node)]),
         temp_dir=shell_join([temp]),
-        status=shell_join([f"{temp}/llamacluster-supervisor-{node.ip}.status"]),
+        status=shell_join([status]),
         python=shell_join([spec.python]),
-        log=shell_join([f"{temp}/llamacluster-start-{node.ip}.log"]),
+        log=shell_join([log]),
         sup_log=shell_join([supervisor_log(spec, node)]),
         argv=shell_join(ray_start_argv(spec, index)),
         polls=max(1, int(timeout / 0.5)),
@@ -690,3 +720,66 @@ def wait_for_nodes(
             "head's private IP",
         )
     return found
+
+
+# Run with the env's python on the head, with no token anywhere in its environment: one GET of
+# each node's dashboard agent (a path that is not one of Ray's public health checks) and one
+# GCS call. Prints {"agents": {url: status}, "gcs": grpc status name} as one JSON line.
+_AUTH_PROBE = """\
+import json, sys, urllib.error, urllib.request
+import grpc
+from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+gcs, urls = sys.argv[1], sys.argv[2:]
+out = {"agents": {}, "gcs": None}
+for url in urls:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            out["agents"][url] = r.status
+    except urllib.error.HTTPError as e:
+        out["agents"][url] = e.code
+    except OSError as e:
+        out["agents"][url] = "unreachable: %s" % e
+try:
+    with grpc.insecure_channel(gcs) as ch:
+        gcs_service_pb2_grpc.NodeInfoGcsServiceStub(ch).GetAllNodeInfo(
+            gcs_service_pb2.GetAllNodeInfoRequest(), timeout=10)
+    out["gcs"] = "OK"
+except grpc.RpcError as e:
+    out["gcs"] = e.code().name
+print(json.dumps(out))
+"""
+#: What a request without the token must get: the agent's 401/403, the GCS's UNAUTHENTICATED.
+REFUSED_HTTP = (401, 403)
+REFUSED_GRPC = "UNAUTHENTICATED"
+
+
+def auth_probe_command(spec: RayClusterSpec) -> str:
+    """Shell text for the head: requests to every node's dashboard agent and to the GCS without
+    a token (see _AUTH_PROBE); ``unauthenticated_access`` reads its output."""
+    urls = [
+        f"http://{_url_host(n.ip)}:{n.ports.dashboard_agent_listen or 52365}/api/v0/tasks"
+        for n in spec.nodes
+    ]
+    return "env -u RAY_AUTH_TOKEN -u RAY_AUTH_TOKEN_PATH RAY_AUTH_MODE=disabled " + shell_join(
+        [spec.python, "-c", _AUTH_PROBE, spec.address, *urls]
+    )
+
+
+def _url_host(ip: str) -> str:
+    return f"[{ip}]" if ":" in ip else ip
+
+
+def unauthenticated_access(stdout: str) -> list[str]:
+    """What answered the probe without a token (empty: every endpoint refused it)."""
+    try:
+        got = json.loads(stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return [f"the probe printed no result: {stdout.strip()[-200:]!r}"]
+    open_ = [
+        f"dashboard agent {url} answered {status} without a token"
+        for url, status in got.get("agents", {}).items()
+        if status not in REFUSED_HTTP
+    ]
+    if got.get("gcs") != REFUSED_GRPC:
+        open_.append(f"the GCS answered {got.get('gcs')} to a call without a token")
+    return open_

@@ -171,6 +171,11 @@ class StorageSection(BaseModel):
     how: str | None = Field(
         default=None, description="'provider NFS' (verified) or 'exported by the head'."
     )
+    fs_edits: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Per node: system files the stage edited (/etc/exports, /etc/fstab); "
+        "`down --purge` undoes them and forgets a node only once it confirms.",
+    )
 
 
 class CacheSection(BaseModel):

@@ -32,6 +32,10 @@ DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 PORT_MIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
 PORT_MAX_ENV = "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"
+# Serve holds a dead replica's port back this long (150 s by default) so that HAProxy workers
+# drop it first. There is no HAProxy here and the endpoint has exactly one port: a replacement
+# replica would wait that long before it could listen.
+PORT_QUARANTINE_ENV = "RAY_SERVE_PORT_QUARANTINE_S"
 APP_ENV = "LLAMACLUSTER_APP"
 MEDIA_REDIRECTS_ENV = "VLLM_MEDIA_URL_ALLOW_REDIRECTS"
 # Serve keeps a stopping direct-ingress replica listening this long even when it has no request,
@@ -273,6 +277,7 @@ def controller_env(config: ServeConfig) -> dict[str, str]:
         DRAIN_ENV: MIN_DRAINING_PERIOD_S,
         PORT_MIN_ENV: str(config.port),
         PORT_MAX_ENV: str(config.port + 1),
+        PORT_QUARANTINE_ENV: "0",
     }
 
 
@@ -349,8 +354,14 @@ def deploy(config: ServeConfig, *, ray_address: str | None = None) -> Endpoint:
     if api_keys:
         # Before the replica starts: it prefers the published keys to its constructor's.
         publish_key_digests(config.app_name, [key_digest(k) for k in api_keys])
+    http_options: dict[str, Any] = {"host": config.host, "port": config.proxy_port}
+    if config.tls_certfile is not None and config.tls_keyfile is not None:
+        # Serve's direct-ingress replica starts its uvicorn with the controller's HTTP options
+        # (its own port swapped in), so the endpoint and the proxy both speak HTTPS.
+        http_options["ssl_certfile"] = str(config.tls_certfile)
+        http_options["ssl_keyfile"] = str(config.tls_keyfile)
     serve.start(
-        http_options={"host": config.host, "port": config.proxy_port},
+        http_options=http_options,
         controller_options={"runtime_env": {"env_vars": controller_env(config)}},
     )
     serve.run(
@@ -372,7 +383,7 @@ def deploy(config: ServeConfig, *, ray_address: str | None = None) -> Endpoint:
         )
         port = actual
     return Endpoint(
-        url=f"http://{host}:{port}",
+        url=f"{config.scheme}://{host}:{port}",
         app_name=config.app_name,
         model=config.main_name,
         host=host,
@@ -443,24 +454,33 @@ def _serve_apps() -> dict[str, Any] | None:
 
 
 def wait_until_ready(
-    url: str, *, timeout_s: float = 600.0, poll_s: float = 1.0, api_key: str | None = None
+    url: str,
+    *,
+    timeout_s: float = 600.0,
+    poll_s: float = 1.0,
+    api_key: str | None = None,
+    ca_file: str | None = None,
 ) -> None:
     """Poll GET {url}/ready until 200; fail early when the engine failed to start.
 
-    With ``api_key`` the failure says why (the probes tell reasons to key holders only).
+    With ``api_key`` the failure says why (the probes tell reasons to key holders only);
+    ``ca_file`` is a certificate to trust over HTTPS (the server's own, self-signed).
     """
+    import ssl
+
     import httpx
 
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     deadline = time.monotonic() + timeout_s
     last = "no answer yet"
     while time.monotonic() < deadline:
         try:
-            ready = httpx.get(f"{url}/ready", timeout=5.0, headers=headers)
+            ready = httpx.get(f"{url}/ready", timeout=5.0, headers=headers, verify=verify)
             if ready.status_code == 200:
                 return
             last = _reason(ready)
-            health = httpx.get(f"{url}/health", timeout=5.0, headers=headers)
+            health = httpx.get(f"{url}/health", timeout=5.0, headers=headers, verify=verify)
             if health.status_code != 200 and not _restarting(health):
                 raise NotReadyError(
                     f"server at {url} is not healthy: {_reason(health)}",

@@ -79,6 +79,17 @@ class ServeConfig(BaseModel):
         default=False, description="Serve without any API key (explicit opt-out; warns)."
     )
     host: str = Field(default="0.0.0.0", description="Address the endpoint listens on.")
+    tls_certfile: Path | None = Field(
+        json_schema_extra={"flag": "--tls-cert"},
+        default=None,
+        description="PEM certificate: the endpoint (and Serve's proxy) speak HTTPS with it; "
+        "needs tls_keyfile.",
+    )
+    tls_keyfile: Path | None = Field(
+        json_schema_extra={"flag": "--tls-key"},
+        default=None,
+        description="Unencrypted PEM key of tls_certfile; must be mode 0600.",
+    )
     port: int = Field(
         default=8000, ge=1, le=65535, description="Port of the endpoint (the replica itself)."
     )
@@ -250,6 +261,14 @@ class ServeConfig(BaseModel):
             )
         if self.port == self.proxy_port:
             raise ValueError(f"port and proxy_port are both {self.port}: pick two different ports")
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError(
+                "TLS needs both a certificate and its key: pass --tls-cert and --tls-key"
+            )
+        if self.tls_certfile is not None and self.tls_keyfile is not None:
+            from cluster.tls import check_tls_pair
+
+            check_tls_pair(self.tls_certfile, self.tls_keyfile)  # one line: how to fix it
         keys = [k.get_secret_value() for k in self.api_keys]
         if any(not k.strip() or k != k.strip() for k in keys):
             raise ValueError("an API key is empty or has surrounding spaces: pass the bare key")
@@ -271,6 +290,11 @@ class ServeConfig(BaseModel):
     def main_name(self) -> str:
         """The first served name: what the endpoint reports as its model."""
         return self.served_model_name[0] if self.served_model_name else self.model
+
+    @property
+    def scheme(self) -> str:
+        """https when the endpoint has a certificate, else http."""
+        return "https" if self.tls_certfile is not None else "http"
 
     @property
     def world_size(self) -> int:

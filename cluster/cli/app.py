@@ -7,6 +7,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cluster import __version__
 from cluster.errors import LlamaclusterError
@@ -58,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     except LlamaclusterError as exc:
         if debug_enabled():
             raise
-        err_console.print(f"[bold red]error:[/] {exc.one_line()}", highlight=False, soft_wrap=True)
+        # The line can carry a node's own text (an error tail): never read it as markup.
+        err_console.print(
+            f"[bold red]error:[/] {escape(exc.one_line())}", highlight=False, soft_wrap=True
+        )
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             err_console.print("[yellow]aborted[/]")
             return 130
         err_console.print(
-            f"[bold red]error:[/] unexpected {type(exc).__name__}: {exc} "
+            f"[bold red]error:[/] unexpected {type(exc).__name__}: {escape(str(exc))} "
             "(run again with LLAMACLUSTER_DEBUG=1 for the traceback)",
             highlight=False,
             soft_wrap=True,

@@ -56,6 +56,10 @@ def up(
     dashboard_port: int = _opt("dashboard_port"),
     api_port: int = _opt("api_port"),
     api_key_file: Path | None = _opt("api_key_file"),
+    api_host: str | None = _opt("api_host"),
+    tls: str | None = _opt("tls"),
+    tls_cert: Path | None = _opt("tls_cert"),
+    tls_key: Path | None = _opt("tls_key"),
     monitor_port: int = _opt("monitor_port"),
     monitor_retention_time: str = _opt("monitor_retention_time"),
     monitor_retention_size: str = _opt("monitor_retention_size"),
@@ -94,6 +98,7 @@ def up(
             nfs_server=nfs_server, system_root=system_root, cache_dir=cache_dir, device=device, cpu_slots=cpu_slots,
             ray_port=ray_port, dashboard_port=dashboard_port, api_port=api_port,
             api_key_file=api_key_file, monitor_port=monitor_port,
+            api_host=api_host, tls=tls, tls_cert=tls_cert, tls_key=tls_key,
             monitor_retention_time=monitor_retention_time,
             monitor_retention_size=monitor_retention_size, max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization, cpu_kvcache_gb=cpu_kvcache_gb,
@@ -121,13 +126,18 @@ def down(
         False, "--keep-ray", help="Stop the server only; keep Ray running."
     ),
     purge: bool = typer.Option(
-        False, "--purge", help="Also revert fstab/cachefilesd and forget the cluster."
+        False, "--purge", help="Also revert fstab/exports/cachefilesd and forget the cluster."
     ),
     drain_timeout: float = typer.Option(
         30.0, "--drain-timeout", help="Seconds running requests get."
     ),
     wait: bool = typer.Option(
         False, "--wait", help="When an `up` or `down` holds this cluster, wait for it."
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="With --purge: forget the cluster even when a node did not confirm its teardown.",
     ),
 ) -> None:
     """Drain the server, stop exactly this cluster's Ray processes on every node."""
@@ -139,6 +149,7 @@ def down(
         purge=purge,
         drain_timeout=drain_timeout,
         wait=wait,
+        force=force,
     )
 
 

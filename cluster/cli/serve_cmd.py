@@ -61,6 +61,12 @@ def serve(
     no_auth: bool = typer.Option(False, "--no-auth", help="Serve without keys (warns)."),
     host: str = typer.Option("0.0.0.0", "--host", help="Listen address of the endpoint."),
     port: int = typer.Option(8000, "--port", help="Port of the endpoint."),
+    tls_cert: Path | None = typer.Option(
+        None, "--tls-cert", help="PEM certificate: serve HTTPS (with --tls-key)."
+    ),
+    tls_key: Path | None = typer.Option(
+        None, "--tls-key", help="Unencrypted PEM key of --tls-cert (mode 0600)."
+    ),
     proxy_port: int = typer.Option(8001, "--proxy-port", help="Port of Ray Serve's own proxy."),
     max_ongoing_requests: int = typer.Option(
         256, "--max-ongoing-requests", help="Running + queued bound; past it 429."
@@ -168,6 +174,8 @@ def serve(
         "no_auth": no_auth,
         "host": host,
         "port": port,
+        "tls_certfile": tls_cert,
+        "tls_keyfile": tls_key,
         "proxy_port": proxy_port,
         "max_ongoing_requests": max_ongoing_requests,
         "request_timeout_s": request_timeout,
@@ -207,7 +215,12 @@ def serve(
         err_console.print(f"deployed {endpoint.app_name}: {endpoint.url}  (waiting for /ready)")
     if wait:
         keys = config.resolved_api_keys()
-        wait_until_ready(endpoint.url, timeout_s=ready_timeout, api_key=keys[0] if keys else None)
+        wait_until_ready(
+            endpoint.url,
+            timeout_s=ready_timeout,
+            api_key=keys[0] if keys else None,
+            ca_file=str(tls_cert) if tls_cert else None,
+        )
     if as_json:
         typer.echo(
             json.dumps({"url": endpoint.url, "model": endpoint.model, "app": endpoint.app_name})

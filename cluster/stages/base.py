@@ -106,17 +106,19 @@ class Reporter:
         """One node's result inside a stage."""
         mark = "[green]✓[/]" if ok else "[red]✗[/]"
         self._to_log(f"  {'ok' if ok else 'FAILED'} {node} {message}")
-        self.console.print(f"    {mark} [cyan]{node}[/] {message}")
+        # Node-supplied text (host names, OS strings, error tails) is shown, never read as markup.
+        self.console.print(f"    {mark} [cyan]{escape(node)}[/] {escape(message)}")
 
-    def info(self, message: str) -> None:
-        """A line inside a stage."""
+    def info(self, message: str, *, style: str | None = None) -> None:
+        """A line inside a stage (``message`` is plain text, shown in ``style`` when given)."""
         self._to_log(f"  {message}")
-        self.console.print(f"    {message}")
+        text = escape(message)
+        self.console.print(f"    [{style}]{text}[/]" if style else f"    {text}")
 
     def warn(self, message: str) -> None:
-        """Something the person should know but that does not stop `up`."""
+        """Something the person should know but that does not stop `up` (plain text)."""
         self._to_log(f"  warning: {message}")
-        self.console.print(f"    [yellow]warning:[/] {message}")
+        self.console.print(f"    [yellow]warning:[/] {escape(message)}")
 
     def command(self, node: str, command: str) -> None:
         """A command about to run: in the run log always, on the terminal with -v (shown as it
@@ -130,7 +132,8 @@ class Reporter:
         style, word = self._STYLE[outcome.status], self._WORD[outcome.status]
         self._to_log(f"  -> {word} ({seconds:.1f} s) {outcome.message}")
         self.console.print(
-            f"  [{style}]{word}[/] ({seconds:.1f} s){': ' + outcome.message if outcome.message else ''}"
+            f"  [{style}]{word}[/] ({seconds:.1f} s)"
+            f"{': ' + escape(outcome.message) if outcome.message else ''}"
         )
 
     def print(self, text: str = "") -> None:
@@ -261,6 +264,9 @@ class Teardown:
 
     purge: bool = False
     drain_timeout: float = 30.0
+    #: Nodes (labels) where a teardown step could not be confirmed; stages append to it, and
+    #: `down --purge` keeps the cluster's state while it is not empty (unless --force).
+    failed: list[str] = field(default_factory=list)
 
 
 class Stage(ABC):
@@ -366,7 +372,7 @@ def print_plan(ctx: UpContext, stages: Sequence[Stage]) -> dict[str, dict[str, l
         reason = "--skip " + stage.name if stage.name in ctx.config.skip else stage.skip_reason(ctx)
         ctx.reporter.stage(stage.name, stage.title)
         if reason:
-            ctx.reporter.info(f"[dim]skipped: {reason}[/]")
+            ctx.reporter.info(f"skipped: {reason}", style="dim")
             plans[stage.name] = {}
             continue
         plan = stage.plan(ctx)

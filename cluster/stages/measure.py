@@ -78,6 +78,8 @@ def is_current(ctx: ClusterContext) -> bool:
         cpu = recorded.cpu.get(n.name)
         if cpu is None or cpu.gemv_gbs is None or cpu.slots != slots[n.name]:
             return False
+        if cpu.library == "torch" and cpu.layer_overhead_ms is None:
+            return False  # measured before the per-layer cost was: measure again
         if cpu.machine_id and n.machine_id and cpu.machine_id != n.machine_id:
             return False
     for _, worker in link_pairs(ctx.state.nodes):

@@ -10,6 +10,7 @@ from cluster.errors import ConfigError, RemoteError
 from cluster.keys import read_api_key
 from cluster.runner import Result
 from cluster.stages.base import ClusterContext, Stage, StageCheck, StageOutcome, Teardown, UpContext
+from cluster.stages.serve import api_target_on_head
 from cluster.state import ClusterState, MonitoringSection, remote_cluster_dir
 
 #: How long `up` waits for a (re)started Prometheus to be ready and scraping itself.
@@ -49,7 +50,10 @@ def monitor_spec(ctx: UpContext, binary: str = "prometheus") -> monitor.MonitorS
         retention_time=ctx.config.monitor_retention_time,
         retention_size=ctx.config.monitor_retention_size,
         ray_discovery_file=ray_discovery_file(ctx.state),
-        server_target=f"127.0.0.1:{api}",
+        # Where the API is bound on the head (its private address by default), once deployed.
+        server_target=(
+            api_target_on_head(ctx.state) if ctx.state.server.endpoint else f"127.0.0.1:{api}"
+        ),
         binary=binary,
     )
 

@@ -18,6 +18,7 @@ from cluster.ray_nodes import (
     RayNodePorts,
     RayNodeSpec,
     allocate_ports,
+    auth_probe_command,
     nodes_call,
     ports_call,
     ray_node_env,
@@ -28,6 +29,8 @@ from cluster.ray_nodes import (
     start_ray_node_command,
     start_supervised_command,
     stop_ray_node,
+    temp_dir_guard,
+    unauthenticated_access,
     wait_for_nodes,
 )
 from cluster.runner import Runner
@@ -601,6 +604,10 @@ class RayCluster(Stage):
         """Enable and (re)start the node's unit, wait for its raylet; return the unit's main
         pid (the session id of its Ray, until systemd restarts it)."""
         assert node.unit and node.temp_dir
+        # The unit's own `mkdir -p` would take whatever sits at the path: check it first.
+        runner.run(temp_dir_guard(node.temp_dir), timeout=30).check(
+            what=f"the Ray temp dir on {runner.label}"
+        )
         sudo = _sudo(ctx, runner.node.name)
         for line in systemd_commands(node.unit, sudo)["start"]:
             ctx.reporter.command(runner.label, line)
@@ -661,7 +668,27 @@ class RayCluster(Stage):
                 ctx.state.ray.nodes.setdefault(recs[i].name, RayNode()).ports = asdict(p)
 
     @staticmethod
+    def _prove_auth(ctx: UpContext) -> None:
+        """Requests without the token, from the head, to every node's dashboard agent and the
+        GCS: each must be refused (401/403, UNAUTHENTICATED), or `up` stops here."""
+        res = ctx.run_head(
+            auth_probe_command(cluster_spec(ctx)),
+            what="requests to Ray without its token",
+            timeout=120,
+            check=False,
+        )
+        problems = unauthenticated_access(res.stdout)
+        if problems:
+            raise RemoteError(
+                "Ray answers without its token: " + "; ".join(problems),
+                hint="check that every node's Ray runs with RAY_AUTH_MODE=token (see the "
+                "`ray start` lines with -v) and run `up` again",
+            )
+        ctx.reporter.info("the dashboard agents and the GCS refuse requests without the token")
+
+    @staticmethod
     def _wait(ctx: UpContext, *, timeout: float) -> None:
+        """Every node registered, then the token proved required (see _prove_auth)."""
         spec = cluster_spec(ctx)
         wait_for_nodes(
             spec.address,
@@ -674,3 +701,4 @@ class RayCluster(Stage):
         )
         for rec in ctx.state.nodes:
             ctx.reporter.node(rec.label, f"registered with {rec.devices} device slot(s)")
+        RayCluster._prove_auth(ctx)

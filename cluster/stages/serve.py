@@ -140,10 +140,85 @@ def publish_api_keys(state: ClusterState, runner: Runner) -> dict:
     )
 
 
+TLS_CERT_FILE = "api.crt"
+TLS_KEY_FILE = "api.key"
+
+
+def controller_tls_files(name: str) -> tuple[Path, Path]:
+    """Where the controller keeps the API's certificate (the file clients trust) and, for a
+    self-signed one, its key (0600): ``<cluster dir>/tls/``."""
+    from cluster.state import cluster_dir
+
+    folder = cluster_dir(name) / "tls"
+    return folder / TLS_CERT_FILE, folder / TLS_KEY_FILE
+
+
+def remote_tls_files(state: ClusterState) -> tuple[str, str]:
+    """Where the API's certificate and key live on the head (this cluster's private dir)."""
+    folder = remote_cluster_dir(state)
+    return f"{folder}/{TLS_CERT_FILE}", f"{folder}/{TLS_KEY_FILE}"
+
+
+def api_url_on_head(state: ClusterState) -> str:
+    """The API as the head itself reaches it: the recorded endpoint (its bind address and
+    scheme), else 127.0.0.1 before anything was deployed."""
+    if state.server.endpoint:
+        return state.server.endpoint
+    assert state.ports is not None
+    return f"http://127.0.0.1:{state.ports.api}"
+
+
+def api_target_on_head(state: ClusterState) -> str:
+    """``host:port`` of the API as the head reaches it (the monitor's scrape target)."""
+    return api_url_on_head(state).split("://", 1)[-1]
+
+
+def probe_env(state: ClusterState) -> dict[str, str]:
+    """Environment of a probe on the head: over HTTPS it trusts the served certificate."""
+    if api_url_on_head(state).startswith("https://"):
+        return {"SSL_CERT_FILE": remote_tls_files(state)[0]}
+    return {}
+
+
 def local_url(ctx: UpContext) -> str:
     """The API as the head itself reaches it."""
-    assert ctx.state.ports is not None
-    return f"http://127.0.0.1:{ctx.state.ports.api}"
+    return api_url_on_head(ctx.state)
+
+
+def api_bind_host(ctx: UpContext) -> str:
+    """The address the API binds on the head: --api-host, else the head's private address."""
+    head = ctx.state.nodes[0]
+    return ctx.config.api_host or str(head.private_ip or "127.0.0.1")
+
+
+def prepare_tls(ctx: UpContext) -> str | None:
+    """Put the API's certificate and key on the head (self-signed ones made first, for the
+    head's addresses); the certificate's SHA-256 fingerprint, or None for plain HTTP."""
+    from cluster.files import atomic_write
+    from cluster.tls import fingerprint_sha256, self_signed
+
+    cfg = ctx.config
+    if not cfg.https:
+        return None
+    cert, key = controller_tls_files(ctx.state.name)
+    if cfg.tls == "self-signed":
+        head = ctx.state.nodes[0]
+        names = [str(head.private_ip), head.host, "127.0.0.1", "localhost"]
+        if cfg.api_host and not cfg.api_on_all_interfaces:
+            names.insert(0, cfg.api_host)
+        names = list(dict.fromkeys(names))
+        if self_signed(names, cert_path=cert, key_path=key):
+            ctx.reporter.info(f"made a self-signed certificate for {', '.join(names)}: {cert}")
+        key_source = key
+    else:
+        assert cfg.tls_cert is not None and cfg.tls_key is not None
+        # The controller keeps a copy of the served certificate: the file clients trust.
+        atomic_write(cert, Path(cfg.tls_cert).read_bytes())
+        key_source = Path(cfg.tls_key)
+    remote_cert, remote_key = remote_tls_files(ctx.state)
+    ctx.head_runner.copy_to(cert, remote_cert, mode=0o644, timeout=60)
+    ctx.head_runner.copy_to(key_source, remote_key, mode=0o600, timeout=60)
+    return fingerprint_sha256(cert)
 
 
 def plan_parallelism(
@@ -254,6 +329,7 @@ def serve_values(ctx: UpContext, tp: int, pp: int) -> dict[str, object]:
         "device": head.device_kind,
         "api_key_file": remote_key_file(ctx.state),
         "port": ctx.state.ports.api,
+        "host": api_bind_host(ctx),
         "proxy_port": ctx.state.ports.serve_proxy or ctx.state.ports.api + 2,
         "engine_args": dict(cfg.engine_args),
         "quantization": cfg.quantization,
@@ -263,6 +339,8 @@ def serve_values(ctx: UpContext, tp: int, pp: int) -> dict[str, object]:
     }
     if cfg.admin_key_file is not None:
         values["admin_key_file"] = remote_admin_key_file(ctx.state)
+    if cfg.https:
+        values["tls_certfile"], values["tls_keyfile"] = remote_tls_files(ctx.state)
     values["served_model_name"] = list(ctx.state.model.served_names)
     if (commit := model_commit(ctx)) is not None:
         # A hub model: the server checks the manifest is complete and of this commit, and
@@ -289,12 +367,13 @@ class Serve(Stage):
         server = ctx.state.server
         if not server.config_digest or not ctx.state.env.dir or not ctx.state.ports:
             return StageCheck(None, "no server deployed")
-        url = f"http://127.0.0.1:{ctx.state.ports.api}"
+        url = api_url_on_head(ctx.state)
+        env = probe_env(ctx.state)
         python = env_python(ctx.state.env.dir)
-        ready = ready_probe(python, url).run(ctx.run_head, what="ready probe", check=False)
+        ready = ready_probe(python, url).run(ctx.run_head, what="ready probe", env=env, check=False)
         names = ", ".join([str(server.served_name), *server.aliases])
         what = f"{names}, tp={server.tp} × pp={server.pp} at {server.endpoint}/v1"
-        health = health_call(python, url).run(ctx.run_head, what="health", check=False)
+        health = health_call(python, url).run(ctx.run_head, what="health", env=env, check=False)
         engine = engine_line(health.data.get("health", {})) if health.ok and health.data else "?"
         return StageCheck(
             ready.ok, f"{what} ({'ready' if ready.ok else 'not ready'}; engine {engine})"
@@ -371,8 +450,16 @@ class Serve(Stage):
                 hint="lower --tp/--pp or add nodes (or --cpu-slots on CPU nodes)",
             )
         self._copy_api_key(ctx)
+        if ctx.config.api_on_all_interfaces:
+            ctx.reporter.warn(
+                f"the API listens on every interface of {ctx.head.label} (--api-host "
+                f"{ctx.config.api_host}): anyone who reaches a port of the head can try keys on it"
+            )
+        fingerprint = prepare_tls(ctx)
         values = serve_values(ctx, tp, pp)
-        wanted = config_hash(values)
+        # A new certificate at the same path is a new config: redeployed (uvicorn reads it once).
+        tls = {"tls_fingerprint": fingerprint} if fingerprint else {}
+        wanted = config_hash({**values, **tls})
         if ctx.config.admin_key_file is not None:
             ctx.head_runner.copy_to(
                 ctx.config.admin_key_file, remote_admin_key_file(ctx.state), mode=0o600, timeout=60
@@ -380,7 +467,11 @@ class Serve(Stage):
             # Admin keys are read when the server starts: new admin keys redeploy it.
             admin = sorted(read_api_keys(ctx.config.admin_key_file))
             wanted = config_hash(
-                {**values, "admin_keys": [hashlib.sha256(k.encode()).hexdigest() for k in admin]}
+                {
+                    **values,
+                    **tls,
+                    "admin_keys": [hashlib.sha256(k.encode()).hexdigest() for k in admin],
+                }
             )
         python = env_python(str(ctx.state.env.dir))
         leftover = total - tp * pp
@@ -392,7 +483,7 @@ class Serve(Stage):
         if (
             ctx.state.server.config_digest == wanted
             and ready_probe(python, local_url(ctx))
-            .run(ctx.run_head, what="ready probe", check=False)
+            .run(ctx.run_head, what="ready probe", env=probe_env(ctx.state), check=False)
             .ok
         ):
             # The config hash names the key file, not its keys: publish them (no redeploy).
@@ -505,6 +596,7 @@ class Ready(Stage):
         ).run(
             ctx.run_head,
             what="waiting for /ready",
+            env=probe_env(ctx.state),
             timeout=ctx.config.ready_timeout_s + 30,
             check=False,
         )

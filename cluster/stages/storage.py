@@ -64,6 +64,49 @@ def run_fscache(ctx: UpContext, node: Node, command: str, *args: str) -> dict:
     return out
 
 
+def revert_system_files(
+    ctx: ClusterContext, edits: dict[str, list[str]], how: Teardown
+) -> list[str]:
+    """Undo this module's fstab/exports/cachefilesd edits on every node named in ``edits``
+    (fscache ``revert``: only the marked lines go). A node that confirms is dropped from
+    ``edits``; one that does not is added to ``how.failed`` and stays recorded."""
+    root = ctx.state.access.system_root
+    done = []
+    for runner in ctx.runners:
+        rec = ctx.state.node(runner.node.name)
+        if rec is None or not edits.get(rec.name):
+            continue
+        res = runner.run(
+            fscache.script_command(
+                "revert",
+                "--root",
+                root,
+                python=rec.python or "python3",
+                sudo=(rec.sudo or "") if root == "/" else "",
+            ),
+            stdin=fscache.script_source(),
+            timeout=60,
+        )
+        if not res.ok:
+            ctx.reporter.warn(f"{runner.label}: could not revert system files: {res.tail(1)}")
+            if runner.label not in how.failed:
+                how.failed.append(runner.label)
+            continue
+        edits.pop(rec.name, None)
+        ctx.reporter.node(runner.label, "llamacluster's fstab/exports/cachefilesd edits undone")
+        done.append(runner.label)
+    return done
+
+
+def root_logins(ctx: UpContext) -> bool:
+    """True when a worker logs in as root (then the export must keep root: no_root_squash)."""
+    for w in ctx.cluster.workers:
+        rec = ctx.state.node(w.name)
+        if (rec is not None and rec.sudo == "") or (w.user or ctx.config.ssh_user) == "root":
+            return True
+    return False
+
+
 def run_system(ctx: UpContext, node: Node, commands: list[str], *, what: str) -> None:
     """Run system commands (packages, services, mounts) unless in test-root mode."""
     for command in commands:
@@ -94,6 +137,13 @@ class SharedStorage(Stage):
             return "one node: nothing to share"
         return None
 
+    def teardown(self, ctx: ClusterContext, how: Teardown) -> str | None:
+        """With --purge: take the export and the workers' mount lines out of exports/fstab."""
+        if not how.purge:
+            return None
+        done = revert_system_files(ctx, ctx.state.storage.fs_edits, how)
+        return f"NFS lines removed on {', '.join(done)}" if done else None
+
     def _shared(self, ctx: UpContext) -> str:
         return shlex.quote(str(ctx.state.shared_dir))
 
@@ -112,6 +162,7 @@ class SharedStorage(Stage):
                     "--shared-dir",
                     str(ctx.state.shared_dir),
                     *[a for w in workers for a in ("--client", w)],
+                    *(["--no-root-squash"] if root_logins(ctx) else []),
                 ),
                 *([] if ctx.config.test_root else fscache.export_commands(_sudo(ctx, ctx.head))),
             ]
@@ -178,7 +229,11 @@ class SharedStorage(Stage):
             for c in ("--client", ctx.node_state(w).private_ip or w.host)
         ]
         ctx.run_head(f"mkdir -p {shlex.quote(shared)}", what="creating the shared dir")
-        out = run_fscache(ctx, ctx.head, "add-export", "--shared-dir", shared, *clients)
+        squash = ["--no-root-squash"] if root_logins(ctx) else []
+        out = run_fscache(ctx, ctx.head, "add-export", "--shared-dir", shared, *clients, *squash)
+        edits = ctx.state.storage.fs_edits
+        edits[ctx.head.name] = sorted({*edits.get(ctx.head.name, []), "/etc/exports"})
+        ctx.state.save()  # recorded at once: `down --purge` undoes it even if a later step fails
         changed = bool(out.get("changed"))
         if not ctx.config.test_root:
             run_system(
@@ -186,6 +241,8 @@ class SharedStorage(Stage):
             )
         for w in ctx.cluster.workers:
             got = run_fscache(ctx, w, "add-mount", "--server", head_ip, "--shared-dir", shared)
+            edits[w.name] = sorted({*edits.get(w.name, []), "/etc/fstab"})
+            ctx.state.save()
             changed = changed or bool(got.get("changed"))
             if not ctx.config.test_root:
                 run_system(
@@ -219,31 +276,10 @@ class Cache(Stage):
         return StageCheck(True, f"cachefilesd running on {len(results)} node(s)")
 
     def teardown(self, ctx: ClusterContext, how: Teardown) -> str | None:
-        """With --purge: put fstab, exports and cachefilesd's files back from their backups."""
+        """With --purge: take fsc out of fstab, put cachefilesd's files back."""
         if not how.purge:
             return None
-        root = ctx.state.access.system_root
-        done = []
-        for runner in ctx.runners:
-            rec = ctx.state.node(runner.node.name)
-            if rec is None or not ctx.state.cache.fs_edits.get(rec.name):
-                continue
-            res = runner.run(
-                fscache.script_command(
-                    "revert",
-                    "--root",
-                    root,
-                    python=rec.python or "python3",
-                    sudo=(rec.sudo or "") if root == "/" else "",
-                ),
-                stdin=fscache.script_source(),
-                timeout=60,
-            )
-            if not res.ok:
-                ctx.reporter.warn(f"{runner.label}: could not revert system files: {res.tail(1)}")
-            else:
-                ctx.reporter.node(runner.label, "fstab/cachefilesd restored from backups")
-                done.append(runner.label)
+        done = revert_system_files(ctx, ctx.state.cache.fs_edits, how)
         return f"system files restored on {', '.join(done)}" if done else None
 
     def skip_reason(self, ctx: UpContext) -> str | None:

@@ -63,10 +63,11 @@ def test_add_fsc_edits_only_the_options_once_with_one_backup(tmp_path):
     root = _root(tmp_path)
     fstab = root / "etc" / "fstab"
     result = fscache.add_fsc(str(root), "/mnt/shared/llamacluster")
-    assert result == {"changed": True, "mountpoint": "/mnt/shared", "line": 4}
+    assert result == {"changed": True, "mountpoint": "/mnt/shared", "line": 5}
     text = fstab.read_text()
+    assert text.splitlines()[3] == fscache._mark("fsc", "/mnt/shared").strip()
     assert (
-        text.splitlines()[3]
+        text.splitlines()[4]
         == "10.0.0.2:/export/shared   /mnt/shared   nfs4   rw,hard,nconnect=8,fsc   0   0"
     )
     assert text.splitlines()[:3] == PROVIDER_FSTAB.splitlines()[:3]
@@ -88,7 +89,9 @@ def test_add_fsc_edits_only_the_options_once_with_one_backup(tmp_path):
 def test_defaults_becomes_defaults_fsc_and_findmnt_accepts_it(tmp_path):
     root = _root(tmp_path, "nfs.example:/vol  /data  nfs  defaults  0 0\n")
     fscache.add_fsc(str(root), "/data")
-    assert (root / "etc/fstab").read_text() == "nfs.example:/vol  /data  nfs  defaults,fsc  0 0\n"
+    assert (root / "etc/fstab").read_text() == (
+        fscache._mark("fsc", "/data") + "nfs.example:/vol  /data  nfs  defaults,fsc  0 0\n"
+    )
     _findmnt_verify(root / "etc/fstab")
     assert _findmnt_options(root / "etc/fstab", "/data") == "defaults,fsc"
 
@@ -156,17 +159,19 @@ def test_nfs_server_head_export_and_worker_mount(tmp_path):
         str(root), shared_dir="/srv/llama", clients=["10.0.0.11", "10.0.0.12"]
     )
     assert export["changed"]
-    line = "/srv/llama 10.0.0.11(rw,sync,no_subtree_check,no_root_squash) 10.0.0.12(rw,sync,no_subtree_check,no_root_squash)\n"
-    assert (root / "etc/exports").read_text() == line
+    line = "/srv/llama 10.0.0.11(rw,sync,no_subtree_check,root_squash) 10.0.0.12(rw,sync,no_subtree_check,root_squash)\n"
+    assert (root / "etc/exports").read_text() == fscache._mark("export", "/srv/llama") + line
     assert (
         fscache.add_export(str(root), shared_dir="/srv/llama/", clients=["x"])["changed"] is False
     )
     mount = fscache.add_mount(str(root), server="10.0.0.10", shared_dir="/srv/llama")
     assert mount["changed"]
     fstab = root / "etc/fstab"
-    assert (
-        fstab.read_text()
-        == "UUID=1 / ext4 defaults 0 1\n10.0.0.10:/srv/llama /srv/llama nfs4 defaults,_netdev,fsc 0 0\n"
+    assert fstab.read_text() == (
+        "UUID=1 / ext4 defaults 0 1\n"
+        + fscache._mark("mount", "/srv/llama")
+        + "10.0.0.10:/srv/llama /srv/llama nfs4 "
+        + "defaults,_netdev,nofail,x-systemd.mount-timeout=30s,timeo=150,fsc 0 0\n"
     )
     before = fstab.read_bytes()
     assert (
@@ -175,7 +180,7 @@ def test_nfs_server_head_export_and_worker_mount(tmp_path):
     )
     assert fstab.read_bytes() == before
     _findmnt_verify(fstab)
-    assert _findmnt_options(fstab, "/srv/llama") == "defaults,_netdev,fsc"
+    assert _findmnt_options(fstab, "/srv/llama") == fscache.DEFAULT_MOUNT_OPTIONS
     with pytest.raises(fscache.Refused, match="already mounts"):
         fscache.add_mount(str(root), server="10.9.9.9", shared_dir="/srv/llama")
 

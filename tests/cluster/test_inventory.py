@@ -146,3 +146,26 @@ def test_local_cluster_is_one_local_node():
     cluster = local_cluster()
     assert len(cluster) == 1 and cluster.head.local and cluster.head.host == "127.0.0.1"
     assert cluster.workers == ()
+
+
+def test_ipv6_zones_are_kept_for_ssh_and_refused_when_unsafe_or_for_ray():
+    cluster = parse_inventory("fe80::7%eth0\nops@[fe80::8%2]:2222\n", source="ips.txt")
+    assert [n.host for n in cluster] == ["fe80::7%eth0", "fe80::8%2"]
+    assert cluster.workers[0].label == "[fe80::8%2]:2222"
+    for line, words in (
+        ("fe80::7%$(reboot)", "bad IPv6 zone"),
+        ("[fe80::7%a;b]:22", "bad IPv6 zone"),
+        ("fe80::7%eth0 fe80::9%eth0", "has an IPv6 zone"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            parse_inventory(line, source="ips.txt")
+        assert words in str(err.value) and "ips.txt:1" in str(err.value)
+
+
+def test_user_names_are_limited_to_safe_characters():
+    assert parse_inventory("a.b-c_1@h").head.user == "a.b-c_1"
+    for bad in ("-oProxyCommand=x@h", "a:b@h", "$(id)@h", "u\x1b[31m@h", f"{'u' * 40}@h"):
+        with pytest.raises(ConfigError, match="not a valid user name"):
+            parse_inventory(bad)
+    with pytest.raises(ConfigError, match="--ssh-user: '-oProxyCommand=x' is not a valid"):
+        parse_inventory("h", default_user="-oProxyCommand=x")

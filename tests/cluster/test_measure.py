@@ -111,7 +111,8 @@ def test_cpu_benchmark_returns_sane_positive_numbers_in_the_engines_dtype():
 
 
 def test_cpu_benchmark_with_numpy_in_fp32():
-    reply = _program("cpu", {"array_mib": 32, "repeats": 1, "library": "numpy", "dtype": "fp32"})
+    # Best of three: one sample can land on a moment the scheduler gave to another process.
+    reply = _program("cpu", {"array_mib": 32, "repeats": 3, "library": "numpy", "dtype": "fp32"})
     m = CpuMeasurement.model_validate(reply)
     assert m.library == "numpy" and m.dtype == "fp32" and m.gemv_kernel == "numpy matvec"
     assert m.read_gbs > 1.0 and m.gemv_gbs > 1.0 and m.matmul_tflops > 0.001
