@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-CLI = [sys.executable, "-c", "from cluster.cli.app import run; run()"]
+from benchmarks.bench_netcost import cli  # noqa: E402 (after the path above)
+
 NAME = "planacc"
 TARGET = 0.25
 
@@ -42,19 +42,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--target", type=float, default=TARGET, help="allowed relative error")
     return ap.parse_args(argv)
-
-
-def cli(*args: str, env: dict[str, str], timeout: float = 1500) -> str:
-    """Run the real CLI as a person would; its output, or an error with its last lines."""
-    done = subprocess.run(
-        [*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"llamacluster {args[0]} exited {done.returncode}:\n"
-            f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-        )
-    return done.stdout
 
 
 def planned_decode_ms(model_dir: Path, device, *, prompt_len: int) -> float:

@@ -60,6 +60,10 @@ class MonitorSpec:
     ray_discovery_file: str | None = None
     #: The server as the head reaches it, ``127.0.0.1:<api port>`` (None: no server job).
     server_target: str | None = None
+    #: The API's certificate on the head when it serves HTTPS (None: plain HTTP). Prometheus
+    #: trusts exactly it: a self-signed certificate is its own authority; a CA-signed one must
+    #: then be given with its chain.
+    server_ca_file: str | None = None
     binary: str = "prometheus"
 
     @property
@@ -140,6 +144,15 @@ def config_text(spec: MonitorSpec) -> str:
             "  - job_name: server",
             f"    scrape_interval: {SERVER_SCRAPE_INTERVAL}",
             "    metrics_path: /metrics",
+            *(
+                [
+                    "    scheme: https",
+                    "    tls_config:",
+                    f"      ca_file: {_s(spec.server_ca_file)}",
+                ]
+                if spec.server_ca_file
+                else []
+            ),
             "    authorization:",
             "      type: Bearer",
             f"      credentials_file: {_s(spec.token_path)}",

@@ -138,15 +138,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def script_command(*args: str, python: str = "python3") -> str:
     """The shell command that runs this module on a node (its source goes on stdin)."""
-    import shlex
+    from cluster.stdin_program import stdin_command
 
-    return f"{python} - " + " ".join(shlex.quote(a) for a in args)
+    return stdin_command(*args, python=python)
 
 
 def script_source() -> str:
     """This module's source, to send on stdin with ``script_command``."""
-    with open(__file__, encoding="utf-8") as fh:
-        return fh.read()
+    from cluster.stdin_program import source_of
+
+    return source_of(__file__)
 
 
 if __name__ == "__main__":

@@ -383,17 +383,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def script_command(command: str, *args: str, python: str = "python3", sudo: str = "") -> str:
-    """The shell command that runs this module on a node with its source on stdin."""
-    import shlex
+    """The shell command that runs this module on a node (its source goes on stdin)."""
+    from cluster.stdin_program import stdin_command
 
-    s = f"{sudo} " if sudo else ""
-    return f"{s}{python} - {command} " + " ".join(shlex.quote(a) for a in args)
+    return stdin_command(command, *args, python=python, sudo=sudo)
 
 
 def script_source() -> str:
     """This module's source, to send on stdin with ``script_command``."""
-    with open(__file__, encoding="utf-8") as fh:
-        return fh.read()
+    from cluster.stdin_program import source_of
+
+    return source_of(__file__)
 
 
 if __name__ == "__main__":

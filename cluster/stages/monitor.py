@@ -10,7 +10,7 @@ from cluster.errors import ConfigError, RemoteError
 from cluster.keys import read_api_key
 from cluster.runner import Result
 from cluster.stages.base import ClusterContext, Stage, StageCheck, StageOutcome, Teardown, UpContext
-from cluster.stages.serve import api_target_on_head
+from cluster.stages.serve import api_target_on_head, remote_tls_files
 from cluster.state import ClusterState, MonitoringSection, remote_cluster_dir
 
 #: How long `up` waits for a (re)started Prometheus to be ready and scraping itself.
@@ -53,6 +53,11 @@ def monitor_spec(ctx: UpContext, binary: str = "prometheus") -> monitor.MonitorS
         # Where the API is bound on the head (its private address by default), once deployed.
         server_target=(
             api_target_on_head(ctx.state) if ctx.state.server.endpoint else f"127.0.0.1:{api}"
+        ),
+        server_ca_file=(
+            remote_tls_files(ctx.state)[0]
+            if (ctx.state.server.endpoint or "").startswith("https://")
+            else None
         ),
         binary=binary,
     )

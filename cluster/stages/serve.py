@@ -480,11 +480,11 @@ class Serve(Stage):
         token = ctx.state.ray.head_token_path
         assert ctx.state.ports is not None and token
         address = f"{head.private_ip}:{ctx.state.ports.ray_gcs}"
-        if (
-            ctx.state.server.config_digest == wanted
-            and ready_probe(python, local_url(ctx))
+        if ctx.state.server.config_digest == wanted and (
+            ready_probe(python, local_url(ctx))
             .run(ctx.run_head, what="ready probe", env=probe_env(ctx.state), check=False)
             .ok
+            or self._recovers_by_itself(ctx, python)
         ):
             # The config hash names the key file, not its keys: publish them (no redeploy).
             keys = (
@@ -537,6 +537,36 @@ class Serve(Stage):
         return StageOutcome(
             "done",
             f"{'re' if redeploy else ''}deployed {endpoint['model']} with tp={tp} × pp={pp}{note}",
+        )
+
+    @staticmethod
+    def _recovers_by_itself(ctx: UpContext, python: str) -> bool:
+        """The deployed server is restarting (or loading) its engine by itself, as after a lost
+        node came back: wait for it rather than redeploy over the recovery. True once ready."""
+        reply = health_call(python, local_url(ctx)).run(
+            ctx.run_head, what="health probe", env=probe_env(ctx.state), check=False
+        )
+        if not reply.ok:
+            return False
+        state = (reply.value(what="health probe").get("health") or {}).get("status")
+        if state not in ("restarting", "loading"):
+            return False
+        ctx.reporter.info(f"the server is {state} its engine by itself: waiting for it")
+        return (
+            wait_call(
+                python,
+                local_url(ctx),
+                ctx.config.ready_timeout_s,
+                api_key_file=ctx.state.server.remote_api_key_file,
+            )
+            .run(
+                ctx.run_head,
+                what="waiting for the server",
+                env=probe_env(ctx.state),
+                timeout=ctx.config.ready_timeout_s + 60,
+                check=False,
+            )
+            .ok
         )
 
     @staticmethod

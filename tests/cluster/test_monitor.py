@@ -467,3 +467,36 @@ def test_the_stage_runs_checks_restarts_and_stops_a_real_prometheus(tmp_path, mo
             for p in started:  # whatever the stage left of what this test started
                 if _alive(p):
                     os.kill(p, signal.SIGKILL)
+
+
+def test_an_https_server_is_scraped_trusting_exactly_its_certificate(tmp_path):
+    import shutil
+    import subprocess
+
+    from cluster.tls import self_signed
+
+    cert, key = tmp_path / "api.crt", tmp_path / "api.key"
+    self_signed(["127.0.0.1"], cert_path=cert, key_path=key)
+    spec = _spec(
+        dir=str(tmp_path / "mon"),
+        server_ca_file=str(cert),
+        ray_discovery_file=str(tmp_path / "ray" / "sd.json"),
+    )
+    server = {
+        j["job_name"]: j for j in yaml.safe_load(monitor.config_text(spec))["scrape_configs"]
+    }["server"]
+    assert server["scheme"] == "https" and server["tls_config"] == {"ca_file": str(cert)}
+    plain = yaml.safe_load(monitor.config_text(_spec()))["scrape_configs"][-1]
+    assert "scheme" not in plain and "tls_config" not in plain
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool (the prometheus package) is not installed")
+    Path(spec.dir).mkdir()
+    Path(spec.token_path).write_text("sk-test\n")
+    Path(spec.config_path).write_text(monitor.config_text(spec))
+    Path(spec.ray_discovery_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(spec.ray_discovery_file).write_text("[]")
+    done = subprocess.run(
+        [promtool, "check", "config", spec.config_path], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
