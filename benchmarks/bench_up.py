@@ -2,7 +2,8 @@
 
 Each round, alone on the machine and in turn: plain vLLM's OpenAI server started with the same
 engine arguments `up` deploys (`vllm_cli_args` of the same ServeConfig values: demo model, CPU KV
-space, Ray executor) and timed until /health answers 200, then stopped; then `llamacluster up
+space, Ray executor on a one-node Ray cluster started beforehand) and timed until /health answers
+200, then stopped; then `llamacluster up
 --local` timed until it returns (the server answers /ready), its per-stage seconds read from the
 cluster's state, a second `up` with nothing to do, and `down`. Prints a table, writes JSON.
 Targets: `up` adds at most 15 s to the engine's load; a second `up` at most 10 s; `down` at most
@@ -52,11 +53,22 @@ def timed(cmd: list[str], *, env: dict[str, str], log: Path) -> float:
 
 
 def engine_load_s(values: dict, *, work: Path, port: int) -> float:
-    """Plain vLLM with the same engine arguments: seconds from start to /health 200."""
+    """Plain vLLM with the same engine arguments: seconds from start to /health 200. Its Ray
+    executor joins a one-node loopback Ray cluster started beforehand (Ray's start is not the
+    engine's load; `up` counts its own)."""
     from serve.config import load_config
+    from tests.support.ray_cluster import start_loopback_ray_cluster
 
     config = load_config(**values, no_auth=True)
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(values["cpu_kvcache_space_gb"])}
+    cluster = start_loopback_ray_cluster(nodes=1, slots_per_node=1)
+    try:
+        env = {**cluster.env, "VLLM_CPU_KVCACHE_SPACE": str(values["cpu_kvcache_space_gb"])}
+        return _time_to_health(config, env=env, work=work, port=port)
+    finally:
+        cluster.stop()
+
+
+def _time_to_health(config, *, env: dict[str, str], work: Path, port: int) -> float:
     started = time.monotonic()
     proc = start_plain_vllm(config, port=port, env=env, log=work / "vllm.log")
     try:
