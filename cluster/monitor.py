@@ -376,6 +376,25 @@ def summarize_targets(targets: Iterable[dict]) -> tuple[dict[str, tuple[int, int
     return per_job, down
 
 
+def jobs_without_targets(
+    targets: list[dict], expected: Iterable[str]
+) -> tuple[list[str], list[str]]:
+    """(jobs with no target up, jobs whose every target awaits its first scrape).
+
+    A target's first scrape lands at an offset within its interval after Prometheus starts, so a
+    job whose targets are all still ``unknown`` is pending, not failed; an expected job with no
+    target at all, or one whose scraped targets are all down, has none up.
+    """
+    jobs: dict[str, list[str]] = {job: [] for job in expected}
+    for t in targets:
+        jobs.setdefault(t["job"], []).append(t.get("health") or "down")
+    pending = sorted(
+        job for job, seen in jobs.items() if seen and all(h == "unknown" for h in seen)
+    )
+    empty = sorted(job for job, seen in jobs.items() if job not in pending and "up" not in seen)
+    return empty, pending
+
+
 def describe_targets(per_job: dict[str, tuple[int, int]]) -> str:
     """``prometheus 1/1, ray 3/3, server 1/1`` (targets up of each job)."""
     return ", ".join(f"{job} {up}/{total}" for job, (up, total) in per_job.items()) or "none"

@@ -142,8 +142,10 @@ class Monitor(Stage):
             *(["ray"] if any(n.session for n in ctx.state.ray.nodes.values()) else []),
             *(["server"] if ctx.state.server.config_digest else []),
         ]
-        empty = [job for job in {*expected, *per_job} if per_job.get(job, (0, 0))[0] == 0]
+        empty, pending = monitor.jobs_without_targets(seen.get("targets", []), expected)
         message = f"prometheus {rec.url} ready; targets up: {monitor.describe_targets(per_job)}"
+        if pending:
+            message += "; first scrape pending for " + ", ".join(sorted(pending))
         if empty:
             message += "; no target up for " + ", ".join(sorted(empty))
         if down:

@@ -106,6 +106,20 @@ def test_targets_are_summed_per_job_and_the_ones_not_up_say_why():
     assert down == ["ray 10.0.0.2:41000 (refused)", "ray 10.0.0.1:44217 (not scraped yet)"]
 
 
+def test_a_job_awaiting_its_first_scrape_is_pending_not_failed():
+    targets = [
+        {"job": "prometheus", "instance": "127.0.0.1:9090", "health": "unknown"},
+        {"job": "ray", "instance": "10.0.0.1:41000", "health": "unknown"},
+        {"job": "ray", "instance": "10.0.0.2:41000", "health": "down"},
+        {"job": "server", "instance": "10.0.0.1:8000", "health": "up"},
+    ]
+    empty, pending = monitor.jobs_without_targets(targets, ["prometheus", "ray", "server", "extra"])
+    # ray has a scraped target that is down and none up; extra has no target at all.
+    assert empty == ["extra", "ray"]
+    assert pending == ["prometheus"]
+    assert monitor.jobs_without_targets(targets[3:], ["server"]) == ([], [])
+
+
 def test_promtool_accepts_the_config(tmp_path):
     promtool = shutil.which("promtool")
     if promtool is None:
