@@ -49,6 +49,20 @@ def _server_field(name: str) -> FieldInfo:
     return copy(ServeConfig.model_fields[name])
 
 
+# Path-valued settings typed as plain strings (paths on the nodes); Path-typed ones are found
+# from the annotations.
+_STR_PATH_FIELDS = ("cache_dir",)
+
+
+def path_fields(model: type[BaseModel]) -> tuple[str, ...]:
+    """Names of a config's path settings: every Path-typed field, and the string-typed ones."""
+    return tuple(
+        name
+        for name, field in model.model_fields.items()
+        if "Path" in str(field.annotation) or name in _STR_PATH_FIELDS
+    )
+
+
 class UpConfig(BaseModel):
     """Inputs of `up`; every field is a flag of `llamacluster up`."""
 
@@ -229,24 +243,16 @@ class UpConfig(BaseModel):
         description="When another `up`/`down` holds this cluster, wait for it instead of failing.",
     )
 
-    @field_validator(
-        "inventory",
-        "identity_file",
-        "known_hosts",
-        "shared_dir",
-        "env",
-        "system_root",
-        "cache_dir",
-        "api_key_file",
-        "admin_key_file",
-        mode="before",
-    )
+    @model_validator(mode="before")
     @classmethod
-    def _no_control_characters(cls, value: object) -> object:
+    def _no_control_characters(cls, data: object) -> object:
         # A newline or escape in a path would end a shell line on a node or rewrite the terminal.
-        if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in str(value)):
-            raise ValueError(f"{str(value)!r} has a control character: paths may not")
-        return value
+        if isinstance(data, dict):
+            for name in path_fields(cls):
+                value = data.get(name)
+                if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in str(value)):
+                    raise ValueError(f"{str(value)!r} has a control character: paths may not")
+        return data
 
     @field_validator("admin_key_file")
     @classmethod
