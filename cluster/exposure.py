@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -44,6 +45,49 @@ RAY_NODE_PORTS: tuple[tuple[str, str], ...] = (
     ("dashboard_agent_grpc", "ray dashboard agent (grpc)"),
     ("runtime_env_agent", "ray runtime env agent"),
 )
+
+#: Ports Ray 2.60 opens on the head at fixed numbers, recorded nowhere: (port, label). Ray reads
+#: them from AUTOSCALER_METRIC_PORT and DASHBOARD_METRIC_PORT (ray/autoscaler/_private/
+#: constants.py, ray/dashboard/consts.py); `up` leaves those unset.
+RAY_HEAD_FIXED_PORTS: tuple[tuple[int, str], ...] = (
+    (44217, "ray autoscaler metrics"),
+    (44227, "ray dashboard metrics"),
+)
+
+_GRPC_ANY = (
+    "Ray's C++ gRPC server listens on every interface "
+    "(src/ray/rpc/grpc_server.cc, GrpcServer::Run: listen_to_localhost_only_ ? 127.0.0.1 : "
+    "0.0.0.0); no flag or RAY_ setting names an address"
+)
+_PROMETHEUS_ANY = (
+    "prometheus_client.start_http_server gets an address only when the node IP is a loopback one"
+)
+
+#: Why each of these Ray listeners stays on every interface although `ray start` gets the
+#: node's private address (--node-ip-address), by probe label. Ray binds the others (client
+#: server, dashboard agent http, runtime env agent) to that address, and the dashboard to
+#: 127.0.0.1: those must be closed on a public address.
+EVERY_INTERFACE: dict[str, str] = {
+    "ray gcs": _GRPC_ANY,
+    "ray node manager": _GRPC_ANY,
+    "ray object manager": _GRPC_ANY,
+    "ray dashboard agent (grpc)": (
+        "ray/dashboard/agent.py: grpc_ip = get_localhost_ip() if is_localhost(self.ip) "
+        "else get_all_interfaces_ip()"
+    ),
+    "ray metrics export": (
+        "ray/dashboard/modules/reporter/reporter_agent.py: "
+        'address=get_localhost_ip() if is_localhost(self._ip) else ""'
+    ),
+    "ray autoscaler metrics": f"ray/autoscaler/v2/monitor.py: {_PROMETHEUS_ANY}",
+    "ray dashboard metrics": f"ray/dashboard/head.py: {_PROMETHEUS_ANY}",
+}
+
+
+def cannot_bind(target: ProbeTarget) -> str | None:
+    """Why ``target`` listens on every interface whatever `up` passes (None: it is bound to
+    the private address or 127.0.0.1, so an open one is a finding to act on)."""
+    return EVERY_INTERFACE.get(target.name)
 
 
 @dataclass(frozen=True)
@@ -91,6 +135,8 @@ def exposure_targets(state: ClusterState) -> list[ProbeTarget]:
             value = recorded.get(field)
             if value:
                 ports.append((int(value), label, "ray"))
+        if index == 0 and recorded:  # Ray runs on the head: its fixed metrics ports too
+            ports.extend((port, label, "ray") for port, label in RAY_HEAD_FIXED_PORTS)
         seen: set[int] = set()
         for port, label, kind in ports:
             if port in seen:
@@ -170,34 +216,64 @@ def closing_rule(target: ProbeTarget, cluster_ips: list[str]) -> str:
     return f"on {target.node}: {firewall}"
 
 
-def exposure_report(findings: list[PortFinding], cluster_ips: list[str]) -> list[str]:
+def exposure_report(
+    findings: list[PortFinding],
+    cluster_ips: list[str],
+    worker_ranges: Sequence[tuple[str, int, int]] = (),
+) -> list[str]:
     """Lines for a person (pure): one per open (or unreachable-by-error) port with the rule
-    that closes it, or one line saying nothing is exposed."""
+    that closes it (marked when Ray binds that port to every interface), or one line saying
+    nothing is exposed; then the rule for each node's unprobed worker port range."""
     open_ = [f for f in findings if f.state == "open"]
     if not findings:
         return ["exposure: nothing to probe (no public address or no ports on record)"]
     closed = sum(1 for f in findings if f.state in ("closed", "filtered"))
+    unbindable = sum(1 for f in open_ if cannot_bind(f.target))
     lines: list[str] = []
     if not open_:
         lines.append(
             f"exposure: none of {len(findings)} port(s) answers on the nodes' public addresses"
         )
     else:
+        expected = (
+            f"; {unbindable} of them Ray binds to every interface, only a firewall closes those"
+            if unbindable
+            else ""
+        )
         lines.append(
             f"exposure: {len(open_)} of {len(findings)} port(s) answer on the nodes' public "
-            f"addresses ({closed} closed or filtered); to close them (nftables, once per node: "
-            f"{NFT_SETUP}):"
+            f"addresses ({closed} closed or filtered{expected}); to close them (nftables, once "
+            f"per node: {NFT_SETUP}):"
         )
         for finding in open_:
             t = finding.target
+            why = " (Ray binds it to every interface)" if cannot_bind(t) else ""
             lines.append(
-                f"  OPEN {t.node} {t.host}:{t.port} ({t.name}): {closing_rule(t, cluster_ips)}"
+                f"  OPEN {t.node} {t.host}:{t.port} ({t.name}){why}: {closing_rule(t, cluster_ips)}"
             )
     for finding in findings:
         if finding.state == "unreachable":
             t = finding.target
             lines.append(f"  unknown {t.node} {t.host}:{t.port} ({t.name}): {finding.detail}")
+    allowed = ", ".join(sorted(set(cluster_ips))) or "<node ips>"
+    for node, lo, hi in worker_ranges:
+        lines.append(
+            f"  not probed: {node} Ray worker ports {lo}-{hi} (Ray binds them to every "
+            f"interface): on {node}: nft add rule {NFT_TABLE} input ip saddr != {{ {allowed} }} "
+            f"tcp dport {lo}-{hi} drop"
+        )
     return lines
+
+
+def worker_ranges(state: ClusterState) -> list[tuple[str, int, int]]:
+    """Each node's recorded Ray worker port range, (node, first, last); the probe skips them."""
+    ranges = []
+    for node in state.nodes:
+        ports = state.ray.node(node.name).ports
+        lo, hi = ports.get("min_worker"), ports.get("max_worker")
+        if lo and hi:
+            ranges.append((node.name, int(lo), int(hi)))
+    return ranges
 
 
 def probe_cluster(
@@ -205,6 +281,19 @@ def probe_cluster(
 ) -> tuple[list[PortFinding], list[str]]:
     """Probe every recorded port of ``state`` from here (the controller); the findings and
     the report's lines."""
-    findings = probe_ports(exposure_targets(state), timeout=timeout)
+    targets = exposure_targets(state)
+    findings = probe_ports(targets, timeout=timeout)
     ips = [n.private_ip for n in state.nodes if n.private_ip]
-    return findings, exposure_report(findings, ips)
+    probed = {t.node for t in targets}
+    ranges = [r for r in worker_ranges(state) if r[0] in probed]
+    return findings, exposure_report(findings, ips, ranges)
+
+
+def exposure_warnings(state: ClusterState, *, timeout: float = PROBE_TIMEOUT_S) -> list[str]:
+    """Preflight's exposure check: probe what of ``state`` already listens (a running cluster,
+    a second `up`; on a first `up` nothing does yet) and return the report's lines when a
+    port answers on a public address, else nothing. Never raises for what it finds."""
+    findings, lines = probe_cluster(state, timeout=timeout)
+    if not any(f.state == "open" for f in findings):
+        return []
+    return [line.strip() for line in lines]

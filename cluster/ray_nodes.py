@@ -26,7 +26,9 @@ PASSTHROUGH_ENV = (
     "VLLM_HOST_IP",
     "VLLM_CPU_KVCACHE_SPACE",
 )
-"""Variables the Ray daemons (and so every worker they spawn) must carry; preflight sets them."""
+"""Variables the Ray daemons (and so every worker they spawn) must carry; preflight sets them.
+They also keep vLLM's transports on the private network: Gloo and NCCL bind the named interface,
+vLLM's ZeroMQ sockets ``VLLM_HOST_IP`` (what Ray and torch cannot bind: docs/SECURITY.md)."""
 
 # Unix sockets live under <temp-dir>/session_<date>_<pid>/sockets/<name>.<n>: about 70 bytes
 # after the temp dir, of the kernel's 107.

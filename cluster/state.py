@@ -264,6 +264,9 @@ class ServerSection(BaseModel):
     endpoint: str | None = Field(default=None, description="OpenAI base URL (on the head).")
     tp: int | None = Field(default=None, description="Tensor parallel size served.")
     pp: int | None = Field(default=None, description="Pipeline parallel size served.")
+    replicas: int = Field(
+        default=1, description="Engines (tp × pp each) behind the endpoint (HAProxy above 1)."
+    )
     served_name: str | None = Field(default=None, description="The main name clients send.")
     aliases: list[str] = Field(default_factory=list, description="Further names it answers to.")
     remote_api_key_file: str | None = Field(default=None, description="API key file on the head.")

@@ -474,11 +474,16 @@ def open_source(
 
         port = _free_port()
         head = RecordedCluster(state).inventory.head
+        # Not through the cluster's multiplexed master: a mux client with -N hands the forward
+        # to the master and exits at once, so the port would outlive `top` and `top` would see
+        # its ssh gone. A connection of its own lives and dies with this forward.
         argv = ssh_argv(
             head,
-            ssh_config_of(state),
+            ssh_config_of(state, multiplex=False),
             extra_args=[
                 "-N",
+                "-o",
+                "ControlPath=none",
                 "-o",
                 "ExitOnForwardFailure=yes",
                 "-L",

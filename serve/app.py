@@ -1,4 +1,4 @@
-"""The Ray Serve application: one replica on the head owning a tp×pp vLLM engine, and its lifecycle."""
+"""The Ray Serve application: replicas each owning a tp×pp vLLM engine, and their lifecycle."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,7 +16,14 @@ from ray import serve
 
 from cluster.errors import ConfigError, NotReadyError
 from serve.api import BodyLimits, Gateway, ServerState, install_http_limits, key_digest
-from serve.config import ServeConfig, check_device_slots, cluster_slots, placement_bundles
+from serve.balancer import HAPROXY_ENV
+from serve.config import (
+    DEVICE_RESOURCE,
+    ServeConfig,
+    check_device_slots,
+    cluster_slots,
+    placement_bundles,
+)
 from serve.keystore import (
     KEY_POLL_INTERVAL_S,
     forget_key_digests,
@@ -33,11 +41,17 @@ DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 PORT_MIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
 PORT_MAX_ENV = "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"
 # Serve holds a dead replica's port back this long (150 s by default) so that HAProxy workers
-# drop it first. There is no HAProxy here and the endpoint has exactly one port: a replacement
-# replica would wait that long before it could listen.
+# drop it first. With one replica there is no HAProxy and the endpoint has exactly one port: a
+# replacement replica would wait that long before it could listen. With several, the ports are
+# this app's own range, so a reused port still leads to a replica of the same app.
 PORT_QUARANTINE_ENV = "RAY_SERVE_PORT_QUARANTINE_S"
+USER_THREAD_ENV = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+ACCESS_LOG_BUFFER_ENV = "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE"
 APP_ENV = "LLAMACLUSTER_APP"
 MEDIA_REDIRECTS_ENV = "VLLM_MEDIA_URL_ALLOW_REDIRECTS"
+# Which bundles of the replica's placement group vLLM's Ray executor puts its workers in (a
+# smaller layout on the live nodes while a node is lost); unset: the first tp × pp device ones.
+BUNDLE_INDICES_ENV = "VLLM_RAY_BUNDLE_INDICES"
 # Serve keeps a stopping direct-ingress replica listening this long even when it has no request,
 # so that an external load balancer can deregister it first. Nothing sits in front of our one
 # replica, so it stops as soon as its running requests finish (bounded by --drain-timeout).
@@ -63,8 +77,9 @@ def _stored_key_digests(app_name: str) -> list[bytes] | None:
 class VllmSession:
     """One vLLM engine (AsyncLLM with its tp × pp Ray workers) and vLLM's OpenAI app on it."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, bundle_indices: list[int] | None = None) -> None:
         self.config = config
+        self.bundle_indices = bundle_indices
         self.app: Any = None
         self.engine: Any = None
         self._stack = contextlib.AsyncExitStack()
@@ -76,6 +91,11 @@ class VllmSession:
         try:
             vllm_glue.check_vllm_version()
             args = vllm_glue.parse_vllm_args(self.config)
+            # The engine core process (started next) inherits it.
+            if self.bundle_indices is None:
+                os.environ.pop(BUNDLE_INDICES_ENV, None)
+            else:
+                os.environ[BUNDLE_INDICES_ENV] = ",".join(map(str, self.bundle_indices))
             engine = await self._stack.enter_async_context(vllm_glue.engine_client(args))
             self.engine = engine
             vllm_glue.on_engine_output(engine, self._saw_output)
@@ -133,10 +153,13 @@ class LlamaclusterServer:
         api_key_digests: list[bytes],
         admin_key_digests: list[bytes] | None = None,
     ) -> None:
+        from serve.placement import ReplicaLayouts, wait_for_own_placement
+        from serve.reuse_address import listen_with_reuse_address
         from serve.watchdog import RestartPolicy, Supervisor, history_from_json
 
         self.config = config
         # Before Serve starts this replica's HTTP server (after the constructor).
+        listen_with_reuse_address()
         install_http_limits(
             header_timeout_s=config.header_timeout_s, max_connections=config.max_connections
         )
@@ -172,6 +195,16 @@ class LlamaclusterServer:
             end_in_flight=self.gateway.end_in_flight,
             history=history_from_json(_load_history(config.app_name)),
             on_history=lambda items: _store_history(config.app_name, items),
+            wait_for_placement=wait_for_own_placement,
+            degraded=None
+            if config.degraded_layout is None
+            else ReplicaLayouts(
+                *config.degraded_layout,
+                device_key=DEVICE_RESOURCE,
+                open_session=lambda tp, pp, bundles: VllmSession(
+                    config.model_copy(update={"tp": tp, "pp": pp}), bundles
+                ).open(),
+            ),
         )
 
     @property
@@ -190,6 +223,11 @@ class LlamaclusterServer:
                     lambda: load_key_digests(app_name), interval_s=KEY_POLL_INTERVAL_S
                 )
             )
+        if self.config.balanced:
+            from serve.balancer import all_ready_app
+
+            # /ready?all=1 asks every replica; the rest is this replica's own gateway.
+            return all_ready_app(self.gateway, self.config)
         return self.gateway
 
     def unfinished_requests(self) -> int:
@@ -262,7 +300,16 @@ def replica_env(config: ServeConfig) -> dict[str, str]:
         # Media is fetched only from --allowed-media-domains, and a redirect must not lead
         # elsewhere (vLLM follows redirects by default).
         MEDIA_REDIRECTS_ENV: "0",
+        # The gateway and vLLM's engine client run on the replica's own event loop: no hop to a
+        # second loop thread per request and per streamed chunk (Serve's default runs user code
+        # on a separate thread). Serve's per-request access log is written in batches.
+        USER_THREAD_ENV: "0",
+        ACCESS_LOG_BUFFER_ENV: "1000",
     }
+    if config.balanced:
+        # A stopping replica stops accepting at once: HAProxy retries a refused connection on
+        # another replica.
+        env[HAPROXY_ENV] = "1"
     if config.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_space_gb or 4)
     else:
@@ -270,8 +317,19 @@ def replica_env(config: ServeConfig) -> dict[str, str]:
     return env
 
 
-def controller_env(config: ServeConfig) -> dict[str, str]:
-    """Environment of the Serve controller: direct ingress on, endpoint port fixed."""
+def controller_env(config: ServeConfig, balancer_dir: str | None = None) -> dict[str, str]:
+    """Environment of the Serve controller: direct ingress on, endpoint port fixed; with
+    several replicas, HAProxy mode with its files in ``balancer_dir`` (serve/balancer.py)."""
+    if config.balanced:
+        from serve.balancer import balancer_env
+
+        assert balancer_dir is not None, "HAProxy mode needs a private directory"
+        return {
+            DIRECT_INGRESS_ENV: "1",
+            DRAIN_ENV: MIN_DRAINING_PERIOD_S,
+            PORT_QUARANTINE_ENV: "0",
+            **balancer_env(config, balancer_dir),
+        }
     return {
         DIRECT_INGRESS_ENV: "1",
         DRAIN_ENV: MIN_DRAINING_PERIOD_S,
@@ -282,11 +340,11 @@ def controller_env(config: ServeConfig) -> dict[str, str]:
 
 
 def build_application(config: ServeConfig, api_keys: list[str]):
-    """The bound Serve application for one config (one replica, placement group, env)."""
+    """The bound Serve application for one config (its replicas, placement groups, env)."""
     deployment = serve.deployment(
         LlamaclusterServer,
         name="LlamaclusterServer",
-        num_replicas=1,
+        num_replicas=config.num_replicas,
         # Our Gateway answers 429 past config.max_ongoing_requests; Serve must never throttle
         # first (its default of 5 starves an LLM engine).
         max_ongoing_requests=config.max_ongoing_requests + 64,
@@ -355,6 +413,14 @@ def deploy(config: ServeConfig, *, ray_address: str | None = None) -> Endpoint:
         # Before the replica starts: it prefers the published keys to its constructor's.
         publish_key_digests(config.app_name, [key_digest(k) for k in api_keys])
     http_options: dict[str, Any] = {"host": config.host, "port": config.proxy_port}
+    balancer_dir = None
+    if config.balanced:
+        from serve.balancer import private_dir
+
+        # HAProxy listens on the endpoint port (Serve's own proxy, its fallback, on
+        # proxy_port), on the head only.
+        http_options.update(host=_balanced_host(config), port=config.port, location="HeadOnly")
+        balancer_dir = private_dir(config.app_name, config.port)
     if config.tls_certfile is not None and config.tls_keyfile is not None:
         # Serve's direct-ingress replica starts its uvicorn with the controller's HTTP options
         # (its own port swapped in), so the endpoint and the proxy both speak HTTPS.
@@ -362,7 +428,7 @@ def deploy(config: ServeConfig, *, ray_address: str | None = None) -> Endpoint:
         http_options["ssl_keyfile"] = str(config.tls_keyfile)
     serve.start(
         http_options=http_options,
-        controller_options={"runtime_env": {"env_vars": controller_env(config)}},
+        controller_options={"runtime_env": {"env_vars": controller_env(config, balancer_dir)}},
     )
     serve.run(
         build_application(config, api_keys),
@@ -372,7 +438,7 @@ def deploy(config: ServeConfig, *, ray_address: str | None = None) -> Endpoint:
     )
     host = head_address() if config.host in ("0.0.0.0", "::", "") else config.host
     port = config.port
-    actual = _listening_port(config.app_name)
+    actual = None if config.balanced else _listening_port(config.app_name)
     if actual is not None and actual != port:
         # Serve was already running with other options (they apply only when it starts).
         logger.warning(
@@ -389,6 +455,21 @@ def deploy(config: ServeConfig, *, ray_address: str | None = None) -> Endpoint:
         host=host,
         port=port,
     )
+
+
+def _balanced_host(config: ServeConfig) -> str:
+    """The bind address of HAProxy and of every replica (Serve has one for all of them):
+    every interface. HAProxy reaches each replica at the address Serve records for it (on a
+    one-node cluster that can be 127.0.0.1 while the API's address is another one), and a
+    replica on another node cannot bind the head's address anyway."""
+    if config.host not in ("0.0.0.0", "::", ""):
+        logger.warning(
+            "%d replicas: the endpoint and each replica listen on every interface, not only %s "
+            "(API keys still apply; firewall the ports from outside the cluster)",
+            config.num_replicas,
+            config.host,
+        )
+    return "0.0.0.0" if config.host != "::" else "::"
 
 
 def _listening_port(app_name: str) -> int | None:

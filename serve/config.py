@@ -99,6 +99,22 @@ class ServeConfig(BaseModel):
         le=65535,
         description="Port of Ray Serve's own HTTP proxy on the head (unused by clients).",
     )
+    num_replicas: int = Field(
+        json_schema_extra={"flag": "--replicas"},
+        default=1,
+        ge=1,
+        le=64,
+        description="Engines (each a tp × pp placement group) behind the one endpoint; above 1, "
+        "HAProxy in Ray Serve's HAProxy mode listens on `port` and balances over the replicas.",
+    )
+    replica_port_min: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="First port of the replicas' own listeners behind the balancer (they take "
+        "2 × num_replicas + 2 consecutive ports, spares for replacements included; "
+        "num_replicas > 1 only); default: port + 10.",
+    )
     max_ongoing_requests: int = Field(
         default=256,
         ge=1,
@@ -188,6 +204,12 @@ class ServeConfig(BaseModel):
         gt=0,
         description="Longest wait between two restart attempts.",
     )
+    degraded_layout: tuple[int, int] | None = Field(
+        default=None,
+        description="tp and pp to serve with, on the nodes still alive, while a node of the "
+        "full layout is lost (`up --on-node-loss replan` sets it from the planner); the full "
+        "layout comes back with the node. None: wait for the node.",
+    )
     engine_cpus: float = Field(
         default=1.0, gt=0, description="CPUs reserved on the head for the engine process."
     )
@@ -261,6 +283,29 @@ class ServeConfig(BaseModel):
             )
         if self.port == self.proxy_port:
             raise ValueError(f"port and proxy_port are both {self.port}: pick two different ports")
+        if self.degraded_layout is not None:
+            small_tp, small_pp = self.degraded_layout
+            if min(small_tp, small_pp) < 1 or small_tp * small_pp >= self.world_size:
+                raise ValueError(
+                    f"degraded_layout tp={small_tp} x pp={small_pp} must use fewer devices than "
+                    f"the full layout ({self.world_size}), each at least 1: pick a smaller one "
+                    "or drop it"
+                )
+        if self.num_replicas > 1 and self.tls_certfile is not None:
+            raise ValueError(
+                "TLS with several replicas is not supported yet (the balancer speaks plain "
+                "HTTP): serve one replica over TLS, or several without --tls"
+            )
+        if self.num_replicas > 1:
+            first, last = self.replica_ports[0], self.replica_ports[-1]
+            ports = [self.port, self.proxy_port, *balancer_side_ports(self), *self.replica_ports]
+            if len(set(ports)) != len(ports) or max(ports) > 65535:
+                stats, metrics = balancer_side_ports(self)
+                raise ValueError(
+                    f"ports overlap or pass 65535: endpoint {self.port}, proxy {self.proxy_port}, "
+                    f"balancer statistics {stats} and metrics {metrics}, replicas {first}-{last}: "
+                    "pick another replica_port_min or proxy_port"
+                )
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError(
                 "TLS needs both a certificate and its key: pass --tls-cert and --tls-key"
@@ -300,6 +345,19 @@ class ServeConfig(BaseModel):
     def world_size(self) -> int:
         """Number of vLLM workers (devices) the engine needs: tp × pp."""
         return self.tp * self.pp
+
+    @property
+    def balanced(self) -> bool:
+        """Several replicas behind HAProxy (else one replica listens on ``port`` itself)."""
+        return self.num_replicas > 1
+
+    @property
+    def replica_ports(self) -> list[int]:
+        """The replicas' own ports behind the balancer: 2N + 2 of them, so that each replacement
+        can start while the replica it replaces still holds its port, and two can be found
+        taken by other processes (Serve then blocks them and takes the next)."""
+        first = self.replica_port_min or self.port + 10
+        return list(range(first, first + 2 * self.num_replicas + 2))
 
     def resolved_api_keys(self) -> list[str]:
         """All accepted keys: flags, then the key file, then $LLAMACLUSTER_API_KEY."""
@@ -366,14 +424,24 @@ def check_downloaded_model(config: ServeConfig) -> None:
         )
 
 
-def placement_bundles(config: ServeConfig) -> list[dict[str, float]]:
-    """The replica's placement group: engine bundle on the head, then one bundle per worker.
+def balancer_side_ports(config: ServeConfig) -> tuple[int, int]:
+    """HAProxy's statistics page and Prometheus exporter ports (Ray's HAProxy mode always
+    opens both, on every interface): ``port`` + 3 and + 4."""
+    return (config.port + 3, config.port + 4)
 
-    Bundle 0 holds the replica (the engine and the HTTP endpoint) and is pinned to the head by
-    HEAD_RESOURCE; vLLM's Ray executor takes the bundles holding DEVICE_RESOURCE for its tp×pp
-    workers. Used with strategy PACK, so workers fill the head first and spill to other nodes.
+
+def placement_bundles(config: ServeConfig) -> list[dict[str, float]]:
+    """A replica's placement group: engine bundle, then one bundle per worker.
+
+    Bundle 0 holds the replica (the engine and its HTTP listener); vLLM's Ray executor takes
+    the bundles holding DEVICE_RESOURCE for its tp×pp workers. Used with strategy PACK, so a
+    replica's workers sit beside it where they fit. One replica is the endpoint itself and is
+    pinned to the head by HEAD_RESOURCE; several sit behind the head's HAProxy and go wherever
+    their group fits, so replicas spread over the nodes.
     """
-    engine = {"CPU": float(config.engine_cpus), HEAD_RESOURCE: HEAD_RESOURCE_SHARE}
+    engine = {"CPU": float(config.engine_cpus)}
+    if not config.balanced:
+        engine[HEAD_RESOURCE] = HEAD_RESOURCE_SHARE
     return [engine] + [{DEVICE_RESOURCE: 1.0} for _ in range(config.world_size)]
 
 
@@ -388,13 +456,16 @@ class NodeSlots:
 
 
 def check_device_slots(nodes: list[NodeSlots], config: ServeConfig) -> None:
-    """Raise NotReadyError unless the cluster has a head and tp×pp free device slots.
+    """Raise NotReadyError unless the cluster has a head and tp×pp free device slots per
+    replica.
 
     The message says how many slots are missing and what every node offers, so the fix
     (more nodes, a larger --num-gpus, stopping another app) is obvious.
     """
-    needed = config.world_size
+    needed = config.world_size * config.num_replicas
     layout = f"tp={config.tp} × pp={config.pp}"
+    if config.balanced:
+        layout = f"{config.num_replicas} replicas of {layout}"
     per_node = ", ".join(
         f"{n.address}{' (head)' if n.is_head else ''}: {n.device_free:g} free of {n.device_total:g}"
         for n in nodes

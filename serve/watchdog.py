@@ -14,9 +14,15 @@ Faults, each recorded with its cause:
 
 On a fault the supervisor ends every request in flight (503 / an SSE error event), tears the
 whole engine down (engine core, all of its Ray workers) and builds a fresh one in the same
-replica and placement group, with capped exponential backoff between attempts. When the attempts
-run out it gives up; `health_problem()` then makes Ray Serve's health check fail, and Serve
-replaces the replica (a new process and a new placement group).
+replica and placement group, with capped exponential backoff between attempts. Before each
+attempt it waits, without counting an attempt, until every bundle of the placement group is on a
+live node (a lost node coming back). When the attempts run out it gives up; `health_problem()`
+then makes Ray Serve's health check fail, and Serve replaces the replica (a new process and a
+new placement group).
+
+With degraded serving on (``--on-node-loss replan``), a node that is not back within
+``replan_after_s`` makes the restart start a smaller layout on the live bundles; once every
+bundle is live again, a planned restart (``node_returned``) moves back to the full layout.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ T = TypeVar("T")
 ENGINE_DEAD = "engine_dead"
 STALL = "stall"
 PROBE_FAILING = "probe_failing"
+# Not a fault: the lost node is back, so a degraded engine moves back to the full layout.
+NODE_RETURNED = "node_returned"
 
 # Consecutive probe errors that count as a fault.
 PROBE_ERRORS_TO_RESTART = 3
@@ -55,6 +63,16 @@ HISTORY_LIMIT = 50
 # How long a cancelled probe (or a timed-out probe / teardown) gets to unwind before the
 # supervisor goes on without waiting for it.
 UNWIND_TIMEOUT_S = 5.0
+# How long a restart waits for its placement group's bundles to be on live nodes (a lost node
+# coming back); past it the replica hands over to Ray Serve, whose new replica brings a new
+# placement group (Ray can leave a group stuck rescheduling on a returned node: see
+# docs/RELIABILITY.md).
+PLACEMENT_WAIT_S = 120.0
+# With degraded serving on: how long a restart waits for a lost node before it serves with the
+# smaller layout (a node whose Ray crashed is usually back well within this), and how often a
+# degraded engine checks whether the node is back.
+REPLAN_AFTER_S = 30.0
+RESTORE_CHECK_S = 10.0
 
 
 def restart_delay(attempt: int, base_s: float, cap_s: float) -> float:
@@ -112,6 +130,9 @@ class RestartPolicy:
     probe_errors: int = PROBE_ERRORS_TO_RESTART
     poll_s: float = 0.5
     stable_after_s: float = STABLE_AFTER_S
+    placement_wait_s: float = PLACEMENT_WAIT_S
+    replan_after_s: float = REPLAN_AFTER_S
+    restore_check_s: float = RESTORE_CHECK_S
 
     @property
     def stale_probe_limit_s(self) -> float:
@@ -124,6 +145,22 @@ class RestartPolicy:
             + 10 * self.poll_s
             + 30.0
         )
+
+
+# wait_for_placement(timeout_s, on_wait): until the engine's placement is usable again; None
+# when it is, else why not (after timeout_s). on_wait gets each reason while it waits.
+PlacementWait = Callable[[float, Callable[[str], None]], Awaitable[str | None]]
+
+
+class DegradedLayouts(Protocol):
+    """Serving on fewer nodes while one is lost (``--on-node-loss replan``)."""
+
+    async def plan(self) -> tuple[str, Callable[[], Awaitable[EngineSession]]] | None:
+        """The smaller layout that fits the live nodes (its description, how to start it), or
+        None when there is none (the model does not fit, or the live bundles cannot hold it)."""
+
+    async def all_back(self) -> bool:
+        """Is every bundle of the full layout on a live node again?"""
 
 
 class EngineSession(Protocol):
@@ -159,6 +196,7 @@ class RestartRecord:
     outcome: str = "restarting"
     error: str | None = None
     down_s: float | None = None  # from the fault to the first good probe (recovered)
+    layout: str | None = None  # the smaller layout this attempt started, None: the full one
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -191,6 +229,9 @@ class Supervisor:
     end_in_flight: Callable[[str], int]
     history: list[RestartRecord] = field(default_factory=list)
     on_history: Callable[[list[dict[str, Any]]], None] | None = None
+    wait_for_placement: PlacementWait | None = None
+    degraded: DegradedLayouts | None = None
+    layout: str | None = None  # the smaller layout being served, None: the full one
     clock: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
     session: EngineSession | None = None
@@ -200,6 +241,7 @@ class Supervisor:
     _ready_since: float | None = None
     _pending: RestartRecord | None = None
     _pending_fault: _Fault | None = None
+    _restore_fault: str | None = None
     _task: asyncio.Task | None = None
 
     def __post_init__(self) -> None:
@@ -287,6 +329,12 @@ class Supervisor:
         detector = StallDetector(self.policy.stall_timeout_s, self.policy.first_output_grace_s)
         stop = asyncio.Event()
         probe = asyncio.create_task(self._probe_loop(session, stop))
+        self._restore_fault = None
+        restore = (
+            asyncio.create_task(self._restore_loop(stop))
+            if self.layout is not None and self.degraded is not None
+            else None
+        )
         try:
             while True:
                 await asyncio.sleep(self.policy.poll_s)
@@ -298,6 +346,8 @@ class Supervisor:
                     return self._fault(STALL, stall)
                 if self._probe_fault is not None:
                     return self._fault(PROBE_FAILING, self._probe_fault)
+                if self._restore_fault is not None:
+                    return self._fault(NODE_RETURNED, self._restore_fault)
                 if (
                     self.attempt
                     and self._ready_since is not None
@@ -315,6 +365,9 @@ class Supervisor:
             stop.set()
             probe.cancel()
             await _settle(probe, UNWIND_TIMEOUT_S, "the readiness probe")
+            if restore is not None:
+                restore.cancel()
+                await _settle(restore, UNWIND_TIMEOUT_S, "the check for the lost node")
 
     def _fault(self, cause: str, detail: str) -> _Fault:
         logger.error("engine fault (%s): %s", cause, detail)
@@ -355,6 +408,25 @@ class Supervisor:
                 self._probe_ok()
             await asyncio.sleep(policy.probe_interval_s)
 
+    async def _restore_loop(self, stop: asyncio.Event) -> None:
+        """While serving with a smaller layout: every ``restore_check_s``, is the lost node
+        back? Then ask for the move back to the full layout (``_watch`` acts on it)."""
+        assert self.degraded is not None
+        while not stop.is_set():
+            await asyncio.sleep(self.policy.restore_check_s)
+            try:
+                back = await self.degraded.all_back()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("could not check whether the lost node is back", exc_info=True)
+                continue
+            if back and not stop.is_set():
+                self._restore_fault = (
+                    f"every node of the full layout is back: moving from {self.layout} to it"
+                )
+                return
+
     def _probe_ok(self) -> None:
         now = self.clock()
         self.state.last_probe_ok = now
@@ -385,6 +457,8 @@ class Supervisor:
             self._pending.error = f"{fault.cause}: {fault.detail}"
             self._pending = None
         self._pending_fault = fault
+        if fault.cause == NODE_RETURNED:
+            self.attempt = 0  # a planned move back, not a failure
         ENGINE_RESTARTS.labels(cause=fault.cause).inc()
         self.state.app = None
         self.state.engine_error = lambda: None
@@ -403,31 +477,29 @@ class Supervisor:
             self.state.attempt = self.attempt
             if self.attempt > self.policy.max_attempts:
                 self.attempt = self.policy.max_attempts
-                self.state.attempt = self.attempt
-                self.state.detail = (
-                    f"gave up after {self.policy.max_attempts} restart attempt(s); "
-                    f"last fault {fault.cause}: {fault.detail}"
+                self._give_up(
+                    fault,
+                    f"gave up after {self.policy.max_attempts} restart attempt(s)",
+                    "restarts exhausted",
                 )
-                self.state.set_phase("failed", now=self.clock(), wall=self.wall())
-                self._record(
-                    RestartRecord(
-                        fault.cause,
-                        fault.detail,
-                        self.wall(),
-                        self.policy.max_attempts,
-                        outcome="gave_up",
-                        error="restarts exhausted: Ray Serve replaces the replica",
-                    )
-                )
-                logger.error("%s; Ray Serve will replace the replica", self.state.detail)
-                self._pending_fault = None
                 return None
             delay = restart_delay(self.attempt, self.policy.backoff_s, self.policy.backoff_max_s)
             self.state.next_attempt_wall = self.wall() + delay
             if delay:
                 logger.warning("restart attempt %d in %.0fs", self.attempt, delay)
                 await asyncio.sleep(delay)
+            planned = await self._placement_and_layout(fault)
+            if planned is None:
+                self._give_up(
+                    fault,
+                    "the placement group did not get every bundle on a live node within "
+                    f"{self.policy.placement_wait_s:g}s",
+                    "placement group not whole: a new one comes with the new replica",
+                )
+                return None
+            start, layout = planned
             record = RestartRecord(fault.cause, fault.detail, self.wall(), self.attempt)
+            record.layout = layout
             self._record(record)
             logger.warning(
                 "restarting the engine, attempt %d of %d (%s)",
@@ -436,7 +508,7 @@ class Supervisor:
                 fault.cause,
             )
             try:
-                new = await self.start()
+                new = await start()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -448,7 +520,94 @@ class Supervisor:
                 continue
             self._pending = record
             self.state.next_attempt_wall = None
+            self.layout = layout
+            if layout is not None:
+                self.state.detail = (
+                    f"{fault.detail}; serving with the smaller layout {layout} until the lost "
+                    "node is back"
+                )
             return new
+
+    def _give_up(self, fault: _Fault, why: str, error: str) -> None:
+        """Phase failed: ``check_health`` fails, and Ray Serve replaces the replica (a new
+        process and a new placement group)."""
+        self.state.attempt = self.attempt
+        self.state.detail = f"{why}; last fault {fault.cause}: {fault.detail}"
+        self.state.set_phase("failed", now=self.clock(), wall=self.wall())
+        self._record(
+            RestartRecord(
+                fault.cause,
+                fault.detail,
+                self.wall(),
+                self.attempt,
+                outcome="gave_up",
+                error=f"{error}: Ray Serve replaces the replica",
+            )
+        )
+        logger.error("%s; Ray Serve will replace the replica", self.state.detail)
+        self._pending_fault = None
+
+    async def _placement_and_layout(
+        self, fault: _Fault
+    ) -> tuple[Callable[[], Awaitable[EngineSession]], str | None] | None:
+        """Wait for the placement group; how to start the engine and the smaller layout it
+        uses (None: the full one), or None when the placement group did not get whole within
+        ``placement_wait_s`` (a new replica brings a new one). With degraded serving, a node
+        that is not back within ``replan_after_s`` makes the engine start with the smaller
+        layout, if one fits."""
+        policy = self.policy
+        if self.degraded is None:
+            if not await self._await_placement(fault, policy.placement_wait_s):
+                return None
+            return self.start, None
+        if await self._await_placement(fault, policy.replan_after_s):
+            return self.start, None
+        try:
+            planned = await self.degraded.plan()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("could not plan a smaller layout; waiting for the lost node")
+            planned = None
+        if planned is not None:
+            layout, start = planned
+            logger.warning("a node is lost: serving with the smaller layout %s", layout)
+            return start, layout
+        logger.warning("no smaller layout fits the live nodes: waiting for the lost node")
+        if not await self._await_placement(
+            fault, max(0.0, policy.placement_wait_s - policy.replan_after_s)
+        ):
+            return None
+        return self.start, None
+
+    async def _await_placement(self, fault: _Fault, timeout_s: float) -> bool:
+        """Before an attempt: wait (not counted as an attempt) until the placement group's
+        bundles sit on live nodes, saying which node it waits for in the restart's detail.
+        False when they did not within ``timeout_s``."""
+        if self.wait_for_placement is None:
+            return True
+        seen: list[str] = []
+
+        def waiting(reason: str) -> None:
+            self.state.detail = f"{fault.detail}; {reason}"
+            if not seen or seen[-1] != reason:
+                logger.warning("restart attempt %d is %s", self.attempt, reason)
+                seen.append(reason)
+
+        try:
+            left = await self.wait_for_placement(timeout_s, waiting)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the check itself broke: the attempt shows whether the group is whole
+            logger.exception("could not check the placement group; restarting anyway")
+            left = None
+        self.state.detail = fault.detail
+        if left is not None:
+            logger.warning("placement still not usable after %.0fs: %s", timeout_s, left)
+            return False
+        if seen:
+            logger.info("every bundle of the placement group is on a live node again")
+        return True
 
     async def _close(self, session: EngineSession) -> None:
         try:
@@ -491,6 +650,7 @@ def history_from_json(items: Any) -> list[RestartRecord]:
                     ),
                     error=item.get("error"),
                     down_s=item.get("down_s"),
+                    layout=item.get("layout"),
                 )
             )
     return records[-HISTORY_LIMIT:]

@@ -20,6 +20,7 @@ from cluster.bench.config import (
     parse_slo,
     read_key_file,
 )
+from cluster.endpoint import client_ssl_context
 from cluster.errors import ConfigError, validation_error
 
 NO_BASE_URL_HINT = (
@@ -55,12 +56,16 @@ def build_config(
     slo: str | None,
     cost_per_hour: float | None,
     seed: int,
+    ca_cert: Path | None = None,
 ) -> BenchConfig:
-    """A validated BenchConfig from command-line values; ConfigError says which flag is wrong."""
+    """A validated BenchConfig from command-line values; ConfigError says which flag is wrong.
+    ``ca_cert`` (--ca-cert) is trusted for every endpoint that names no ``ca-cert=`` itself."""
     key = read_key_file(api_key_file) if api_key_file else (api_key or default_api_key())
-    eps = [parse_endpoint(text, default_key=key) for text in endpoints]
+    if ca_cert is not None:
+        client_ssl_context(ca_cert)  # a bad file: one line naming the flag
+    eps = [parse_endpoint(text, default_key=key, default_ca=ca_cert) for text in endpoints]
     if base_url:
-        eps.insert(0, parse_endpoint(f"main={base_url}", default_key=key))
+        eps.insert(0, parse_endpoint(f"main={base_url}", default_key=key, default_ca=ca_cert))
     if not eps:
         raise ConfigError("no endpoint to benchmark", hint=NO_BASE_URL_HINT)
     if model:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import ssl
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +29,22 @@ class Endpoint(BaseModel):
         default=None,
         description="Model name sent in requests; None asks the endpoint's /v1/models.",
     )
+    ca_cert: Path | None = Field(
+        default=None,
+        description="PEM certificate an https:// endpoint is trusted by, beside the system's "
+        "authorities (e.g. a cluster's self-signed api.crt); None: those alone.",
+    )
+
+    @field_validator("ca_cert")
+    @classmethod
+    def _loadable_ca(cls, value: Path | None) -> Path | None:
+        from cluster.endpoint import client_ssl_context
+
+        try:
+            client_ssl_context(value)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        return value
 
     @field_validator("base_url")
     @classmethod
@@ -41,6 +58,21 @@ class Endpoint(BaseModel):
         if not value.endswith("/v1"):
             value = value + "/v1"
         return value
+
+
+def tls_context(endpoints: list[Endpoint]) -> ssl.SSLContext | bool:
+    """What the benchmark's HTTP client verifies servers with: the system's authorities
+    (``True``), plus every endpoint's ``ca_cert`` when one names a certificate."""
+    from cluster.endpoint import client_ssl_context
+
+    files = [ep.ca_cert for ep in endpoints if ep.ca_cert is not None]
+    if not files:
+        return True
+    context = client_ssl_context(files[0])
+    assert context is not None
+    for path in files[1:]:
+        context.load_verify_locations(cafile=str(path))
+    return context
 
 
 class Slo(BaseModel):
@@ -293,14 +325,18 @@ def read_key_file(path: str | Path) -> str:
     return read_api_key(path)
 
 
-def parse_endpoint(text: str, *, default_key: str | None = None) -> Endpoint:
-    """'name=URL[,key=K][,key-file=F][,model=M]' → Endpoint (bare URL: name from host)."""
+def parse_endpoint(
+    text: str, *, default_key: str | None = None, default_ca: Path | None = None
+) -> Endpoint:
+    """'name=URL[,key=K][,key-file=F][,model=M][,ca-cert=F]' → Endpoint (bare URL: name from
+    host); ``default_ca`` is the certificate of endpoints that name none."""
     name, sep, rest = text.partition("=")
     if not sep or name.startswith("http"):
         name, rest = "", text
     url, *opts = rest.split(",")
     key: str | None = default_key
     model: str | None = None
+    ca: Path | None = default_ca
     for opt in opts:
         k, sep, v = opt.partition("=")
         k = k.strip().lower()
@@ -315,14 +351,17 @@ def parse_endpoint(text: str, *, default_key: str | None = None) -> Endpoint:
             key = read_key_file(v)
         elif k == "model":
             model = v
+        elif k in ("ca-cert", "ca_cert"):
+            ca = Path(v)
         else:
             raise ConfigError(
-                f"unknown endpoint option {k!r} in {text!r}", hint="known: key, key-file, model"
+                f"unknown endpoint option {k!r} in {text!r}",
+                hint="known: key, key-file, model, ca-cert",
             )
     if not name:
         name = re.sub(r"^https?://", "", url).split("/")[0]
     try:
-        return Endpoint(name=name, base_url=url, api_key=key, model=model)
+        return Endpoint(name=name, base_url=url, api_key=key, model=model, ca_cert=ca)
     except ValueError as exc:
         raise ConfigError(f"bad endpoint {text!r}: {_first_error(exc)}") from None
 

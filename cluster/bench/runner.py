@@ -18,7 +18,7 @@ import aiohttp
 
 from cluster import __version__
 from cluster.bench.client import RequestRecord, send_request
-from cluster.bench.config import BenchConfig, Endpoint, LoadPoint
+from cluster.bench.config import BenchConfig, Endpoint, LoadPoint, tls_context
 from cluster.bench.metrics import PointMetrics, aggregate, ratios
 from cluster.bench.tokenizer import LocalTokenizer, find_tokenizer
 from cluster.bench.workload import BenchRequest, Workload, load_workload
@@ -191,7 +191,9 @@ async def run_benchmark_async(
         "aiohttp": aiohttp.__version__,
         "tokenizer": str(tokenizer.path) if tokenizer else None,
     }
-    connector = aiohttp.TCPConnector(limit=max_conc + 8, ttl_dns_cache=300)
+    connector = aiohttp.TCPConnector(
+        limit=max_conc + 8, ttl_dns_cache=300, ssl=tls_context(config.endpoints)
+    )
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, trust_env=False, raise_for_status=False
     ) as client:

@@ -71,11 +71,16 @@ def make_client(target: ApiTarget, *, timeout_s: float = 600.0):
     """An official ``openai`` client for the target (no retries: a person is waiting)."""
     import openai
 
+    from cluster.endpoint import client_ssl_context
+
+    context = client_ssl_context(target.ca_cert)
     return openai.OpenAI(
         base_url=target.base_url,
         api_key=target.api_key or "none",
         timeout=timeout_s,
         max_retries=0,
+        # A certificate to trust (--ca-cert, a cluster's own): openai's client, that context.
+        http_client=openai.DefaultHttpxClient(verify=context) if context else None,
     )
 
 

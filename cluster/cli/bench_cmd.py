@@ -12,6 +12,7 @@ from cluster.cli.options import (
     api_key_file_option,
     api_key_option,
     base_url_option,
+    ca_cert_option,
     model_option,
     name_option,
 )
@@ -28,9 +29,10 @@ def bench(
     endpoint: list[str] = typer.Option(
         [],
         "--endpoint",
-        help="Compare mode, repeatable: NAME=URL[,key=K][,key-file=F][,model=M]. "
+        help="Compare mode, repeatable: NAME=URL[,key=K][,key-file=F][,model=M][,ca-cert=F]. "
         "The first is the baseline of the ratios.",
     ),
+    ca_cert: Path | None = ca_cert_option(),
     api: str = typer.Option("chat", "--api", help="chat or completions."),
     dataset: str = typer.Option(
         "random", "--dataset", help="random, prompts (bundled set), jsonl or sharegpt."
@@ -114,6 +116,12 @@ def bench(
         name, net_counters=net_counters, base_url=base_url, model=model, api_key=api_key,
         api_key_file=api_key_file, endpoints=endpoint,
     )  # fmt: skip
+    if name and ca_cert is None and not endpoint and base_url:
+        from cluster.endpoint import target_of_cluster
+
+        target = target_of_cluster(name)
+        if target.base_url == base_url:  # the cluster's own endpoint: its own certificate
+            ca_cert = target.ca_cert
     from cluster.series import cluster_series
 
     # The cluster's own series over the run (its monitor's Prometheus), beside the client's.
@@ -145,6 +153,7 @@ def bench(
         slo=slo,
         cost_per_hour=cost_per_hour,
         seed=seed,
+        ca_cert=ca_cert,
     )
     console = table_console()
     err = Console(stderr=True)

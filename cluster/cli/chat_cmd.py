@@ -12,6 +12,7 @@ from cluster.cli.options import (
     api_key_file_option,
     api_key_option,
     base_url_option,
+    ca_cert_option,
     model_option,
     name_option,
 )
@@ -27,6 +28,7 @@ def chat(
     model_dir: Path | None = typer.Option(
         None, "--model-dir", help="Local model directory (tokenizer files) for --eos-bias."
     ),
+    ca_cert: Path | None = ca_cert_option(),
     system: str | None = typer.Option(None, "--system", help="System prompt."),
     prompt: str | None = typer.Option(
         None, "--prompt", "-p", help="Answer this one prompt and exit (answer on stdout)."
@@ -54,6 +56,7 @@ def chat(
         api_key_file=api_key_file,
         model=model,
         model_dir=model_dir,
+        ca_cert=ca_cert,
     )
     settings = ChatSettings(
         target=target,

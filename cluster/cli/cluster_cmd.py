@@ -34,6 +34,7 @@ def up(
     served_model_name: list[str] = _opt("served_model_name"),
     tp: int | None = _opt("tp", "--tensor-parallel-size", "-tp"),
     pp: int | None = _opt("pp", "--pipeline-parallel-size", "-pp"),
+    replicas: int = _opt("num_replicas"),
     max_model_len: int | None = _opt("max_model_len"),
     gpu_memory_utilization: float | None = _opt("gpu_memory_utilization"),
     engine_arg: list[str] = _opt("engine_args"),
@@ -74,6 +75,7 @@ def up(
     max_tokens_limit: int = _opt("max_tokens_limit"),
     allowed_media_domains: list[str] = _opt("allowed_media_domains"),
     admin_key_file: Path | None = _opt("admin_key_file"),
+    on_node_loss: str = _opt("on_node_loss"),
     supervise: bool = _opt("supervise"),
     system_root: Path = _opt("system_root", hidden=True),
     skip: list[str] = _opt("skip"),
@@ -94,7 +96,8 @@ def up(
             name=name, inventory=None if local else (ips or Path("deploy/ips.txt")), local=local,
             ssh_user=ssh_user, ssh_port=ssh_port, identity_file=ssh_key, known_hosts=known_hosts,
             strict_host_keys=strict_host_keys, model=model, revision=revision,
-            served_model_name=served_model_name, tp=tp, pp=pp, shared_dir=shared_dir, env=env,
+            served_model_name=served_model_name, tp=tp, pp=pp, num_replicas=replicas,
+            shared_dir=shared_dir, env=env,
             nfs_server=nfs_server, system_root=system_root, cache_dir=cache_dir, device=device, cpu_slots=cpu_slots,
             ray_port=ray_port, dashboard_port=dashboard_port, api_port=api_port,
             api_key_file=api_key_file, monitor_port=monitor_port,
@@ -110,6 +113,7 @@ def up(
             stream_idle_timeout_s=stream_idle_timeout, header_timeout_s=header_timeout,
             max_connections=max_connections, max_n=max_n, max_tokens_limit=max_tokens_limit,
             allowed_media_domains=allowed_media_domains, admin_key_file=admin_key_file,
+            on_node_loss=on_node_loss,
             supervise=supervise, skip=skip, dry_run=dry_run, verbose=verbose, wait=wait,
         )  # fmt: skip
     except ValidationError as exc:

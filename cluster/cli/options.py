@@ -42,6 +42,16 @@ def base_url_option(help: str = "Any OpenAI-compatible base URL, e.g. http://HOS
     return typer.Option(None, "--base-url", help=help)
 
 
+def ca_cert_option() -> Any:
+    """``--ca-cert``: the certificate an HTTPS endpoint is trusted by (`up --tls self-signed`)."""
+    return typer.Option(
+        None,
+        "--ca-cert",
+        help="Trust this PEM certificate for an https:// endpoint (a cluster's own from "
+        "`up --tls` is used by itself with --name).",
+    )
+
+
 def api_key_option() -> Any:
     """``--api-key``: a key on the command line (visible in `ps`; prefer the file)."""
     return typer.Option(

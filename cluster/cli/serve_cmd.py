@@ -32,6 +32,16 @@ def parse_engine_args(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _layout(text: str) -> tuple[int, int]:
+    """``2x1`` -> (2, 1): tp and pp."""
+    tp, sep, pp = text.lower().partition("x")
+    if not sep or not tp.strip().isdigit() or not pp.strip().isdigit():
+        raise ConfigError(
+            f"--degraded-layout {text!r} is not TPxPP", hint="write it like 2x1 (tp=2, pp=1)"
+        )
+    return int(tp), int(pp)
+
+
 @app.command("serve")
 def serve(
     model: str = typer.Option(..., "--model", help="Model directory on every node, or repo id."),
@@ -68,6 +78,12 @@ def serve(
         None, "--tls-key", help="Unencrypted PEM key of --tls-cert (mode 0600)."
     ),
     proxy_port: int = typer.Option(8001, "--proxy-port", help="Port of Ray Serve's own proxy."),
+    replicas: int = typer.Option(
+        1, "--replicas", help="Engines behind the endpoint (above 1: HAProxy balances them)."
+    ),
+    replica_port_min: int | None = typer.Option(
+        None, "--replica-port-min", help="First of the replicas' own ports (default port + 10)."
+    ),
     max_ongoing_requests: int = typer.Option(
         256, "--max-ongoing-requests", help="Running + queued bound; past it 429."
     ),
@@ -141,6 +157,13 @@ def serve(
     kv_offload_gb: float | None = typer.Option(
         None, "--kv-offload-gb", help="Host-memory KV cache, GiB over the tp ranks."
     ),
+    degraded_layout: str | None = typer.Option(
+        None,
+        "--degraded-layout",
+        metavar="TPxPP",
+        help="Layout to serve with on the nodes still alive while a node is lost, e.g. 1x1 "
+        "(`up --on-node-loss replan` picks it with the planner); default: wait for the node.",
+    ),
     revision: str | None = typer.Option(
         None,
         "--revision",
@@ -177,6 +200,8 @@ def serve(
         "tls_certfile": tls_cert,
         "tls_keyfile": tls_key,
         "proxy_port": proxy_port,
+        "num_replicas": replicas,
+        "replica_port_min": replica_port_min,
         "max_ongoing_requests": max_ongoing_requests,
         "request_timeout_s": request_timeout,
         "stream_idle_timeout_s": stream_idle_timeout,
@@ -202,6 +227,7 @@ def serve(
         else None,
         "kv_offload_gb": kv_offload_gb,
         "revision": revision,
+        "degraded_layout": _layout(degraded_layout) if degraded_layout else None,
         "app_name": app_name,
     }
     config = load_config(**{k: v for k, v in values.items() if v is not None})

@@ -41,6 +41,7 @@ SERVER_FIELDS = (
     "max_n",
     "max_tokens_limit",
     "allowed_media_domains",
+    "num_replicas",
 )
 
 
@@ -221,7 +222,15 @@ class UpConfig(BaseModel):
     max_n: int = _server_field("max_n")
     max_tokens_limit: int = _server_field("max_tokens_limit")
     allowed_media_domains: list[str] = _server_field("allowed_media_domains")
+    num_replicas: int = _server_field("num_replicas")
     admin_key_file: Path | None = _server_field("admin_key_file")
+    on_node_loss: Literal["wait", "replan"] = Field(
+        json_schema_extra={"flag": "--on-node-loss"},
+        default="wait",
+        description="While a node of the server's layout is lost: wait for it (the default), "
+        "or replan: serve with the planner's smaller layout on the nodes left, if the model "
+        "fits them, and move back when the node returns.",
+    )
     ready_timeout_s: float = Field(
         json_schema_extra={"flag": "--ready-timeout"},
         default=900.0,

@@ -7,6 +7,7 @@ import shlex
 
 from cluster import cpu_features, reach
 from cluster.errors import ConfigError, RemoteError
+from cluster.exposure import exposure_warnings
 from cluster.inventory import Node
 from cluster.stages.base import ClusterContext, Stage, StageCheck, StageOutcome, Teardown, UpContext
 from cluster.state import NodeState, Ports, remote_cluster_dir
@@ -342,6 +343,10 @@ class Preflight(Stage):
             )
         ports_changed = self._choose_ports(ctx)
         self._check_reachability(ctx)
+        # Ports already listening (a running cluster) that answer on a public address: warned
+        # with the rule that closes each; never a failure.
+        for line in exposure_warnings(ctx.state):
+            ctx.reporter.warn(line)
         total = sum(n.devices for n in nodes)
         return StageOutcome(
             "done" if ports_changed else "unchanged",

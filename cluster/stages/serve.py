@@ -89,6 +89,25 @@ def engine_line(health: dict) -> str:
     return state
 
 
+def replicas_call(python: str, ray_address: str, app_name: str = DEFAULT_APP_NAME) -> RemoteCall:
+    """The app's replicas (id, state, node, pid) from Serve's controller on the head."""
+    from serve.balancer import MODULE as BALANCER_REMOTE
+    from serve.balancer import ReplicasRequest
+
+    return RemoteCall(
+        python,
+        BALANCER_REMOTE,
+        "replicas",
+        ReplicasRequest(ray_address=ray_address, app_name=app_name),
+    )
+
+
+def layout_text(tp: int, pp: int, replicas: int) -> str:
+    """``tp=2 × pp=1``, or ``3 replicas of tp=2 × pp=1``."""
+    layout = f"tp={tp} × pp={pp}"
+    return layout if replicas <= 1 else f"{replicas} replicas of {layout}"
+
+
 def port_free_call(python: str, port: int) -> RemoteCall:
     """Wait until nothing holds ``port`` on the head (PORT_RELEASE_WAIT_S at most)."""
     return serve_call(python, "port-free", PortFreeRequest(port=port, wait_s=PORT_RELEASE_WAIT_S))
@@ -352,14 +371,41 @@ def serve_values(ctx: UpContext, tp: int, pp: int) -> dict[str, object]:
         values["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     if head.device_kind == "cpu":
         values["cpu_kvcache_space_gb"] = cfg.cpu_kvcache_gb or default_cpu_kvcache_gb()
+    if cfg.on_node_loss == "replan":
+        values["degraded_layout"] = degraded_layout(ctx, tp, pp)
     return values
+
+
+def degraded_layout(ctx: UpContext, tp: int, pp: int) -> tuple[int, int] | None:
+    """The planner's layout for the nodes left when a worker node is lost, when it is smaller
+    than ``tp × pp`` and the model fits; None otherwise (the server then waits for the node)."""
+    cfg = ctx.config
+    nodes = ctx.state.nodes
+    if len(nodes) < 2:
+        return None
+    try:
+        small = plan_parallelism(
+            str(ctx.state.model.dir),
+            nodes[:-1],
+            max_model_len=cfg.max_model_len,
+            cpu_kvcache_gb=cfg.cpu_kvcache_gb,
+            quantization=cfg.quantization,
+            measured=ctx.state.measure,
+        )
+    except ConfigError as exc:
+        ctx.reporter.warn(
+            f"--on-node-loss replan: the model does not fit one node fewer, so the server "
+            f"will wait for a lost node ({exc.message})"
+        )
+        return None
+    return small if small[0] * small[1] < tp * pp else None
 
 
 class Serve(Stage):
     """Deploy the OpenAI server on the Ray cluster; a rerun with the same config changes nothing."""
 
     name = "serve"
-    title = "OpenAI server (vLLM tp × pp on Ray Serve, direct ingress)"
+    title = "OpenAI server (vLLM tp × pp on Ray Serve: direct ingress, HAProxy for replicas)"
     sections = ("server",)
 
     def check(self, ctx: ClusterContext) -> StageCheck:
@@ -372,12 +418,30 @@ class Serve(Stage):
         python = env_python(ctx.state.env.dir)
         ready = ready_probe(python, url).run(ctx.run_head, what="ready probe", env=env, check=False)
         names = ", ".join([str(server.served_name), *server.aliases])
-        what = f"{names}, tp={server.tp} × pp={server.pp} at {server.endpoint}/v1"
+        layout = layout_text(server.tp or 1, server.pp or 1, server.replicas)
+        what = f"{names}, {layout} at {server.endpoint}/v1"
         health = health_call(python, url).run(ctx.run_head, what="health", env=env, check=False)
         engine = engine_line(health.data.get("health", {})) if health.ok and health.data else "?"
-        return StageCheck(
-            ready.ok, f"{what} ({'ready' if ready.ok else 'not ready'}; engine {engine})"
+        detail = f"{what} ({'ready' if ready.ok else 'not ready'}; engine {engine})"
+        if server.replicas > 1:
+            detail += "; " + "; ".join(self._replica_lines(ctx, python))
+        return StageCheck(ready.ok, detail)
+
+    @staticmethod
+    def _replica_lines(ctx: ClusterContext, python: str) -> list[str]:
+        """One entry per replica (node, pid, Serve's state), or why there is none."""
+        from serve.balancer import replica_lines
+
+        head = ctx.state.head
+        token = ctx.state.ray.head_token_path
+        if head is None or not ctx.state.ports or not token:
+            return ["replicas unknown (no Ray head recorded)"]
+        reply = replicas_call(python, f"{head.private_ip}:{ctx.state.ports.ray_gcs}").run(
+            ctx.run_head, what="replicas", env=ray_driver_env(token), timeout=120, check=False
         )
+        if not reply.ok:
+            return [f"replicas unknown ({reply.error})"]
+        return replica_lines(reply.value(what="replicas").get("replicas") or []) or ["no replica"]
 
     def teardown(self, ctx: ClusterContext, how: Teardown) -> str | None:
         """Drain running requests and stop the server (the Serve app) on the head."""
@@ -443,17 +507,24 @@ class Serve(Stage):
 
     def run(self, ctx: UpContext) -> StageOutcome:
         tp, pp = default_parallelism(ctx)
+        replicas = ctx.config.num_replicas
+        layout = layout_text(tp, pp, replicas)
         total = sum(n.devices for n in ctx.state.nodes)
-        if tp * pp > total:
+        if tp * pp * replicas > total:
             raise ConfigError(
-                f"tp={tp} × pp={pp} needs {tp * pp} devices, the cluster has {total}",
-                hint="lower --tp/--pp or add nodes (or --cpu-slots on CPU nodes)",
+                f"{layout} needs {tp * pp * replicas} devices, the cluster has {total}",
+                hint="lower --replicas or --tp/--pp, or add nodes (or --cpu-slots on CPU nodes)",
             )
         self._copy_api_key(ctx)
         if ctx.config.api_on_all_interfaces:
             ctx.reporter.warn(
                 f"the API listens on every interface of {ctx.head.label} (--api-host "
                 f"{ctx.config.api_host}): anyone who reaches a port of the head can try keys on it"
+            )
+        if replicas > 1 and not ctx.config.api_on_all_interfaces:
+            ctx.reporter.warn(
+                f"with {replicas} replicas the API (HAProxy) and every replica listen on every "
+                "interface of their node (Ray Serve's HAProxy mode): API keys still apply"
             )
         fingerprint = prepare_tls(ctx)
         values = serve_values(ctx, tp, pp)
@@ -474,7 +545,7 @@ class Serve(Stage):
                 }
             )
         python = env_python(str(ctx.state.env.dir))
-        leftover = total - tp * pp
+        leftover = total - tp * pp * replicas
         note = f"; {leftover} device slot(s) left idle" if leftover else ""
         head = ctx.node_state(ctx.head)
         token = ctx.state.ray.head_token_path
@@ -496,9 +567,9 @@ class Serve(Stage):
                 return StageOutcome(
                     "done",
                     f"API keys updated ({keys.get('keys')} accepted, no redeploy); "
-                    f"already serving tp={tp} × pp={pp}{note}",
+                    f"already serving {layout}{note}",
                 )
-            return StageOutcome("unchanged", f"already serving tp={tp} × pp={pp}{note}")
+            return StageOutcome("unchanged", f"already serving {layout}{note}")
         if ctx.state.server.config_digest is not None:
             # A changed config: stop the old app first (its devices are needed by the new one).
             stop_call(python, address).run(
@@ -526,17 +597,19 @@ class Serve(Stage):
             endpoint=endpoint["url"],
             tp=tp,
             pp=pp,
+            replicas=replicas,
             served_name=endpoint["model"],
             aliases=names[1:],
             remote_api_key_file=remote_key_file(ctx.state),
         )
         if leftover:
             ctx.reporter.info(
-                f"{leftover} device slot(s) stay idle (one tp × pp group per cluster)"
+                f"{leftover} device slot(s) stay idle ({replicas} tp × pp group(s); "
+                "--replicas adds more)"
             )
         return StageOutcome(
             "done",
-            f"{'re' if redeploy else ''}deployed {endpoint['model']} with tp={tp} × pp={pp}{note}",
+            f"{'re' if redeploy else ''}deployed {endpoint['model']} with {layout}{note}",
         )
 
     @staticmethod

@@ -71,6 +71,9 @@ def test_worker_node_ray_killed_under_load_heals_by_itself(
         # session as before.
         causes = [(r["cause"], r["outcome"]) for r in row["server_restarts"]]
         assert ("engine_dead", "recovered") in causes, row["server_restarts"]
+        # The restart waited for the node's bundle to be on a live node again instead of
+        # placing workers on the lost node: no attempt was spent on it.
+        assert "failed" not in [r["outcome"] for r in row["server_restarts"]], row
         assert cluster.session("worker1") == worker_sid
         assert vllm_worker_pid(cluster) not in killed
     finally:

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cluster.top import parse_metrics
 from serve.app import HISTORY_KV_NAMESPACE, history_kv_key
 from tests.support.server import run_driver, running_server
 
@@ -43,6 +44,14 @@ def ray_worker_pids(session_ids: list[int]) -> list[int]:
         if cmdline.startswith(b"ray::RayWorkerProc") and session in session_ids:
             pids.append(int(entry.name))
     return pids
+
+
+def restarts_counted(server, cause: str) -> float:
+    """``llamacluster_engine_restarts_total{cause}`` as the server's /metrics reports it."""
+    resp = httpx.get(f"{server.url}/metrics", headers=server.auth, timeout=10)
+    assert resp.status_code == 200, resp.text[:300]
+    key = ("llamacluster_engine_restarts_total", (("cause", cause),))
+    return parse_metrics(resp.text).get(key, 0.0)
 
 
 def alive(pid: int) -> bool:
@@ -76,6 +85,7 @@ def test_stalled_worker_is_detected_and_the_whole_engine_restarted(
             # On a crowded 2-core machine a warm-up could already have tripped the watchdog:
             # count from here.
             before = httpx.get(f"{server.url}/health", timeout=5).json()
+            counted_before = restarts_counted(server, "stall")
             body = {
                 "model": server.model,
                 "messages": [{"role": "user", "content": "Go on."}],
@@ -155,6 +165,8 @@ def test_stalled_worker_is_detected_and_the_whole_engine_restarted(
                 "recovered",
             )
             assert not alive(workers[0]), "the hung worker outlived its engine"
+            # The monitor's restart counter went up by exactly this one restart.
+            assert restarts_counted(server, "stall") == counted_before + 1
             # The history is also in Ray's internal KV (it outlives a replaced replica).
             stored = run_driver(
                 READ_HISTORY_SNIPPET,

