@@ -45,8 +45,6 @@ PORT_MAX_ENV = "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"
 # replacement replica would wait that long before it could listen. With several, the ports are
 # this app's own range, so a reused port still leads to a replica of the same app.
 PORT_QUARANTINE_ENV = "RAY_SERVE_PORT_QUARANTINE_S"
-USER_THREAD_ENV = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
-ACCESS_LOG_BUFFER_ENV = "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE"
 APP_ENV = "LLAMACLUSTER_APP"
 MEDIA_REDIRECTS_ENV = "VLLM_MEDIA_URL_ALLOW_REDIRECTS"
 # Which bundles of the replica's placement group vLLM's Ray executor puts its workers in (a
@@ -300,11 +298,6 @@ def replica_env(config: ServeConfig) -> dict[str, str]:
         # Media is fetched only from --allowed-media-domains, and a redirect must not lead
         # elsewhere (vLLM follows redirects by default).
         MEDIA_REDIRECTS_ENV: "0",
-        # The gateway and vLLM's engine client run on the replica's own event loop: no hop to a
-        # second loop thread per request and per streamed chunk (Serve's default runs user code
-        # on a separate thread). Serve's per-request access log is written in batches.
-        USER_THREAD_ENV: "0",
-        ACCESS_LOG_BUFFER_ENV: "1000",
     }
     if config.balanced:
         # A stopping replica stops accepting at once: HAProxy retries a refused connection on
