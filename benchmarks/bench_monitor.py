@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,7 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-CLI = [sys.executable, "-c", "from cluster.cli.app import run; run()"]
+from benchmarks.bench_netcost import cli  # noqa: E402 (after the path above)
+
 NAME = "local"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -49,19 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model-dir", type=Path, default=None, help="demo model (built if absent)")
     ap.add_argument("--sample-s", type=float, default=2.0, help="seconds between RSS samples")
     return ap.parse_args(argv)
-
-
-def cli(*args: str, env: dict[str, str], timeout: float = 1500) -> str:
-    """Run the real CLI as a person would; its output, or an error with its last lines."""
-    done = subprocess.run(
-        [*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"llamacluster {args[0]} exited {done.returncode}:\n"
-            f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-        )
-    return done.stdout
 
 
 def prometheus_pid(session: int) -> int:
