@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_netcost import cli  # noqa: E402 (after the path above)
+from benchmarks.bench_netcost import cli, write_results  # noqa: E402 (after the path above)
 
 if TYPE_CHECKING:
     from tests.support.netns import NetnsHosts
@@ -581,7 +581,6 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from cluster.demo_model import build_demo_model
-    from cluster.files import atomic_write
 
     faults = [f for f in args.faults.split(",") if f]
     unknown = sorted(set(faults) - set(FAULTS))
@@ -641,9 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     Console(width=160).print(table)
     out = {"args": {k: str(v) for k, v in vars(args).items()}, "up_s": round(up_s, 1), "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, (json.dumps(out, indent=2) + "\n").encode())
-    print(f"results: {args.out}")
+    write_results(args.out, out)
     return 0
 
 

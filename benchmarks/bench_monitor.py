@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_netcost import cli  # noqa: E402 (after the path above)
+from benchmarks.bench_netcost import cli, write_results  # noqa: E402 (after the path above)
 
 NAME = "local"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -237,7 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from cluster.demo_model import build_demo_model
-    from cluster.files import atomic_write
 
     with tempfile.TemporaryDirectory(prefix="bench-monitor-") as tmp:
         model_dir = args.model_dir
@@ -285,9 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         scrapes.add_row(target, str(m["samples_by_target"].get(target, "")), f"{took * 1000:.1f}")
     console.print(scrapes)
     out = {"args": {k: str(v) for k, v in vars(args).items()}, **result}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, (json.dumps(out, indent=2) + "\n").encode())
-    print(f"results: {args.out}")
+    write_results(args.out, out)
     return 0
 
 

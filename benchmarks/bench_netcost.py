@@ -57,6 +57,15 @@ def cli(*args: str, env: dict[str, str], timeout: float = 1500) -> str:
     return done.stdout
 
 
+def write_results(path: Path, result: dict) -> None:
+    """The benchmark's JSON, written whole (temp file + rename), and where it went."""
+    from cluster.files import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, (json.dumps(result, indent=2) + "\n").encode())
+    print(f"results: {path}")
+
+
 def idle_bytes_per_s(seconds: float) -> dict[str, float]:
     """Bytes per second each node's interface moves (sent + received) with the server idle."""
     from cluster.bench.netcount import cluster_net_nodes, counter_delta, read_counters
@@ -148,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from cluster.demo_model import build_demo_model
-    from cluster.files import atomic_write
 
     layouts = [tuple(int(x) for x in text.split("x")) for text in args.layouts.split(",")]
     with tempfile.TemporaryDirectory(prefix="netcost-") as tmp:
@@ -182,9 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(*cells, f"{r['net kB tx/tok']:.2f}", f"{r['up_s']:.0f}")
     Console(width=200).print(table)
     out = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, (json.dumps(out, indent=2) + "\n").encode())
-    print(f"results: {args.out}")
+    write_results(args.out, out)
     return 0
 
 

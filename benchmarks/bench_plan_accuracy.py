@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_netcost import cli  # noqa: E402 (after the path above)
+from benchmarks.bench_netcost import cli, write_results  # noqa: E402 (after the path above)
 
 NAME = "planacc"
 TARGET = 0.25
@@ -126,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from cluster.files import atomic_write
-
     with tempfile.TemporaryDirectory(prefix="planacc-") as tmp:
         row = run(args, Path(tmp))
     cpu = row["cpu"]
@@ -157,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     Console(width=160).print(table)
     out = {"args": {k: str(v) for k, v in vars(args).items()}, "row": row, "within": within}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, (json.dumps(out, indent=2) + "\n").encode())
-    print(f"results: {args.out}")
+    write_results(args.out, out)
     return 0 if within else 1
 
 

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_faults import Load, Sample, load_from_state, session_pids  # noqa: E402
-from benchmarks.bench_netcost import cli  # noqa: E402
+from benchmarks.bench_netcost import cli, write_results  # noqa: E402
 
 NAME = "local"
 # Process kinds whose memory is followed, by what their command line starts with.
@@ -178,7 +178,6 @@ def soak(load: Load, session: int, *, minutes: float, warmup_s: float) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from cluster.demo_model import build_demo_model
-    from cluster.files import atomic_write
 
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         home = Path(tmp) / "home"
@@ -222,9 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['ttft_last_window']['p99_s']} s ({summary['ttft_p99_drift_pct']} %), "
         f"largest RSS growth {worst} % (target < {RSS_GROWTH_TARGET_PCT:g} %)"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, (json.dumps(result, indent=2) + "\n").encode())
-    print(f"results: {args.out}")
+    write_results(args.out, result)
     return 0 if summary["http_5xx"] == 0 else 1
 
 
