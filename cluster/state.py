@@ -270,6 +270,16 @@ class ServerSection(BaseModel):
     served_name: str | None = Field(default=None, description="The main name clients send.")
     aliases: list[str] = Field(default_factory=list, description="Further names it answers to.")
     remote_api_key_file: str | None = Field(default=None, description="API key file on the head.")
+    front_digest: str | None = Field(
+        default=None,
+        description="Hash of what Serve's controller and HAProxy were started with (ports, TLS, "
+        "balancing): a new config with the same front is rolled out over the running app.",
+    )
+    deployed: dict[str, Any] | None = Field(
+        default=None,
+        description="The serving config deployed (no secrets: key file paths only); a rolling "
+        "update that fails deploys it again.",
+    )
 
 
 class MonitoringSection(BaseModel):

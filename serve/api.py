@@ -131,7 +131,8 @@ def normalize_error_body(status: int, body: bytes) -> bytes:
             fixed = error_payload(
                 status,
                 str(err["message"]),
-                type_=err.get("type") or None,
+                # vLLM names a 404 (an unknown model or adapter) by its exception class.
+                type_=None if err.get("type") == "NotFoundError" else err.get("type") or None,
                 param=err.get("param"),
                 code=err.get("code"),
             )

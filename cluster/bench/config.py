@@ -15,6 +15,7 @@ from cluster.errors import ConfigError
 
 ApiKind = Literal["chat", "completions"]
 DatasetKind = Literal["random", "prompts", "jsonl", "sharegpt"]
+WorkloadKind = Literal["requests", "chat-sessions"]
 
 
 class Endpoint(BaseModel):
@@ -123,9 +124,29 @@ class WorkloadConfig(BaseModel):
         default_factory=dict, description="Extra JSON fields merged into every request body."
     )
     seed: int = Field(default=0, description="Seed for prompts and arrival times.")
+    workload: WorkloadKind = Field(
+        default="requests",
+        description="requests: independent requests from the dataset; chat-sessions: "
+        "conversations that share one long system prompt, each turn sent with the "
+        "conversation so far (its answers included), --concurrency conversations at a time.",
+    )
+    turns: int = Field(
+        default=4, ge=1, le=1000, description="Turns per conversation (chat-sessions)."
+    )
+    system_prompt_len: int = Field(
+        default=1000,
+        ge=0,
+        description="Tokens of the system prompt every conversation shares (chat-sessions); "
+        "each user turn has input_len tokens, each answer output_len.",
+    )
 
     @model_validator(mode="after")
     def _path_needed(self) -> WorkloadConfig:
+        if self.workload == "chat-sessions" and self.dataset != "random":
+            raise ValueError(
+                "chat-sessions makes its own conversations: drop --dataset (or use --workload "
+                "requests)"
+            )
         if self.dataset in ("jsonl", "sharegpt"):
             if self.dataset_path is None:
                 raise ValueError(f"dataset {self.dataset} needs a file: pass --dataset-path FILE")
@@ -248,6 +269,15 @@ class BenchConfig(BaseModel):
     cost_per_hour: float | None = Field(
         default=None, gt=0, description="Price of the serving hardware per hour (any currency)."
     )
+
+    @model_validator(mode="after")
+    def _sessions_closed_loop(self) -> BenchConfig:
+        if self.workload.workload == "chat-sessions" and self.load.request_rate:
+            raise ValueError(
+                "chat-sessions runs a closed loop (each turn waits for the answer before): "
+                "drop --request-rate and set --concurrency (conversations at a time)"
+            )
+        return self
 
     @field_validator("endpoints")
     @classmethod

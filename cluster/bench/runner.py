@@ -21,7 +21,7 @@ from cluster.bench.client import RequestRecord, send_request
 from cluster.bench.config import BenchConfig, Endpoint, LoadPoint, tls_context
 from cluster.bench.metrics import PointMetrics, aggregate, ratios
 from cluster.bench.tokenizer import LocalTokenizer, find_tokenizer
-from cluster.bench.workload import BenchRequest, Workload, load_workload
+from cluster.bench.workload import BenchRequest, Workload, load_workload, session_turns
 from cluster.errors import ConfigError
 
 MULTI_TOKEN_CHUNK_WARN = 1.05  # mean tokens per chunk above this gets a warning
@@ -425,14 +425,14 @@ async def _phase(
     if load.num_requests is not None:
         count = _round_share(load.num_requests, load.rounds, round_index)
     horizon = load.duration_s / load.rounds if load.duration_s is not None else None
-    if count is not None:
+    if count is not None and not workload.sessions:
         workload.requests(base_index, count)  # build prompts before the clock starts
     tick = progress(label, count, horizon) if progress else None
     records: list[RequestRecord] = []
     texts: dict[int, str] = {}
 
-    async def one(i: int, scheduled: float | None = None) -> None:
-        req = workload.request(base_index + i)
+    async def one(i: int, scheduled: float | None = None, req: BenchRequest | None = None) -> str:
+        req = req if req is not None else workload.request(base_index + i)
         rec = RequestRecord(
             index=base_index + i,
             endpoint=plan.endpoint.name,
@@ -447,9 +447,12 @@ async def _phase(
         records.append(rec)
         if tick:
             tick()
+        return text
 
     start = time.perf_counter()
-    if point.mode == "closed":
+    if workload.sessions:
+        await _sessions(workload, point, count, horizon, start, base_index, one)
+    elif point.mode == "closed":
         next_i = 0
         deadline = start + horizon if horizon is not None else None
 
@@ -491,6 +494,46 @@ async def _phase(
         if rec.scheduled_at is not None:
             rec.scheduled_at += start
     return records, max(wall, 0.0)
+
+
+async def _sessions(
+    workload: Workload,
+    point: LoadPoint,
+    count: int | None,
+    horizon: float | None,
+    start: float,
+    base_index: int,
+    one: Callable[..., Any],
+) -> None:
+    """chat-sessions: ``point.concurrency`` conversations at a time, each turn sent when the
+    answer to the one before it has arrived (conversation ids start at ``base_index``)."""
+    turns = workload.config.turns
+    plan = session_turns(count, turns) if count is not None else None
+    deadline = start + horizon if horizon is not None else None
+    next_conversation = 0
+    sent = 0
+
+    async def worker() -> None:
+        nonlocal next_conversation, sent
+        while True:
+            conversation = next_conversation
+            if plan is not None and conversation >= len(plan):
+                return
+            if deadline is not None and time.perf_counter() >= deadline:
+                return
+            next_conversation += 1
+            history: list[tuple[str, str]] = []
+            for turn in range(plan[conversation] if plan is not None else turns):
+                if deadline is not None and time.perf_counter() >= deadline:
+                    return
+                req = workload.session_request(base_index + conversation, turn, history)
+                i, sent = sent, sent + 1
+                answer = await one(i, None, req)
+                assert req.messages is not None
+                history.append((req.messages[-1]["content"], answer))
+
+    assert point.concurrency is not None
+    await asyncio.gather(*(worker() for _ in range(point.concurrency)))
 
 
 def _round_share(total: int, rounds: int, r: int) -> int:

@@ -1,9 +1,11 @@
-"""Seeded, reproducible request lists: random prompts, the bundled prompt set, JSONL and ShareGPT files."""
+"""Seeded, reproducible request lists: random prompts, the bundled prompt set, JSONL and ShareGPT
+files, and chat sessions (conversations sharing a long system prompt, turn by turn)."""
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -210,6 +212,13 @@ class Workload:
         n = len(self.pool)
         return self.pool[index % n]
 
+    def _text(self, rng: random.Random, n_tokens: int) -> str:
+        if n_tokens <= 0:
+            return ""
+        if self.tokenizer is None:
+            return " ".join(rng.choices(_WORDS, k=n_tokens))
+        return random_text(self.tokenizer, n_tokens, rng)[0]
+
     def _random(self, index: int) -> BenchRequest:
         rng = random.Random(self.config.seed * 1_000_003 + index)
         n_in, n_out = self.config.input_len, self.config.output_len
@@ -220,6 +229,62 @@ class Workload:
         return BenchRequest(
             max_tokens=n_out, prompt=text, input_tokens=count, input_exact=count == n_in
         )
+
+    # --- chat sessions ---------------------------------------------------------------------------
+
+    @property
+    def sessions(self) -> bool:
+        """True for the chat-sessions workload (conversations, turn by turn)."""
+        return self.config.workload == "chat-sessions"
+
+    def system_prompt(self) -> str:
+        """The system prompt every conversation shares (same seed, same text)."""
+        cached = self._cache.get(_SYSTEM_KEY)
+        if cached is None:
+            rng = random.Random(f"system:{self.config.seed}")
+            text = self._text(rng, self.config.system_prompt_len)
+            cached = BenchRequest(max_tokens=0, prompt=text)
+            self._cache[_SYSTEM_KEY] = cached
+        return cached.prompt or ""
+
+    def user_turn(self, conversation: int, turn: int) -> str:
+        """The user's message of one turn of one conversation (seeded by both)."""
+        rng = random.Random(f"user:{self.config.seed}:{conversation}:{turn}")
+        return self._text(rng, self.config.input_len)
+
+    def session_request(
+        self, conversation: int, turn: int, history: Sequence[tuple[str, str]]
+    ) -> BenchRequest:
+        """Turn ``turn`` of ``conversation``: the system prompt, the earlier turns and their
+        answers (``history``: (user, answer) pairs), then this turn's user message."""
+        messages = conversation_messages(
+            self.system_prompt(), history, self.user_turn(conversation, turn)
+        )
+        return BenchRequest(max_tokens=self.config.output_len, messages=messages)
+
+
+# The system prompt's slot in a workload's request cache (request indices are ints).
+_SYSTEM_KEY: Any = "system"
+
+
+def conversation_messages(
+    system: str, history: Sequence[tuple[str, str]], question: str
+) -> list[dict[str, Any]]:
+    """A conversation so far as chat messages: the system prompt (when not empty), each earlier
+    turn's user message and answer in order, then the new user message."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    for user, answer in history:
+        messages.append({"role": "user", "content": user})
+        messages.append({"role": "assistant", "content": answer})
+    messages.append({"role": "user", "content": question})
+    return messages
+
+
+def session_turns(total: int, turns: int) -> list[int]:
+    """How many turns each conversation of a phase of ``total`` requests gets: full
+    conversations of ``turns``, the last one shorter when ``total`` is not a multiple."""
+    full, rest = divmod(total, turns)
+    return [turns] * full + ([rest] if rest else [])
 
 
 def random_text(tokenizer: LocalTokenizer, n_tokens: int, rng: random.Random) -> tuple[str, int]:

@@ -40,7 +40,19 @@ def bench(
     dataset_path: Path | None = typer.Option(
         None, "--dataset-path", help="File for --dataset jsonl/sharegpt."
     ),
-    input_len: int = typer.Option(128, "--input-len", help="Prompt tokens (random dataset)."),
+    workload: str = typer.Option(
+        "requests",
+        "--workload",
+        help="requests (independent), or chat-sessions: conversations sharing a long system "
+        "prompt, turn by turn (-c conversations at a time; reports the prefix-cache hit rate).",
+    ),
+    turns: int = typer.Option(4, "--turns", help="Turns per conversation (chat-sessions)."),
+    system_prompt_len: int = typer.Option(
+        1000, "--system-prompt-len", help="Tokens of the shared system prompt (chat-sessions)."
+    ),
+    input_len: int = typer.Option(
+        128, "--input-len", help="Prompt tokens (random dataset; each user turn of a session)."
+    ),
     output_len: int = typer.Option(
         128, "--output-len", help="max_tokens (random/bundled; a default for files)."
     ),
@@ -122,6 +134,13 @@ def bench(
         target = target_of_cluster(name)
         if target.base_url == base_url:  # the cluster's own endpoint: its own certificate
             ca_cert = target.ca_cert
+    if name and tokenizer is None and not endpoint:
+        from cluster.endpoint import target_of_cluster
+
+        # The cluster's model directory holds its tokenizer: exact prompt lengths.
+        model_dir = target_of_cluster(name).model_dir
+        if model_dir is not None and (model_dir / "tokenizer.json").is_file():
+            tokenizer = str(model_dir)
     from cluster.series import cluster_series
 
     # The cluster's own series over the run (its monitor's Prometheus), beside the client's.
@@ -154,11 +173,23 @@ def bench(
         cost_per_hour=cost_per_hour,
         seed=seed,
         ca_cert=ca_cert,
+        workload=workload,
+        turns=turns,
+        system_prompt_len=system_prompt_len,
     )
+    notes: list[str] = []
+    if config.workload.workload == "chat-sessions":
+        from cluster.bench.prefix_cache import prefix_cache_observer
+
+        observers = [
+            *observers,
+            prefix_cache_observer(config.endpoints, cluster=name, notes=notes),
+        ]
     console = table_console()
     err = Console(stderr=True)
     with progress_bar(err, enabled=progress) as hook:
         result = run_benchmark(config, progress=hook, observers=observers)
+    result.notes.extend(notes)
     console.print(results_table(result))
     table = ratios_table(result)
     if table is not None:

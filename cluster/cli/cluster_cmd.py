@@ -32,9 +32,11 @@ def up(
     model: str | None = _opt("model"),
     revision: str | None = _opt("revision"),
     served_model_name: list[str] = _opt("served_model_name"),
+    lora: list[str] = _opt("lora"),
     tp: int | None = _opt("tp", "--tensor-parallel-size", "-tp"),
     pp: int | None = _opt("pp", "--pipeline-parallel-size", "-pp"),
-    replicas: int = _opt("num_replicas"),
+    replicas: str = _opt("num_replicas"),
+    routing: str = _opt("routing"),
     max_model_len: int | None = _opt("max_model_len"),
     gpu_memory_utilization: float | None = _opt("gpu_memory_utilization"),
     engine_arg: list[str] = _opt("engine_args"),
@@ -96,7 +98,7 @@ def up(
             name=name, inventory=None if local else (ips or Path("deploy/ips.txt")), local=local,
             ssh_user=ssh_user, ssh_port=ssh_port, identity_file=ssh_key, known_hosts=known_hosts,
             strict_host_keys=strict_host_keys, model=model, revision=revision,
-            served_model_name=served_model_name, tp=tp, pp=pp, num_replicas=replicas,
+            served_model_name=served_model_name, lora=lora, tp=tp, pp=pp, num_replicas=replicas, routing=routing,
             shared_dir=shared_dir, env=env,
             nfs_server=nfs_server, system_root=system_root, cache_dir=cache_dir, device=device, cpu_slots=cpu_slots,
             ray_port=ray_port, dashboard_port=dashboard_port, api_port=api_port,
@@ -207,11 +209,23 @@ def logs(
     local: bool = local_option(),
     follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing new lines."),
     lines: int = typer.Option(200, "-n", "--lines", help="Lines from the end."),
+    replica: int | None = typer.Option(
+        None,
+        "--replica",
+        min=1,
+        help="Only replica N (numbered as `status` lists them): its Serve log and process "
+        "output, from the node it runs on.",
+    ),
 ) -> None:
-    """Server and engine logs from the head."""
+    """Server and engine logs from the head (or one replica's with --replica)."""
     from cluster.lifecycle import logs as do_logs
 
-    rc = do_logs(cluster_name(name, ips, local), follow=follow, lines=lines)
+    if replica is not None:
+        from cluster.stages.serve import replica_logs
+
+        rc = replica_logs(cluster_name(name, ips, local), replica, follow=follow, lines=lines)
+    else:
+        rc = do_logs(cluster_name(name, ips, local), follow=follow, lines=lines)
     if rc:
         raise typer.Exit(rc)
 

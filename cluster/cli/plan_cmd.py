@@ -327,7 +327,9 @@ def _render(plan: Plan) -> Group:
         f"({comm.pp_hops_across_nodes} over the {comm.network_gbs:g} GB/s network): "
         f"{comm.pp_ms_per_token:.4f} ms",
     )
-    parts = [model, layout, speed, traffic]
+    from rich.text import Text
+
+    parts = [model, layout, Text(plan.replicas.line()), speed, traffic]
     if plan.cost is not None:
         cost = Table(title="Cost", show_header=False, title_justify="left")
         cost.add_row("cluster", f"${plan.cost.cost_per_hour:g} per hour")

@@ -48,6 +48,12 @@ def serve(
     served_model_name: str | None = typer.Option(
         None, "--served-model-name", help="Name clients send (default: repo id / dir name)."
     ),
+    lora: list[str] = typer.Option(
+        [],
+        "--lora",
+        help="LoRA adapter NAME=PATH (repeatable): a PEFT adapter directory on every node, "
+        "served as model NAME.",
+    ),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel size."),
     pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size."),
     device: str = typer.Option("gpu", "--device", help="gpu, or cpu for CPU-only nodes."),
@@ -78,8 +84,17 @@ def serve(
         None, "--tls-key", help="Unencrypted PEM key of --tls-cert (mode 0600)."
     ),
     proxy_port: int = typer.Option(8001, "--proxy-port", help="Port of Ray Serve's own proxy."),
-    replicas: int = typer.Option(
-        1, "--replicas", help="Engines behind the endpoint (above 1: HAProxy balances them)."
+    replicas: str = typer.Option(
+        "1",
+        "--replicas",
+        help="Engines behind the endpoint (above 1: HAProxy balances them); auto: as many "
+        "tp × pp groups as the cluster's free device slots hold.",
+    ),
+    routing: str = typer.Option(
+        "least-load",
+        "--routing",
+        help="How replicas are picked: least-load, prefix (same prompt prefix, same replica) "
+        "or round-robin.",
     ),
     replica_port_min: int | None = typer.Option(
         None, "--replica-port-min", help="First of the replicas' own ports (default port + 10)."
@@ -184,6 +199,7 @@ def serve(
     values: dict[str, Any] = {
         "model": model,
         "served_model_name": served_model_name,
+        "lora_modules": lora,
         "tp": tp,
         "pp": pp,
         "device": device,
@@ -200,7 +216,8 @@ def serve(
         "tls_certfile": tls_cert,
         "tls_keyfile": tls_key,
         "proxy_port": proxy_port,
-        "num_replicas": replicas,
+        "num_replicas": _replica_count(replicas, address, tp=tp, pp=pp),
+        "routing": routing,
         "replica_port_min": replica_port_min,
         "max_ongoing_requests": max_ongoing_requests,
         "request_timeout_s": request_timeout,
@@ -253,6 +270,18 @@ def serve(
         )
     else:
         typer.echo(f"ready: {endpoint.url}/v1  model={endpoint.model}")
+
+
+def _replica_count(asked: str, address: str | None, *, tp: int, pp: int) -> int | str:
+    """--replicas as given (ServeConfig checks a number), or for auto the count the Ray
+    cluster's free device slots hold."""
+    if asked.strip().lower() != "auto":
+        return asked
+    from serve.app import _connect
+    from serve.config import cluster_slots, replicas_for_free_slots
+
+    _connect(address)
+    return replicas_for_free_slots(cluster_slots(), tp=tp, pp=pp)
 
 
 @app.command("serve-stop")

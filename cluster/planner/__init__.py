@@ -14,9 +14,11 @@ The package, leaves first (each module imports only those above it):
 - ``efficiency``: fitted efficiency curves per device family; which efficiency a plan uses.
 - ``speed``: step time (bytes and FLOPs per stage at given efficiencies) and communication.
 - ``calibration``: measured step times and the fit of the efficiency curves to them.
+- ``replicas``: how many tp x pp replicas the devices hold (``--replicas auto``).
 - ``plan``: Plan and plan_deployment, which puts it all together.
 
-`llamacluster plan` renders the Plan (cluster/cli/plan_cmd.py); `up` calls choose_parallelism.
+`llamacluster plan` renders the Plan (cluster/cli/plan_cmd.py); `up` calls choose_parallelism
+and choose_replicas.
 """
 
 from cluster.planner.dtypes import (
@@ -68,6 +70,15 @@ from cluster.planner.plan import (
     Plan,
     plan_deployment,
 )
+from cluster.planner.replicas import (
+    MAX_REPLICAS,
+    ReplicaChoice,
+    choose_replicas,
+    cpu_memory_slots,
+    explicit_replicas,
+    host_slot_limit,
+    worker_memory_gib,
+)
 from cluster.planner.shape import MLAShape, ModelShape, MoEShape, parse_model_shape
 from cluster.planner.speed import (
     PP_TENSORS_PER_HOP,
@@ -89,6 +100,7 @@ __all__ = [
     "KV_DTYPE_BYTES",
     "LARGE_DEVICE_GIB",
     "LOGITS_SEQS",
+    "MAX_REPLICAS",
     "PP_TENSORS_PER_HOP",
     "QUANTIZED_DTYPES",
     "RUNTIME_OVERHEAD_GIB",
@@ -109,18 +121,23 @@ __all__ = [
     "Performance",
     "Plan",
     "PlanOptions",
+    "ReplicaChoice",
     "StageMemory",
     "StepEfficiency",
     "StepTime",
     "attention_params_per_device",
     "choose_parallelism",
+    "choose_replicas",
     "communication",
     "count_parameters",
+    "cpu_memory_slots",
     "dense_mlp_params",
     "draft_cost",
     "expected_efficiency",
     "expert_params",
     "experts_touched",
+    "explicit_replicas",
+    "host_slot_limit",
     "kv_bytes_per_token",
     "kv_bytes_per_token_per_layer",
     "load_model_config",
@@ -137,4 +154,5 @@ __all__ = [
     "shared_expert_params",
     "tp_violation",
     "weight_bytes",
+    "worker_memory_gib",
 ]

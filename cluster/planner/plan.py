@@ -20,6 +20,7 @@ from cluster.planner.memory import (
 )
 from cluster.planner.options import ClusterShape, PlanOptions
 from cluster.planner.params import ParamCount, count_parameters
+from cluster.planner.replicas import ReplicaChoice, choose_replicas
 from cluster.planner.shape import ModelShape
 from cluster.planner.speed import Communication, StepTime, _step_time, communication
 from cluster.planner.stages import StageMemory
@@ -182,6 +183,10 @@ class Plan(BaseModel):
         default=None, description="The draft's memory, with --speculative-config."
     )
     cost: Cost | None = None
+    replicas: ReplicaChoice = Field(
+        description="How many tp x pp replicas the cluster holds (`up --replicas auto`); the "
+        "speed and cost figures are for one replica."
+    )
     notes: list[str] = Field(default_factory=list)
 
     @computed_field(description="tp x pp.")
@@ -317,5 +322,6 @@ def plan_deployment(
         kv_offload=offload,
         speculative=options.draft,
         cost=cost,
+        replicas=choose_replicas([cluster.devices_per_node] * cluster.nodes, tp=tp, pp=pp),
         notes=notes,
     )

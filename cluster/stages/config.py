@@ -41,7 +41,7 @@ SERVER_FIELDS = (
     "max_n",
     "max_tokens_limit",
     "allowed_media_domains",
-    "num_replicas",
+    "routing",
 )
 
 
@@ -95,6 +95,12 @@ class UpConfig(BaseModel):
         default_factory=list,
         description="Name clients send as `model` (repeat for aliases); default: the repo id, "
         "or the directory's name for a local model.",
+    )
+    lora: list[str] = Field(
+        default_factory=list,
+        description="LoRA adapter NAME=REPO_OR_PATH (repeatable): a hub repo is fetched by the "
+        "sharded download into <shared>/models, a path must be on the shared dir; clients send "
+        "NAME as `model`.",
     )
     tp: int | None = Field(
         default=None, ge=1, description="Tensor parallel size (default: planner)."
@@ -222,7 +228,14 @@ class UpConfig(BaseModel):
     max_n: int = _server_field("max_n")
     max_tokens_limit: int = _server_field("max_tokens_limit")
     allowed_media_domains: list[str] = _server_field("allowed_media_domains")
-    num_replicas: int = _server_field("num_replicas")
+    num_replicas: int | Literal["auto"] = Field(
+        json_schema_extra={"flag": "--replicas"},
+        default="auto",
+        description="Engines (each a tp × pp placement group) behind the one endpoint: a "
+        "number, or auto (the default): as many as the cluster's devices hold (the planner's "
+        "choice, shown by `llamacluster plan`); above 1, HAProxy balances over them.",
+    )
+    routing: Literal["least-load", "prefix", "round-robin"] = _server_field("routing")
     admin_key_file: Path | None = _server_field("admin_key_file")
     on_node_loss: Literal["wait", "replan"] = Field(
         json_schema_extra={"flag": "--on-node-loss"},
@@ -263,11 +276,34 @@ class UpConfig(BaseModel):
                     raise ValueError(f"{str(value)!r} has a control character: paths may not")
         return data
 
+    @field_validator("num_replicas", mode="before")
+    @classmethod
+    def _replicas_number_or_auto(cls, value: object) -> object:
+        from cluster.planner.replicas import MAX_REPLICAS
+
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        if not text.isdigit() or not 1 <= int(text) <= MAX_REPLICAS:
+            raise ValueError(
+                f"{value!r} is not a replica count: give a whole number from 1 to "
+                f"{MAX_REPLICAS}, or auto"
+            )
+        return int(text)
+
     @field_validator("admin_key_file")
     @classmethod
     def _admin_keys_readable(cls, value: Path | None) -> Path | None:
         if value is not None:
             read_api_keys(value)  # missing, empty or readable by others: one line, how to fix
+        return value
+
+    @field_validator("lora")
+    @classmethod
+    def _lora_specs(cls, value: list[str]) -> list[str]:
+        from serve.lora import check_lora_names, parse_lora_spec
+
+        check_lora_names([parse_lora_spec(spec)[0] for spec in value], [])
         return value
 
     @field_validator("skip")
@@ -305,7 +341,33 @@ class UpConfig(BaseModel):
             from cluster.tls import check_tls_pair
 
             check_tls_pair(self.tls_cert, self.tls_key)  # missing, 0644, mismatched: one line
+        self._check_local_adapters()
         return self
+
+    def _check_local_adapters(self) -> None:
+        """Adapters given as paths this machine sees (every path with --local) are read now:
+        no adapter_config.json, a rank vLLM cannot serve or another base model stops `up`
+        before any stage runs. Hub adapters are checked on the head once downloaded."""
+        from cluster.stages.download import is_local_model
+        from serve.lora import LoraAdapter, check_adapters, check_lora_names, parse_lora_spec
+        from serve.vllm_glue import vllm_lora_ranks
+
+        specs = [parse_lora_spec(spec) for spec in self.lora]
+        check_lora_names([name for name, _ in specs], self.served_model_name)
+        local = [
+            LoraAdapter(name=name, path=str(Path(source).expanduser().absolute()))
+            for name, source in specs
+            if is_local_model(source) and (self.local or Path(source).expanduser().exists())
+        ]
+        if not local:
+            return
+        model = self.model or ""
+        check_adapters(
+            local,
+            model_dir=model if model and is_local_model(model) else None,
+            model_repo=None if not model or is_local_model(model) else model,
+            allowed_ranks=vllm_lora_ranks(),
+        )
 
     @property
     def api_on_all_interfaces(self) -> bool:
@@ -338,11 +400,13 @@ class UpConfig(BaseModel):
                 "model",
                 "revision",
                 "served_model_name",
+                "lora",
                 "tp",
                 "pp",
                 "max_model_len",
                 "gpu_memory_utilization",
                 *SERVER_FIELDS,
+                "num_replicas",
                 "admin_key_file",
                 "cpu_kvcache_gb",
                 "quantization",

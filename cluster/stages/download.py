@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.stages.base import ClusterContext, Stage, StageCheck, StageOutcome, UpContext
@@ -23,8 +24,39 @@ def model_target(shared_dir: str, repo: str, revision: str | None) -> str:
     return f"{shared_dir.rstrip('/')}/models/{safe}{rev}"
 
 
+@dataclass(frozen=True)
+class LoraTarget:
+    """Where one ``--lora NAME=SOURCE`` adapter's files are on the nodes."""
+
+    name: str
+    repo_id: str | None  # None: SOURCE is a directory on the shared dir, used as it is
+    dir: str
+
+
+def lora_targets(specs: list[str], shared_dir: str | None) -> list[LoraTarget]:
+    """Each adapter's directory: a path as it is, a hub repo its download's target
+    ``<shared>/models/<org>--<name>``, beside the models."""
+    from serve.lora import parse_lora_spec
+
+    targets = []
+    for spec in specs:
+        name, source = parse_lora_spec(spec)
+        if is_local_model(source):
+            targets.append(LoraTarget(name, None, str(Path(source).expanduser().absolute())))
+        else:
+            targets.append(LoraTarget(name, source, model_target(str(shared_dir), source, None)))
+    return targets
+
+
+def _adapters(ctx: ClusterContext) -> list[LoraTarget]:
+    """The adapters `up` was asked for (none outside `up`)."""
+    config = getattr(ctx, "config", None)
+    return lora_targets(config.lora, ctx.state.shared_dir) if config is not None else []
+
+
 class Download(Stage):
-    """Fetch the model once, split by bytes over the nodes, verified by sha256."""
+    """Fetch the model and any hub LoRA adapters once, split by bytes over the nodes,
+    verified by sha256."""
 
     name = "download"
     title = "model files on the shared dir (split over the nodes, verified)"
@@ -32,7 +64,7 @@ class Download(Stage):
     sections = ("download",)
 
     def skip_reason(self, ctx: UpContext) -> str | None:
-        if ctx.state.model.repo_id is None:
+        if ctx.state.model.repo_id is None and not any(a.repo_id for a in _adapters(ctx)):
             return f"model is a directory ({ctx.state.model.dir}): nothing to download"
         return None
 
@@ -41,39 +73,67 @@ class Download(Stage):
         model_dir = ctx.state.model.dir
         if not model_dir:
             return StageCheck(None, "no model recorded")
-        test = f"test -r {shlex.quote(model_dir + '/config.json')}"
+        adapters = _adapters(ctx)
+        files = [model_dir + "/config.json", *(a.dir + "/adapter_config.json" for a in adapters)]
+        test = " && ".join(f"test -r {shlex.quote(f)}" for f in files)
         results = ctx.run(test, what="model present?", timeout=30, check=False)
         missing = [n.label for n, r in results.items() if not r.ok]
+        what = model_dir + (f" and {len(adapters)} LoRA adapter(s)" if adapters else "")
         if missing:
-            return StageCheck(False, f"{model_dir} not readable on {', '.join(missing)}")
-        return StageCheck(True, f"{model_dir} on every node")
+            return StageCheck(False, f"{what} not readable on {', '.join(missing)}")
+        return StageCheck(True, f"{what} on every node")
 
     def plan(self, ctx: UpContext) -> dict[str, list[str]]:
         model = ctx.state.model.repo_id or "<model>"
         target = str(ctx.state.model.dir)
         python = env_python(env_dir_for(ctx))
+        fetches = [(model, target)] if ctx.state.model.repo_id else []
+        fetches += [(a.repo_id, a.dir) for a in _adapters(ctx) if a.repo_id]
         return {
             n.label: [
                 f"{shlex.quote(python)} -m cluster.download.node --node {n.name}   "
-                f"# stdin: its share of {model} -> {target}"
+                f"# stdin: its share of {repo} -> {where}"
+                for repo, where in fetches
             ]
             for n in ctx.cluster
         }
 
     def run(self, ctx: UpContext) -> StageOutcome:
+        fetched = total = 0
+        done: list[str] = []
+        if ctx.state.model.repo_id is not None:
+            model, target = str(ctx.state.model.repo_id), str(ctx.state.model.dir)
+            got, size = self._fetch(ctx, model, target, revision=ctx.state.model.revision)
+            ctx.state.download.dir, ctx.state.download.total_bytes = target, size
+            fetched, total = fetched + got, total + size
+            done.append(target)
+        for adapter in _adapters(ctx):
+            if adapter.repo_id is not None:
+                got, size = self._fetch(ctx, adapter.repo_id, adapter.dir, revision=None)
+                fetched, total = fetched + got, total + size
+                done.append(adapter.dir)
+        where = ", ".join(done)
+        return StageOutcome(
+            "done" if fetched else "unchanged",
+            f"{where} ({total / 1e6:.1f} MB, {fetched / 1e6:.1f} MB fetched now)"
+            if fetched
+            else f"{where} already complete and verified",
+        )
+
+    @staticmethod
+    def _fetch(ctx: UpContext, repo: str, target: str, *, revision: str | None) -> tuple[int, int]:
+        """One repo into ``target`` by the sharded download; (bytes fetched now, total bytes)."""
         from cluster.download.controller import download_model
 
-        model = str(ctx.state.model.repo_id)
-        target = str(ctx.state.model.dir)
         result = download_model(
-            model,
+            repo,
             target=target,
             runners=ctx.runners,
             python=env_python(str(ctx.state.env.dir)),
-            revision=ctx.state.model.revision,
+            revision=revision,
             token=os.environ.get("HF_TOKEN") or None,
             timeout=6 * 3600,
-            command=f"up --name {ctx.state.name} (download {model})",
+            command=f"up --name {ctx.state.name} (download {repo})",
             wait=ctx.config.wait,  # `up --wait` also queues behind another download into the dir
             on_wait=ctx.reporter.print,
         )
@@ -81,15 +141,8 @@ class Download(Stage):
             node = next(n for n in ctx.cluster if n.name == name)
             ctx.reporter.node(
                 node.label,
-                f"{summary.get('fetched', 0)} file(s) fetched ({int(summary.get('bytes', 0)) / 1e6:.1f} MB), "
+                f"{repo}: {summary.get('fetched', 0)} file(s) fetched "
+                f"({int(summary.get('bytes', 0)) / 1e6:.1f} MB), "
                 f"{summary.get('skipped', 0)} already verified",
             )
-        fetched = result.fetched_bytes
-        total = result.plan.total_bytes
-        ctx.state.download.dir, ctx.state.download.total_bytes = target, total
-        return StageOutcome(
-            "done" if fetched else "unchanged",
-            f"{target} ({total / 1e6:.1f} MB, {fetched / 1e6:.1f} MB fetched now)"
-            if fetched
-            else f"{target} already complete and verified",
-        )
+        return result.fetched_bytes, result.plan.total_bytes

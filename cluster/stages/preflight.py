@@ -27,6 +27,7 @@ echo "netns=$(readlink /proc/self/ns/net 2>/dev/null)"
 if sudo -n true 2>/dev/null; then echo sudo=yes; else echo sudo=no; fi
 echo "cpus=$(nproc)"
 echo "numa=$(ls -d /sys/devices/system/node/node[0-9]* 2>/dev/null | wc -l)"
+echo "mem_total_kb=$(awk '/^MemTotal:/ {{print $2}}' /proc/meminfo 2>/dev/null)"
 echo "arch=$(uname -m)"
 echo "cpu_flags=$(grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | tr ' ' '\n' | grep -xE '{flags}' | tr '\n' ' ')"
 if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
@@ -55,6 +56,18 @@ PORT_FREE_TEMPLATE = (
     "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
     'try: s.bind(("", int(sys.argv[1])))\n'
     "except OSError: sys.exit(1)' {port}"
+)
+
+# Which of the given ports are taken on the head: prints them, space-separated (exit 0).
+PORTS_TAKEN_TEMPLATE = (
+    "python3 -c 'import socket,sys\n"
+    "taken=[]\n"
+    "for p in sys.argv[1:]:\n"
+    "    s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    '    try: s.bind(("", int(p)))\n'
+    "    except OSError: taken.append(p)\n"
+    "    s.close()\n"
+    'print(" ".join(taken))\' {ports}'
 )
 
 MIN_FREE_DISK_GB = 10
@@ -160,6 +173,10 @@ def node_state_from_probe(
     else:
         devices = cpu_slots or max(1, int(_first(facts, "numa", "1") or 1))
     info["disk_free_gb"] = f"{int(_first(facts, 'disk_free_kb', '0') or 0) / 2**20:.1f}"
+    mem_kb = _first(facts, "mem_total_kb")
+    if mem_kb.isdigit():
+        # CPU worker slots share it: `--replicas auto` counts the slots it holds.
+        info["mem_total_gb"] = f"{int(mem_kb) / 2**20:.1f}"
     return NodeState(
         name=node.name,
         label=node.label,
@@ -179,6 +196,56 @@ def node_state_from_probe(
         device_kind=kind,
         device_info=info,
         versions={"python": _first(facts, "python_version")},
+    )
+
+
+def replica_side_ports(api: int, proxy: int, replicas: int) -> dict[str, list[int]]:
+    """The head's ports several replicas need besides the API, by what takes them: HAProxy's
+    statistics page and Prometheus exporter, and the replicas' own range (serve.config's
+    rules: the server derives them from the API port)."""
+    from pydantic import ValidationError
+
+    from cluster.errors import validation_error
+    from serve.config import ServeConfig, balancer_side_ports
+
+    try:
+        config = ServeConfig(model="-", port=api, proxy_port=proxy, num_replicas=replicas)
+    except ValidationError as exc:
+        raise validation_error(
+            exc, ServeConfig, what=f"{replicas} replicas on API port {api}: "
+        ) from None
+    stats, metrics = balancer_side_ports(config)
+    return {
+        "HAProxy statistics": [stats],
+        "HAProxy metrics": [metrics],
+        "replicas": config.replica_ports,
+    }
+
+
+def check_replica_ports(ctx: UpContext, replicas: int) -> None:
+    """Refuse (ConfigError naming each taken port and what needs it) unless the ports
+    ``replicas`` > 1 need are free on the head, as the API port must be."""
+    ports = ctx.state.ports
+    if replicas <= 1 or ports is None:
+        return
+    wanted = replica_side_ports(ports.api, ports.serve_proxy or ports.api + 2, replicas)
+    every = [p for group in wanted.values() for p in group]
+    res = ctx.run_head(
+        PORTS_TAKEN_TEMPLATE.format(ports=" ".join(map(str, every))),
+        what="checking the replicas' ports",
+    )
+    taken = {int(p) for p in res.stdout.split() if p.isdigit()}
+    if not taken:
+        return
+    named = [
+        f"{port} ({what})" for what, group in wanted.items() for port in group if port in taken
+    ]
+    first, last = wanted["replicas"][0], wanted["replicas"][-1]
+    raise ConfigError(
+        f"{replicas} replicas need ports that are in use on the head {ctx.head.label}: "
+        + ", ".join(named),
+        hint=f"stop what holds them, or pass another --api-port (HAProxy takes api+3 and "
+        f"api+4, the replicas api+10 upward: now {first}-{last}), or fewer --replicas",
     )
 
 
@@ -342,6 +409,13 @@ class Preflight(Stage):
                 f"{n.interface}, {n.device_info.get('disk_free_gb')} GiB free",
             )
         ports_changed = self._choose_ports(ctx)
+        asked = cfg.num_replicas
+        if asked != "auto" and (
+            ctx.state.server.config_digest is None or ctx.state.server.replicas <= 1
+        ):
+            # Nothing of ours holds them yet (a running balancer would); `--replicas auto`
+            # is checked by the serve stage once the planner has chosen the count.
+            check_replica_ports(ctx, int(asked))
         self._check_reachability(ctx)
         # Ports already listening (a running cluster) that answer on a public address: warned
         # with the rule that closes each; never a failure.

@@ -6,11 +6,11 @@ import hashlib
 import os
 import shlex
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from cluster.errors import ConfigError, NotReadyError, RemoteError
+from cluster.errors import ConfigError, LlamaclusterError, NotReadyError, RemoteError
 from cluster.keys import read_api_keys
-from cluster.remote import RemoteCall, Request
+from cluster.remote import RemoteCall, Reply, Request
 from cluster.stages.base import ClusterContext, Stage, StageCheck, StageOutcome, Teardown, UpContext
 from cluster.stages.config import SERVER_FIELDS
 from cluster.stages.env import env_dir_for, env_python
@@ -22,6 +22,7 @@ from cluster.state import (
     config_hash,
     remote_cluster_dir,
 )
+from serve.config import ServeConfig
 from serve.remote import MODULE as SERVE_REMOTE
 from serve.remote import (
     DeployRequest,
@@ -31,8 +32,12 @@ from serve.remote import (
     StopRequest,
     WaitRequest,
 )
+from serve.rollout import front_digest
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
+    from cluster.planner import ClusterShape, ReplicaChoice
     from cluster.runner import Runner
     from cluster.state import MeasureSection
 
@@ -89,8 +94,15 @@ def engine_line(health: dict) -> str:
     return state
 
 
-def replicas_call(python: str, ray_address: str, app_name: str = DEFAULT_APP_NAME) -> RemoteCall:
-    """The app's replicas (id, state, node, pid) from Serve's controller on the head."""
+def replicas_call(
+    python: str,
+    ray_address: str,
+    app_name: str = DEFAULT_APP_NAME,
+    *,
+    api_key_file: str | None = None,
+) -> RemoteCall:
+    """The app's replicas (id, state, nodes, pid, port, log file) from Serve's controller on
+    the head; with the head's key file, each replica's running requests and restarts too."""
     from serve.balancer import MODULE as BALANCER_REMOTE
     from serve.balancer import ReplicasRequest
 
@@ -98,7 +110,58 @@ def replicas_call(python: str, ray_address: str, app_name: str = DEFAULT_APP_NAM
         python,
         BALANCER_REMOTE,
         "replicas",
-        ReplicasRequest(ray_address=ray_address, app_name=app_name),
+        ReplicasRequest(ray_address=ray_address, app_name=app_name, api_key_file=api_key_file),
+    )
+
+
+def wait_for_ready(ctx: UpContext, python: str) -> Reply:
+    """Wait on the head until /ready answers 200 (--ready-timeout at most); the reply says
+    why not."""
+    return wait_call(
+        python,
+        local_url(ctx),
+        ctx.config.ready_timeout_s,
+        api_key_file=ctx.state.server.remote_api_key_file,
+    ).run(
+        ctx.run_head,
+        what="waiting for /ready",
+        env=probe_env(ctx.state),
+        timeout=ctx.config.ready_timeout_s + 30,
+        check=False,
+    )
+
+
+def rolling_update(previous: ServerSection, front: str) -> bool:
+    """Can the new config roll out over the running app (same front, previous config known)?"""
+    return (
+        previous.config_digest is not None
+        and previous.deployed is not None
+        and previous.front_digest == front
+    )
+
+
+def deploy_timeout_s(ready_timeout_s: float, replicas: int) -> float:
+    """How long a deploy may take: with several replicas Serve returns once each engine is
+    ready, and a rolling update starts them one after another."""
+    return max(600.0, ready_timeout_s * max(1, replicas) + 120.0)
+
+
+# Remove one app's HAProxy directory on the head and its parent when that is left empty; only
+# a real directory of this user (a link or another user's directory is left alone).
+BALANCER_DIR_REMOVAL_TEMPLATE = (
+    'd="/tmp/lchap-$(id -u)"; '
+    '[ -d "$d" ] && [ ! -L "$d" ] && [ -O "$d" ] || exit 0; '
+    'rm -rf -- "$d"/{tag}; rmdir -- "$d" 2>/dev/null; exit 0'
+)
+
+
+def balancer_dir_removal(app_name: str, port: int) -> str:
+    """The shell line that removes app ``app_name``'s HAProxy files (serve.balancer's
+    private directory for it and its endpoint ``port``) on the head."""
+    from serve.balancer import private_dir_path
+
+    return BALANCER_DIR_REMOVAL_TEMPLATE.format(
+        tag=shlex.quote(private_dir_path(app_name, port).name)
     )
 
 
@@ -259,28 +322,91 @@ def plan_parallelism(
     """
     if tp and pp:
         return tp, pp
-    from cluster.device_specs import get_device
-    from cluster.planner import ClusterShape, PlanOptions, choose_parallelism, load_model_shape
-    from cluster.stages.measure import measured_cpu_spec, measured_link_gbps
+    from cluster.planner import PlanOptions, choose_parallelism, load_model_shape
 
     shape = load_model_shape(model)
+    cluster = planner_cluster(nodes, cpu_kvcache_gb=cpu_kvcache_gb, measured=measured)
+    options = PlanOptions(tp=tp, pp=pp, max_model_len=max_model_len, quantization=quantization)
+    return choose_parallelism(shape, cluster, options=options)
+
+
+CPU_SLOT_EXTRA_GIB = 4.0
+"""What the planner gives a CPU worker slot besides its KV cache (weights, runtime), GiB."""
+
+
+def planner_cluster(
+    nodes: list[NodeState],
+    *,
+    cpu_kvcache_gb: int | None = None,
+    measured: MeasureSection | None = None,
+) -> ClusterShape:
+    """The recorded nodes as the planner sees them (see plan_parallelism)."""
+    from cluster.device_specs import get_device
+    from cluster.planner import ClusterShape
+    from cluster.stages.measure import measured_cpu_spec, measured_link_gbps
+
     head = nodes[0]
     if head.device_kind == "gpu":
         mem = min(int(x) for x in head.device_info.get("memory_mib", "0").split(",") if x)
         device = get_device("h100-sxm", memory_gib=mem / 1024 if mem else None)
     else:
-        memory = float(cpu_kvcache_gb) + 4 if cpu_kvcache_gb else None
+        memory = float(cpu_kvcache_gb) + CPU_SLOT_EXTRA_GIB if cpu_kvcache_gb else None
         spec = measured_cpu_spec(nodes, measured, memory_gib=memory) if measured else None
         device = spec or get_device("cpu", memory_gib=memory)
     link = measured_link_gbps(measured) if measured else None
-    cluster = ClusterShape(
+    return ClusterShape(
         nodes=len(nodes),
         devices_per_node=max(1, min(n.devices for n in nodes)),
         device=device,
         **({"link_gbps": link} if link else {}),
     )
-    options = PlanOptions(tp=tp, pp=pp, max_model_len=max_model_len, quantization=quantization)
-    return choose_parallelism(shape, cluster, options=options)
+
+
+def host_memory_gib(node: NodeState) -> float | None:
+    """The node's memory as preflight recorded it (None when not recorded)."""
+    value = node.device_info.get("mem_total_gb", "")
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def replica_choice(ctx: UpContext, tp: int, pp: int) -> ReplicaChoice:
+    """How many replicas this `up` serves: an integer --replicas as given; auto: the planner's
+    count for the recorded nodes (on CPU nodes only the slots their memory holds, each worker
+    with its weights, runtime headroom and KV cache), one replica with TLS (the balancer
+    speaks plain HTTP)."""
+    from cluster.planner import (
+        PlanOptions,
+        choose_replicas,
+        cpu_memory_slots,
+        explicit_replicas,
+        load_model_shape,
+        worker_memory_gib,
+    )
+
+    cfg = ctx.config
+    nodes = ctx.state.nodes
+    devices = [n.devices for n in nodes]
+    if cfg.num_replicas != "auto":
+        return explicit_replicas(int(cfg.num_replicas), tp=tp, pp=pp, devices=sum(devices))
+    memory = None
+    if nodes[0].device_kind == "cpu":
+        kv_gb = cfg.cpu_kvcache_gb or default_cpu_kvcache_gb()
+        cluster = planner_cluster(nodes, cpu_kvcache_gb=kv_gb, measured=ctx.state.measure)
+        options = PlanOptions(max_model_len=cfg.max_model_len, quantization=cfg.quantization)
+        try:
+            shape = load_model_shape(str(ctx.state.model.dir))
+            worker = worker_memory_gib(shape, cluster, tp=tp, pp=pp, options=options)
+        except ConfigError:  # the model's config is not readable from here: the slot's size
+            worker = CPU_SLOT_EXTRA_GIB
+        hosts = [host_memory_gib(n) for n in nodes]
+        memory = cpu_memory_slots(devices, hosts, worker_gib=worker, kv_cache_gib=kv_gb)
+    choice = choose_replicas(devices, tp=tp, pp=pp, memory_slots=memory)
+    if cfg.https and choice.replicas > 1:
+        why = f"{choice.why}; 1 with TLS (the balancer of several speaks plain HTTP)"
+        return choice.model_copy(update={"replicas": 1, "why": why})
+    return choice
 
 
 def default_parallelism(ctx: UpContext) -> tuple[int, int]:
@@ -336,8 +462,9 @@ def model_commit(ctx: UpContext) -> str | None:
     return parse_manifest(read.stdout, where=path).commit
 
 
-def serve_values(ctx: UpContext, tp: int, pp: int) -> dict[str, object]:
-    """The ServeConfig fields `up` deploys (also hashed to tell whether to redeploy)."""
+def serve_values(ctx: UpContext, tp: int, pp: int, replicas: int) -> dict[str, object]:
+    """The ServeConfig fields `up` deploys (also hashed to tell whether to redeploy); with
+    ``replicas`` as resolved (replica_choice)."""
     cfg = ctx.config
     assert ctx.state.ports is not None
     head = ctx.state.nodes[0]
@@ -354,6 +481,7 @@ def serve_values(ctx: UpContext, tp: int, pp: int) -> dict[str, object]:
         "quantization": cfg.quantization,
         "speculative_config": cfg.speculative_config,
         "kv_offload_gb": cfg.kv_offload_gb,
+        "num_replicas": replicas,
         **{name: getattr(cfg, name) for name in SERVER_FIELDS},
     }
     if cfg.admin_key_file is not None:
@@ -361,6 +489,11 @@ def serve_values(ctx: UpContext, tp: int, pp: int) -> dict[str, object]:
     if cfg.https:
         values["tls_certfile"], values["tls_keyfile"] = remote_tls_files(ctx.state)
     values["served_model_name"] = list(ctx.state.model.served_names)
+    if cfg.lora:
+        from cluster.stages.download import lora_targets
+
+        adapters = lora_targets(cfg.lora, ctx.state.shared_dir)
+        values["lora_modules"] = [f"{a.name}={a.dir}" for a in adapters]
     if (commit := model_commit(ctx)) is not None:
         # A hub model: the server checks the manifest is complete and of this commit, and
         # vLLM gets the commit as its revision. A new commit is a new config: redeployed.
@@ -436,9 +569,11 @@ class Serve(Stage):
         token = ctx.state.ray.head_token_path
         if head is None or not ctx.state.ports or not token:
             return ["replicas unknown (no Ray head recorded)"]
-        reply = replicas_call(python, f"{head.private_ip}:{ctx.state.ports.ray_gcs}").run(
-            ctx.run_head, what="replicas", env=ray_driver_env(token), timeout=120, check=False
-        )
+        reply = replicas_call(
+            python,
+            f"{head.private_ip}:{ctx.state.ports.ray_gcs}",
+            api_key_file=ctx.state.server.remote_api_key_file,
+        ).run(ctx.run_head, what="replicas", env=ray_driver_env(token), timeout=120, check=False)
         if not reply.ok:
             return [f"replicas unknown ({reply.error})"]
         return replica_lines(reply.value(what="replicas").get("replicas") or []) or ["no replica"]
@@ -469,6 +604,14 @@ class Serve(Stage):
                 "(stopping Ray ends it)"
             )
             return None
+        removed = ctx.run_head(
+            balancer_dir_removal(DEFAULT_APP_NAME, ctx.state.ports.api),
+            what="removing HAProxy's files",
+            timeout=30,
+            check=False,
+        )
+        if not removed.ok:
+            ctx.reporter.warn(f"HAProxy's files stay on {head.label}: {removed.tail(1)}")
         return f"server drained and stopped on {head.label}"
 
     def plan(self, ctx: UpContext) -> dict[str, list[str]]:
@@ -485,6 +628,9 @@ class Serve(Stage):
             "model": str(ctx.state.model.dir),
             "tp": tp,
             "pp": pp,
+            "num_replicas": "<planner>"
+            if ctx.config.num_replicas == "auto"
+            else ctx.config.num_replicas,
             "...": "the other ServeConfig fields",
         }
         changed = "only when the serving config changed"
@@ -507,7 +653,10 @@ class Serve(Stage):
 
     def run(self, ctx: UpContext) -> StageOutcome:
         tp, pp = default_parallelism(ctx)
-        replicas = ctx.config.num_replicas
+        choice = replica_choice(ctx, tp, pp)
+        replicas = choice.replicas
+        if choice.auto:
+            ctx.reporter.info(f"--replicas auto: {choice.line()}")
         layout = layout_text(tp, pp, replicas)
         total = sum(n.devices for n in ctx.state.nodes)
         if tp * pp * replicas > total:
@@ -515,6 +664,13 @@ class Serve(Stage):
                 f"{layout} needs {tp * pp * replicas} devices, the cluster has {total}",
                 hint="lower --replicas or --tp/--pp, or add nodes (or --cpu-slots on CPU nodes)",
             )
+        if choice.auto and (
+            ctx.state.server.config_digest is None or ctx.state.server.replicas <= 1
+        ):
+            # An integer --replicas had its ports checked by preflight.
+            from cluster.stages.preflight import check_replica_ports
+
+            check_replica_ports(ctx, replicas)
         self._copy_api_key(ctx)
         if ctx.config.api_on_all_interfaces:
             ctx.reporter.warn(
@@ -527,7 +683,7 @@ class Serve(Stage):
                 "interface of their node (Ray Serve's HAProxy mode): API keys still apply"
             )
         fingerprint = prepare_tls(ctx)
-        values = serve_values(ctx, tp, pp)
+        values = serve_values(ctx, tp, pp, replicas)
         # A new certificate at the same path is a new config: redeployed (uvicorn reads it once).
         tls = {"tls_fingerprint": fingerprint} if fingerprint else {}
         wanted = config_hash({**values, **tls})
@@ -570,8 +726,16 @@ class Serve(Stage):
                     f"already serving {layout}{note}",
                 )
             return StageOutcome("unchanged", f"already serving {layout}{note}")
-        if ctx.state.server.config_digest is not None:
-            # A changed config: stop the old app first (its devices are needed by the new one).
+        previous = ctx.state.server
+        front = front_digest(ServeConfig(**values))
+        rolling = rolling_update(previous, front)
+        if previous.config_digest is not None and not rolling:
+            # The endpoint's ports, TLS or balancing changed (Serve takes them only when it
+            # starts), or an older state: stop the old app first, its devices are needed.
+            ctx.reporter.info(
+                "the endpoint itself changes (ports, TLS or balancing): the old server stops "
+                "first, and requests fail until the new one is ready"
+            )
             stop_call(python, address).run(
                 ctx.run_head,
                 what="stopping the old server",
@@ -579,17 +743,19 @@ class Serve(Stage):
                 timeout=300,
             )
             self._wait_port_released(ctx, python, ctx.state.ports.api)
-        endpoint = (
-            serve_call(python, "deploy", DeployRequest(ray_address=address, config=values))
-            .run(
-                ctx.run_head,
-                what="deploying the server",
-                env=ray_driver_env(token),
-                timeout=600,
+        if rolling:
+            ctx.reporter.info(
+                f"rolling update: the replicas switch one at a time ({replicas} replica(s); "
+                + (
+                    "the others serve meanwhile)"
+                    if replicas > 1
+                    else "503 + Retry-After while the new engine loads)"
+                )
             )
-            .value(what="deploying the server")
-        )
-        redeploy = ctx.state.server.config_digest is not None
+            endpoint = self._roll_out(ctx, python, address, values, previous)
+        else:
+            endpoint = self._deploy(ctx, python, address, values, replicas)
+        redeploy = previous.config_digest is not None
         names = values["served_model_name"]
         assert isinstance(names, list)
         ctx.state.server = ServerSection(
@@ -601,6 +767,8 @@ class Serve(Stage):
             served_name=endpoint["model"],
             aliases=names[1:],
             remote_api_key_file=remote_key_file(ctx.state),
+            front_digest=front,
+            deployed=values,
         )
         if leftover:
             ctx.reporter.info(
@@ -611,6 +779,70 @@ class Serve(Stage):
             "done",
             f"{'re' if redeploy else ''}deployed {endpoint['model']} with {layout}{note}",
         )
+
+    @staticmethod
+    def _deploy(
+        ctx: UpContext, python: str, address: str, values: dict[str, Any], replicas: int
+    ) -> dict[str, Any]:
+        """Deploy ``values`` (Serve returns once every replica runs: with several, once each
+        engine is ready, so the wait grows with their number)."""
+        token = ctx.state.ray.head_token_path
+        assert token
+        return (
+            serve_call(python, "deploy", DeployRequest(ray_address=address, config=values))
+            .run(
+                ctx.run_head,
+                what="deploying the server",
+                env=ray_driver_env(token),
+                timeout=deploy_timeout_s(ctx.config.ready_timeout_s, replicas),
+                check=False,  # the reason is the program's last line, not its whole stderr
+            )
+            .value(what="deploying the server")
+        )
+
+    def _roll_out(
+        self,
+        ctx: UpContext,
+        python: str,
+        address: str,
+        values: dict[str, Any],
+        previous: ServerSection,
+    ) -> dict[str, Any]:
+        """Deploy over the running app and wait until it is ready; when the new config fails
+        (its replicas do not start, or never become ready), deploy the previous one again and
+        say why."""
+        assert previous.deployed is not None
+        replicas = int(values.get("num_replicas") or 1)
+        try:
+            endpoint = self._deploy(ctx, python, address, values, replicas)
+            self._wait_ready(ctx, python)
+            return endpoint
+        except (RemoteError, NotReadyError) as exc:
+            why = exc.message if isinstance(exc, LlamaclusterError) else str(exc)
+        old = str(previous.deployed.get("model") or "the previous model")
+        ctx.reporter.warn(f"the new config did not become ready ({why}): rolling back to {old}")
+        try:
+            self._deploy(ctx, python, address, previous.deployed, previous.replicas)
+            self._wait_ready(ctx, python)
+        except (RemoteError, NotReadyError) as exc:
+            again = exc.message if isinstance(exc, LlamaclusterError) else str(exc)
+            raise NotReadyError(
+                f"the new config did not become ready ({why}), and the rollback to {old} "
+                f"failed too ({again})",
+                hint=f"see `llamacluster logs --name {ctx.state.name}`",
+            ) from None
+        raise NotReadyError(
+            f"the new config did not become ready ({why}); rolled back: {old} serves again",
+            hint=f"fix the new config (see `llamacluster logs --name {ctx.state.name}`) and "
+            "run `up` again",
+        )
+
+    @staticmethod
+    def _wait_ready(ctx: UpContext, python: str) -> None:
+        """/ready on the head within --ready-timeout, or NotReadyError with the reason."""
+        reply = wait_for_ready(ctx, python)
+        if not reply.ok:
+            raise NotReadyError(f"not ready: {reply.error}")
 
     @staticmethod
     def _recovers_by_itself(ctx: UpContext, python: str) -> bool:
@@ -690,19 +922,7 @@ class Ready(Stage):
         }
 
     def run(self, ctx: UpContext) -> StageOutcome:
-        python = env_python(str(ctx.state.env.dir))
-        reply = wait_call(
-            python,
-            local_url(ctx),
-            ctx.config.ready_timeout_s,
-            api_key_file=ctx.state.server.remote_api_key_file,
-        ).run(
-            ctx.run_head,
-            what="waiting for /ready",
-            env=probe_env(ctx.state),
-            timeout=ctx.config.ready_timeout_s + 30,
-            check=False,
-        )
+        reply = wait_for_ready(ctx, env_python(str(ctx.state.env.dir)))
         if not reply.ok:
             why = reply.error
             cause = self._root_cause(ctx)
@@ -735,3 +955,84 @@ class Ready(Stage):
             check=False,
         )
         return res.stdout.strip() if res.ok else ""
+
+
+# One replica's files on its node: the Serve log Serve records for it (relative to the logs
+# directory) and the stdout/stderr files of its process (Ray names them after the pid).
+REPLICA_LOGS_TEMPLATE = (
+    "cd {temp}/session_latest/logs 2>/dev/null "
+    '|| {{ echo "no Ray logs under {temp} on this node" >&2; exit 1; }}; '
+    "set -- {log} $(ls worker-*-{pid}.out worker-*-{pid}.err 2>/dev/null); "
+    'tail -n {lines} {follow} "$@"'
+)
+
+
+def replica_logs_command(
+    temp_dir: str, log_file_path: str, pid: int | None, *, follow: bool, lines: int
+) -> str:
+    """Tail (or follow) one replica's Serve log and process output on its node.
+
+    Serve gives the log's path relative to the node's Ray logs directory, with a leading "/"
+    (``/serve/replica_<app>_<deployment>_<id>.log``)."""
+    path = PurePosixPath(log_file_path.lstrip("/"))
+    if ".." in path.parts or not str(path).strip(". "):
+        raise RemoteError(f"Serve reported an unexpected log path {log_file_path!r}")
+    return REPLICA_LOGS_TEMPLATE.format(
+        temp=shlex.quote(temp_dir),
+        log=shlex.quote(str(path)),
+        pid=int(pid or 0),
+        lines=int(lines),
+        follow="-F" if follow else "",
+    )
+
+
+def replica_logs(
+    name: str,
+    replica: int,
+    *,
+    follow: bool = False,
+    lines: int = 200,
+    console: Console | None = None,
+) -> int:
+    """Print (or follow) replica ``replica``'s logs (numbered as `status` lists them) from the
+    node it runs on; returns the exit code."""
+    from cluster.recorded import RecordedCluster
+    from cluster.runner import prefixed_printer
+    from cluster.state import load_state
+
+    state = load_state(name)
+    head = state.head
+    token = state.ray.head_token_path
+    if not (state.server.config_digest and head and state.env.dir and state.ports and token):
+        raise NotReadyError(
+            f"cluster {name!r} serves nothing right now", hint="run `llamacluster up` first"
+        )
+    recorded = RecordedCluster(state)
+    table = (
+        replicas_call(env_python(state.env.dir), f"{head.private_ip}:{state.ports.ray_gcs}")
+        .run(recorded.head_runner().run, env=ray_driver_env(token), timeout=120)
+        .value(what="reading the replica table")
+        .get("replicas")
+        or []
+    )
+    if not 1 <= replica <= len(table):
+        raise ConfigError(
+            f"cluster {name!r} has {len(table)} replica(s), not a replica {replica}",
+            hint=f"see `llamacluster status --name {name}` for the replicas",
+        )
+    row = table[replica - 1]
+    node = next((n for n in state.nodes if n.private_ip == row.get("node_ip")), None)
+    if node is None or not row.get("log_file_path"):
+        raise NotReadyError(
+            f"replica {replica} has no log file on a recorded node yet "
+            f"({row.get('state')} on {row.get('node_ip') or '?'})",
+            hint="wait until it runs, or see `llamacluster logs` for the head's logs",
+        )
+    temp_dir = state.ray.node(node.name).temp_dir
+    if not temp_dir:
+        raise ConfigError(f"no Ray on record on {node.label}", hint="run `llamacluster up`")
+    command = replica_logs_command(
+        temp_dir, row["log_file_path"], row.get("pid"), follow=follow, lines=lines
+    )
+    runner = recorded.runners([node.name])[0]
+    return runner.run(command, on_line=prefixed_printer(console)).returncode

@@ -1,7 +1,9 @@
 """`up --local --replicas 2`: two real vLLM engines behind one endpoint (Ray Serve's HAProxy mode).
 
 Both replicas get traffic (counted from each replica's own vLLM metrics), auth stays on, one
-killed replica leaves the endpoint answering, and `status` lists the replicas.
+killed replica leaves the endpoint answering without a single failed request (its replacement
+joins only with a ready engine), with every replica killed the endpoint answers an OpenAI-shaped
+503 + Retry-After at once until an engine is back, and `status` lists the replicas.
 """
 
 from __future__ import annotations
@@ -116,25 +118,24 @@ def test_two_replicas_behind_one_endpoint(tmp_path, cli_env, demo_model_dir):
         results = []
         while time.monotonic() - t0 < 20:
             results.append((round(time.monotonic() - t0, 2), _complete(url, key, model)))
+        (tmp_path / "one_killed.json").write_text(json.dumps(results))
         failed = [r for r in results if r[1] != 200]
-        # No request fails while the survivor serves alone. Once Serve's replacement listens
-        # and answers 503 + Retry-After while its engine loads, some of those 503s still reach
-        # clients (seen: 8 of 252, from 16 s on) although HAProxy is told to retry a 503
-        # elsewhere: a known gap (docs/SERVING.md), so only their shape is checked here.
-        # A request sent in the instant of the kill may still fail (HAProxy has not noticed yet);
-        # from 2 s on, every answer is a completion or that 503.
+        # A request sent in the instant of the kill may still fail (HAProxy has not noticed
+        # yet); from 2 s on every request is completed: by the survivor alone, and by Serve's
+        # replacement only once its engine is ready (it is not in HAProxy's table before).
         assert len(results) >= 10, results
         assert len([r for r in failed if r[0] < 2]) <= 2, results
-        assert all(code in (200, 503) for t, code in results if t >= 2), results
-        assert not [r for r in failed if 2 <= r[0] < 5], results
+        assert not [r for r in failed if r[0] >= 2], results
 
-        # Every replica killed: what a client gets until an engine is back (recorded beside
-        # the test's files), and that the endpoint comes back by itself.
+        # Every running replica killed (a replacement still loading its engine is not in
+        # HAProxy's table): until an engine is back, HAProxy itself answers with OpenAI's 503
+        # and Retry-After (not a plain-text 500, not a request held in Serve's proxy); recorded
+        # beside the test's files. The endpoint comes back by itself.
         status = _ok(llamacluster("status", "--local", env=cli_env, timeout=300))
         for pid in re.findall(r"replica \d on \S+ \(pid (\d+)\): RUNNING", status):
             os.kill(int(pid), signal.SIGKILL)
         t0 = time.monotonic()
-        seen: list[tuple[float, float, int, str | None]] = []
+        seen: list[tuple[float, float, int, str | None, object]] = []
         while time.monotonic() - t0 < 400:
             start = time.monotonic()
             try:
@@ -145,18 +146,29 @@ def test_two_replicas_behind_one_endpoint(tmp_path, cli_env, demo_model_dir):
                     timeout=120,
                 )
                 code, retry = r.status_code, r.headers.get("retry-after")
-            except httpx.HTTPError:
-                code, retry = 0, None
-            seen.append((round(start - t0, 2), round(time.monotonic() - start, 3), code, retry))
+                try:
+                    error = r.json().get("error", {}).get("code")
+                except ValueError:
+                    error = r.text[:80]
+            except httpx.HTTPError as exc:
+                code, retry, error = 0, None, type(exc).__name__
+            took = round(time.monotonic() - start, 3)
+            seen.append((round(start - t0, 2), took, code, retry, error))
             if code == 200:
                 break
             time.sleep(0.5)
         (tmp_path / "all_killed.json").write_text(json.dumps(seen))
         assert seen[-1][2] == 200, seen
-        # As above, a request in the instant of the kills may fail; later ones are answered.
-        assert len([x for x in seen if x[0] < 2 and x[2] not in (200, 500, 503)]) <= 2, seen
-        assert all(c in (200, 500, 503) for t, _, c, _ in seen if t >= 2), seen
-        assert all(retry for _, _, c, retry in seen if c == 503), seen
+        waiting = seen[:-1]
+        # A request in the instant of the kills may meet a dying connection; every later one
+        # gets the 503: within about 2 s while HAProxy still retries the dead replicas' refused
+        # connections (seen: 2.03 s, once), then at once as its checks have marked them down.
+        assert len([x for x in waiting if x[0] < 0.5 and x[2] != 503]) <= 1, seen
+        answered = [x for x in waiting if x[0] >= 0.5 or x[2] == 503]
+        assert len(answered) >= 4, seen
+        assert all(c == 503 and retry and error == 503 for _, _, c, retry, error in answered), seen
+        assert all(took < 3 for _, took, *_ in answered), seen
+        assert sorted(took for _, took, *_ in answered)[len(answered) // 2] < 0.5, seen
     finally:
         if (home / "clusters" / "local" / "state.json").exists():
             _bring_down_and_check(home, "local", cli_env)

@@ -11,7 +11,14 @@ import pytest
 from ray.serve._private.common import ReplicaState
 
 from cluster.errors import ConfigError, NotReadyError
-from serve.app import HAPROXY_ENV, PORT_MAX_ENV, PORT_MIN_ENV, controller_env, replica_env
+from serve.app import (
+    DRAIN_ENV,
+    HAPROXY_ENV,
+    PORT_MAX_ENV,
+    PORT_MIN_ENV,
+    controller_env,
+    replica_env,
+)
 from serve.balancer import (
     FILE_ENVS,
     MAX_DIR_CHARS,
@@ -44,12 +51,16 @@ def test_one_replica_keeps_direct_ingress_on_the_endpoint_port():
     assert (env[PORT_MIN_ENV], env[PORT_MAX_ENV]) == ("9000", "9001")
     assert HAPROXY_ENV not in env and HAPROXY_ENV not in replica_env(cfg)
     assert placement_bundles(cfg)[0][HEAD_RESOURCE] > 0  # the endpoint is on the head
+    # Nothing in front to deregister it from: a stopping replica stops at once.
+    assert env[DRAIN_ENV] == replica_env(cfg)[DRAIN_ENV] == "0"
 
 
 def test_replicas_put_haproxy_on_the_endpoint_and_replicas_on_their_own_ports(tmp_path):
     cfg = _config(num_replicas=3)
     env = controller_env(cfg, str(tmp_path))
     assert env[HAPROXY_ENV] == "1" and replica_env(cfg)[HAPROXY_ENV] == "1"
+    # A stopping replica stays reachable until HAProxy has reloaded without it.
+    assert float(replica_env(cfg)[DRAIN_ENV]) >= 2
     # Replicas take 2N + 2 ports from port + 10 (Serve's maximum is exclusive); Serve's proxy
     # is the fallback.
     assert (env[PORT_MIN_ENV], env[PORT_MAX_ENV]) == ("9010", "9018")

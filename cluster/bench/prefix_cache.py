@@ -1,0 +1,217 @@
+"""vLLM's prefix-cache hit rate over a benchmark: each replica's own counters
+(``vllm:prefix_cache_hits`` and ``vllm:prefix_cache_queries``, in tokens) read from its
+/metrics before and after every measured phase, the differences summed over the replicas.
+
+With ``--name`` the replicas of a cluster are found from its state (every node's address at
+each port of the replicas' range; a replica answering on several addresses of one host is
+counted once); against any other server, its own /metrics (one engine behind it).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import httpx
+
+from cluster.bench.config import Endpoint, LoadPoint
+from cluster.bench.metrics import PointMetrics
+
+# `vllm:prefix_cache_queries_total{engine="0",model_name="m"} 123.0` (a counter: prometheus
+# adds `_total`; `_created` lines are timestamps and are skipped).
+_COUNTER = re.compile(
+    r"^vllm:prefix_cache_(hits|queries)(?:_total)?(?:\{[^}]*\})?\s+([0-9.eE+-]+)\s*$", re.M
+)
+# The replicas' own ports: `up` starts them at the API port + 10, 2 × replicas + 2 of them
+# (serve/config.py ServeConfig.replica_ports).
+REPLICA_PORT_OFFSET = 10
+
+
+@dataclass(frozen=True)
+class PrefixCounters:
+    """Prompt tokens vLLM looked up in its prefix cache (queries) and found there (hits)."""
+
+    hits: float = 0.0
+    queries: float = 0.0
+
+    @property
+    def hit_rate(self) -> float | None:
+        """hits / queries; None when nothing was looked up."""
+        return self.hits / self.queries if self.queries > 0 else None
+
+
+def parse_prefix_counters(text: str) -> PrefixCounters | None:
+    """The prefix-cache counters of one /metrics page, summed over its label sets (engines);
+    None when the page has none (not a vLLM server, or prefix caching off)."""
+    sums = {"hits": 0.0, "queries": 0.0}
+    found = False
+    for kind, value in _COUNTER.findall(text):
+        sums[kind] += float(value)
+        found = True
+    return PrefixCounters(**sums) if found else None
+
+
+def counters_delta(
+    before: Mapping[str, PrefixCounters], after: Mapping[str, PrefixCounters]
+) -> PrefixCounters:
+    """What the replicas read both times added over the run, summed. A replica whose
+    counters went down was restarted in between: its new counts are the whole delta."""
+    hits = queries = 0.0
+    for source, end in after.items():
+        begin = before.get(source)
+        if begin is None:
+            continue
+        if end.hits < begin.hits or end.queries < begin.queries:
+            begin = PrefixCounters()
+        hits += end.hits - begin.hits
+        queries += end.queries - begin.queries
+    return PrefixCounters(hits=hits, queries=queries)
+
+
+def read_counters(
+    urls: Sequence[str], *, api_key: str | None, timeout_s: float = 10.0
+) -> dict[str, PrefixCounters]:
+    """Each metrics URL's counters; a URL that does not answer with them is left out."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    out: dict[str, PrefixCounters] = {}
+    with httpx.Client(timeout=timeout_s, headers=headers, trust_env=False) as client:
+        for url in urls:
+            try:
+                response = client.get(url)
+            except httpx.HTTPError:
+                continue
+            if response.status_code == 200:
+                counters = parse_prefix_counters(response.text)
+                if counters is not None:
+                    out[url] = counters
+    return out
+
+
+def replica_metric_urls(
+    hosts: Mapping[str, str], *, api_port: int, replicas: int
+) -> dict[str, list[str]]:
+    """Candidate /metrics URLs of a cluster's replicas: per host key (one per machine and
+    network namespace), every address of that host at every replica port. With one replica
+    the endpoint itself is the replica."""
+    if replicas <= 1:
+        return {}
+    ports = range(api_port + REPLICA_PORT_OFFSET, api_port + REPLICA_PORT_OFFSET + 2 * replicas + 2)
+    by_host: dict[str, list[str]] = {}
+    for address, host_key in hosts.items():
+        by_host.setdefault(host_key, []).append(address)
+    return {
+        f"{host_key}:{port}": [f"http://{_bracket(a)}:{port}/metrics" for a in addresses]
+        for host_key, addresses in by_host.items()
+        for port in ports
+    }
+
+
+def _bracket(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def find_replica_urls(candidates: Mapping[str, Sequence[str]], *, api_key: str | None) -> list[str]:
+    """One answering URL per replica (the first address of its host that answers)."""
+    found = []
+    for urls in candidates.values():
+        answering = read_counters(urls, api_key=api_key, timeout_s=3.0)
+        if answering:
+            found.append(next(u for u in urls if u in answering))
+    return found
+
+
+@dataclass
+class PrefixCacheObserver:
+    """Reads the counters around every measured phase of the endpoints it knows the metrics
+    of; adds ``prefix_cache_hit_rate`` (hits / queries, in prompt tokens), the tokens looked up
+    (``prefix_cache_queries``) and how many replicas were read (``prefix_cache_replicas``)."""
+
+    sources: dict[str, list[str]]  # endpoint name -> its replicas' /metrics URLs
+    api_keys: dict[str, str | None]
+    _before: dict[str, PrefixCounters] = field(default_factory=dict)
+    _sums: dict[tuple[str, str], tuple[PrefixCounters, int]] = field(default_factory=dict)
+
+    def phase_started(self, endpoint: Endpoint, point: LoadPoint, round_index: int) -> None:
+        """Read the counters before the phase."""
+        urls = self.sources.get(endpoint.name)
+        if urls:
+            self._before = read_counters(urls, api_key=self.api_keys.get(endpoint.name))
+
+    def phase_finished(self, endpoint: Endpoint, point: LoadPoint, round_index: int) -> None:
+        """Read them after; add the difference to this point's sums."""
+        urls = self.sources.get(endpoint.name)
+        if not urls:
+            return
+        after = read_counters(urls, api_key=self.api_keys.get(endpoint.name))
+        delta = counters_delta(self._before, after)
+        key = (endpoint.name, point.label)
+        total, _ = self._sums.get(key, (PrefixCounters(), 0))
+        read = len(set(self._before) & set(after))
+        self._sums[key] = (
+            PrefixCounters(total.hits + delta.hits, total.queries + delta.queries),
+            read,
+        )
+
+    def columns(
+        self, endpoint: Endpoint, point: LoadPoint, metrics: PointMetrics
+    ) -> dict[str, float]:
+        """The point's hit rate, tokens looked up and replicas read."""
+        found = self._sums.get((endpoint.name, point.label))
+        if found is None:
+            return {}
+        counters, replicas = found
+        rate = counters.hit_rate
+        out = {"prefix_cache_queries": counters.queries, "prefix_cache_replicas": float(replicas)}
+        if rate is not None:
+            out["prefix_cache_hit_rate"] = rate
+        return out
+
+
+def endpoint_metrics_url(base_url: str) -> str:
+    """A server's own /metrics beside its /v1."""
+    return base_url.removesuffix("/v1") + "/metrics"
+
+
+def cluster_hosts(name: str) -> dict[str, str]:
+    """Address -> host key (machine and network namespace) of every node of cluster ``name``:
+    the address the nodes use among themselves, and the one SSH reaches."""
+    from cluster.recorded import RecordedCluster
+
+    state = RecordedCluster.load(name).state
+    hosts: dict[str, str] = {}
+    for node in state.nodes:
+        key = "/".join(x for x in (node.machine_id or node.host, node.net_namespace) if x)
+        for address in (node.private_ip, node.host):
+            if address:
+                hosts.setdefault(address, key)
+    return hosts
+
+
+def prefix_cache_observer(
+    endpoints: Sequence[Endpoint], *, cluster: str | None, notes: list[str]
+) -> PrefixCacheObserver:
+    """The observer for a chat-sessions run: the cluster's replicas for its own endpoint
+    (``main`` with ``--name``), every other endpoint's own /metrics."""
+    sources: dict[str, list[str]] = {}
+    keys = {e.name: e.api_key.get_secret_value() if e.api_key else None for e in endpoints}
+    for endpoint in endpoints:
+        urls = [endpoint_metrics_url(endpoint.base_url)]
+        if cluster and endpoint.name == "main":
+            from cluster.recorded import RecordedCluster
+
+            state = RecordedCluster.load(cluster).state
+            replicas = state.server.replicas
+            if replicas > 1:
+                candidates = replica_metric_urls(
+                    cluster_hosts(cluster), api_port=state.ports.api, replicas=replicas
+                )
+                found = find_replica_urls(candidates, api_key=keys[endpoint.name])
+                if len(found) < replicas:
+                    notes.append(
+                        f"prefix cache: {len(found)} of {replicas} replicas answered on their "
+                        "own ports; the hit rate sums those"
+                    )
+                urls = found
+        sources[endpoint.name] = urls
+    return PrefixCacheObserver(sources=sources, api_keys=keys)

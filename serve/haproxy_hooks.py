@@ -1,0 +1,252 @@
+"""What HAProxy sees of the replicas: each one's engine readiness, and OpenAI-shaped answers of its own.
+
+Two guarded changes to Ray Serve's HAProxy mode (Ray has no option for either):
+
+* **In each replica**, Serve answers HAProxy's health check (``/-/healthz``) with 200 whenever
+  the replica process is alive. :func:`report_engine_readiness` makes it answer 503 while the
+  replica's engine loads, restarts in place or has failed, so HAProxy marks that replica DOWN
+  and sends nothing to it until its engine is back.
+* **In the HAProxyManager actor** (on the head; it writes HAProxy's config and reloads it),
+  :func:`install` is run at process start as Ray's worker setup hook (the controller's
+  environment names it, and the manager, its child, inherits that). It makes HAProxy's own
+  answers (no replica up, a replica gone mid-request) OpenAI's error shape with
+  ``Retry-After`` instead of Ray's plain-text 500, and keeps Serve's Python proxy out of the
+  HTTP backend: as a backup server it held requests until some replica ran (minutes, while an
+  engine loads), where a client should get a 503 at once.
+
+When Ray's internals are not as expected, each change logs a warning and leaves Ray's
+behaviour as it is.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Ray runs the function this names (module.function) in every worker process it starts with it
+# in the environment (ray/_private/workers/default_worker.py); ray_constants names it
+# WORKER_PROCESS_SETUP_HOOK_ENV_VAR.
+SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
+SETUP_HOOK = "serve.haproxy_hooks.install"
+# Retry-After seconds in HAProxy's own 503 (the replicas' --retry-after).
+RETRY_AFTER_ENV = "LLAMACLUSTER_RETRY_AFTER_S"
+HAPROXY_MODULE = "ray.serve._private.haproxy"
+
+# The start of HAProxy's own 503 message: `wait_until_ready` tells it from a failed replica.
+NO_REPLICA_MESSAGE = "no replica of this endpoint can serve right now"
+ERROR_FILES = {
+    502: (
+        "Bad Gateway",
+        "the replica closed the connection before it answered (it stopped or was restarted); "
+        "retry the request",
+    ),
+    503: (
+        "Service Unavailable",
+        f"{NO_REPLICA_MESSAGE}: every replica is loading its engine, restarting or stopped",
+    ),
+    504: ("Gateway Timeout", "the replica did not answer in time"),
+}
+
+_REPLICA_MARK = "_llamacluster_engine_readiness"
+_MANAGER_MARK = "_llamacluster_openai_errors"
+_engine_unavailable: Callable[[], str | None] = lambda: None  # noqa: E731
+
+
+# --- the replica: /-/healthz follows the engine ------------------------------------------------
+
+
+def report_engine_readiness(unavailable: Callable[[], str | None]) -> bool:
+    """Make this replica's ``/-/healthz`` (HAProxy's health check) fail while
+    ``unavailable()`` gives a reason (one word, e.g. ``loading``: the answer is public).
+
+    Serve's own reasons (draining, an unhealthy replica) still come first. Call it in the
+    replica process; returns False, changing nothing, when Ray's replica is not the expected
+    one (HAProxy then checks only that the process is alive, as without this).
+    """
+    global _engine_unavailable
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return False
+    cls = getattr(replica, "Replica", None)
+    original = getattr(cls, "_dataplane_health_check", None)
+    if original is None or not inspect.iscoroutinefunction(original):
+        logger.warning(
+            "Ray Serve's replica health check is not the expected one; HAProxy may send "
+            "requests to a replica whose engine is loading or restarting"
+        )
+        return False
+    _engine_unavailable = unavailable
+    if getattr(original, _REPLICA_MARK, False):
+        return True
+
+    async def _dataplane_health_check(self: Any) -> tuple[bool, str]:
+        healthy, message = await original(self)
+        if healthy and (reason := _engine_unavailable()) is not None:
+            return False, reason.upper()
+        return healthy, message
+
+    setattr(_dataplane_health_check, _REPLICA_MARK, True)
+    cls._dataplane_health_check = _dataplane_health_check
+    return True
+
+
+# --- the HAProxyManager: HAProxy's own answers and the backup server ----------------------------
+
+
+def error_response(status: int, retry_after_s: int) -> bytes:
+    """HAProxy's errorfile for ``status`` (a whole HTTP response): OpenAI's error JSON, with
+    ``Retry-After`` on a 503."""
+    from serve.api import error_payload
+
+    reason, message = ERROR_FILES[status]
+    if status == 503:
+        message += f"; retry after {retry_after_s} s"
+    body = json.dumps(error_payload(status, message)).encode()
+    head = [
+        f"HTTP/1.1 {status} {reason}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-cache",
+        "Connection: close",
+    ]
+    if status == 503:
+        head.append(f"Retry-After: {retry_after_s}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+# Ray's config template, each edit as (what is there, what replaces it). Every one must be
+# found exactly once, or none is made.
+_ERRORFILES = (
+    "    errorfile 502 {{ config.error_file_path }}\n"
+    "    errorfile 503 {{ config.error_file_path }}\n"
+    "    errorfile 504 {{ config.error_file_path }}\n"
+)
+_TEMPLATE_EDITS = (
+    # One file per status (Ray maps all three to one plain-text 500); error_file_path is ours,
+    # the 503 one.
+    (
+        _ERRORFILES,
+        "    errorfile 502 {{ config.error_file_path | replace('503.json.http', '502.json.http') }}\n"
+        "    errorfile 503 {{ config.error_file_path }}\n"
+        "    errorfile 504 {{ config.error_file_path | replace('503.json.http', '504.json.http') }}\n",
+    ),
+    # The HTTP backend keeps Serve's proxy as a server (Ray's bookkeeping counts it), but
+    # disabled: with no replica up HAProxy answers its own 503 at once instead of holding the
+    # request in the proxy until a replica runs.
+    (
+        "{{ backend.fallback_server.port }} check backup\n",
+        "{{ backend.fallback_server.port }} backup disabled\n",
+    ),
+    # The ingress-request-router backend mirrored that server's state (`track`); it checks the
+    # proxy itself instead, so a router's pin-miss still reaches the proxy.
+    (
+        "track {{ backend.name or 'unknown' }}/{{ backend.fallback_server.name }} backup",
+        "check backup",
+    ),
+)
+
+
+def balancer_template(template: str) -> str | None:
+    """Ray's HAProxy config template with our edits; None when it is not the expected one."""
+    for old, _ in _TEMPLATE_EDITS:
+        if template.count(old) != 1:
+            return None
+    for old, new in _TEMPLATE_EDITS:
+        template = template.replace(old, new)
+    return template
+
+
+def write_error_files(directory: str, retry_after_s: int) -> str:
+    """Write the 502, 503 and 504 errorfiles into ``directory`` (each written whole, then
+    renamed); returns the 503 one's path (the template derives the others from it)."""
+    for status in ERROR_FILES:
+        path = Path(directory, f"{status}.json.http")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(error_response(status, retry_after_s))
+        tmp.chmod(0o644)  # HAProxy reads it; it holds nothing secret
+        os.replace(tmp, path)
+    return str(Path(directory, "503.json.http"))
+
+
+def use_openai_errors(haproxy: Any, retry_after_s: int) -> bool:
+    """Patch Ray's HAProxy module (``ray.serve._private.haproxy``, loaded): our errorfiles and
+    template. Returns False, changing nothing, when it is not the expected one."""
+    api = getattr(haproxy, "HAProxyApi", None)
+    init_files = getattr(api, "_initialize_directories_and_error_files", None)
+    template = getattr(haproxy, "HAPROXY_CONFIG_TEMPLATE", None)
+    if getattr(init_files, _MANAGER_MARK, False):
+        return True
+    edited = balancer_template(template) if isinstance(template, str) else None
+    if init_files is None or edited is None:
+        logger.warning(
+            "Ray Serve's HAProxy config is not the expected one: with no replica up clients "
+            "get HAProxy's plain-text 500, or wait in Serve's proxy"
+        )
+        return False
+
+    def _initialize_directories_and_error_files(self: Any) -> None:
+        init_files(self)
+        directory = os.path.dirname(self.cfg.error_file_path)
+        self.cfg.error_file_path = write_error_files(directory, retry_after_s)
+
+    setattr(_initialize_directories_and_error_files, _MANAGER_MARK, True)
+    api._initialize_directories_and_error_files = _initialize_directories_and_error_files
+    haproxy.HAPROXY_CONFIG_TEMPLATE = edited
+    return True
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Apply :func:`use_openai_errors` right after Ray's HAProxy module is first imported (so
+    processes that never import it, such as engine workers, pay nothing)."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        self.retry_after_s = retry_after_s
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != HAPROXY_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        loader, retry_after_s = spec.loader, self.retry_after_s
+
+        class _Loader(importlib.abc.Loader):
+            def create_module(self, spec: Any) -> Any:
+                return loader.create_module(spec)
+
+            def exec_module(self, module: Any) -> None:
+                loader.exec_module(module)
+                use_openai_errors(module, retry_after_s)
+
+        spec.loader = _Loader()
+        return spec
+
+
+def install() -> None:
+    """Ray's worker setup hook (``SETUP_HOOK``): in a process of Serve's HAProxy mode, make
+    HAProxy's own answers OpenAI-shaped; elsewhere, nothing."""
+    # serve.balancer.HAPROXY_ENV (which imports this module): set for the controller, its
+    # children and the replicas of a balanced app only.
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        return
+    try:
+        retry_after_s = max(1, int(os.environ.get(RETRY_AFTER_ENV, "1")))
+    except ValueError:
+        retry_after_s = 1
+    module = sys.modules.get(HAPROXY_MODULE)
+    if module is not None:
+        use_openai_errors(module, retry_after_s)
+    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport(retry_after_s))

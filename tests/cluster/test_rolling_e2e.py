@@ -1,0 +1,150 @@
+"""`up --model NEW` on a running two-replica cluster: a rolling update under load, and a rollback.
+
+The new model (a second hub repo) downloads while the old one serves; the replicas then switch
+one at a time, and no request fails. A new model that cannot load is rolled back: `up` fails
+saying so, and the old model kept serving the whole time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cluster.demo_model import DEMO_MODEL_REPO_ID, build_demo_model
+from tests.cluster.test_up_e2e import _bring_down_and_check, _ok, _state, llamacluster
+
+pytestmark = pytest.mark.e2e
+
+NEW_REPO = "llamacluster/demo-tiny-llama-v2"
+
+
+class Load:
+    """Completions at concurrency ``workers`` against the endpoint until stopped: every
+    answer's time and status (0: no answer at all)."""
+
+    def __init__(self, url: str, key: str, model: str, workers: int = 1) -> None:
+        self.url, self.key, self.model = url, key, model
+        self.results: list[tuple[float, int, str]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(workers)]
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=120) as client:
+            while not self._stop.is_set():
+                try:
+                    r = client.post(
+                        f"{self.url}/v1/completions",
+                        headers={"Authorization": f"Bearer {self.key}"},
+                        json={"model": self.model, "prompt": "Hello there", "max_tokens": 4},
+                    )
+                    status, body = r.status_code, r.text[:200]
+                except httpx.HTTPError as exc:
+                    status, body = 0, f"{type(exc).__name__}: {exc}"
+                with self._lock:
+                    self.results.append((time.monotonic(), status, body))
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=150)
+
+    def failures(self) -> list[tuple[float, int, str]]:
+        with self._lock:
+            return [r for r in self.results if r[1] != 200]
+
+    def ok_count(self) -> int:
+        with self._lock:
+            return sum(1 for r in self.results if r[1] == 200)
+
+    def longest_gap_s(self) -> float:
+        """The longest time between two successful answers."""
+        with self._lock:
+            times = sorted(t for t, status, _ in self.results if status == 200)
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+
+@pytest.fixture
+def cli_env(tmp_path, hub_server) -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env["LLAMACLUSTER_HOME"] = str(tmp_path / "home")
+    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    env["COLUMNS"] = "250"
+    env.update(hub_server.env())
+    return env
+
+
+@pytest.mark.timeout(1800)
+def test_rolling_update_and_rollback_under_load(tmp_path, cli_env, hub_server):
+    home = Path(cli_env["LLAMACLUSTER_HOME"])
+    new = build_demo_model(tmp_path / "demo-v2", seed=1)
+    hub_server.add_repo(NEW_REPO, new)
+    broken = tmp_path / "broken-model"
+    shutil.copytree(new, broken)
+    for shard in broken.glob("*.safetensors"):  # a header that cannot be parsed: load fails
+        shard.write_bytes(b"\xff" * 64)
+    shared = tmp_path / "shared"
+    common = ["--local", "--tp", "1", "--pp", "1", "--replicas", "2", "--served-model-name", "demo"]
+    common += ["--cpu-slots", "2", "--cpu-kvcache-gb", "1", "--skip", "monitor"]
+    common += ["--shared-dir", str(shared), "--restart-attempts", "1"]
+    common += ["--ray-port", "0", "--dashboard-port", "0", "--api-port", "0"]
+    # The updates change only the model: the env, measure and Ray stages (checks that import
+    # vLLM, slow on two cores busy with two engines and the load) have nothing to do.
+    again = [*common, "--skip", "env", "--skip", "measure", "--skip", "ray"]
+    try:
+        _ok(llamacluster("up", "--model", DEMO_MODEL_REPO_ID, *common, env=cli_env, timeout=900))
+        state = _state(home, "local")
+        url = state["server"]["endpoint"]
+        key = Path(state["secrets"]["api_key_file"]).read_text().strip()
+        old_dir = state["server"]["deployed"]["model"]
+
+        with Load(url, key, "demo") as load:
+            time.sleep(3)
+            t0 = time.monotonic()
+            update = llamacluster("up", "--model", NEW_REPO, *again, env=cli_env, timeout=900)
+            took = time.monotonic() - t0
+            time.sleep(3)
+        out = _ok(update)
+        assert "rolling update" in out, out
+        assert "fetched" in out, out  # the new model downloaded while the old one served
+        assert load.failures() == [], load.failures()[:5]
+        assert load.ok_count() > 20
+        state = _state(home, "local")
+        v2_dir = state["server"]["deployed"]["model"]
+        assert v2_dir != old_dir
+        assert state["server"]["served_name"] == "demo"
+        print(f"rolling update: {took:.1f} s, longest gap {load.longest_gap_s():.1f} s")
+
+        with Load(url, key, "demo") as load:
+            time.sleep(2)
+            failed = llamacluster("up", "--model", str(broken), *again, env=cli_env, timeout=900)
+            time.sleep(2)
+        assert failed.returncode != 0, failed.stdout[-3000:]
+        said = failed.stdout + failed.stderr
+        assert "rolled back" in said, said[-3000:]
+        assert load.failures() == [], load.failures()[:5]
+        assert load.ok_count() > 10
+        # The model that serves is the one before the failed update.
+        r = httpx.post(
+            f"{url}/v1/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": "demo", "prompt": "Hi", "max_tokens": 2},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert _state(home, "local")["server"]["deployed"]["model"] == v2_dir
+    finally:
+        _bring_down_and_check(home, "local", cli_env)

@@ -1,0 +1,141 @@
+"""The prefix router's policy: routing text, chained block hashes, the choice and its memory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from serve.balancer import BALANCE_ENV, FORWARD_BODY_ENV, balancer_env
+from serve.config import ServeConfig
+from serve.prefix_router import (
+    LEAST_LOAD,
+    PREFIX,
+    Candidate,
+    PrefixIndex,
+    PrefixPolicy,
+    block_chain,
+    body_text,
+    choose_replica,
+    matched_blocks,
+    prompt_text,
+)
+
+POLICY = PrefixPolicy(block_chars=16, min_match_blocks=2, load_slack=1)
+
+
+def test_chat_messages_render_in_order_and_a_longer_conversation_extends_the_text():
+    turn1 = [{"role": "system", "content": "S" * 40}, {"role": "user", "content": "hi"}]
+    turn2 = [*turn1, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "?"}]
+    first, second = prompt_text({"messages": turn1}), prompt_text({"messages": turn2})
+    assert first is not None and second is not None
+    assert second.startswith(first)
+    assert first.index("S" * 40) < first.index("hi")
+    # Content given as parts counts its text; the same words as a string give the same text.
+    parts = [{"type": "text", "text": "S" * 40}]
+    assert prompt_text({"messages": [{"role": "system", "content": parts}]}) == prompt_text(
+        {"messages": [{"role": "system", "content": "S" * 40}]}
+    )
+    assert prompt_text({"prompt": "plain"}) == "plain"
+    assert prompt_text({"prompt": [1, 2, 3]}) == "1 2 3"
+    assert prompt_text({"model": "m"}) is None
+    assert prompt_text(["not", "a", "body"]) is None
+
+
+def test_a_body_cut_short_is_judged_by_its_own_characters():
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * 100}]}).encode()
+    assert body_text(body) == prompt_text(json.loads(body))
+    assert body_text(body[:50]) == body[:50].decode()
+    assert body_text(b"") is None
+
+
+def test_block_hashes_are_chained_so_equal_hashes_mean_equal_prefixes():
+    a = block_chain("a" * 16 + "b" * 16 + "c" * 16 + "tail", 16)
+    b = block_chain("a" * 16 + "b" * 16 + "X" * 16, 16)
+    c = block_chain("Z" * 16 + "b" * 16, 16)
+    assert len(a) == 3  # the partial block "tail" is not hashed
+    assert a[:2] == b[:2] and a[2] != b[2]
+    # The same block after a different prefix hashes differently.
+    assert c[1] != a[1]
+    assert block_chain("short", 16) == []
+
+
+def test_matched_blocks_is_the_longest_prefix_held():
+    chain = block_chain("".join(chr(65 + i) * 16 for i in range(5)), 16)
+    assert matched_blocks(chain, set(chain[:3])) == 3
+    assert matched_blocks(chain, {chain[3]}) == 4  # a chained hash implies its prefix
+    assert matched_blocks(chain, set()) == 0
+
+
+def test_the_longest_match_wins_unless_it_is_busier_than_the_slack():
+    cands = [Candidate("r1", outstanding=1, matched=5), Candidate("r2", outstanding=0, matched=2)]
+    assert choose_replica(cands, POLICY).replica_id == "r1"
+    assert choose_replica(cands, POLICY).reason == PREFIX
+    busy = [Candidate("r1", outstanding=3, matched=5), Candidate("r2", outstanding=1, matched=2)]
+    decision = choose_replica(busy, POLICY)
+    assert (decision.replica_id, decision.reason) == ("r2", LEAST_LOAD)
+
+
+def test_a_short_match_is_routed_by_load_and_ties_go_to_the_emptier_replica():
+    short = [Candidate("r1", 0, matched=1, known=10), Candidate("r2", 0, matched=0, known=0)]
+    # One block is under the threshold: load decides; equal load, the longer match.
+    assert choose_replica(short, POLICY) == choose_replica(short, POLICY)
+    assert choose_replica(short, POLICY).replica_id == "r1"
+    assert choose_replica(short, POLICY).reason == LEAST_LOAD
+    fresh = [Candidate("r1", 0, matched=0, known=10), Candidate("r2", 0, matched=0, known=0)]
+    assert choose_replica(fresh, POLICY).replica_id == "r2"
+    with pytest.raises(ValueError):
+        choose_replica([], POLICY)
+
+
+def test_index_remembers_what_each_replica_was_sent_within_its_bound():
+    index = PrefixIndex(max_blocks_per_replica=4)
+    conversation = block_chain("".join(chr(65 + i) * 16 for i in range(3)), 16)
+    index.record("r1", conversation)
+    assert index.matched("r1", conversation) == 3 and index.matched("r2", conversation) == 0
+    other = block_chain("".join(chr(97 + i) * 16 for i in range(3)), 16)
+    index.record("r1", other)  # 6 blocks into room for 4: the oldest go first
+    assert index.known("r1") == 4
+    assert index.matched("r1", other) == 3
+    assert index.matched("r1", conversation) == 1  # its tail went first, its head is kept
+    index.keep_only(["r2"])
+    assert index.known("r1") == 0
+
+
+def test_a_sequence_of_conversations_sticks_and_spreads_with_load():
+    """Simulated: two replicas, conversations sharing a system prompt, requests in flight."""
+    index = PrefixIndex(1000)
+    system = "S" * 64
+    load = {"r1": 0, "r2": 0}
+    placed = {}
+    for conv in range(4):
+        text = system + f"conversation {conv} " * 4
+        chain = block_chain(text, 16)
+        cands = [
+            Candidate(r, load[r], index.matched(r, chain), index.known(r)) for r in sorted(load)
+        ]
+        decision = choose_replica(cands, POLICY)
+        index.record(decision.replica_id, chain)
+        load[decision.replica_id] += 1  # each conversation keeps a request running
+        placed[conv] = decision.replica_id
+    # The shared system prompt pulls towards one replica until the slack sends the rest on.
+    assert set(placed.values()) == {"r1", "r2"}
+    assert abs(load["r1"] - load["r2"]) <= POLICY.load_slack + 1
+    # A later turn of each conversation goes back to where its first turn went.
+    for conv in range(4):
+        chain = block_chain(system + f"conversation {conv} " * 4 + "and more " * 4, 16)
+        cands = [Candidate(r, 0, index.matched(r, chain), index.known(r)) for r in sorted(load)]
+        assert choose_replica(cands, POLICY).replica_id == placed[conv]
+
+
+def test_balancer_follows_the_routing_setting(tmp_path):
+    def env(routing):
+        config = ServeConfig(model="m", no_auth=True, num_replicas=2, routing=routing)
+        return balancer_env(config, str(tmp_path))
+
+    assert env("least-load")[BALANCE_ENV] == "leastconn"
+    assert env("round-robin")[BALANCE_ENV] == "roundrobin"
+    assert FORWARD_BODY_ENV not in env("least-load")
+    assert env("prefix")[FORWARD_BODY_ENV] == "1"
+    with pytest.raises(ValueError, match="routing"):
+        ServeConfig(model="m", no_auth=True, routing="hash")
