@@ -395,8 +395,8 @@ def build_application(config: ServeConfig, api_keys: list[str]):
         },
         health_check_period_s=10,
         # A replica whose engine cannot load fails the same way again (a broken or missing
-        # model, too little memory): one more try per replica, not Serve's three, before the
-        # deploy (and a rolling update, which `up` then rolls back) fails.
+        # model, too little memory): the deploy (and a rolling update, which `up` then rolls
+        # back) fails after replicas + 1 failed starts in all, not Serve's 3 per replica.
         max_constructor_retry_count=config.num_replicas + 1,
         health_check_timeout_s=60,
         # A stopping replica checks for running requests this often; Serve's 2 s default

@@ -241,7 +241,7 @@ def probe_replica(ip: str, port: int, api_key: str | None, timeout_s: float = 5.
                 base = f"http://127.0.0.1:{port}"
                 answer = client.get(f"{base}/health")
             health = answer.json()
-            history = health.get("restarts") or []
+            history = (health.get("restarts") or []) if isinstance(health, dict) else []
             out["restarts"] = len(history)
             if history:
                 last = history[-1]

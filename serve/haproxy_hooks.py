@@ -154,6 +154,13 @@ _TEMPLATE_EDITS = (
         "track {{ backend.name or 'unknown' }}/{{ backend.fallback_server.name }} backup",
         "check backup",
     ),
+    # A prefix router that could not choose (no replica up, or it did not answer) is HAProxy's
+    # own 503 too, the errorfile above (OpenAI's shape, Retry-After), not a plain-text line.
+    (
+        'http-request return status 503 content-type text/plain lf-string "Ingress request '
+        'router failed: %[var(txn.ingress_request_router_failed)]" hdr X-Serve-Reason',
+        "http-request deny deny_status 503 hdr X-Serve-Reason",
+    ),
 )
 
 

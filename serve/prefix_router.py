@@ -16,6 +16,7 @@ The policy itself is pure (:func:`prompt_text`, :func:`block_chain`, :func:`choo
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -34,6 +35,8 @@ ROUTE_PATH = "/internal/route"
 DECISIONS_PATH = "/internal/decisions"
 # The client's request id, which Ray's Lua forwards to the router (header names are lowercase).
 REQUEST_ID_HEADER = b"x-request-id"
+# How long a route waits for Serve to offer a replica (none up: HAProxy's 503 after this).
+ROUTE_WAIT_S = 1.0
 # Decisions kept for GET /internal/decisions (request id, replica, matched blocks, reason).
 DECISIONS_KEPT = 2000
 # The Lua forwards at most HAProxy's buffer (8 MiB by default); nothing longer is read.
@@ -328,11 +331,14 @@ class PrefixRouter:
         chain = tuple(block_chain(text, self.policy.block_chars)) if text else ()
         query = RouteQuery(chain=chain, request_id=request_id)
         try:
-            async with self.server.choose_replica(query, _reserve=False) as selection:
-                # Set by PrefixRequestRouter (its own copy of Decision: read by field names).
-                decision = query.decision or Decision(
-                    selection._replica.replica_id.to_full_id_str(), 0, LEAST_LOAD
-                )
+            # Serve's router waits for a replica as long as there is none: bounded here, so
+            # that with every replica loading or gone the client gets HAProxy's 503 at once.
+            async with asyncio.timeout(ROUTE_WAIT_S):
+                async with self.server.choose_replica(query, _reserve=False) as selection:
+                    # Set by PrefixRequestRouter (its own copy of Decision: read by field names).
+                    decision = query.decision or Decision(
+                        selection._replica.replica_id.to_full_id_str(), 0, LEAST_LOAD
+                    )
         except Exception as exc:  # no replica (yet): HAProxy answers 503 for a non-200
             return 503, {"detail": f"no replica to route to ({type(exc).__name__})"}
         self.counts[decision.reason] += 1

@@ -47,7 +47,8 @@ def front_digest(config: ServeConfig) -> str:
 
 
 def first_line(text: str, limit: int = 300) -> str:
-    """The first non-empty line of ``text`` (Serve's messages carry tracebacks), shortened."""
+    """The telling line of ``text`` (Serve's messages carry tracebacks), shortened: the last
+    one naming an error (a traceback's exception line), else the first non-empty one."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     # A replica's start failure ends with the exception's own line: the most telling one.
     line = next((ln for ln in reversed(lines) if "Error" in ln), lines[0] if lines else "")

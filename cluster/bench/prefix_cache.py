@@ -23,9 +23,6 @@ from cluster.bench.metrics import PointMetrics
 _COUNTER = re.compile(
     r"^vllm:prefix_cache_(hits|queries)(?:_total)?(?:\{[^}]*\})?\s+([0-9.eE+-]+)\s*$", re.M
 )
-# The replicas' own ports: `up` starts them at the API port + 10, 2 × replicas + 2 of them
-# (serve/config.py ServeConfig.replica_ports).
-REPLICA_PORT_OFFSET = 10
 
 
 @dataclass(frozen=True)
@@ -89,22 +86,20 @@ def read_counters(
 
 
 def replica_metric_urls(
-    hosts: Mapping[str, str], *, api_port: int, replicas: int
+    replicas: Sequence[Mapping[str, object]], addresses: Mapping[str, Sequence[str]]
 ) -> dict[str, list[str]]:
-    """Candidate /metrics URLs of a cluster's replicas: per host key (one per machine and
-    network namespace), every address of that host at every replica port. With one replica
-    the endpoint itself is the replica."""
-    if replicas <= 1:
-        return {}
-    ports = range(api_port + REPLICA_PORT_OFFSET, api_port + REPLICA_PORT_OFFSET + 2 * replicas + 2)
-    by_host: dict[str, list[str]] = {}
-    for address, host_key in hosts.items():
-        by_host.setdefault(host_key, []).append(address)
-    return {
-        f"{host_key}:{port}": [f"http://{_bracket(a)}:{port}/metrics" for a in addresses]
-        for host_key, addresses in by_host.items()
-        for port in ports
-    }
+    """Candidate /metrics URLs of each replica in Serve's routing table (``replica_id``,
+    ``node_ip``, ``port``: the `replicas` verb's rows): its node's address, then the other
+    addresses the state knows for that node (``addresses``: node IP -> more). Only these ports
+    are asked (with the key): nothing else in the replicas' port range."""
+    out: dict[str, list[str]] = {}
+    for row in replicas:
+        ip, port = row.get("node_ip"), row.get("port")
+        if not ip or not port:
+            continue  # starting or restarting: not in the routing table
+        hosts = [str(ip), *(a for a in addresses.get(str(ip), ()) if a != ip)]
+        out[str(row.get("replica_id"))] = [f"http://{_bracket(h)}:{port}/metrics" for h in hosts]
+    return out
 
 
 def _bracket(address: str) -> str:
@@ -173,19 +168,25 @@ def endpoint_metrics_url(base_url: str) -> str:
     return base_url.removesuffix("/v1") + "/metrics"
 
 
-def cluster_hosts(name: str) -> dict[str, str]:
-    """Address -> host key (machine and network namespace) of every node of cluster ``name``:
-    the address the nodes use among themselves, and the one SSH reaches."""
+def cluster_replicas(name: str) -> tuple[list[dict], dict[str, list[str]]]:
+    """Cluster ``name``'s replicas from Serve's routing table (the `replicas` verb on the head,
+    as `status` asks it), and node IP -> the further addresses its state records (SSH's)."""
     from cluster.recorded import RecordedCluster
+    from cluster.stages.env import env_python
+    from cluster.stages.serve import ray_driver_env, replicas_call
 
-    state = RecordedCluster.load(name).state
-    hosts: dict[str, str] = {}
-    for node in state.nodes:
-        key = "/".join(x for x in (node.machine_id or node.host, node.net_namespace) if x)
-        for address in (node.private_ip, node.host):
-            if address:
-                hosts.setdefault(address, key)
-    return hosts
+    recorded = RecordedCluster.load(name)
+    state = recorded.state
+    head, token = state.head, state.ray.head_token_path
+    if head is None or state.ports is None or not token or not state.env.dir:
+        return [], {}
+    reply = replicas_call(
+        env_python(str(state.env.dir)), f"{head.private_ip}:{state.ports.ray_gcs}"
+    ).run(recorded.head_runner().run, env=ray_driver_env(token), timeout=120)
+    if not reply.ok or reply.data is None:
+        return [], {}
+    addresses = {n.private_ip: [n.host] for n in state.nodes if n.private_ip and n.host}
+    return list(reply.data.get("replicas") or []), addresses
 
 
 def prefix_cache_observer(
@@ -203,9 +204,8 @@ def prefix_cache_observer(
             state = RecordedCluster.load(cluster).state
             replicas = state.server.replicas
             if replicas > 1:
-                candidates = replica_metric_urls(
-                    cluster_hosts(cluster), api_port=state.ports.api, replicas=replicas
-                )
+                rows, addresses = cluster_replicas(cluster)
+                candidates = replica_metric_urls(rows, addresses)
                 found = find_replica_urls(candidates, api_key=keys[endpoint.name])
                 if len(found) < replicas:
                     notes.append(

@@ -224,12 +224,23 @@ def replica_side_ports(api: int, proxy: int, replicas: int) -> dict[str, list[in
 
 def check_replica_ports(ctx: UpContext, replicas: int) -> None:
     """Refuse (ConfigError naming each taken port and what needs it) unless the ports
-    ``replicas`` > 1 need are free on the head, as the API port must be."""
+    ``replicas`` > 1 need are free on the head, as the API port must be; those the running
+    server's own replicas and balancer hold (the recorded replica count) are not asked."""
     ports = ctx.state.ports
     if replicas <= 1 or ports is None:
         return
-    wanted = replica_side_ports(ports.api, ports.serve_proxy or ports.api + 2, replicas)
-    every = [p for group in wanted.values() for p in group]
+    proxy = ports.serve_proxy or ports.api + 2
+    wanted = replica_side_ports(ports.api, proxy, replicas)
+    server = ctx.state.server
+    running = server.replicas if server.config_digest is not None else 1
+    ours = (
+        {p for group in replica_side_ports(ports.api, proxy, running).values() for p in group}
+        if running > 1
+        else set()
+    )
+    every = [p for group in wanted.values() for p in group if p not in ours]
+    if not every:
+        return
     res = ctx.run_head(
         PORTS_TAKEN_TEMPLATE.format(ports=" ".join(map(str, every))),
         what="checking the replicas' ports",
@@ -410,11 +421,8 @@ class Preflight(Stage):
             )
         ports_changed = self._choose_ports(ctx)
         asked = cfg.num_replicas
-        if asked != "auto" and (
-            ctx.state.server.config_digest is None or ctx.state.server.replicas <= 1
-        ):
-            # Nothing of ours holds them yet (a running balancer would); `--replicas auto`
-            # is checked by the serve stage once the planner has chosen the count.
+        if asked != "auto":
+            # `--replicas auto` is checked by the serve stage once the planner has chosen.
             check_replica_ports(ctx, int(asked))
         self._check_reachability(ctx)
         # Ports already listening (a running cluster) that answer on a public address: warned

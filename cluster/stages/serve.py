@@ -664,9 +664,7 @@ class Serve(Stage):
                 f"{layout} needs {tp * pp * replicas} devices, the cluster has {total}",
                 hint="lower --replicas or --tp/--pp, or add nodes (or --cpu-slots on CPU nodes)",
             )
-        if choice.auto and (
-            ctx.state.server.config_digest is None or ctx.state.server.replicas <= 1
-        ):
+        if choice.auto:
             # An integer --replicas had its ports checked by preflight.
             from cluster.stages.preflight import check_replica_ports
 
@@ -821,6 +819,11 @@ class Serve(Stage):
             why = exc.message if isinstance(exc, LlamaclusterError) else str(exc)
         old = str(previous.deployed.get("model") or "the previous model")
         ctx.reporter.warn(f"the new config did not become ready ({why}): rolling back to {old}")
+        # The head's key, admin key and certificate files already hold the new config's: make
+        # the next `up` deploy again whatever it asks, rather than find its old digest serving.
+        ctx.state.server = previous.model_copy(
+            update={"config_digest": f"rolled-back:{previous.config_digest}"}
+        )
         try:
             self._deploy(ctx, python, address, previous.deployed, previous.replicas)
             self._wait_ready(ctx, python)

@@ -147,16 +147,20 @@ def test_observer_reports_the_hit_rate_of_a_point(metrics_text_server):
     }
 
 
-def test_replica_urls_cover_every_port_of_the_range_once_per_host():
-    hosts = {"10.0.0.1": "m1", "head.example": "m1", "10.0.0.2": "m2"}
-    urls = replica_metric_urls(hosts, api_port=8000, replicas=2)
-    assert len(urls) == 2 * 6  # two hosts, 2 × 2 + 2 ports
-    assert urls["m1:8010"] == [
-        "http://10.0.0.1:8010/metrics",
-        "http://head.example:8010/metrics",
+def test_replica_urls_are_only_the_routing_table_s_ports_on_each_node_s_addresses():
+    rows = [
+        {"replica_id": "a", "node_ip": "10.0.0.1", "port": 8010},
+        {"replica_id": "b", "node_ip": "10.0.0.2", "port": 8012},
+        {"replica_id": "c", "node_ip": "10.0.0.2", "port": None},  # starting: not routed yet
+        {"replica_id": "d", "node_ip": "fd00::3", "port": 8011},
     ]
-    assert "m2:8015" in urls and "m2:8016" not in urls
-    assert replica_metric_urls(hosts, api_port=8000, replicas=1) == {}
+    addresses = {"10.0.0.1": ["head.example"], "10.0.0.2": ["10.0.0.2"]}
+    assert replica_metric_urls(rows, addresses) == {
+        "a": ["http://10.0.0.1:8010/metrics", "http://head.example:8010/metrics"],
+        "b": ["http://10.0.0.2:8012/metrics"],
+        "d": ["http://[fd00::3]:8011/metrics"],
+    }
+    assert replica_metric_urls([], addresses) == {}
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ rate summed from their own /metrics.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -27,15 +26,6 @@ SYSTEM = (
     "You are a careful assistant of a travel agency. Answer briefly, name prices in euros, "
     "and never invent timetables. " * 6
 )
-
-
-@pytest.fixture
-def cli_env(tmp_path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["LLAMACLUSTER_HOME"] = str(tmp_path / "home")
-    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    env["COLUMNS"] = "250"
-    return env
 
 
 def _router_url(api_port: int) -> str:

@@ -28,15 +28,6 @@ SERVER_LINE = re.compile(r"^\s*server (SERVE_REPLICA_\S+) (\S+):(\d+) ", re.M)
 SUCCESS = re.compile(r"^vllm:request_success_total\{[^}]*\} ([0-9.e+]+)$", re.M)
 
 
-@pytest.fixture
-def cli_env(tmp_path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["LLAMACLUSTER_HOME"] = str(tmp_path / "home")
-    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    env["COLUMNS"] = "250"
-    return env
-
-
 def _replica_ports(api_port: int) -> dict[str, int]:
     """Replica name -> its own port, from the HAProxy config Ray wrote for this endpoint."""
     found: dict[str, int] = {}

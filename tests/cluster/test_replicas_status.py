@@ -326,7 +326,7 @@ def test_taken_replica_ports_refused_on_the_head_with_what_needs_them(tmp_path):
         with socket.socket() as probe:
             probe.bind(("", 0))
             api = probe.getsockname()[1]
-        if api + 16 < 65535 and not any(_taken(api + d) for d in (3, 4, *range(10, 16))):
+        if api + 20 < 65535 and not any(_taken(api + d) for d in (3, 4, *range(10, 20))):
             break
     ctx = _up_context(tmp_path, slots=[2], mem_gb=[None])
     ctx.state.ports = Ports(ray_gcs=1, dashboard=2, api=api, serve_proxy=api + 2)
@@ -347,6 +347,28 @@ def test_taken_replica_ports_refused_on_the_head_with_what_needs_them(tmp_path):
         "(replicas)"
     )
     assert info.value.hint and "--api-port" in info.value.hint
+
+    # A running two-replica server holds its own ports (api+3, api+4, api+10..api+15): going to
+    # four replicas asks only the ports it does not hold yet (api+16..api+19).
+    ctx.state.server.config_digest, ctx.state.server.replicas = "x", 2
+    holders = [socket.socket(), socket.socket()]
+    try:
+        for holder, port in zip(holders, (api + 3, api + 11), strict=True):
+            holder.bind(("", port))
+            holder.listen()
+        check_replica_ports(ctx, 2)  # the same count: nothing new to ask
+        check_replica_ports(ctx, 4)
+        extra = socket.socket()
+        try:
+            extra.bind(("", api + 17))
+            extra.listen()
+            with pytest.raises(ConfigError, match=rf"{api + 17} \(replicas\)"):
+                check_replica_ports(ctx, 4)
+        finally:
+            extra.close()
+    finally:
+        for holder in holders:
+            holder.close()
 
 
 def _taken(port: int) -> bool:

@@ -75,21 +75,17 @@ class Load:
         return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
-@pytest.fixture
-def cli_env(tmp_path, hub_server) -> dict[str, str]:
-    import os
-
-    env = dict(os.environ)
-    env["LLAMACLUSTER_HOME"] = str(tmp_path / "home")
-    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    env["COLUMNS"] = "250"
-    env.update(hub_server.env())
-    return env
+def _served_root(url: str, key: str) -> str:
+    """The model directory behind the served name "demo", as /v1/models tells it."""
+    r = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    return next(m["root"] for m in r.json()["data"] if m["id"] == "demo")
 
 
 @pytest.mark.timeout(1800)
 def test_rolling_update_and_rollback_under_load(tmp_path, cli_env, hub_server):
     home = Path(cli_env["LLAMACLUSTER_HOME"])
+    cli_env.update(hub_server.env())
     new = build_demo_model(tmp_path / "demo-v2", seed=1)
     hub_server.add_repo(NEW_REPO, new)
     broken = tmp_path / "broken-model"
@@ -110,6 +106,7 @@ def test_rolling_update_and_rollback_under_load(tmp_path, cli_env, hub_server):
         url = state["server"]["endpoint"]
         key = Path(state["secrets"]["api_key_file"]).read_text().strip()
         old_dir = state["server"]["deployed"]["model"]
+        assert _served_root(url, key) == old_dir
 
         with Load(url, key, "demo") as load:
             time.sleep(3)
@@ -125,6 +122,7 @@ def test_rolling_update_and_rollback_under_load(tmp_path, cli_env, hub_server):
         state = _state(home, "local")
         v2_dir = state["server"]["deployed"]["model"]
         assert v2_dir != old_dir
+        assert _served_root(url, key) == v2_dir
         assert state["server"]["served_name"] == "demo"
         print(f"rolling update: {took:.1f} s, longest gap {load.longest_gap_s():.1f} s")
 
@@ -137,14 +135,7 @@ def test_rolling_update_and_rollback_under_load(tmp_path, cli_env, hub_server):
         assert "rolled back" in said, said[-3000:]
         assert load.failures() == [], load.failures()[:5]
         assert load.ok_count() > 10
-        # The model that serves is the one before the failed update.
-        r = httpx.post(
-            f"{url}/v1/completions",
-            headers={"Authorization": f"Bearer {key}"},
-            json={"model": "demo", "prompt": "Hi", "max_tokens": 2},
-            timeout=60,
-        )
-        assert r.status_code == 200, r.text
-        assert _state(home, "local")["server"]["deployed"]["model"] == v2_dir
+        # The model that serves is the one before the failed update (vLLM names its path).
+        assert _served_root(url, key) == v2_dir
     finally:
         _bring_down_and_check(home, "local", cli_env)

@@ -39,8 +39,9 @@ def test_models_lists_the_served_name(api_server: ApiServer) -> None:
 
 
 def test_chat_completion(api_server: ApiServer) -> None:
+    # Random weights may sample the end-of-sequence token first: ask for exactly 8 tokens.
     reply = api_server.client().chat.completions.create(
-        model=api_server.model, messages=CHAT, max_tokens=8
+        model=api_server.model, messages=CHAT, max_tokens=8, extra_body={"ignore_eos": True}
     )
     assert reply.choices[0].message.role == "assistant"
     assert reply.usage.completion_tokens == 8
@@ -54,6 +55,7 @@ def test_chat_stream_with_usage(api_server: ApiServer) -> None:
         max_tokens=12,
         stream=True,
         stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
     )
     chunks = list(stream)
     usage = [c.usage for c in chunks if c.usage is not None]
@@ -79,7 +81,9 @@ def test_stream_ends_with_done(api_server: ApiServer) -> None:
 
 def test_completion_and_stream(api_server: ApiServer) -> None:
     client = api_server.client()
-    reply = client.completions.create(model=api_server.model, prompt="hello", max_tokens=6)
+    reply = client.completions.create(
+        model=api_server.model, prompt="hello", max_tokens=6, extra_body={"ignore_eos": True}
+    )
     assert reply.usage.completion_tokens == 6
     pieces = list(
         client.completions.create(model=api_server.model, prompt="hello", max_tokens=6, stream=True)

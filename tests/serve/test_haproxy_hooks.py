@@ -117,6 +117,8 @@ def test_no_replica_up_is_an_openai_503_at_once(tmp_path, kind: str) -> None:
         assert f"server proxy 127.0.0.1:{ports['proxy']} backup disabled" in text
         assert f"server proxy2 127.0.0.1:{ports['proxy']} check backup" in text
         assert " track http-routed/proxy2" not in text
+        assert "Ingress request router failed" not in text
+        assert "http-request deny deny_status 503 hdr X-Serve-Reason" in text
     else:
         assert f"server proxy 127.0.0.1:{ports['proxy']} check backup" in text
 

@@ -25,12 +25,13 @@ def greedy(url: str, auth: dict[str, str], model: str) -> str:
 
 
 def test_adapter_is_listed_used_and_changes_the_answer(
-    ray_cluster_1node, demo_model_dir: Path, tmp_path: Path
+    make_ray_cluster, demo_model_dir: Path, tmp_path: Path
 ) -> None:
     adapter = build_demo_lora(tmp_path / "demo-lora")
-    with running_server(
-        ray_cluster_1node, demo_model_dir, lora_modules=[f"demo-lora={adapter}"]
-    ) as server:
+    # A Ray cluster of its own: Serve holds one app per route prefix, and the session's shared
+    # server may already own "/" on the shared cluster.
+    cluster = make_ray_cluster(nodes=1, slots_per_node=1)
+    with running_server(cluster, demo_model_dir, lora_modules=[f"demo-lora={adapter}"]) as server:
         models = httpx.get(f"{server.base_url}/models", headers=server.auth, timeout=30).json()
         by_id = {m["id"]: m for m in models["data"]}
         assert set(by_id) == {server.model, "demo-lora"}

@@ -47,6 +47,14 @@ def test_endpoint_changes_change_the_front(changes):
     assert front_digest(_config(**changes)) != front_digest(_config())
 
 
+def test_with_replicas_the_retry_after_of_haproxy_s_own_503_is_in_the_front():
+    # HAProxy's error page is written when its manager starts: a new Retry-After needs Serve
+    # restarted. With one replica the gateway alone says it, and a rolling update applies it.
+    assert front_digest(_config(num_replicas=2, retry_after_s=9)) != front_digest(
+        _config(num_replicas=2)
+    )
+
+
 def test_replica_count_changes_the_port_range_in_the_front():
     two, three = _config(num_replicas=2), _config(num_replicas=3)
     assert front_of(two)["env"] != front_of(three)["env"]

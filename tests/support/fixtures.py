@@ -22,6 +22,21 @@ from tests.support.ray_cluster import LoopbackRayCluster, start_loopback_ray_clu
 from tests.support.server import SHARED_MAX_ONGOING, ApiServer, running_server
 from tests.support.sshd import SSHD_BIN, SSHServer, start_sshd, stop_process_tree
 
+# -- the CLI as a person runs it ------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """The environment a `llamacluster` child process gets in an end-to-end test: a home of
+    its own, a small CPU KV cache, wide lines (status tables are read by regex). Modules with
+    other needs define their own."""
+    env = dict(os.environ)
+    env["LLAMACLUSTER_HOME"] = str(tmp_path / "home")
+    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    env["COLUMNS"] = "250"
+    return env
+
+
 # -- hub ---------------------------------------------------------------------------------------
 
 
