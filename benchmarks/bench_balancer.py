@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_netcost import cli, write_results  # noqa: E402
+from benchmarks.bench_netcost import cli, report  # noqa: E402
 
 TTFT_TARGET_MS = 2.0
 TOKS_TARGET_RATIO = 0.97
@@ -233,19 +233,15 @@ def main(argv: list[str] | None = None) -> int:
         f"| endpoint | {split['completed']} of {split['requests']} completed | "
         f"{split['failed']} failed |"
     )
-    print("\n".join(table))
-    print(json.dumps(verdict))
-    write_results(
-        args.out,
-        {
-            "overhead": figures,
-            "ttft_p50_extra_ms": ttft_extra,
-            "output_tok_s_ratio": toks_ratio,
-            "parked_replica_served": parked_served,
-            "distribution": split,
-            "targets": verdict,
-            "args": vars(args) | {"out": str(args.out)},
-        },
+    report(
+        args,
+        table,
+        verdict,
+        overhead=figures,
+        ttft_p50_extra_ms=ttft_extra,
+        output_tok_s_ratio=toks_ratio,
+        parked_replica_served=parked_served,
+        distribution=split,
     )
     return 0
 

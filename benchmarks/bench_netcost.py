@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -64,6 +65,15 @@ def write_results(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, (json.dumps(result, indent=2) + "\n").encode())
     print(f"results: {path}")
+
+
+def report(args: Any, table: list[str], verdict: dict, **results: Any) -> None:
+    """Print a benchmark's table and verdict, and write its JSON to ``args.out``: ``results``,
+    the verdict as ``targets`` and the arguments it ran with."""
+    print("\n".join(table))
+    print(json.dumps(verdict))
+    payload = {**results, "targets": verdict, "args": vars(args) | {"out": str(args.out)}}
+    write_results(args.out, payload)
 
 
 def idle_bytes_per_s(seconds: float) -> dict[str, float]:

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_balancer import wait_all_ready  # noqa: E402
-from benchmarks.bench_netcost import cli, write_results  # noqa: E402
+from benchmarks.bench_netcost import cli, report  # noqa: E402
 
 MODES = ("prefix", "least-load")
 ROUTER = re.compile(r'host = "([^"]+)", port = (\d+)')
@@ -183,18 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{statistics.median(h['p50_ms'] for h in hops):.2f} ms, p99 "
             f"{statistics.median(h['p99_ms'] for h in hops):.2f} ms"
         )
-    print("\n".join(table))
-    print(json.dumps(verdict))
-    write_results(
-        args.out,
-        {
-            "summary": figures,
-            "rounds": runs,
-            "router_hop": hops,
-            "targets": verdict,
-            "args": vars(args) | {"out": str(args.out)},
-        },
-    )
+    report(args, table, verdict, summary=figures, rounds=runs, router_hop=hops)
     return 0
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_netcost import CLI, cli, write_results  # noqa: E402
+from benchmarks.bench_netcost import CLI, cli, report  # noqa: E402
 
 ONE_REPLICA_EXTRA_TARGET_S = 5.0
 
@@ -143,11 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = r["longest_gap_s"] - r["engine_load_s"]
             verdict["one_replica_gap_extra_s"] = round(extra, 1)
             verdict["one_replica_ok"] = extra <= ONE_REPLICA_EXTRA_TARGET_S
-    print("\n".join(table))
-    print(json.dumps(verdict))
-    write_results(
-        args.out, {"rows": rows, "targets": verdict, "args": vars(args) | {"out": str(args.out)}}
-    )
+    report(args, table, verdict, rows=rows)
     return 0
 
 
