@@ -7,8 +7,11 @@ socket for this part), side by side in alternating rounds of the bench client's 
 c=1 TTFT p50 (streamed) and c=16 output tokens/s. Distribution: both replicas in HAProxy again,
 uniform load through the endpoint, each replica's share from its own
 `vllm:request_success_total` (each replica's readiness probe counts there too: a few requests,
-reported as measured). Prints a table, writes JSON, brings the cluster down.
-Targets: TTFT p50 at most +2 ms, tokens/s at least 0.97x, each replica 40-60 %.
+reported as measured). Two replicas against one: c=16 output tokens/s through the endpoint with
+both replicas in HAProxy and with the second one in maintenance, alternating rounds, and the
+CPU seconds each part of the stack (engine workers, engine cores, replicas, HAProxy, the load
+generator, the rest) spent per 1000 output tokens in each. Prints a table, writes JSON, brings
+the cluster down. Targets: TTFT p50 at most +2 ms, tokens/s at least 0.97x, each replica 40-60 %.
 
     .venv/bin/python benchmarks/bench_balancer.py --out bench-results/balancer.json
 """
@@ -165,6 +168,83 @@ def distribution(url: str, key: str, ports: dict[str, int], model_dir: Path, arg
     }
 
 
+# Which part of the serving stack a process is, by its command line (first match wins).
+ROLES = (
+    ("engine worker", "RayWorkerProc"),
+    ("engine core", "EngineCore"),
+    ("replica (gateway, Serve)", "ServeReplica"),
+    ("haproxy", "haproxy"),
+)
+
+
+def cpu_seconds_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) each role's processes have used so far: the serving
+    stack's by ROLES, this process (the load generator), and the rest of the machine."""
+    import psutil
+
+    totals: dict[str, float] = {}
+    for proc in psutil.process_iter(["pid", "cmdline", "name", "cpu_times"]):
+        times = proc.info["cpu_times"]
+        if times is None:
+            continue
+        text = " ".join(proc.info["cmdline"] or [proc.info["name"] or ""])
+        if proc.info["pid"] == os.getpid():
+            role = "load generator (bench client)"
+        else:
+            role = next((r for r, mark in ROLES if mark in text), "rest (Ray, system)")
+        totals[role] = totals.get(role, 0.0) + times.user + times.system
+    return totals
+
+
+def scaling(url: str, key: str, toggle, model_dir: Path, args) -> dict[str, dict]:
+    """c=16 through the endpoint with one replica in HAProxy and with both, alternating rounds
+    (``toggle(True)`` parks the second replica, ``toggle(False)`` brings it back); with the CPU
+    seconds each part of the stack spent per 1000 output tokens, to show where the time goes."""
+    from cluster.bench.config import BenchConfig, Endpoint, LoadConfig, WorkloadConfig
+    from cluster.bench.runner import run_benchmark
+
+    runs: dict[str, list[dict]] = {"one": [], "two": []}
+    spent: dict[str, dict[str, float]] = {"one": {}, "two": {}}
+    tokens = {"one": 0.0, "two": 0.0}
+    for r in range(args.rounds):
+        order = ("one", "two") if r % 2 == 0 else ("two", "one")
+        for arm in order:
+            toggle(arm == "one")
+            before = cpu_seconds_by_role()
+            config = BenchConfig(
+                endpoints=[Endpoint(name=arm, base_url=f"{url}/v1", api_key=key)],
+                workload=WorkloadConfig(
+                    api="chat",
+                    input_len=args.input_len,
+                    output_len=args.output_len,
+                    tokenizer=str(model_dir),
+                ),
+                load=LoadConfig(concurrency=[16], num_requests=args.c16_requests),
+            )
+            p = run_benchmark(config, keep_records=False).point(arm, "c=16")
+            after = cpu_seconds_by_role()
+            for role, seconds in after.items():
+                spent[arm][role] = spent[arm].get(role, 0.0) + seconds - before.get(role, 0.0)
+            tokens[arm] += p.output_tokens
+            runs[arm].append(
+                {"output_tok_s": p.output_throughput, "completed": p.completed, "failed": p.failed}
+            )
+    toggle(False)
+    out: dict[str, dict] = {}
+    for arm, rows in runs.items():
+        rates = sorted(row["output_tok_s"] for row in rows)
+        out[arm] = {
+            "output_tok_s": rates[len(rates) // 2],
+            "rounds": rows,
+            "failed": sum(row["failed"] for row in rows),
+            "cpu_s_per_1k_tokens": {
+                role: 1000 * seconds / tokens[arm] if tokens[arm] else 0.0
+                for role, seconds in sorted(spent[arm].items())
+            },
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from cluster.demo_model import build_demo_model
@@ -195,7 +275,13 @@ def main(argv: list[str] | None = None) -> int:
             haproxy_command(admin, f"set server {backend}/{parked} state ready")
         # Only its own readiness probes (one per 10 s) may count there meanwhile.
         parked_served = successes(ports[parked], key) - parked_before
-        time.sleep(1)
+
+        def park(on: bool) -> None:
+            state = "maint" if on else "ready"
+            haproxy_command(admin, f"set server {backend}/{parked} state {state}")
+            time.sleep(1)
+
+        scale = scaling(url, key, park, model_dir, args)
         split = distribution(url, key, ports, model_dir, args)
     finally:
         cli("down", "--name", "local", env=env)
@@ -204,13 +290,19 @@ def main(argv: list[str] | None = None) -> int:
     d16, h16 = figures["direct"]["c16"], figures["haproxy"]["c16"]
     ttft_extra = h1["ttft_p50_ms"] - d1["ttft_p50_ms"]
     toks_ratio = h16["output_tok_s"] / d16["output_tok_s"] if d16["output_tok_s"] else 0.0
+    scale_ratio = (
+        scale["two"]["output_tok_s"] / scale["one"]["output_tok_s"]
+        if scale["one"]["output_tok_s"]
+        else 0.0
+    )
     shares = sorted(split["share"].values())
     verdict = {
         "ttft_p50_extra_ms_ok": ttft_extra <= TTFT_TARGET_MS,
         "tok_s_ratio_ok": toks_ratio >= TOKS_TARGET_RATIO,
         "share_ok": bool(shares) and SHARE_RANGE[0] <= shares[0] <= shares[-1] <= SHARE_RANGE[1],
         "all_succeeded": split["failed"] == 0
-        and all(f[c]["failed"] == 0 for f in figures.values() for c in f),
+        and all(f[c]["failed"] == 0 for f in figures.values() for c in f)
+        and all(arm["failed"] == 0 for arm in scale.values()),
     }
     table = [
         "| path | c=1 TTFT p50 ms | c=16 output tok/s | failed |",
@@ -221,6 +313,22 @@ def main(argv: list[str] | None = None) -> int:
         f"{h16['output_tok_s']:.0f} | {h1['failed'] + h16['failed']} |",
         f"| HAProxy vs own port | {ttft_extra:+.1f} ms | {toks_ratio:.2f}x | |",
         f"(the replica in maintenance meanwhile: {parked_served:.0f} completions, its probes)",
+        "",
+        "| replicas in HAProxy | c=16 output tok/s (median) | failed |",
+        "| --- | --- | --- |",
+        f"| one | {scale['one']['output_tok_s']:.0f} | {scale['one']['failed']} |",
+        f"| two | {scale['two']['output_tok_s']:.0f} | {scale['two']['failed']} |",
+        f"| two vs one | {scale_ratio:.2f}x | |",
+        "",
+        "| CPU seconds per 1000 output tokens | one replica | two replicas |",
+        "| --- | --- | --- |",
+        *(
+            f"| {role} | {scale['one']['cpu_s_per_1k_tokens'].get(role, 0.0):.2f} | "
+            f"{scale['two']['cpu_s_per_1k_tokens'].get(role, 0.0):.2f} |"
+            for role in sorted(
+                set(scale["one"]["cpu_s_per_1k_tokens"]) | set(scale["two"]["cpu_s_per_1k_tokens"])
+            )
+        ),
         "",
         "| replica | served (own metrics) | share |",
         "| --- | --- | --- |",
@@ -241,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         ttft_p50_extra_ms=ttft_extra,
         output_tok_s_ratio=toks_ratio,
         parked_replica_served=parked_served,
+        scaling=scale,
+        two_vs_one_ratio=scale_ratio,
         distribution=split,
     )
     return 0

@@ -44,6 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="rounds; each server alone per round")
+    ap.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=None,
+        help="compute threads of each engine worker, both servers (OMP_NUM_THREADS); default: "
+        "what `up` sets for one worker slot on this machine, its cores less one",
+    )
     return ap.parse_args(argv)
 
 
@@ -125,10 +132,12 @@ def measure(base_url: str, api_key: str | None, args, model_dir: Path) -> dict[i
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from cluster.demo_model import build_demo_model
+    from cluster.measure import engine_threads
     from serve.config import load_config
     from tests.support.ray_cluster import start_loopback_ray_cluster
     from tests.support.server import free_port, running_server
 
+    threads = args.cpu_threads or engine_threads(len(os.sched_getaffinity(0)), 1)
     work = Path(tempfile.mkdtemp(prefix="bench-server-"))
     model_dir = build_demo_model(work / "demo-tiny-llama")
     cluster = start_loopback_ray_cluster(nodes=1, slots_per_node=2)
@@ -139,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_model_len": 2048,
         "max_num_seqs": 64,
         "engine_args": {"enforce_eager": True},
+        "cpu_threads": threads,
     }
     # runs[server] = one {c: point} per round; each server runs alone, the order alternating.
     runs: dict[str, list[dict[int, object]]] = {"vllm": [], "llamacluster": []}
@@ -148,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
             for server in order:
                 if server == "vllm":
                     port = free_port()
-                    env = {**cluster.env, "VLLM_CPU_KVCACHE_SPACE": "1"}
+                    env = {
+                        **cluster.env,
+                        "VLLM_CPU_KVCACHE_SPACE": "1",
+                        "OMP_NUM_THREADS": str(threads),
+                    }
                     proc = start_plain_vllm(
                         load_config(**common, no_auth=True),
                         port=port,

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cluster.errors import ConfigError
 
 if TYPE_CHECKING:
-    from cluster.measure import CpuMeasurement
+    from cluster.measure import CpuMeasurement, GpuMeasurement
 
 
 class DeviceSpec(BaseModel):
@@ -57,6 +57,24 @@ class DeviceSpec(BaseModel):
         gt=0,
         description="Device-to-host link, GB/s per direction (PCIe 4.0 x16 32, PCIe 5.0 x16 64, "
         "NVLink-C2C 450); offloaded KV cache travels over it.",
+    )
+    measured_copy_gbs: float | None = Field(
+        default=None,
+        gt=0,
+        description="Device-to-device copy rate a GPU node measured (GpuMeasurement.copy_gbs, "
+        "bytes read + written), GB/s: the expected figures scale the family curve's memory "
+        "side by it over the calibration device's; None: not measured.",
+    )
+    measured_matmul_tflops: float | None = Field(
+        default=None,
+        gt=0,
+        description="Square bf16 matmul a GPU node measured, TFLOP/s: scales the curve's compute "
+        "side over the calibration device's; None: not measured.",
+    )
+    measured_at: str | None = Field(
+        default=None,
+        description="Where and when the GPU rates were measured ('head 2026-11-30'), for the "
+        "plan's notes.",
     )
 
 
@@ -256,3 +274,48 @@ def device_for_gpu_name(gpu_name: str) -> DeviceSpec | None:
         if needle in name:
             return DEVICES[key]
     return None
+
+
+#: Efficiency family of a measured GPU the table does not know (its curve: a fallback one).
+UNLISTED_GPU_FAMILY = "nvidia-unlisted"
+
+
+def measured_gpu_device(
+    measurement: GpuMeasurement,
+    *,
+    memory_gib: float | None = None,
+    where: str = "this machine",
+) -> DeviceSpec:
+    """The table's entry for a node's GPU (by the name CUDA gives its slowest device) with what
+    the node measured (cluster/measure.py): its memory, and its copy and matmul rates for the
+    expected figures to scale the family curve by (cluster/planner/efficiency.py). A GPU the
+    table lacks gets the measured rates as its peaks and a fallback curve. ``memory_gib``
+    overrides the measured memory."""
+    slowest = measurement.slowest
+    when = time.strftime("%Y-%m-%d", time.localtime(measurement.at))
+    memory = memory_gib or min(d.memory_gib for d in measurement.devices)
+    if memory <= 0:
+        raise ConfigError(f"memory_gib must be positive, got {memory}", hint="pass a number > 0")
+    found = f"measured on {where} {when}: {measurement.describe()}"
+    base = device_for_gpu_name(slowest.name)
+    if base is None:
+        base = DeviceSpec(
+            key="gpu",
+            name=slowest.name,
+            memory_gib=memory,
+            bandwidth_gbs=measurement.copy_gbs,
+            bf16_tflops=measurement.matmul_tflops,
+            interconnect_gbs=32,  # unknown: PCIe 4.0 x16, the slowest a data-centre GPU has
+            family=UNLISTED_GPU_FAMILY,
+            source=f"not in the table: measured rates taken as its peaks; {found}",
+        )
+    else:
+        base = base.model_copy(update={"source": f"{base.source}; {found}"})
+    return base.model_copy(
+        update={
+            "memory_gib": memory,
+            "measured_copy_gbs": measurement.copy_gbs,
+            "measured_matmul_tflops": measurement.matmul_tflops,
+            "measured_at": f"{where} {when}",
+        }
+    )

@@ -11,6 +11,8 @@ cpu     CpuRequest     the CpuMeasurement fields: read/copy/triad/gemv GB/s, mat
                        the fixed cost of a decode layer's kernel calls
 receive ReceiveRequest ``connections``: bytes and seconds each sender connection delivered
 send    SendRequest    the LinkMeasurement fields but src/dst: Gbit/s and round-trip time
+gpu     GpuRequest     the GpuMeasurement fields: per CUDA device its name, memory, copy
+                       GB/s, bf16 matmul TFLOP/s and batch-1 weight-streaming GB/s
 ======= ============== ====================================================================
 
 The CPU benchmark runs multi-threaded on every core the process may use (as the engine's
@@ -23,8 +25,12 @@ kernels (norms, rotary, activation, attention over a short context) at a small, 
 shape. The link test streams TCP from
 the head to a worker on the cluster's private addresses for a couple of seconds (a few
 connections, as one stream rarely fills a fast link) and times the round trip of one-byte
-messages on the same connection. Only the standard library and pydantic are imported at the
-top: torch or numpy are imported by the cpu verb alone.
+messages on the same connection. The GPU benchmark times, on each visible CUDA device, a
+device-to-device copy of large buffers (bytes read + written, as the planner's calibration
+counts them), a square bf16 matmul, and decode's weight streaming: a batch-1 matmul over a ring
+of weight matrices of a few sizes (together far beyond the L2 cache), replayed as one CUDA graph
+as the engine replays its decode steps. Only the standard library and pydantic are imported at
+the top: torch or numpy are imported by the cpu and gpu verbs alone.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -149,6 +155,71 @@ class LinkMeasurement(BaseModel):
     def describe(self) -> str:
         """``head → worker1 9.41 Gbit/s, RTT 0.121 ms``."""
         return f"{self.src} → {self.dst} {self.gbps:.3g} Gbit/s, RTT {self.rtt_ms:.3g} ms"
+
+
+class GpuDeviceMeasurement(BaseModel):
+    """What one CUDA device did in the GPU micro-benchmark."""
+
+    index: int = Field(ge=0, description="The device's CUDA index as the process saw it.")
+    name: str = Field(description="torch.cuda.get_device_name: 'NVIDIA H200', ...")
+    memory_gib: float = Field(gt=0, description="The device's total memory, GiB.")
+    copy_gbs: float = Field(
+        gt=0,
+        description="Device-to-device copy of two large buffers, bytes read + written, GB/s "
+        "(as the planner's calibration file counts its copy_tb_s).",
+    )
+    copy_mib: int = Field(ge=1, description="Size of each buffer the copy used, MiB.")
+    matmul_tflops: float = Field(gt=0, description="Square bf16 matmul, TFLOP/s.")
+    matmul_size: int = Field(ge=1, description="Side of the square matrices multiplied.")
+    stream_gbs: dict[int, float] = Field(
+        description="Per weight-matrix size in MiB: weights read by a batch-1 bf16 matmul (a "
+        "decode step's dense layers) over a ring of such matrices far beyond the L2 cache, "
+        "replayed as one CUDA graph, GB/s."
+    )
+    seconds: float = Field(ge=0, description="Wall time of this device's benchmark.")
+
+
+class GpuMeasurement(BaseModel):
+    """What one node's CUDA devices did in the GPU micro-benchmark (each device alone)."""
+
+    devices: list[GpuDeviceMeasurement] = Field(
+        min_length=1, description="One entry per device measured, in CUDA index order."
+    )
+    torch: str = Field(description="The torch version that ran the kernels.")
+    seconds: float = Field(ge=0, description="Wall time of the whole benchmark.")
+    at: float = Field(default_factory=time.time, description="When it ran (epoch seconds).")
+    machine_id: str | None = Field(
+        default=None, description="The machine it ran on (nodes on one machine share it)."
+    )
+
+    @property
+    def slowest(self) -> GpuDeviceMeasurement:
+        """The device with the lowest copy rate: a tp group or pipeline waits for it."""
+        return min(self.devices, key=lambda d: d.copy_gbs)
+
+    @property
+    def copy_gbs(self) -> float:
+        """The slowest device's copy rate, GB/s."""
+        return self.slowest.copy_gbs
+
+    @property
+    def matmul_tflops(self) -> float:
+        """The slowest matmul of the node's devices, TFLOP/s."""
+        return min(d.matmul_tflops for d in self.devices)
+
+    def describe(self) -> str:
+        """One line for a person: ``8 x NVIDIA H200 140.4 GiB: copy 4.25 TB/s, ...``."""
+        d = self.slowest
+        sizes = sorted(d.stream_gbs)
+        stream = "/".join(f"{d.stream_gbs[s] / 1e3:.2f}" for s in sizes)
+        mib = "/".join(str(s) for s in sizes)
+        count = f"{len(self.devices)} x " if len(self.devices) > 1 else ""
+        of = f" (slowest of {len(self.devices)})" if len(self.devices) > 1 else ""
+        return (
+            f"{count}{d.name} {d.memory_gib:.1f} GiB: copy {d.copy_gbs / 1e3:.2f} TB/s, bf16 "
+            f"matmul {d.matmul_tflops:.0f} TFLOP/s, batch-1 weights {stream} TB/s at {mib} "
+            f"MiB{of}"
+        )
 
 
 # ------------------------------------------------------------------------------ pure parts
@@ -508,6 +579,192 @@ def cpu(req: CpuRequest) -> dict[str, Any]:
     ).model_dump()
 
 
+# ---------------------------------------------------------------------------- gpu benchmark
+
+#: Columns of the weight matrices the streaming test multiplies a token by (a 7-8B model's
+#: hidden size): each matrix of N MiB has N MiB / (this x 2 bytes) rows.
+STREAM_HIDDEN = 4096
+#: The streaming test's ring of matrices holds at least this much (far beyond any L2 cache),
+#: so every replay reads its weights from device memory, as a decode step does.
+STREAM_RING_MIB = 1024
+#: Calls per timed run of the copy and the matmul.
+GPU_REPS = 10
+
+
+class GpuRequest(Request):
+    """Run the GPU micro-benchmark on every visible CUDA device, or on ``devices``."""
+
+    devices: list[int] | None = Field(
+        default=None, description="CUDA indexes to measure; default: every visible one."
+    )
+    copy_mib: int = Field(
+        default=2048,
+        ge=16,
+        le=65536,
+        description="Each copy buffer, MiB (the calibration's 2 GiB).",
+    )
+    matmul_size: int = Field(default=8192, ge=256, le=32768, description="Square matmul side.")
+    stream_mib: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default=[16, 64, 256],
+        min_length=1,
+        max_length=8,
+        description="Weight-matrix sizes of the streaming test, MiB each.",
+    )
+    repeats: int = Field(default=3, ge=1, le=20, description="Timed runs per kernel (best kept).")
+
+
+def copy_rate_gbs(buffer_bytes: int, seconds_per_copy: float) -> float:
+    """GB/s of one device-to-device copy of ``buffer_bytes``: read plus written bytes, as the
+    calibration file's copy_tb_s counts them."""
+    return 2 * buffer_bytes / seconds_per_copy / 1e9
+
+
+def matmul_tflops(size: int, seconds: float) -> float:
+    """TFLOP/s of one ``size`` x ``size`` by ``size`` x ``size`` matmul in ``seconds``."""
+    return 2 * size**3 / seconds / 1e12
+
+
+def stream_ring(size_mib: int, ring_mib: int = STREAM_RING_MIB) -> tuple[int, int]:
+    """(rows of each matrix, matrices in the ring) for the streaming test at ``size_mib``."""
+    rows = max(1, (size_mib << 20) // (STREAM_HIDDEN * 2))
+    return rows, max(2, -(-ring_mib // size_mib))
+
+
+def _cuda_torch() -> Any:
+    """torch, once it is known to see a CUDA device; else VerbFailed with the reason."""
+    hint = (
+        "run the gpu verb on a node with an NVIDIA GPU, its driver and a CUDA build of torch "
+        "(nvidia-smi lists the GPU; CUDA_VISIBLE_DEVICES is not empty)"
+    )
+    try:
+        import torch
+    except ImportError:
+        raise VerbFailed(
+            f"no CUDA device visible to torch: torch does not import with {sys.executable}",
+            hint=hint,
+        ) from None
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        raise VerbFailed(
+            f"no CUDA device visible to torch {torch.__version__} ({build}) in {sys.executable}",
+            hint=hint,
+        )
+    return torch
+
+
+def _best_seconds(torch: Any, fn: Any, *, reps: int, rounds: int) -> float:
+    """Seconds per call of ``fn`` on the current device: the fastest of ``rounds`` timed runs of
+    ``reps`` calls each, timed with CUDA events after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(rounds):
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / reps)
+    return best
+
+
+def _graph(torch: Any, fn: Any) -> Any:
+    """``fn`` captured as one CUDA graph (warmed up on a side stream first, as vLLM does)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def _copy_seconds(torch: Any, device: Any, nbytes: int, rounds: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return _best_seconds(torch, lambda: dst.copy_(src), reps=GPU_REPS, rounds=rounds)
+
+
+def _matmul_seconds(torch: Any, device: Any, size: int, rounds: int) -> float:
+    x = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    y = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    out = torch.empty_like(x)
+    for _ in range(2):  # clocks up, cuBLAS picks its kernel
+        torch.mm(x, y, out=out)
+    return _best_seconds(torch, lambda: torch.mm(x, y, out=out), reps=GPU_REPS, rounds=rounds)
+
+
+def _stream_gbs(torch: Any, device: Any, size_mib: int, ring_mib: int, rounds: int) -> float:
+    rows, count = stream_ring(size_mib, ring_mib)
+    token = torch.randn(1, STREAM_HIDDEN, dtype=torch.bfloat16, device=device)
+    weights = [
+        torch.randn(rows, STREAM_HIDDEN, dtype=torch.bfloat16, device=device) for _ in range(count)
+    ]
+    linear = torch.nn.functional.linear
+    graph = _graph(torch, lambda: [linear(token, w) for w in weights])
+    replay_s = _best_seconds(torch, graph.replay, reps=GPU_REPS, rounds=rounds)
+    return count * rows * STREAM_HIDDEN * 2 / replay_s / 1e9
+
+
+def _measure_gpu(torch: Any, index: int, req: GpuRequest) -> GpuDeviceMeasurement:
+    started = time.perf_counter()
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
+    name = torch.cuda.get_device_name(device)
+    free, total = torch.cuda.mem_get_info(device)
+    budget = int(free * 0.8)  # the allocator and the graphs need some room besides the buffers
+    copy_bytes = (min(2 * (req.copy_mib << 20), budget) // 2) >> 20 << 20
+    if copy_bytes < 64 << 20:
+        raise VerbFailed(
+            f"CUDA device {index} ({name}) has {free >> 20} MiB free: too little to measure",
+            hint="measure while nothing holds the GPU's memory (before the server starts)",
+        )
+    copy_s = _copy_seconds(torch, device, copy_bytes, req.repeats)
+    size = req.matmul_size
+    while 3 * size * size * 2 > budget and size > 256:
+        size //= 2
+    mm_s = _matmul_seconds(torch, device, size, req.repeats)
+    ring_mib = min(STREAM_RING_MIB, (budget >> 20) // 2)
+    stream = {}
+    for size_mib in req.stream_mib:
+        stream[size_mib] = _stream_gbs(torch, device, size_mib, ring_mib, req.repeats)
+        torch.cuda.empty_cache()  # the ring and its graph's pool go before the next size
+    return GpuDeviceMeasurement(
+        index=index,
+        name=name,
+        memory_gib=total / 2**30,
+        copy_gbs=copy_rate_gbs(copy_bytes, copy_s),
+        copy_mib=copy_bytes >> 20,
+        matmul_tflops=matmul_tflops(size, mm_s),
+        matmul_size=size,
+        stream_gbs=stream,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def gpu(req: GpuRequest) -> dict[str, Any]:
+    """Measure each CUDA device's copy bandwidth, bf16 matmul and weight streaming (one device
+    at a time, a couple of seconds each)."""
+    started = time.perf_counter()
+    torch = _cuda_torch()
+    count = torch.cuda.device_count()
+    indexes = list(range(count)) if req.devices is None else req.devices
+    unseen = [i for i in indexes if not 0 <= i < count]
+    if unseen:
+        raise VerbFailed(
+            f"CUDA device {unseen[0]} is not visible: torch sees {count} (0-{count - 1})",
+            hint="name devices torch sees (CUDA_VISIBLE_DEVICES renumbers them from 0)",
+        )
+    devices = [_measure_gpu(torch, i, req) for i in indexes]
+    return GpuMeasurement(
+        devices=devices, torch=torch.__version__, seconds=time.perf_counter() - started
+    ).model_dump()
+
+
 # ------------------------------------------------------------------------------- link test
 
 
@@ -664,6 +921,7 @@ VERBS: dict[str, Verb] = {
     "cpu": Verb(CpuRequest, cpu),
     "receive": Verb(ReceiveRequest, receive),
     "send": Verb(SendRequest, send),
+    "gpu": Verb(GpuRequest, gpu),
 }
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from cluster.errors import ConfigError
 from cluster.files import atomic_write
-from cluster.measure import CpuMeasurement, LinkMeasurement
+from cluster.measure import CpuMeasurement, GpuMeasurement, LinkMeasurement
 
 #: Name of the state file inside a cluster's directory.
 STATE_FILE = "state.json"
@@ -191,16 +191,26 @@ class EnvSection(BaseModel):
     versions: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="Per node: versions the env imports (vllm, ray, ...)."
     )
+    fingerprints: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per node: a digest of the env's installed packages when it was last "
+        "imported in full; while every node's is the same, a re-`up` reads versions without "
+        "importing vLLM (empty: import again).",
+    )
 
 
 class MeasureSection(BaseModel):
-    """Written by the measure stage: what each node's CPU and the links to the head achieved."""
+    """Written by the measure stage: what each node's CPU (and GPUs) and the links to the head
+    achieved."""
 
     cpu: dict[str, CpuMeasurement] = Field(
         default_factory=dict, description="Per node name: the CPU micro-benchmark."
     )
     links: dict[str, LinkMeasurement] = Field(
         default_factory=dict, description="Per worker name: TCP from the head to it."
+    )
+    gpu: dict[str, GpuMeasurement] = Field(
+        default_factory=dict, description="Per GPU node name: the GPU micro-benchmark."
     )
 
 

@@ -337,6 +337,9 @@ def replica_env(config: ServeConfig) -> dict[str, str]:
         env[HAPROXY_ENV] = "1"
     if config.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_space_gb or 4)
+        if config.cpu_threads is not None:
+            # Read by torch when each engine worker (a child of this replica) starts.
+            env["OMP_NUM_THREADS"] = str(config.cpu_threads)
     else:
         env["LLAMACLUSTER_CPU_PLATFORM"] = "0"
     return env
@@ -479,6 +482,8 @@ def deploy(config: ServeConfig, *, ray_address: str | None = None) -> Endpoint:
         publish_key_digests(config.app_name, [key_digest(k) for k in api_keys])
     http_options: dict[str, Any] = {"host": config.host, "port": config.proxy_port}
     balancer_dir = None
+    if config.balanced and config.tls_certfile is not None:
+        _check_balancer_tls(str(config.tls_certfile))
     if config.balanced:
         from serve.balancer import private_dir
 
@@ -520,6 +525,20 @@ def deploy(config: ServeConfig, *, ray_address: str | None = None) -> Endpoint:
         host=host,
         port=port,
     )
+
+
+def _check_balancer_tls(cert: str) -> None:
+    """HTTPS through HAProxy needs our edits of Ray's config template: refuse in one line,
+    before anything starts, when this Ray's template is not the expected one."""
+    from ray.serve._private import haproxy
+
+    from serve.haproxy_hooks import balancer_template
+
+    if balancer_template(haproxy.HAPROXY_CONFIG_TEMPLATE, cert) is None:
+        raise ConfigError(
+            "this Ray's HAProxy config template is not the one llamacluster edits for HTTPS",
+            hint="serve one replica over TLS, or several without TLS, or use the pinned Ray",
+        )
 
 
 def _balanced_host(config: ServeConfig) -> str:

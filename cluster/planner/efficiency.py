@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.device_specs import DeviceSpec
+from cluster.device_specs import DEVICES, UNLISTED_GPU_FAMILY, DeviceSpec
 
 # Scales of the curves' x axes: weight bytes per layer in GB, FLOPs per layer in TFLOP.
 WEIGHT_BYTES_SCALE = 1e9
@@ -135,7 +135,88 @@ CURVES: dict[str, EfficiencyCurve] = {
     )
 }
 # Families without a calibration of their own borrow the closest one's curve (and say so).
-FALLBACK_FAMILY = {"nvidia-ampere": "nvidia-hopper", "nvidia-ada": "nvidia-hopper"}
+FALLBACK_FAMILY = {
+    "nvidia-ampere": "nvidia-hopper",
+    "nvidia-ada": "nvidia-hopper",
+    UNLISTED_GPU_FAMILY: "nvidia-hopper",
+}
+
+
+class CalibrationRates(BaseModel):
+    """What a curve's calibration device achieved by the GPU micro-benchmark's methods
+    (cluster/measure.py, verb gpu): the reference a measured GPU node's rates are divided by."""
+
+    model_config = ConfigDict(frozen=True)
+
+    device_key: str = Field(description="The calibration device's table key: the curve's peaks.")
+    copy_gbs: float = Field(
+        gt=0,
+        description="Its device-to-device copy of two 2 GiB buffers, bytes read + written, GB/s "
+        "(the calibration file's copy_tb_s).",
+    )
+    matmul_tflops: float | None = Field(
+        default=None,
+        gt=0,
+        description="Its square bf16 matmul as the gpu verb times it, TFLOP/s; None where the "
+        "calibration did not record it (prefill is then not scaled by a measurement).",
+    )
+    source: str = Field(description="Where the reference figures come from.")
+
+
+# The calibration devices' own rates, per curve (tests/cluster/test_measure_gpu.py compares the
+# copy rate with the calibration file).
+CALIBRATION_RATES: dict[str, CalibrationRates] = {
+    "nvidia-hopper": CalibrationRates(
+        device_key="h200",
+        copy_gbs=4254.532086,
+        # The gpu verb on an H200 of the same kind (its copy: 0.99 x the calibration's).
+        matmul_tflops=810.941139,
+        source="h200-2026-11-30.json copy_tb_s; matmul: h200-gpu-verb-2026-11-30.json",
+    ),
+}
+
+
+def scale_to_measurement(
+    base: StepEfficiency,
+    device: DeviceSpec,
+    curve: EfficiencyCurve,
+    reference: CalibrationRates | None,
+) -> StepEfficiency:
+    """``base`` (``curve`` applied to ``device``) scaled to what the device's node measured:
+    the memory side by its copy rate over the calibration device's, the compute side by its
+    matmul rate over the calibration device's (when both are known). The factors are taken
+    against the calibration device's peaks, so a measured card of another model or a card the
+    table lacks lands at the absolute rate the calibration device's curve gives for those
+    ratios. Unmeasured devices (or curves without reference rates) keep ``base``."""
+    if reference is None or device.measured_copy_gbs is None:
+        return base
+    peaks = DEVICES[reference.device_key]
+    copy_ratio = device.measured_copy_gbs / reference.copy_gbs
+    memory = peaks.bandwidth_gbs * copy_ratio / device.bandwidth_gbs
+    notes = [
+        f"measured on {device.measured_at}: copy {device.measured_copy_gbs / 1e3:.2f} TB/s = "
+        f"{copy_ratio:.2f} x the calibration device's ({reference.copy_gbs / 1e3:.2f} TB/s, "
+        f"{curve.device})"
+    ]
+    compute_factor = 1.0
+    matmul = device.measured_matmul_tflops
+    if matmul is not None and reference.matmul_tflops is not None:
+        matmul_ratio = matmul / reference.matmul_tflops
+        compute_factor = peaks.bf16_tflops * matmul_ratio / device.bf16_tflops
+        notes.append(
+            f"bf16 matmul {matmul:.0f} TFLOP/s = {matmul_ratio:.2f} x its "
+            f"({reference.matmul_tflops:.0f} TFLOP/s)"
+        )
+    elif matmul is not None:
+        notes.append("prefill not scaled: the calibration recorded no matmul rate of its own")
+    weights, compute = base.weights, base.compute
+    return StepEfficiency(
+        lambda x: weights(x) * memory,
+        base.kv * memory,
+        lambda x: compute(x) * compute_factor,
+        f"{base.label}; {'; '.join(notes)}",
+        base.layer_ms,
+    )
 
 
 def expected_efficiency(
@@ -147,8 +228,10 @@ def expected_efficiency(
     """The efficiency the expected figures use, and a label saying where it comes from.
 
     Explicit overrides win (each replaces its own curve); a measured device is taken at its
-    measured rates plus its measured fixed cost per layer; otherwise the family's curve, or the curve a family without calibration
-    falls back to. A family with neither (CPU nodes from the table's placeholder) stays at 1.0.
+    measured rates plus its measured fixed cost per layer; otherwise the family's curve, or the
+    curve a family without calibration falls back to, scaled by a GPU node's measured rates
+    over the calibration device's (scale_to_measurement). A family with neither (CPU nodes
+    from the table's placeholder) stays at 1.0.
     """
     base: StepEfficiency
     if device.measured:
@@ -175,6 +258,7 @@ def expected_efficiency(
             f"{curve.family} curve fitted on {curve.device} ({curve.source}, "
             f"{curve.measured_on}){own}",
         )
+        base = scale_to_measurement(base, device, curve, CALIBRATION_RATES.get(curve.family))
     elif device.family in FALLBACK_FAMILY:
         curve = CURVES[FALLBACK_FAMILY[device.family]]
         base = StepEfficiency.of_curve(
@@ -182,6 +266,7 @@ def expected_efficiency(
             f"no calibration for the {device.family} family: using the {curve.family} curve "
             f"fitted on {curve.device} ({curve.source}, {curve.measured_on})",
         )
+        base = scale_to_measurement(base, device, curve, CALIBRATION_RATES.get(curve.family))
     else:
         base = StepEfficiency.constant(
             1.0,

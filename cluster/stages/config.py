@@ -197,6 +197,13 @@ class UpConfig(BaseModel):
     cpu_kvcache_gb: int | None = Field(
         default=None, ge=1, description="KV cache GiB per CPU worker (VLLM_CPU_KVCACHE_SPACE)."
     )
+    cpu_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Compute threads of each CPU worker (OMP_NUM_THREADS). Default: each "
+        "machine's cores less one per worker slot on it (at least 1; the fewest of all nodes).",
+    )
     quantization: str | None = Field(
         default=None,
         description="vLLM quantization method (fp8, awq, gptq, ...); the planner sizes weights "
@@ -409,6 +416,7 @@ class UpConfig(BaseModel):
                 "num_replicas",
                 "admin_key_file",
                 "cpu_kvcache_gb",
+                "cpu_threads",
                 "quantization",
                 "speculative_config",
                 "kv_offload_gb",

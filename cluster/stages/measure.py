@@ -1,5 +1,6 @@
-"""Measure stage: each machine's memory bandwidth and matmul speed, and TCP from the head to each
-worker, recorded for the planner (tp × pp defaults, `plan --ips`) and shown by `status`.
+"""Measure stage: each machine's memory bandwidth and matmul speed (and, on GPU nodes, each
+GPU's copy, matmul and weight-streaming rates), and TCP from the head to each worker, recorded
+for the planner (tp × pp defaults, expected speed, `plan --ips`) and shown by `status`.
 
 After the env stage, because the CPU benchmark needs the env's torch (the system python3 rarely
 has torch or even numpy, and a pure-Python loop measures the interpreter, not the memory); the
@@ -19,6 +20,8 @@ from cluster.inventory import Node
 from cluster.measure import (
     CpuMeasurement,
     CpuRequest,
+    GpuMeasurement,
+    GpuRequest,
     LinkMeasurement,
     ReceiveRequest,
     SendRequest,
@@ -69,12 +72,24 @@ def machine_slots(nodes: list[NodeState]) -> dict[str, int]:
     }
 
 
+def gpu_is_current(node: NodeState, measured: GpuMeasurement | None) -> bool:
+    """Whether a node has the GPU measurement it needs: none for a CPU node; for a GPU node one
+    of its machine covering at least as many devices as preflight counted."""
+    if node.device_kind != "gpu":
+        return True
+    if measured is None or len(measured.devices) < node.devices:
+        return False
+    return not (measured.machine_id and node.machine_id and measured.machine_id != node.machine_id)
+
+
 def is_current(ctx: ClusterContext) -> bool:
     """Whether every node has a CPU measurement of its machine for its slots (with the engine
-    kernel's rate) and every worker a link one to its address."""
+    kernel's rate), every GPU node a GPU one, and every worker a link one to its address."""
     recorded = ctx.state.measure
     slots = machine_slots(ctx.state.nodes)
     for n in ctx.state.nodes:
+        if not gpu_is_current(n, recorded.gpu.get(n.name)):
+            return False
         cpu = recorded.cpu.get(n.name)
         if cpu is None or cpu.gemv_gbs is None or cpu.slots != slots[n.name]:
             return False
@@ -94,7 +109,7 @@ class Measure(Stage):
     worker; a rerun keeps what was measured for the same machines and addresses."""
 
     name = "measure"
-    title = "measure CPU memory bandwidth and matmul speed, and the head-to-worker links"
+    title = "measure CPU memory bandwidth and matmul speed, GPUs, and the head-to-worker links"
     sections = ("measure",)
 
     def check(self, ctx: ClusterContext) -> StageCheck:
@@ -103,14 +118,12 @@ class Measure(Stage):
         if not recorded.cpu:
             return StageCheck(None, "nothing measured")
         per_node = {
-            n.label: recorded.cpu[n.name].describe()
-            for n in ctx.state.nodes
-            if n.name in recorded.cpu
+            n.label: _describe(recorded, n.name) for n in ctx.state.nodes if n.name in recorded.cpu
         }
         links = [link.describe() for link in recorded.links.values()]
         head = ctx.state.head
         cpu = recorded.cpu.get(head.name) if head else None
-        first = cpu.describe() if cpu else next(iter(per_node.values()))
+        first = _describe(recorded, head.name) if cpu and head else next(iter(per_node.values()))
         message = f"head {first}" + ("; " + "; ".join(links) if links else "")
         return StageCheck(True, message, per_node)
 
@@ -120,6 +133,11 @@ class Measure(Stage):
             n.label: [call(python, "cpu", CpuRequest()).display("one node per machine")]
             for n in ctx.cluster
         }
+        kinds = {n.name: n.device_kind for n in ctx.state.nodes}
+        for n in ctx.cluster:
+            if kinds.get(n.name, "gpu") == "gpu":
+                note = "GPU node" if n.name in kinds else "if preflight finds GPUs"
+                plan[n.label].append(call(python, "gpu", GpuRequest()).display(note))
         for w in ctx.cluster.workers:
             ip = w.private_ip or w.host
             plan[w.label] += [
@@ -143,9 +161,9 @@ class Measure(Stage):
         python = env_python(str(ctx.state.env.dir or env_dir_for(ctx)))
         recorded = ctx.state.measure
         fresh = measure_nodes(ctx, python)
-        recorded.cpu, recorded.links = fresh.cpu, fresh.links
+        recorded.cpu, recorded.links, recorded.gpu = fresh.cpu, fresh.links, fresh.gpu
         for n in ctx.state.nodes:
-            ctx.reporter.node(n.label, recorded.cpu[n.name].describe())
+            ctx.reporter.node(n.label, _describe(recorded, n.name))
         for link in recorded.links.values():
             ctx.reporter.info(link.describe())
         return StageOutcome("done", self._summary(ctx))
@@ -156,17 +174,27 @@ class Measure(Stage):
         head = ctx.state.nodes[0]
         cpu = recorded.cpu[head.name]
         text = f"head read {cpu.read_gbs:.1f} GB/s, {cpu.dtype} {cpu.matmul_tflops:.3g} TFLOP/s"
+        if head.name in recorded.gpu:
+            text += f"; GPU {recorded.gpu[head.name].describe()}"
         if recorded.links:
             slowest = min(recorded.links.values(), key=lambda link: link.gbps)
             text += f"; slowest link {slowest.describe()}"
         return text
 
 
+def _describe(recorded: MeasureSection, name: str) -> str:
+    """A node's measurements on one line: its CPU's, then its GPUs' when it has them."""
+    gpu = recorded.gpu.get(name)
+    return recorded.cpu[name].describe() + (f"; GPU {gpu.describe()}" if gpu else "")
+
+
 def measure_nodes(ctx: ClusterContext, python: str) -> MeasureSection:
-    """Measure every machine's CPU and every head-to-worker link of ``ctx`` with ``python``."""
+    """Measure every machine's CPU, every GPU node's GPUs and every head-to-worker link of
+    ``ctx`` with ``python``."""
     cpu = measure_cpus(ctx, python)  # first: the link test must not share the CPUs with it
+    gpu = measure_gpus(ctx, python)
     links = {w.name: measure_link(ctx, python, h, w) for h, w in link_pairs(ctx.state.nodes)}
-    return MeasureSection(cpu=cpu, links=links)
+    return MeasureSection(cpu=cpu, links=links, gpu=gpu)
 
 
 def measure_here(python: str | None = None, *, slots: int = 1) -> CpuMeasurement:
@@ -225,6 +253,37 @@ def measure_cpus(ctx: ClusterContext, python: str) -> dict[str, CpuMeasurement]:
             by_name[node.name] = CpuMeasurement.model_validate(
                 {**reply, "machine_id": rec.machine_id}
             )
+    return {n.name: by_name[group[0].name] for group in groups.values() for n in group}
+
+
+def measure_gpus(ctx: ClusterContext, python: str) -> dict[str, GpuMeasurement]:
+    """The GPU micro-benchmark once per machine with GPU nodes, machines in parallel (a
+    machine's GPU nodes share its result); empty on a CPU-only cluster."""
+    groups = machines([n for n in ctx.state.nodes if n.device_kind == "gpu"])
+    if not groups:
+        return {}
+    first = {g[0].name for g in groups.values()}
+    request = call(python, "gpu", GpuRequest())
+    results = ctx.run(
+        request.command,
+        what="GPU micro-benchmark",
+        nodes=[n for n in ctx.cluster if n.name in first],
+        stdin=request.stdin,
+        timeout=300,
+        check=False,
+    )
+    by_name: dict[str, GpuMeasurement] = {}
+    for node, result in results.items():
+        reply = Reply(result, parse_reply(result.stdout))
+        if not reply.ok:
+            hint = (reply.data or {}).get("hint")
+            raise RemoteError(
+                f"the GPU micro-benchmark failed on {result.node}: {reply.error}",
+                hint=f"{hint}; or skip the stage: --skip measure" if hint else None,
+            )
+        by_name[node.name] = GpuMeasurement.model_validate(
+            {**(reply.data or {}), "machine_id": ctx.node_state(node).machine_id}
+        )
     return {n.name: by_name[group[0].name] for group in groups.values() for n in group}
 
 
@@ -294,6 +353,20 @@ def measured_cpu_spec(
     cpu, node = min(measured, key=per_slot)
     share = slots or max(1, node.devices)
     return measured_cpu_device(cpu, slots=share, memory_gib=memory_gib, where=node.label)
+
+
+def measured_gpu_spec(
+    nodes: list[NodeState], recorded: MeasureSection, *, memory_gib: float | None = None
+) -> DeviceSpec | None:
+    """The planner's GPU device from what the measure stage recorded: the table's entry for the
+    slowest measured GPU node's card (lowest copy rate: a pipeline runs at its slowest stage's
+    pace) with its measured rates; None unless every node is a GPU node with a measurement."""
+    from cluster.device_specs import measured_gpu_device
+
+    if not nodes or any(n.device_kind != "gpu" or n.name not in recorded.gpu for n in nodes):
+        return None
+    node = min(nodes, key=lambda n: recorded.gpu[n.name].copy_gbs)
+    return measured_gpu_device(recorded.gpu[node.name], memory_gib=memory_gib, where=node.label)
 
 
 def measured_link_gbps(recorded: MeasureSection) -> float | None:

@@ -100,9 +100,11 @@ def replicas_call(
     app_name: str = DEFAULT_APP_NAME,
     *,
     api_key_file: str | None = None,
+    ca_file: str | None = None,
 ) -> RemoteCall:
     """The app's replicas (id, state, nodes, pid, port, log file) from Serve's controller on
-    the head; with the head's key file, each replica's running requests and restarts too."""
+    the head; with the head's key file, each replica's running requests and restarts too
+    (asked over HTTPS trusting ``ca_file``, the API's certificate, when the API speaks it)."""
     from serve.balancer import MODULE as BALANCER_REMOTE
     from serve.balancer import ReplicasRequest
 
@@ -110,7 +112,12 @@ def replicas_call(
         python,
         BALANCER_REMOTE,
         "replicas",
-        ReplicasRequest(ray_address=ray_address, app_name=app_name, api_key_file=api_key_file),
+        ReplicasRequest(
+            ray_address=ray_address,
+            app_name=app_name,
+            api_key_file=api_key_file,
+            ca_file=ca_file,
+        ),
     )
 
 
@@ -317,8 +324,9 @@ def plan_parallelism(
     """tp × pp for ``model`` on ``nodes``: the flags when both are given, else the planner's
     smallest layout that fits (tp inside a node first, pp across nodes; a given one is kept).
 
-    Only memory decides the fit, so a GPU node is sized as an H100 with its measured memory;
-    CPU nodes and the network between nodes take what the measure stage recorded, if anything.
+    Only memory decides the fit, so a GPU node is sized as an H100 with its measured memory
+    (or as its card with the measure stage's GPU figures); CPU nodes and the network between
+    nodes take what the measure stage recorded, if anything.
     """
     if tp and pp:
         return tp, pp
@@ -343,12 +351,13 @@ def planner_cluster(
     """The recorded nodes as the planner sees them (see plan_parallelism)."""
     from cluster.device_specs import get_device
     from cluster.planner import ClusterShape
-    from cluster.stages.measure import measured_cpu_spec, measured_link_gbps
+    from cluster.stages.measure import measured_cpu_spec, measured_gpu_spec, measured_link_gbps
 
     head = nodes[0]
     if head.device_kind == "gpu":
         mem = min(int(x) for x in head.device_info.get("memory_mib", "0").split(",") if x)
-        device = get_device("h100-sxm", memory_gib=mem / 1024 if mem else None)
+        spec = measured_gpu_spec(nodes, measured) if measured else None
+        device = spec or get_device("h100-sxm", memory_gib=mem / 1024 if mem else None)
     else:
         memory = float(cpu_kvcache_gb) + CPU_SLOT_EXTRA_GIB if cpu_kvcache_gb else None
         spec = measured_cpu_spec(nodes, measured, memory_gib=memory) if measured else None
@@ -374,8 +383,7 @@ def host_memory_gib(node: NodeState) -> float | None:
 def replica_choice(ctx: UpContext, tp: int, pp: int) -> ReplicaChoice:
     """How many replicas this `up` serves: an integer --replicas as given; auto: the planner's
     count for the recorded nodes (on CPU nodes only the slots their memory holds, each worker
-    with its weights, runtime headroom and KV cache), one replica with TLS (the balancer
-    speaks plain HTTP)."""
+    with its weights, runtime headroom and KV cache)."""
     from cluster.planner import (
         PlanOptions,
         choose_replicas,
@@ -402,11 +410,7 @@ def replica_choice(ctx: UpContext, tp: int, pp: int) -> ReplicaChoice:
             worker = CPU_SLOT_EXTRA_GIB
         hosts = [host_memory_gib(n) for n in nodes]
         memory = cpu_memory_slots(devices, hosts, worker_gib=worker, kv_cache_gib=kv_gb)
-    choice = choose_replicas(devices, tp=tp, pp=pp, memory_slots=memory)
-    if cfg.https and choice.replicas > 1:
-        why = f"{choice.why}; 1 with TLS (the balancer of several speaks plain HTTP)"
-        return choice.model_copy(update={"replicas": 1, "why": why})
-    return choice
+    return choose_replicas(devices, tp=tp, pp=pp, memory_slots=memory)
 
 
 def default_parallelism(ctx: UpContext) -> tuple[int, int]:
@@ -504,9 +508,27 @@ def serve_values(ctx: UpContext, tp: int, pp: int, replicas: int) -> dict[str, o
         values["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     if head.device_kind == "cpu":
         values["cpu_kvcache_space_gb"] = cfg.cpu_kvcache_gb or default_cpu_kvcache_gb()
+        values["cpu_threads"] = cfg.cpu_threads or worker_threads(ctx.state.nodes)
     if cfg.on_node_loss == "replan":
         values["degraded_layout"] = degraded_layout(ctx, tp, pp)
     return values
+
+
+def worker_threads(nodes: list[NodeState]) -> int | None:
+    """Compute threads of each CPU worker: on every machine its cores less one per worker slot
+    of all nodes on it (the cores left run the replica, the engine core and Ray), at least 1;
+    the fewest over the machines (one setting serves every worker). None when preflight
+    recorded no core count."""
+    from cluster.measure import engine_threads
+    from cluster.stages.measure import machine_slots
+
+    slots = machine_slots(nodes)
+    counts = [
+        engine_threads(int(n.device_info["cpus"]), slots[n.name])
+        for n in nodes
+        if n.device_kind == "cpu" and str(n.device_info.get("cpus", "")).isdigit()
+    ]
+    return min(counts) if counts else None
 
 
 def degraded_layout(ctx: UpContext, tp: int, pp: int) -> tuple[int, int] | None:
@@ -573,6 +595,7 @@ class Serve(Stage):
             python,
             f"{head.private_ip}:{ctx.state.ports.ray_gcs}",
             api_key_file=ctx.state.server.remote_api_key_file,
+            ca_file=probe_env(ctx.state).get("SSL_CERT_FILE"),
         ).run(ctx.run_head, what="replicas", env=ray_driver_env(token), timeout=120, check=False)
         if not reply.ok:
             return [f"replicas unknown ({reply.error})"]

@@ -285,7 +285,7 @@ def test_auto_on_cpu_nodes_counts_the_slots_their_memory_holds(tmp_path):
     assert wide.replicas == 2
 
 
-def test_an_integer_stays_and_tls_keeps_auto_at_one(tmp_path):
+def test_an_integer_stays_and_tls_does_not_change_auto(tmp_path):
     from cluster.stages.serve import replica_choice
 
     given = _up_context(tmp_path, slots=[8], mem_gb=[None], kind="gpu", num_replicas="3")
@@ -303,7 +303,8 @@ def test_an_integer_stays_and_tls_keeps_auto_at_one(tmp_path):
     self_signed(["127.0.0.1"], cert_path=cert, key_path=key)
     tls = _up_context(tmp_path, slots=[8], mem_gb=[None], kind="gpu", tls_cert=cert, tls_key=key)
     choice = replica_choice(tls, 2, 1)
-    assert choice.replicas == 1 and "1 with TLS" in choice.why
+    # HAProxy terminates TLS and speaks it to every replica: as many as without it.
+    assert choice.replicas == 4 and "TLS" not in choice.why
 
 
 def test_serve_auto_counts_the_free_slots():

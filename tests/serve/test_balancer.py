@@ -25,6 +25,7 @@ from serve.balancer import (
     all_ready_app,
     all_ready_verdict,
     balancer_env,
+    haproxy_threads,
     private_dir,
     private_dir_path,
     replica_lines,
@@ -82,6 +83,9 @@ def test_balancer_env_is_the_controller_env_minus_direct_ingress_basics():
     env = balancer_env(cfg, "/d")
     assert (env[PORT_MIN_ENV], env[PORT_MAX_ENV]) == ("20000", "20006")
     assert cfg.replica_ports == list(range(20000, 20006))
+    # HAProxy's threads: half this machine's cores, 1 to 4.
+    assert env["RAY_SERVE_HAPROXY_NBTHREAD"] == str(haproxy_threads(len(os.sched_getaffinity(0))))
+    assert [haproxy_threads(n) for n in (1, 2, 3, 8, 64)] == [1, 1, 1, 4, 4]
 
 
 @pytest.mark.parametrize(
@@ -98,13 +102,20 @@ def test_overlapping_replica_ports_are_refused_in_one_line(extra, words):
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
-def test_tls_with_several_replicas_is_refused(tmp_path):
+def test_tls_with_several_replicas_reaches_the_balancer(tmp_path):
     from cluster.tls import self_signed
+    from serve.haproxy_hooks import TLS_CERT_ENV, TLS_KEY_ENV
 
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
     self_signed(["127.0.0.1"], cert_path=cert, key_path=key)
-    with pytest.raises(ConfigError, match="TLS with several replicas"):
-        _config(num_replicas=2, tls_certfile=cert, tls_keyfile=key)
+    config = _config(num_replicas=2, tls_certfile=cert, tls_keyfile=key)
+    env = balancer_env(config, str(tmp_path))
+    assert (env[TLS_CERT_ENV], env[TLS_KEY_ENV]) == (str(cert), str(key))
+    assert TLS_CERT_ENV not in balancer_env(_config(num_replicas=2), str(tmp_path))
+    # Ray's routing step reaches the router in plain HTTP: refused in one line.
+    with pytest.raises(ConfigError, match="prefix routing cannot be combined with TLS") as err:
+        _config(num_replicas=2, tls_certfile=cert, tls_keyfile=key, routing="prefix")
+    assert "\n" not in str(err.value)
 
 
 def test_side_ports_follow_the_endpoint_port():

@@ -37,8 +37,9 @@ from serve.haproxy_hooks import use_openai_errors
 
 directory, kind = sys.argv[1], sys.argv[2]
 port, replica_port, proxy_port, router_port, stats, metrics = map(int, sys.argv[3:9])
-if kind == "ours":
-    assert use_openai_errors(haproxy, 7) and use_openai_errors(haproxy, 7)
+tls = (f"{directory}/api.crt", f"{directory}/api.key") if kind == "tls" else None
+if kind in ("ours", "tls"):
+    assert use_openai_errors(haproxy, 7, tls) and use_openai_errors(haproxy, 7, tls)
 cfg = haproxy.HAProxyConfig(
     http_options=HTTPOptions(host="127.0.0.1", port=port),
     socket_path=f"{directory}/admin.sock",
@@ -67,6 +68,12 @@ backends = {
         fallback_server=server("proxy2", proxy_port), protocol=RequestProtocol.HTTP,
     ),
 }
+if kind == "tls":
+    # One app with one running replica, which serves HTTPS itself.
+    backends = {"http-app": haproxy.BackendConfig(
+        name="http-app", path_prefix="/", app_name="app", servers=[server("r1", replica_port)],
+        fallback_server=server("proxy", proxy_port), protocol=RequestProtocol.HTTP,
+    )}
 api.set_backend_configs(backends)
 api._generate_config_file_internal()
 print(json.dumps({"config": api.config_file_path, "binary": haproxy.get_haproxy_binary()}))
@@ -158,6 +165,70 @@ def test_no_replica_up_is_an_openai_503_at_once(tmp_path, kind: str) -> None:
     from serve.app import _restarting
 
     assert _restarting(r)
+
+
+class _Replica(_Proxy):
+    """Stands in for a replica serving HTTPS (and its health check)."""
+
+    def do_GET(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.dumps({"path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        with contextlib.suppress(ConnectionError):
+            self.wfile.write(body)
+
+    do_POST = do_GET
+
+
+def test_tls_endpoint_terminates_and_speaks_tls_to_replicas(tmp_path) -> None:
+    """HTTPS at the endpoint with the API's own certificate, HTTPS to the replica, verified."""
+    import ssl
+
+    from cluster.tls import self_signed
+
+    cert, key = tmp_path / "api.crt", tmp_path / "api.key"
+    self_signed(["127.0.0.1"], cert_path=cert, key_path=key)
+    ports = {k: free_port() for k in ("api", "replica", "proxy", "router", "stats", "metrics")}
+    config, binary = _render(tmp_path, "tls", ports)
+    text = Path(config).read_text()
+    pem = tmp_path / "api.pem"
+    assert f"ssl crt {pem}" in text and f"ssl verify required ca-file {cert}" in text
+    assert pem.stat().st_mode & 0o777 == 0o600
+    assert pem.read_bytes().startswith(b"-----BEGIN CERTIFICATE")
+    assert b"PRIVATE KEY" in pem.read_bytes()
+    check = subprocess.run([binary, "-c", "-f", config], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    replica = ThreadingHTTPServer(("127.0.0.1", ports["replica"]), _Replica)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    replica.socket = context.wrap_socket(replica.socket, server_side=True)
+    threading.Thread(target=replica.serve_forever, daemon=True).start()
+    hap = subprocess.Popen(
+        [binary, "-db", "-f", config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    r = None
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until HAProxy's TLS health check marks the replica up
+            try:
+                r = httpx.get(f"https://127.0.0.1:{ports['api']}/v1/models", verify=str(cert))
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert hap.poll() is None and time.monotonic() < deadline, r
+            time.sleep(0.2)
+        assert r.json() == {"path": "/v1/models"}
+        # Plain HTTP to the TLS endpoint is no request at all.
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{ports['api']}/v1/models", timeout=5)
+    finally:
+        hap.terminate()
+        hap.wait(timeout=30)
+        replica.shutdown()
 
 
 def test_error_files_are_whole_http_answers() -> None:
