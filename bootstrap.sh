@@ -100,8 +100,12 @@ fingerprint="$(cat "$here/pyproject.toml" "$here/bootstrap.sh" | sha256sum | cut
 
 import_check='import cluster'
 [ "$device" != none ] && import_check="$import_check, vllm, ray"
+# An env this script finished (the stamp) still holds every package: found without importing
+# them (importing vLLM takes seconds, minutes on a head busy serving). `up`'s env stage imports
+# them after an install, and again whenever the env's packages change.
+present_check="import importlib.util, sys; sys.exit(not all(importlib.util.find_spec(m) for m in '${import_check#import }'.split(', ')))"
 if [ "$force" = 0 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$fingerprint" ] \
-   && "$prefix/bin/python" -c "$import_check" >/dev/null 2>&1; then
+   && "$prefix/bin/python" -c "$present_check" >/dev/null 2>&1; then
   say "$prefix is up to date (device=$device${extras:+, extras=$extras}); nothing to do"
   exit 0
 fi

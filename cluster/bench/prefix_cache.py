@@ -10,12 +10,14 @@ counted once); against any other server, its own /metrics (one engine behind it)
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
-from cluster.bench.config import Endpoint, LoadPoint
+from cluster.bench.config import Endpoint, LoadPoint, tls_context
 from cluster.bench.metrics import PointMetrics
 
 # `vllm:prefix_cache_queries_total{engine="0",model_name="m"} 123.0` (a counter: prometheus
@@ -67,12 +69,13 @@ def counters_delta(
 
 
 def read_counters(
-    urls: Sequence[str], *, api_key: str | None, timeout_s: float = 10.0
+    urls: Sequence[str], *, api_key: str | None, timeout_s: float = 10.0, verify: Any = True
 ) -> dict[str, PrefixCounters]:
-    """Each metrics URL's counters; a URL that does not answer with them is left out."""
+    """Each metrics URL's counters; a URL that does not answer with them is left out
+    (``verify``: what HTTPS URLs are checked with)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     out: dict[str, PrefixCounters] = {}
-    with httpx.Client(timeout=timeout_s, headers=headers, trust_env=False) as client:
+    with httpx.Client(timeout=timeout_s, headers=headers, trust_env=False, verify=verify) as client:
         for url in urls:
             try:
                 response = client.get(url)
@@ -86,19 +89,25 @@ def read_counters(
 
 
 def replica_metric_urls(
-    replicas: Sequence[Mapping[str, object]], addresses: Mapping[str, Sequence[str]]
+    replicas: Sequence[Mapping[str, object]],
+    addresses: Mapping[str, Sequence[str]],
+    *,
+    scheme: str = "http",
 ) -> dict[str, list[str]]:
     """Candidate /metrics URLs of each replica in Serve's routing table (``replica_id``,
     ``node_ip``, ``port``: the `replicas` verb's rows): its node's address, then the other
     addresses the state knows for that node (``addresses``: node IP -> more). Only these ports
-    are asked (with the key): nothing else in the replicas' port range."""
+    are asked (with the key): nothing else in the replicas' port range. ``scheme``: the
+    endpoint's (with TLS the replicas speak HTTPS too)."""
     out: dict[str, list[str]] = {}
     for row in replicas:
         ip, port = row.get("node_ip"), row.get("port")
         if not ip or not port:
             continue  # starting or restarting: not in the routing table
         hosts = [str(ip), *(a for a in addresses.get(str(ip), ()) if a != ip)]
-        out[str(row.get("replica_id"))] = [f"http://{_bracket(h)}:{port}/metrics" for h in hosts]
+        out[str(row.get("replica_id"))] = [
+            f"{scheme}://{_bracket(h)}:{port}/metrics" for h in hosts
+        ]
     return out
 
 
@@ -106,11 +115,13 @@ def _bracket(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
-def find_replica_urls(candidates: Mapping[str, Sequence[str]], *, api_key: str | None) -> list[str]:
+def find_replica_urls(
+    candidates: Mapping[str, Sequence[str]], *, api_key: str | None, verify: Any = True
+) -> list[str]:
     """One answering URL per replica (the first address of its host that answers)."""
     found = []
     for urls in candidates.values():
-        answering = read_counters(urls, api_key=api_key, timeout_s=3.0)
+        answering = read_counters(urls, api_key=api_key, timeout_s=3.0, verify=verify)
         if answering:
             found.append(next(u for u in urls if u in answering))
     return found
@@ -124,6 +135,7 @@ class PrefixCacheObserver:
 
     sources: dict[str, list[str]]  # endpoint name -> its replicas' /metrics URLs
     api_keys: dict[str, str | None]
+    verify: dict[str, Any] = field(default_factory=dict)  # endpoint name -> its TLS check
     _before: dict[str, PrefixCounters] = field(default_factory=dict)
     _sums: dict[tuple[str, str], tuple[PrefixCounters, int]] = field(default_factory=dict)
 
@@ -131,14 +143,22 @@ class PrefixCacheObserver:
         """Read the counters before the phase."""
         urls = self.sources.get(endpoint.name)
         if urls:
-            self._before = read_counters(urls, api_key=self.api_keys.get(endpoint.name))
+            self._before = read_counters(
+                urls,
+                api_key=self.api_keys.get(endpoint.name),
+                verify=self.verify.get(endpoint.name, True),
+            )
 
     def phase_finished(self, endpoint: Endpoint, point: LoadPoint, round_index: int) -> None:
         """Read them after; add the difference to this point's sums."""
         urls = self.sources.get(endpoint.name)
         if not urls:
             return
-        after = read_counters(urls, api_key=self.api_keys.get(endpoint.name))
+        after = read_counters(
+            urls,
+            api_key=self.api_keys.get(endpoint.name),
+            verify=self.verify.get(endpoint.name, True),
+        )
         delta = counters_delta(self._before, after)
         key = (endpoint.name, point.label)
         total, _ = self._sums.get(key, (PrefixCounters(), 0))
@@ -196,6 +216,7 @@ def prefix_cache_observer(
     (``main`` with ``--name``), every other endpoint's own /metrics."""
     sources: dict[str, list[str]] = {}
     keys = {e.name: e.api_key.get_secret_value() if e.api_key else None for e in endpoints}
+    verify = {e.name: tls_context([e]) for e in endpoints}
     for endpoint in endpoints:
         urls = [endpoint_metrics_url(endpoint.base_url)]
         if cluster and endpoint.name == "main":
@@ -205,8 +226,14 @@ def prefix_cache_observer(
             replicas = state.server.replicas
             if replicas > 1:
                 rows, addresses = cluster_replicas(cluster)
-                candidates = replica_metric_urls(rows, addresses)
-                found = find_replica_urls(candidates, api_key=keys[endpoint.name])
+                scheme = endpoint.base_url.split("://", 1)[0]
+                candidates = replica_metric_urls(rows, addresses, scheme=scheme)
+                # Each replica's own address need not be among the certificate's names: its
+                # chain is what is checked (as HAProxy checks the replicas).
+                check = verify[endpoint.name]
+                if isinstance(check, ssl.SSLContext):
+                    check.check_hostname = False
+                found = find_replica_urls(candidates, api_key=keys[endpoint.name], verify=check)
                 if len(found) < replicas:
                     notes.append(
                         f"prefix cache: {len(found)} of {replicas} replicas answered on their "
@@ -214,4 +241,4 @@ def prefix_cache_observer(
                     )
                 urls = found
         sources[endpoint.name] = urls
-    return PrefixCacheObserver(sources=sources, api_keys=keys)
+    return PrefixCacheObserver(sources=sources, api_keys=keys, verify=verify)

@@ -3,6 +3,10 @@ prefix-cache hit-rate arithmetic."""
 
 from __future__ import annotations
 
+import contextlib
+import ssl
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -13,6 +17,7 @@ from cluster.bench.prefix_cache import (
     PrefixCounters,
     counters_delta,
     parse_prefix_counters,
+    read_counters,
     replica_metric_urls,
 )
 from cluster.bench.workload import conversation_messages, load_workload, session_turns
@@ -163,9 +168,10 @@ def test_replica_urls_are_only_the_routing_table_s_ports_on_each_node_s_addresse
     assert replica_metric_urls([], addresses) == {}
 
 
-@pytest.fixture
-def metrics_text_server():
-    """A loopback HTTP server answering /metrics with text the test sets."""
+@contextlib.contextmanager
+def _metrics_server(tls: tuple[Path, Path] | None = None):
+    """A loopback server answering /metrics with text the caller sets; HTTPS with ``tls``
+    (certificate, key)."""
     import http.server
     import threading
 
@@ -183,13 +189,48 @@ def metrics_text_server():
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    scheme = "http"
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         yield (
-            f"http://127.0.0.1:{server.server_address[1]}/metrics",
+            f"{scheme}://127.0.0.1:{server.server_address[1]}/metrics",
             lambda t: text.update(body=t),
         )
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def metrics_text_server():
+    """A loopback HTTP server answering /metrics with text the test sets."""
+    with _metrics_server() as served:
+        yield served
+
+
+def test_replicas_speaking_https_are_read_with_the_clusters_certificate(tmp_path):
+    from cluster.bench.config import tls_context
+    from cluster.tls import self_signed
+
+    cert, key = tmp_path / "api.crt", tmp_path / "api.key"
+    self_signed(["10.9.9.9"], cert_path=cert, key_path=key)  # not the replica's address
+    rows = [{"replica_id": "a", "node_ip": "127.0.0.1", "port": 8010}]
+    assert replica_metric_urls(rows, {}, scheme="https") == {
+        "a": ["https://127.0.0.1:8010/metrics"]
+    }
+    with _metrics_server((cert, key)) as (url, set_text):
+        set_text(METRICS)
+        # The system's authorities do not know the self-signed certificate: nothing is read.
+        assert read_counters([url], api_key=None) == {}
+        check = tls_context([Endpoint(name="main", base_url=url, ca_cert=cert)])
+        assert isinstance(check, ssl.SSLContext)
+        check.check_hostname = False  # the chain is checked, the replica's address is not named
+        assert read_counters([url], api_key=None, verify=check) == {
+            url: parse_prefix_counters(METRICS)
+        }

@@ -119,17 +119,24 @@ def test_cpu_benchmark_with_numpy_in_fp32():
     assert m.layer_overhead_ms is None  # the engine runs torch: no layer cost from numpy
 
 
-def test_a_bad_request_exits_2_with_one_line():
+@pytest.mark.parametrize(
+    ("verb", "request_text", "first_words"),
+    [
+        ("cpu", '{"array_mib": 1}', "bad cpu request: array_mib:"),
+        ("gpu", '{"stream_mib": [0]}', "bad gpu request: stream_mib.0:"),
+    ],
+)
+def test_a_bad_request_exits_2_with_one_line(verb, request_text, first_words):
     done = subprocess.run(
-        [sys.executable, "-m", "cluster.measure", "cpu"],
-        input='{"array_mib": 1}',
+        [sys.executable, "-m", "cluster.measure", verb],
+        input=request_text,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith("bad cpu request: array_mib:")
+    assert done.stderr.strip().splitlines()[-1].startswith(first_words)
 
 
 def test_link_test_over_loopback_counts_every_byte_and_times_round_trips():
