@@ -31,6 +31,23 @@ CALIBRATION_MODELS: dict[str, dict[str, object]] = {
         "intermediate_size": 28672,
         "vocab_size": 128256,
     },
+    # Shapes of other sizes (devcheck/plan_holdout.py measures them the same way).
+    "llama-3.2-3b-shape": {
+        "hidden_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "intermediate_size": 8192,
+        "vocab_size": 128256,
+    },
+    "qwen2.5-14b-shape": {
+        "hidden_size": 5120,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 8,
+        "intermediate_size": 13824,
+        "vocab_size": 152064,
+    },
 }
 _LLAMA_BASE = {
     "model_type": "llama",
@@ -65,6 +82,37 @@ class CalibrationRow(BaseModel):
 def calibration_shape(model: str) -> ModelShape:
     """The ModelShape of a calibration model."""
     return parse_model_shape({**_LLAMA_BASE, **CALIBRATION_MODELS[model]}, name=model)
+
+
+# How EfficiencyCurve.source joins several calibration files.
+SOURCE_SEPARATOR = " + "
+
+
+def calibration_files(source: str) -> list[Path]:
+    """The calibration files an EfficiencyCurve's ``source`` names."""
+    return [CALIBRATION_DIR / name for name in source.split(SOURCE_SEPARATOR)]
+
+
+def load_calibrations(source: str) -> tuple[str, list[CalibrationRow]]:
+    """The device name and the rows of every calibration file ``source`` names (one device)."""
+    devices, rows = set(), []
+    for path in calibration_files(source):
+        device, found = load_calibration(path)
+        devices.add(device)
+        rows += found
+    if len(devices) != 1:
+        raise ConfigError(f"calibration files {source} were measured on {sorted(devices)}")
+    return devices.pop(), rows
+
+
+def calibration_copy_gbs(source: str) -> float:
+    """The device-to-device copy rate the first calibration file of ``source`` measured, GB/s
+    (bytes read + written)."""
+    path = calibration_files(source)[0]
+    try:
+        return float(json.loads(path.read_text(encoding="utf-8"))["copy_tb_s"]) * 1e3
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot read the copy rate of calibration file {path}: {exc}") from None
 
 
 def load_calibration(path: Path) -> tuple[str, list[CalibrationRow]]:
@@ -124,6 +172,7 @@ def fit_curve(
     source: str,
     measured_on: str,
     held_out: set[str] = frozenset(),  # type: ignore[assignment]
+    copy_gbs: float | None = None,
 ) -> EfficiencyCurve:
     """Fit the family's EfficiencyCurve to measured rows on ``device`` (its datasheet rates).
 
@@ -131,6 +180,8 @@ def fit_curve(
     for a fixed c (W weight bytes, K KV bytes, L layers). Prefill rows: ms x peak =
     F (a + b (F/L / 1 TFLOP)^-c). Each is solved by least squares in relative error over a few
     exponents c; rows named in ``held_out`` are left out (for the tests to check the prediction).
+    With ``copy_gbs`` (the device's measured copy rate) weight reads never get more than
+    ``copy_gbs`` of the datasheet bandwidth, however large the layer.
     """
     bandwidth = device.bandwidth_gbs * 1e9
     peak = device.bf16_tflops * 1e12
@@ -175,6 +226,7 @@ def fit_curve(
         weight_overhead=round(weight_b, 6),
         weight_exponent=weight_c,
         kv_efficiency=round(min(1.0, 1 / kv_inverse), 6) if kv_inverse > 0 else 1.0,
+        weight_cap=round(min(1.0, copy_gbs / device.bandwidth_gbs), 6) if copy_gbs else 1.0,
         flops_floor=round(flops_a, 6),
         flops_overhead=round(flops_b, 6),
         flops_exponent=flops_c,

@@ -47,12 +47,21 @@ class EfficiencyCurve(BaseModel):
 
     family: str = Field(description="Device family the curve serves (DeviceSpec.family).")
     device: str = Field(description="The device the calibration ran on.")
-    source: str = Field(description="Calibration file the parameters were fitted to.")
+    source: str = Field(
+        description="Calibration files the parameters were fitted to (joined by ' + ')."
+    )
     measured_on: str = Field(description="Date of the calibration run (YYYY-MM-DD).")
     weight_floor: float = Field(gt=0, description="a of the weight-read curve (1/a: the limit).")
     weight_overhead: float = Field(ge=0, description="b of the weight-read curve.")
     weight_exponent: float = Field(gt=0, description="c of the weight-read curve.")
     kv_efficiency: float = Field(gt=0, le=1, description="Share of bandwidth KV-cache reads get.")
+    weight_cap: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="Ceiling of the weight-read efficiency: the calibration device's copy rate "
+        "over its datasheet bandwidth (no kernel streams memory faster than a plain copy).",
+    )
     flops_floor: float = Field(gt=0, description="a of the prefill FLOP curve (1/a: the limit).")
     flops_overhead: float = Field(ge=0, description="b of the prefill FLOP curve.")
     flops_exponent: float = Field(gt=0, description="c of the prefill FLOP curve.")
@@ -61,9 +70,10 @@ class EfficiencyCurve(BaseModel):
 
     def weights(self, bytes_per_layer: float) -> float:
         """Bandwidth efficiency of weight reads for layers of ``bytes_per_layer`` bytes."""
-        return inverse_efficiency_curve(
+        curve = inverse_efficiency_curve(
             self.weight_floor, self.weight_overhead, self.weight_exponent, WEIGHT_BYTES_SCALE
-        )(bytes_per_layer)
+        )
+        return min(self.weight_cap, curve(bytes_per_layer))
 
     def compute(self, flops_per_layer: float) -> float:
         """FLOP efficiency for layers of ``flops_per_layer`` FLOPs per step."""
@@ -97,8 +107,9 @@ class StepEfficiency:
 
 IDEAL = StepEfficiency.constant(1.0, 1.0, "ideal bound (efficiency 1.0)")
 
-# Fitted by cluster.planner.calibration.fit_curve to the calibration file named in `source`
-# (kept in cluster/planner/calibration/ with the script that measured it);
+# Fitted by cluster.planner.calibration.fit_curve to the calibration files named in `source`
+# (kept in cluster/planner/calibration/; llama_step.py measured the first, devcheck/
+# plan_holdout.py the second: other model sizes and longer contexts, the same method);
 # tests/cluster/test_planner_expected.py re-runs the fit and compares.
 CURVES: dict[str, EfficiencyCurve] = {
     c.family: c
@@ -106,14 +117,15 @@ CURVES: dict[str, EfficiencyCurve] = {
         EfficiencyCurve(
             family="nvidia-hopper",
             device="NVIDIA H200",
-            source="h200-2026-11-30.json",
+            source="h200-2026-11-30.json + h200-holdout-2026-11-30.json",
             measured_on="2026-11-30",
-            weight_floor=1.139952,
-            weight_overhead=0.240083,
-            weight_exponent=1.0,
-            kv_efficiency=0.661186,
-            flops_floor=1.506939,
-            flops_overhead=0.143792,
+            weight_floor=0.833475,
+            weight_overhead=0.580467,
+            weight_exponent=0.5,
+            kv_efficiency=0.754141,
+            weight_cap=0.886361,
+            flops_floor=1.488391,
+            flops_overhead=0.163212,
             flops_exponent=0.5,
             fitted_rows=[
                 "llama-7b decode b1 ctx512",
@@ -125,11 +137,20 @@ CURVES: dict[str, EfficiencyCurve] = {
                 "llama-3.1-8b prefill 512",
                 "llama-3.1-70b decode b1 ctx512",
                 "llama-3.1-70b prefill 512",
+                "llama-3.2-3b-shape decode b1 ctx512",
+                "llama-3.2-3b-shape decode b64 ctx2048",
+                "llama-3.2-3b-shape prefill 1024",
+                "qwen2.5-14b-shape decode b1 ctx512",
+                "qwen2.5-14b-shape prefill 512",
             ],
             held_out_rows=[
                 "llama-3.1-8b decode b8 ctx512",
                 "llama-3.1-8b prefill 2048",
                 "llama-3.1-70b decode b32 ctx512",
+                "llama-3.2-3b-shape decode b16 ctx1024",
+                "qwen2.5-14b-shape decode b32 ctx1024",
+                "llama-3.1-8b decode b64 ctx2048",
+                "llama-3.1-8b prefill 4096",
             ],
         ),
     )

@@ -22,7 +22,7 @@ from cluster.measure import (
     stream_ring,
 )
 from cluster.planner import ClusterShape, PlanOptions, plan_deployment
-from cluster.planner.calibration import CALIBRATION_DIR, calibration_shape
+from cluster.planner.calibration import CALIBRATION_DIR, calibration_files, calibration_shape
 from cluster.planner.efficiency import CALIBRATION_RATES, CURVES
 from cluster.runner.local import LocalRunner
 from cluster.stages.measure import gpu_is_current, measured_gpu_spec
@@ -135,7 +135,8 @@ def test_gpu_arithmetic():
 
 
 def test_the_reference_copy_rate_is_the_calibration_files():
-    data = json.loads((CALIBRATION_DIR / CURVES["nvidia-hopper"].source).read_text())
+    first = calibration_files(CURVES["nvidia-hopper"].source)[0]
+    data = json.loads(first.read_text())
     assert REFERENCE.copy_gbs == pytest.approx(data["copy_tb_s"] * 1e3, abs=1e-3)
     assert get_device(REFERENCE.device_key).name.startswith(data["device"])
 

@@ -11,15 +11,16 @@ from cluster.measure import DENSE_CALLS_PER_LAYER, CpuMeasurement, call_overhead
 from cluster.planner import ClusterShape, PlanOptions, plan_deployment
 from cluster.planner.calibration import (
     CALIBRATION_DIR,
+    calibration_copy_gbs,
     calibration_shape,
     fit_curve,
-    load_calibration,
+    load_calibrations,
 )
 from cluster.planner.efficiency import CURVES, expected_efficiency
 
 H200 = get_device("h200")
 CURVE = CURVES["nvidia-hopper"]
-DEVICE_NAME, ROWS = load_calibration(CALIBRATION_DIR / CURVE.source)
+DEVICE_NAME, ROWS = load_calibrations(CURVE.source)
 
 # What the measuring script's summary gives as the planner's ideal for each row, ms.
 IDEAL_MS = {
@@ -47,16 +48,23 @@ def test_stored_curve_is_the_fit_of_the_calibration_file():
         source=CURVE.source,
         measured_on=CURVE.measured_on,
         held_out=set(CURVE.held_out_rows),
+        copy_gbs=calibration_copy_gbs(CURVE.source),
     )
     assert refit == CURVE
     assert CURVE.device == DEVICE_NAME == "NVIDIA H200"
-    # Held out: one decode batch between fitted ones, the 70B at batch 32, the long prefill.
+    # Held out: decode batches between fitted ones, the 70B at batch 32, a 3B and a 14B shape
+    # at batches never fitted, the 8B at a long context, the long prefills.
     assert set(CURVE.held_out_rows) == {
         "llama-3.1-8b decode b8 ctx512",
         "llama-3.1-70b decode b32 ctx512",
         "llama-3.1-8b prefill 2048",
+        "llama-3.2-3b-shape decode b16 ctx1024",
+        "qwen2.5-14b-shape decode b32 ctx1024",
+        "llama-3.1-8b decode b64 ctx2048",
+        "llama-3.1-8b prefill 4096",
     }
-    assert len(ROWS) == 12 and set(CURVE.fitted_rows).isdisjoint(CURVE.held_out_rows)
+    assert len(ROWS) == 21 and set(CURVE.fitted_rows).isdisjoint(CURVE.held_out_rows)
+    assert CALIBRATION_DIR.joinpath("h200-holdout-2026-11-30.json").is_file()
 
 
 def _plan_for(row):
@@ -65,7 +73,7 @@ def _plan_for(row):
     options = PlanOptions(
         prompt_len=context,
         concurrency=row.batch if row.kind == "decode" else 1,
-        max_model_len=2048,
+        max_model_len=8192,
         mem_fraction=1.0,  # the 70B's 131 GiB of weights on the 141 GiB device, as measured
     )
     return plan_deployment(calibration_shape(row.model), ClusterShape(device=H200), options)
@@ -206,3 +214,5 @@ def test_curve_is_monotone_and_below_one():
     compute = [CURVE.compute(x * 1e3) for x in sizes]
     assert weights == sorted(weights) and compute == sorted(compute)
     assert all(0 < e < 1 for e in weights + compute)
+    # However large the layer, weights stream no faster than the device copied memory.
+    assert max(weights) == CURVE.weight_cap == pytest.approx(4254.53 / H200.bandwidth_gbs, abs=1e-4)
