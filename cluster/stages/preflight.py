@@ -50,6 +50,25 @@ FREE_PORTS_TEMPLATE = (
     'print(" ".join(str(s.getsockname()[1]) for s in socks))\''
 )
 
+# A free port P on the head whose next {span} ports are free too and none of them in {avoid}
+# (the API port of several replicas: HAProxy and the replicas take ports above it); exit 1
+# when a few hundred candidates of the kernel's choosing all fail.
+FREE_PORT_BLOCK_TEMPLATE = (
+    "python3 -c 'import socket,sys\n"
+    "span, avoid = {span}, {{{avoid}}}\n"
+    "def free(p):\n"
+    "    s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    '    try: s.bind(("", p)); return True\n'
+    "    except OSError: return False\n"
+    "    finally: s.close()\n"
+    "for _ in range(300):\n"
+    '    s=socket.socket(); s.bind(("", 0)); p=s.getsockname()[1]; s.close()\n'
+    "    block=range(p, p + span + 1)\n"
+    "    if p + span <= 65535 and not avoid & set(block) and all(free(q) for q in block):\n"
+    "        print(p); sys.exit(0)\n"
+    "sys.exit(1)'"
+)
+
 # Is a port already taken on the head? (exit 0: free)
 PORT_FREE_TEMPLATE = (
     "python3 -c 'import socket,sys\n"
@@ -220,6 +239,18 @@ def replica_side_ports(api: int, proxy: int, replicas: int) -> dict[str, list[in
         "HAProxy metrics": [metrics],
         "replicas": config.replica_ports,
     }
+
+
+def replica_port_span(num_replicas: int | str, nodes: list[NodeState]) -> int:
+    """How many ports above the API port several replicas may take (HAProxy's two and the
+    replicas' range: serve.config's rules): for an integer count, its own; for auto, the most
+    the recorded device slots can hold; 0 for one replica."""
+    most = sum(n.devices for n in nodes) if num_replicas == "auto" else int(num_replicas)
+    if most <= 1:
+        return 0
+    proxy = 1  # any port: only the span matters here
+    ports = replica_side_ports(1000, proxy, most)
+    return max(p for group in ports.values() for p in group) - 1000
 
 
 def check_replica_ports(ctx: UpContext, replicas: int) -> None:
@@ -470,6 +501,16 @@ class Preflight(Stage):
                 FREE_PORTS_TEMPLATE.format(count=len(zero)), what="choosing free ports"
             ).stdout.split()
             asked.update(dict(zip(zero, map(int, out), strict=True)))
+        if "api" in zero and (span := replica_port_span(cfg.num_replicas, ctx.state.nodes)):
+            # Several replicas take ports above the API's: a free block, clear of the others.
+            others = ",".join(str(v) for k, v in asked.items() if k != "api") or "-1"
+            block = ctx.run_head(
+                FREE_PORT_BLOCK_TEMPLATE.format(span=span, avoid=others),
+                what="choosing a free block of ports for the replicas",
+                check=False,
+            )
+            if block.ok and block.stdout.strip().isdigit():
+                asked["api"] = int(block.stdout.strip())
         for key, port in asked.items():
             if key in zero:
                 continue

@@ -15,7 +15,12 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from cluster.errors import ConfigError, RemoteError
-from cluster.stages.preflight import PORTS_TAKEN_TEMPLATE, replica_side_ports
+from cluster.stages.preflight import (
+    FREE_PORT_BLOCK_TEMPLATE,
+    PORTS_TAKEN_TEMPLATE,
+    replica_port_span,
+    replica_side_ports,
+)
 from cluster.stages.serve import balancer_dir_removal, replica_logs_command
 from serve.balancer import (
     placement_nodes,
@@ -104,6 +109,44 @@ def test_replica_side_ports_follow_the_servers_rules():
     }
     with pytest.raises(ConfigError, match="ports overlap or pass 65535"):
         replica_side_ports(65530, 65532, 4)
+
+
+def test_an_api_port_asked_as_0_leaves_room_for_the_replicas_above_it():
+    from cluster.state import NodeState
+
+    nodes = [NodeState(name="head", label="h", host="h", devices=2)]
+    # Two replicas: HAProxy's api+3, api+4 and 2 x 2 + 2 replica ports from api+10.
+    assert replica_port_span(2, nodes) == 15
+    assert replica_port_span("auto", nodes) == 15  # the slots hold two at most
+    assert replica_port_span(1, nodes) == 0
+    assert replica_port_span("auto", [nodes[0].model_copy(update={"devices": 1})]) == 0
+    # The real script on this machine: a port whose next 15 are free and clear of another
+    # port already chosen.
+    holder = socket.socket()
+    holder.bind(("", 0))
+    avoid = holder.getsockname()[1]
+    try:
+        done = subprocess.run(
+            FREE_PORT_BLOCK_TEMPLATE.format(span=15, avoid=avoid),
+            shell=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        base = int(done.stdout)
+        assert not base <= avoid <= base + 15
+        taken = subprocess.run(
+            PORTS_TAKEN_TEMPLATE.format(ports=" ".join(str(base + i) for i in range(16))),
+            shell=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert taken.stdout.strip() == ""
+    finally:
+        holder.close()
 
 
 def test_taken_ports_are_named():
