@@ -175,9 +175,12 @@ class Decision:
 
 
 def choose_replica(candidates: Sequence[Candidate], policy: PrefixPolicy) -> Decision:
-    """The replica with the longest matching prefix when it matches at least
-    ``min_match_blocks`` and has at most ``load_slack`` more running requests than the
-    least-loaded replica; else the least-loaded one (ties: longest match, emptier, id)."""
+    """The replica with the longest matching prefix when it holds at least
+    ``min_match_blocks`` more of it than any other replica and has at most ``load_slack``
+    more running requests than the least-loaded replica; else the least-loaded one (ties:
+    longest match, emptier, id). A prefix every replica holds (a system prompt all
+    conversations share) is no reason to send more to one of them: only what the others lack
+    counts."""
     if not candidates:
         raise ValueError("no replica to choose from")
     least = min(c.outstanding for c in candidates)
@@ -190,7 +193,9 @@ def choose_replica(candidates: Sequence[Candidate], policy: PrefixPolicy) -> Dec
         ]
         if near:
             pick = min(near, key=lambda c: (c.outstanding, c.known, c.replica_id))
-            return Decision(pick.replica_id, pick.matched, PREFIX)
+            others = max((c.matched for c in candidates if c is not pick), default=0)
+            if pick.matched - others >= policy.min_match_blocks:
+                return Decision(pick.replica_id, pick.matched, PREFIX)
     pick = min(candidates, key=lambda c: (c.outstanding, -c.matched, c.known, c.replica_id))
     return Decision(pick.replica_id, pick.matched, LEAST_LOAD)
 
