@@ -39,17 +39,7 @@ def measure(out: Path) -> dict:
 
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     started = time.time()
-    a = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    b.copy_(a)
-    st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    st.record()
-    for _ in range(10):
-        b.copy_(a)
-    en.record()
-    torch.cuda.synchronize()
-    res["copy_tb_s"] = 2 * a.numel() * 10 / (st.elapsed_time(en) / 1e3) / 1e12
-    del a, b
+    res["copy_tb_s"] = llama_step.copy_tb_s("cuda")
     for name, (decodes, prefills) in HOLDOUT.items():
         v = config_of(name)
         llama_step.SHAPES[name] = (

@@ -12,7 +12,6 @@ import pytest
 
 from cluster.device_specs import UNLISTED_GPU_FAMILY, get_device, measured_gpu_device
 from cluster.measure import (
-    CpuMeasurement,
     GpuDeviceMeasurement,
     GpuMeasurement,
     GpuRequest,
@@ -27,6 +26,7 @@ from cluster.planner.efficiency import CALIBRATION_RATES, CURVES
 from cluster.runner.local import LocalRunner
 from cluster.stages.measure import gpu_is_current, measured_gpu_spec
 from cluster.state import ClusterState, MeasureSection, NodeState, load_state
+from tests.cluster.test_measure import _cpu
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,23 +61,6 @@ def _gpu(
 ) -> GpuMeasurement:
     return GpuMeasurement(
         devices=[_device(copy, matmul, **kw)], torch="2.11.0+cu130", seconds=2.0, at=1.8e9
-    )
-
-
-def _cpu() -> CpuMeasurement:
-    return CpuMeasurement(
-        read_gbs=30.0,
-        copy_gbs=30.0,
-        triad_gbs=30.0,
-        gemv_gbs=25.0,
-        matmul_tflops=0.4,
-        dtype="bf16",
-        matmul_size=2048,
-        threads=8,
-        array_mib=512,
-        library="torch",
-        seconds=3.0,
-        at=1.8e9,
     )
 
 

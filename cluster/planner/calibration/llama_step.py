@@ -109,12 +109,8 @@ def timed_graph(fn, x, reps=50):
     return st.elapsed_time(en) / reps
 
 
-def main(out):
-    dev = "cuda"
-    torch.manual_seed(0)
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
-    t0 = time.time()
-    # copy bandwidth ceiling
+def copy_tb_s(dev):
+    """The device's copy bandwidth ceiling: two 2 GiB buffers, bytes read + written, TB/s."""
     a = torch.empty(2 * 1024**3, dtype=torch.uint8, device=dev)
     b = torch.empty_like(a)
     st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -124,8 +120,15 @@ def main(out):
         b.copy_(a)
     en.record()
     torch.cuda.synchronize()
-    res["copy_tb_s"] = 2 * a.numel() * 10 / (st.elapsed_time(en) / 1e3) / 1e12
-    del a, b
+    return 2 * a.numel() * 10 / (st.elapsed_time(en) / 1e3) / 1e12
+
+
+def main(out):
+    dev = "cuda"
+    torch.manual_seed(0)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    t0 = time.time()
+    res["copy_tb_s"] = copy_tb_s(dev)
     plans = [
         ("llama-7b", 32, [(1, 512)], [512]),
         ("llama-3.1-8b", 32, [(1, 512), (8, 512), (32, 512), (128, 512), (256, 1024)], [512, 2048]),
