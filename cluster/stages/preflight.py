@@ -253,6 +253,29 @@ def replica_port_span(num_replicas: int | str, nodes: list[NodeState]) -> int:
     return max(p for group in ports.values() for p in group) - 1000
 
 
+def move_api_port(ctx: UpContext, replicas: int) -> bool:
+    """Move the recorded API port (asked as 0, nothing served on it) to a free block with room
+    for ``replicas`` above it; says so. False when no such block was found."""
+    ports = ctx.state.ports
+    assert ports is not None
+    span = replica_port_span(replicas, ctx.state.nodes)
+    others = [v for k, v in ports.model_dump().items() if k != "api" and isinstance(v, int)]
+    block = ctx.run_head(
+        FREE_PORT_BLOCK_TEMPLATE.format(span=span, avoid=",".join(map(str, others)) or "-1"),
+        what="choosing a free block of ports for the replicas",
+        check=False,
+    )
+    if not (block.ok and block.stdout.strip().isdigit()):
+        return False
+    moved = int(block.stdout.strip())
+    ctx.reporter.info(
+        f"API port {ports.api} (chosen free earlier) has replica ports in use above it now: "
+        f"moved to {moved}"
+    )
+    ctx.state.ports = ports.model_copy(update={"api": moved})
+    return True
+
+
 def check_replica_ports(ctx: UpContext, replicas: int) -> None:
     """Refuse (ConfigError naming each taken port and what needs it) unless the ports
     ``replicas`` > 1 need are free on the head, as the API port must be; those the running
@@ -278,6 +301,11 @@ def check_replica_ports(ctx: UpContext, replicas: int) -> None:
     )
     taken = {int(p) for p in res.stdout.split() if p.isdigit()}
     if not taken:
+        return
+    if ctx.config.api_port == 0 and server.config_digest is None and move_api_port(ctx, replicas):
+        # Ports of the system's choosing, nothing deployed on them yet: the ones above the API
+        # port were taken since (an outgoing connection's port, say). A fresh block instead.
+        check_replica_ports(ctx, replicas)
         return
     named = [
         f"{port} ({what})" for what, group in wanted.items() for port in group if port in taken

@@ -361,6 +361,32 @@ def test_serve_auto_counts_the_free_slots():
         replicas_for_free_slots([head, busy], tp=4, pp=2)
 
 
+def test_ports_of_the_systems_choosing_move_when_taken_since(tmp_path):
+    """An API port asked as 0 with nothing served on it: replica ports taken since it was
+    chosen (an outgoing connection's, say) move it to a free block instead of failing `up`."""
+    from cluster.stages.preflight import check_replica_ports
+    from cluster.state import Ports
+
+    holder = socket.socket()
+    holder.bind(("", 0))
+    holder.listen()
+    api = holder.getsockname()[1] - 11  # the second replica port is taken
+    ctx = _up_context(tmp_path, slots=[2], mem_gb=[None], api_port=0)
+    ctx.state.ports = Ports(ray_gcs=1, dashboard=2, api=api, serve_proxy=api + 2)
+    try:
+        check_replica_ports(ctx, 2)
+        moved = ctx.state.ports.api
+        assert moved != api and ctx.state.ports.serve_proxy == api + 2
+        assert not any(_taken(moved + d) for d in (3, 4, *range(10, 16)))
+        # Asked for explicitly, the same port is refused in one line instead.
+        fixed = _up_context(tmp_path, slots=[2], mem_gb=[None], api_port=api)
+        fixed.state.ports = Ports(ray_gcs=1, dashboard=2, api=api, serve_proxy=api + 2)
+        with pytest.raises(ConfigError, match=rf"{api + 11} \(replicas\)"):
+            check_replica_ports(fixed, 2)
+    finally:
+        holder.close()
+
+
 def test_taken_replica_ports_refused_on_the_head_with_what_needs_them(tmp_path):
     from cluster.stages.preflight import check_replica_ports
     from cluster.state import Ports
