@@ -281,8 +281,9 @@ def api_bind_host(ctx: UpContext) -> str:
 
 
 def prepare_tls(ctx: UpContext) -> str | None:
-    """Put the API's certificate and key on the head (self-signed ones made first, for the
-    head's addresses); the certificate's SHA-256 fingerprint, or None for plain HTTP."""
+    """Put the API's certificate and key on every node, at the head's paths (self-signed ones
+    made first, for the head's addresses); the certificate's SHA-256 fingerprint, or None for
+    plain HTTP."""
     from cluster.files import atomic_write
     from cluster.tls import fingerprint_sha256, self_signed
 
@@ -305,8 +306,11 @@ def prepare_tls(ctx: UpContext) -> str | None:
         atomic_write(cert, Path(cfg.tls_cert).read_bytes())
         key_source = Path(cfg.tls_key)
     remote_cert, remote_key = remote_tls_files(ctx.state)
-    ctx.head_runner.copy_to(cert, remote_cert, mode=0o644, timeout=60)
-    ctx.head_runner.copy_to(key_source, remote_key, mode=0o600, timeout=60)
+    # Every node: a replica on a worker node (several replicas) serves HTTPS too, and Serve
+    # gives every replica the same paths (the head's).
+    for runner in ctx.runners:
+        runner.copy_to(cert, remote_cert, mode=0o644, timeout=60)
+        runner.copy_to(key_source, remote_key, mode=0o600, timeout=60)
     return fingerprint_sha256(cert)
 
 
