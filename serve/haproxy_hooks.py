@@ -20,6 +20,7 @@ behaviour as it is.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.util
 import inspect
@@ -172,7 +173,9 @@ _TEMPLATE_EDITS = (
 
 
 _FRONTEND_BIND = "    bind {{ config.frontend_host }}:{{ config.frontend_port }}\n"
-_DEFAULT_SERVER = "    {{ hc.default_server_directive }}\n"
+# The HTTP backends' default-server line (the gRPC ones, which speak cleartext h2, have their
+# own and are left alone).
+_DEFAULT_SERVER = "    {{ hc.default_server_directive }}\n    # Servers in this backend\n"
 
 
 def tls_edits(cert: str) -> tuple[tuple[str, str], ...]:
@@ -189,7 +192,13 @@ def tls_edits(cert: str) -> tuple[tuple[str, str], ...]:
     pem = "{{ config.error_file_path | replace('503.json.http', '" + TLS_PEM_FILE + "') }}"
     return (
         (_FRONTEND_BIND, _FRONTEND_BIND.rstrip("\n") + f" ssl crt {pem}\n"),
-        (_DEFAULT_SERVER, _DEFAULT_SERVER.rstrip("\n") + f" ssl {verify}\n"),
+        (
+            _DEFAULT_SERVER,
+            _DEFAULT_SERVER.replace(
+                "{{ hc.default_server_directive }}\n",
+                f"{{{{ hc.default_server_directive }}}} ssl {verify}\n",
+            ),
+        ),
     )
 
 
@@ -208,7 +217,7 @@ def balancer_template(template: str, tls_cert: str | None = None) -> str | None:
         if template.count(old) != 1:
             return None
     tls = tls_edits(tls_cert) if tls_cert else ()
-    if any(template.count(old) < 1 for old, _ in tls) or template.count(_FRONTEND_BIND) > 1:
+    if any(template.count(old) != 1 for old, _ in tls):
         return None
     for old, new in _TEMPLATE_EDITS + tls:
         template = template.replace(old, new)
@@ -220,7 +229,9 @@ def write_tls_pem(directory: str, cert: str, key: str) -> str:
     written whole, then renamed) in the endpoint's private directory; returns its path."""
     path = Path(directory, TLS_PEM_FILE)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # a leftover of a killed writer: never reuse its mode
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.write(Path(cert).read_bytes().rstrip(b"\n") + b"\n" + Path(key).read_bytes())
     os.replace(tmp, path)

@@ -40,9 +40,14 @@ def front_of(config: ServeConfig) -> dict[str, Any]:
     }
 
 
-def front_digest(config: ServeConfig) -> str:
-    """A short hash of :func:`front_of`: equal digests mean a rolling update can apply."""
-    text = json.dumps(front_of(config), sort_keys=True)
+def front_digest(config: ServeConfig, *, tls_fingerprint: str | None = None) -> str:
+    """A short hash of :func:`front_of` (and of the served certificate, ``tls_fingerprint``,
+    where HAProxy holds it: it reads it only when it starts): equal digests mean a rolling
+    update can apply."""
+    front = front_of(config)
+    if tls_fingerprint:
+        front["tls_fingerprint"] = tls_fingerprint
+    text = json.dumps(front, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

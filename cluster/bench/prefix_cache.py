@@ -231,8 +231,10 @@ def prefix_cache_observer(
                 # Each replica's own address need not be among the certificate's names: its
                 # chain is what is checked (as HAProxy checks the replicas).
                 check = verify[endpoint.name]
-                if isinstance(check, ssl.SSLContext):
-                    check.check_hostname = False
+                if not isinstance(check, ssl.SSLContext):
+                    check = ssl.create_default_context()
+                check.check_hostname = False
+                check.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
                 found = find_replica_urls(candidates, api_key=keys[endpoint.name], verify=check)
                 if len(found) < replicas:
                     notes.append(

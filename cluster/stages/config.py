@@ -348,6 +348,12 @@ class UpConfig(BaseModel):
             from cluster.tls import check_tls_pair
 
             check_tls_pair(self.tls_cert, self.tls_key)  # missing, 0644, mismatched: one line
+        several = self.num_replicas != "auto" and int(self.num_replicas) > 1
+        if self.https and self.routing == "prefix" and several:
+            raise ValueError(
+                "--routing prefix cannot be combined with TLS and several replicas (Ray's routing "
+                "step asks the router in plain HTTP): use --routing least-load with TLS"
+            )
         self._check_local_adapters()
         return self
 

@@ -87,8 +87,10 @@ def is_current(ctx: ClusterContext) -> bool:
     kernel's rate), every GPU node a GPU one, and every worker a link one to its address."""
     recorded = ctx.state.measure
     slots = machine_slots(ctx.state.nodes)
+    serving = ctx.state.server.config_digest is not None
     for n in ctx.state.nodes:
-        if not gpu_is_current(n, recorded.gpu.get(n.name)):
+        # GPUs an engine holds are not measured (see measure_gpus): what was recorded stays.
+        if not serving and not gpu_is_current(n, recorded.gpu.get(n.name)):
             return False
         cpu = recorded.cpu.get(n.name)
         if cpu is None or cpu.gemv_gbs is None or cpu.slots != slots[n.name]:
@@ -253,15 +255,26 @@ def measure_cpus(ctx: ClusterContext, python: str) -> dict[str, CpuMeasurement]:
             by_name[node.name] = CpuMeasurement.model_validate(
                 {**reply, "machine_id": rec.machine_id}
             )
-    return {n.name: by_name[group[0].name] for group in groups.values() for n in group}
+    return {
+        n.name: by_name[group[0].name]
+        for group in groups.values()
+        for n in group
+        if group[0].name in by_name
+    }
 
 
 def measure_gpus(ctx: ClusterContext, python: str) -> dict[str, GpuMeasurement]:
     """The GPU micro-benchmark once per machine with GPU nodes, machines in parallel (a
-    machine's GPU nodes share its result); empty on a CPU-only cluster."""
+    machine's GPU nodes share its result); empty on a CPU-only cluster. While a server runs
+    its engines hold the GPUs: nothing is measured (the rates would be the leftovers beside
+    an engine) and what was recorded before is kept. A node whose benchmark fails is warned
+    about and planned from the device table."""
     groups = machines([n for n in ctx.state.nodes if n.device_kind == "gpu"])
     if not groups:
         return {}
+    if ctx.state.server.config_digest is not None:
+        ctx.reporter.info("GPUs not measured: the server's engines hold them (kept as recorded)")
+        return dict(ctx.state.measure.gpu)
     first = {g[0].name for g in groups.values()}
     request = call(python, "gpu", GpuRequest())
     results = ctx.run(
@@ -277,14 +290,21 @@ def measure_gpus(ctx: ClusterContext, python: str) -> dict[str, GpuMeasurement]:
         reply = Reply(result, parse_reply(result.stdout))
         if not reply.ok:
             hint = (reply.data or {}).get("hint")
-            raise RemoteError(
-                f"the GPU micro-benchmark failed on {result.node}: {reply.error}",
-                hint=f"{hint}; or skip the stage: --skip measure" if hint else None,
+            ctx.reporter.warn(
+                f"the GPU micro-benchmark failed on {result.node}: {reply.error}"
+                + (f" ({hint})" if hint else "")
+                + "; its GPUs are planned from the device table"
             )
+            continue
         by_name[node.name] = GpuMeasurement.model_validate(
             {**(reply.data or {}), "machine_id": ctx.node_state(node).machine_id}
         )
-    return {n.name: by_name[group[0].name] for group in groups.values() for n in group}
+    return {
+        n.name: by_name[group[0].name]
+        for group in groups.values()
+        for n in group
+        if group[0].name in by_name
+    }
 
 
 def measure_link(

@@ -276,7 +276,7 @@ def move_api_port(ctx: UpContext, replicas: int) -> bool:
     return True
 
 
-def check_replica_ports(ctx: UpContext, replicas: int) -> None:
+def check_replica_ports(ctx: UpContext, replicas: int, *, may_move: bool = True) -> None:
     """Refuse (ConfigError naming each taken port and what needs it) unless the ports
     ``replicas`` > 1 need are free on the head, as the API port must be; those the running
     server's own replicas and balancer hold (the recorded replica count) are not asked."""
@@ -302,10 +302,11 @@ def check_replica_ports(ctx: UpContext, replicas: int) -> None:
     taken = {int(p) for p in res.stdout.split() if p.isdigit()}
     if not taken:
         return
-    if ctx.config.api_port == 0 and server.config_digest is None and move_api_port(ctx, replicas):
+    moving = may_move and ctx.config.api_port == 0 and server.config_digest is None
+    if moving and move_api_port(ctx, replicas):
         # Ports of the system's choosing, nothing deployed on them yet: the ones above the API
         # port were taken since (an outgoing connection's port, say). A fresh block instead.
-        check_replica_ports(ctx, replicas)
+        check_replica_ports(ctx, replicas, may_move=False)
         return
     named = [
         f"{port} ({what})" for what, group in wanted.items() for port in group if port in taken

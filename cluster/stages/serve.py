@@ -280,10 +280,10 @@ def api_bind_host(ctx: UpContext) -> str:
     return ctx.config.api_host or str(head.private_ip or "127.0.0.1")
 
 
-def prepare_tls(ctx: UpContext) -> str | None:
-    """Put the API's certificate and key on every node, at the head's paths (self-signed ones
-    made first, for the head's addresses); the certificate's SHA-256 fingerprint, or None for
-    plain HTTP."""
+def prepare_tls(ctx: UpContext, replicas: int = 1) -> str | None:
+    """Put the API's certificate and key on the head, and with several replicas on every node
+    at the same paths (self-signed ones made first, for the head's addresses); the
+    certificate's SHA-256 fingerprint, or None for plain HTTP."""
     from cluster.files import atomic_write
     from cluster.tls import fingerprint_sha256, self_signed
 
@@ -306,9 +306,21 @@ def prepare_tls(ctx: UpContext) -> str | None:
         atomic_write(cert, Path(cfg.tls_cert).read_bytes())
         key_source = Path(cfg.tls_key)
     remote_cert, remote_key = remote_tls_files(ctx.state)
-    # Every node: a replica on a worker node (several replicas) serves HTTPS too, and Serve
-    # gives every replica the same paths (the head's).
-    for runner in ctx.runners:
+    runners = ctx.runners[:1]
+    if replicas > 1:
+        # A replica on a worker node serves HTTPS too, and Serve gives every replica the same
+        # paths (under the head's home): they must be the same place on every node.
+        head = ctx.state.nodes[0]
+        other = [n for n in ctx.state.nodes[1:] if n.home and head.home and n.home != head.home]
+        if other:
+            raise ConfigError(
+                f"TLS with {replicas} replicas needs the same home directory on every node (head "
+                f"{head.home}, {other[0].label} {other[0].home}): the certificate must be at "
+                "the same path everywhere",
+                hint="use the same SSH user and home on every node, or serve one replica over TLS",
+            )
+        runners = ctx.runners
+    for runner in runners:
         runner.copy_to(cert, remote_cert, mode=0o644, timeout=60)
         runner.copy_to(key_source, remote_key, mode=0o600, timeout=60)
     return fingerprint_sha256(cert)
@@ -414,7 +426,11 @@ def replica_choice(ctx: UpContext, tp: int, pp: int) -> ReplicaChoice:
             worker = CPU_SLOT_EXTRA_GIB
         hosts = [host_memory_gib(n) for n in nodes]
         memory = cpu_memory_slots(devices, hosts, worker_gib=worker, kv_cache_gib=kv_gb)
-    return choose_replicas(devices, tp=tp, pp=pp, memory_slots=memory)
+    choice = choose_replicas(devices, tp=tp, pp=pp, memory_slots=memory)
+    if cfg.https and cfg.routing == "prefix" and choice.replicas > 1:
+        why = f"{choice.why}; 1 with TLS and prefix routing (its routing step speaks plain HTTP)"
+        return choice.model_copy(update={"replicas": 1, "why": why})
+    return choice
 
 
 def default_parallelism(ctx: UpContext) -> tuple[int, int]:
@@ -707,7 +723,7 @@ class Serve(Stage):
                 f"with {replicas} replicas the API (HAProxy) and every replica listen on every "
                 "interface of their node (Ray Serve's HAProxy mode): API keys still apply"
             )
-        fingerprint = prepare_tls(ctx)
+        fingerprint = prepare_tls(ctx, replicas)
         values = serve_values(ctx, tp, pp, replicas)
         # A new certificate at the same path is a new config: redeployed (uvicorn reads it once).
         tls = {"tls_fingerprint": fingerprint} if fingerprint else {}
@@ -752,7 +768,10 @@ class Serve(Stage):
                 )
             return StageOutcome("unchanged", f"already serving {layout}{note}")
         previous = ctx.state.server
-        front = front_digest(ServeConfig(**values))
+        # HAProxy reads the certificate when Serve starts it: a new one restarts Serve.
+        front = front_digest(
+            ServeConfig(**values), tls_fingerprint=fingerprint if replicas > 1 else None
+        )
         rolling = rolling_update(previous, front)
         if previous.config_digest is not None and not rolling:
             # The endpoint's ports, TLS or balancing changed (Serve takes them only when it

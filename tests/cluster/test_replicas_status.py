@@ -29,6 +29,7 @@ from serve.balancer import (
     replica_lines,
     requests_running,
 )
+from serve.config import load_config
 from tests.support.metrics_server import metrics_server
 
 
@@ -348,6 +349,33 @@ def test_an_integer_stays_and_tls_does_not_change_auto(tmp_path):
     choice = replica_choice(tls, 2, 1)
     # HAProxy terminates TLS and speaks it to every replica: as many as without it.
     assert choice.replicas == 4 and "TLS" not in choice.why
+    # Except with prefix routing, whose routing step speaks plain HTTP: one, and it says why.
+    prefix = _up_context(
+        tmp_path, slots=[8], mem_gb=[None], kind="gpu", tls_cert=cert, tls_key=key, routing="prefix"
+    )
+    capped = replica_choice(prefix, 2, 1)
+    assert capped.replicas == 1 and "1 with TLS and prefix routing" in capped.why
+    # Asked for explicitly, refused before anything runs, in one line.
+    from cluster.lifecycle import UpConfig
+
+    with pytest.raises(ValueError, match="--routing prefix cannot be combined with TLS"):
+        UpConfig(local=True, tls="self-signed", routing="prefix", num_replicas="2")
+
+
+def test_tls_with_several_replicas_needs_one_home_on_every_node(tmp_path, monkeypatch):
+    from cluster.stages.serve import prepare_tls
+    from serve.rollout import front_digest
+
+    monkeypatch.setenv("LLAMACLUSTER_HOME", str(tmp_path / "controller"))
+    ctx = _up_context(tmp_path, slots=[1, 1], mem_gb=[None, None], tls="self-signed")
+    ctx.state.nodes[0].home, ctx.state.nodes[1].home = "/home/a", "/home/b"
+    with pytest.raises(ConfigError, match="same home directory on every node") as err:
+        prepare_tls(ctx, 2)
+    assert "/home/a" in str(err.value) and "\n" not in str(err.value)
+    # A new certificate at the same paths restarts HAProxy (not a rolling update).
+    config = load_config(model="/m", no_auth=True, device="cpu", num_replicas=2)
+    assert front_digest(config, tls_fingerprint="AA") != front_digest(config, tls_fingerprint="BB")
+    assert front_digest(config) == front_digest(config, tls_fingerprint=None)
 
 
 def test_serve_auto_counts_the_free_slots():
