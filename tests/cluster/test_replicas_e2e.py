@@ -152,13 +152,15 @@ def test_two_replicas_behind_one_endpoint(tmp_path, cli_env, demo_model_dir):
         assert seen[-1][2] == 200, seen
         waiting = seen[:-1]
         # A request in the instant of the kills may meet a dying connection; every later one
-        # gets the 503: within about 2 s while HAProxy still retries the dead replicas' refused
-        # connections (seen: 2.03 s, once), then at once as its checks have marked them down.
+        # gets the 503: within a few seconds while HAProxy still retries the dead replicas'
+        # refused connections (a second between tries, `retries` of them: seen 2.03 and
+        # 3.07 s, once each), then at once as its checks have marked them down. Held in
+        # Serve's proxy instead, it would wait for an engine to load (minutes).
         assert len([x for x in waiting if x[0] < 0.5 and x[2] != 503]) <= 1, seen
         answered = [x for x in waiting if x[0] >= 0.5 or x[2] == 503]
         assert len(answered) >= 4, seen
         assert all(c == 503 and retry and error == 503 for _, _, c, retry, error in answered), seen
-        assert all(took < 3 for _, took, *_ in answered), seen
+        assert all(took < 5 for _, took, *_ in answered), seen
         assert sorted(took for _, took, *_ in answered)[len(answered) // 2] < 0.5, seen
     finally:
         if (home / "clusters" / "local" / "state.json").exists():
