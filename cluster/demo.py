@@ -93,7 +93,7 @@ def run_demo(
     from cluster.bench.runner import run_benchmark
     from cluster.demo_model import GIBBERISH_NOTICE
 
-    console = console or Console()
+    console = console or Console(emoji=False)
     console.rule(
         "[bold]1/3 up --local[/]: a one-node cluster on this machine, demo model on the CPU"
     )

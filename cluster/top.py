@@ -509,7 +509,7 @@ def run(source, *, once: bool = False, interval_s: float = REFRESH_S, console=No
     from rich.console import Console
     from rich.live import Live
 
-    console = console or Console()
+    console = console or Console(emoji=False)
     if once:
         if isinstance(source, MetricsSource):
             source.sample()

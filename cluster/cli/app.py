@@ -19,7 +19,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, emoji=False)
 # Wide tables keep their columns when stdout is a file or a pipe (rich assumes 80 columns there).
 PIPE_WIDTH = 220
 
@@ -28,8 +28,8 @@ def table_console() -> Console:
     """A stdout console for tables: the terminal's width, or PIPE_WIDTH columns when stdout is
     not a terminal and COLUMNS does not say otherwise."""
     if sys.stdout.isatty() or os.environ.get("COLUMNS"):
-        return Console()
-    return Console(width=PIPE_WIDTH)
+        return Console(emoji=False)
+    return Console(width=PIPE_WIDTH, emoji=False)
 
 
 def debug_enabled() -> bool:

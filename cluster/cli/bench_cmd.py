@@ -186,7 +186,7 @@ def bench(
             prefix_cache_observer(config.endpoints, cluster=name, notes=notes),
         ]
     console = table_console()
-    err = Console(stderr=True)
+    err = Console(stderr=True, emoji=False)
     with progress_bar(err, enabled=progress) as hook:
         result = run_benchmark(config, progress=hook, observers=observers)
     result.notes.extend(notes)

@@ -111,7 +111,7 @@ def download(
 
     if downloader not in ("hf_transfer", "hub"):
         raise ConfigError(f"unknown downloader {downloader!r}", hint="use hf_transfer or hub")
-    console = Console(highlight=False)
+    console = Console(highlight=False, emoji=False)
     runners = _runners(ips, local=local, ssh_user=ssh_user, ssh_key=ssh_key)
     if token is None:
         from huggingface_hub import get_token
@@ -194,7 +194,7 @@ def verify(
     from cluster.download.progress import format_bytes
     from cluster.errors import DownloadError
 
-    console = Console(highlight=False, stderr=True)
+    console = Console(highlight=False, stderr=True, emoji=False)
     total = load_manifest(model_dir).total_bytes
     with Progress(
         TextColumn("verify"),

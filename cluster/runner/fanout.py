@@ -19,7 +19,7 @@ class _Printer:
     def __init__(self, console=None) -> None:
         from rich.console import Console
 
-        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.console = console or Console(highlight=False, soft_wrap=True, emoji=False)
         self.lock = threading.Lock()
 
     def __call__(self, line: OutputLine) -> None:

@@ -60,7 +60,7 @@ class Reporter:
     }
 
     def __init__(self, console: Console | None = None, *, verbose: bool = False) -> None:
-        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.console = console or Console(highlight=False, soft_wrap=True, emoji=False)
         self.verbose = verbose
         self._lines = prefixed_printer(self.console) if verbose else None
         self.log_path: Path | None = None
@@ -137,9 +137,10 @@ class Reporter:
         )
 
     def print(self, text: str = "") -> None:
-        """Plain output (summaries, the ready block)."""
+        """Plain output (summaries, the ready block): never folded at the console's width, so
+        a URL, a path or a fingerprint stays whole on its line (copied as printed)."""
         self._to_log(Text.from_markup(text).plain if "[" in text else text)
-        self.console.print(text)
+        self.console.print(text, soft_wrap=True, emoji=False)
 
 
 class RunLog:
