@@ -61,12 +61,12 @@ def measure(out: Path) -> dict:
 def compare(res: dict) -> list[dict]:
     from cluster.device_specs import get_device
     from cluster.planner import ClusterShape, PlanOptions, plan_deployment
-    from cluster.planner.shape import parse_model_shape
+    from cluster.planner.calibration import calibration_shape
 
     h200 = get_device("h200")
     table = []
     for row in res["rows"]:
-        shape = parse_model_shape(config_of(row["model"]), name=row["model"])
+        shape = calibration_shape(row["model"])
         decode = row["kind"] == "decode"
         options = PlanOptions(
             prompt_len=row["ctx"] if decode else row["tokens"],

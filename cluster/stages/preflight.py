@@ -253,6 +253,18 @@ def replica_port_span(num_replicas: int | str, nodes: list[NodeState]) -> int:
     return max(p for group in ports.values() for p in group) - 1000
 
 
+def free_port_block(ctx: UpContext, span: int, avoid: list[int]) -> int | None:
+    """A free port on the head with the next ``span`` ports free too and clear of ``avoid``
+    (FREE_PORT_BLOCK_TEMPLATE); None when none was found."""
+    block = ctx.run_head(
+        FREE_PORT_BLOCK_TEMPLATE.format(span=span, avoid=",".join(map(str, avoid)) or "-1"),
+        what="choosing a free block of ports for the replicas",
+        check=False,
+    )
+    out = block.stdout.strip()
+    return int(out) if block.ok and out.isdigit() else None
+
+
 def move_api_port(ctx: UpContext, replicas: int) -> bool:
     """Move the recorded API port (asked as 0, nothing served on it) to a free block with room
     for ``replicas`` above it; says so. False when no such block was found."""
@@ -260,14 +272,9 @@ def move_api_port(ctx: UpContext, replicas: int) -> bool:
     assert ports is not None
     span = replica_port_span(replicas, ctx.state.nodes)
     others = [v for k, v in ports.model_dump().items() if k != "api" and isinstance(v, int)]
-    block = ctx.run_head(
-        FREE_PORT_BLOCK_TEMPLATE.format(span=span, avoid=",".join(map(str, others)) or "-1"),
-        what="choosing a free block of ports for the replicas",
-        check=False,
-    )
-    if not (block.ok and block.stdout.strip().isdigit()):
+    moved = free_port_block(ctx, span, others)
+    if moved is None:
         return False
-    moved = int(block.stdout.strip())
     ctx.reporter.info(
         f"API port {ports.api} (chosen free earlier) has replica ports in use above it now: "
         f"moved to {moved}"
@@ -532,14 +539,9 @@ class Preflight(Stage):
             asked.update(dict(zip(zero, map(int, out), strict=True)))
         if "api" in zero and (span := replica_port_span(cfg.num_replicas, ctx.state.nodes)):
             # Several replicas take ports above the API's: a free block, clear of the others.
-            others = ",".join(str(v) for k, v in asked.items() if k != "api") or "-1"
-            block = ctx.run_head(
-                FREE_PORT_BLOCK_TEMPLATE.format(span=span, avoid=others),
-                what="choosing a free block of ports for the replicas",
-                check=False,
-            )
-            if block.ok and block.stdout.strip().isdigit():
-                asked["api"] = int(block.stdout.strip())
+            block = free_port_block(ctx, span, [v for k, v in asked.items() if k != "api"])
+            if block is not None:
+                asked["api"] = block
         for key, port in asked.items():
             if key in zero:
                 continue
