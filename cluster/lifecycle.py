@@ -103,6 +103,11 @@ def _fill_defaults(config: UpConfig, state: ClusterState, *, dry_run: bool) -> N
 
         source = str(default_demo_model_dir() if dry_run else ensure_demo_model())
     state.model = resolve_model(source, state.shared_dir, config.revision, config.served_model_name)
+    if config.model:
+        # Further models as asked now (none: this `up` serves one); a bare `up` keeps them.
+        state.more_models = [
+            resolve_more_model(spec, state.shared_dir) for spec in config.more_models
+        ]
     if dry_run:
         return
     ensure_private_dir(cluster_dir(state.name))
@@ -135,6 +140,23 @@ def resolve_model(
         revision=revision,
         dir=model_target(str(shared_dir), source, revision),
         served_names=served_names(names, source),
+    )
+
+
+def resolve_more_model(spec: str, shared_dir: str | None) -> ModelSection:
+    """The model section of a further ``--model`` value (serve.models.parse_model_spec)."""
+    from serve.models import parse_model_spec
+
+    values = parse_model_spec(spec)
+    section = resolve_model(values["model"], shared_dir, None, values.get("served_model_name", []))
+    return section.model_copy(
+        update={
+            "tp": values.get("tp"),
+            "pp": values.get("pp"),
+            "replicas": values.get("num_replicas", 1),
+            "max_model_len": values.get("max_model_len"),
+            "lora": values.get("lora_modules", []),
+        }
     )
 
 
@@ -217,6 +239,10 @@ def print_ready(state: ClusterState, reporter: Reporter) -> None:
         f"[bold green]ready[/]: {base}  (model [cyan]{model}[/]{aliases}, "
         f"tp={server.tp} × pp={server.pp})"
     )
+    if server.models[1:]:
+        reporter.print(
+            "  further models (send their name as `model`): " + ", ".join(server.models[1:])
+        )
     reporter.print(f"  API key:  {key}  (0600; never printed)")
     from cluster.stages.serve import controller_tls_files
 

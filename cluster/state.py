@@ -163,6 +163,14 @@ class ModelSection(BaseModel):
     served_names: list[str] = Field(
         default_factory=list, description="Names clients send; the first is the main one."
     )
+    # A further model of the endpoint (`up --model A --model B,...`) has its own layout.
+    tp: int | None = Field(default=None, description="A further model's tensor parallel size.")
+    pp: int | None = Field(default=None, description="A further model's pipeline parallel size.")
+    replicas: int | None = Field(default=None, description="A further model's replicas.")
+    max_model_len: int | None = Field(default=None, description="A further model's context.")
+    lora: list[str] = Field(
+        default_factory=list, description="A further model's LoRA adapters (NAME=SOURCE)."
+    )
 
 
 class StorageSection(BaseModel):
@@ -290,6 +298,17 @@ class ServerSection(BaseModel):
         description="The serving config deployed (no secrets: key file paths only); a rolling "
         "update that fails deploys it again.",
     )
+    deployed_more: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="The further models' configs deployed beside it (their own fields only).",
+    )
+    model_routes: list[str] = Field(
+        default_factory=list,
+        description="Route prefix of each further model's app (its /ready is under it).",
+    )
+    models: list[str] = Field(
+        default_factory=list, description="The main name of every model the endpoint serves."
+    )
 
 
 class MonitoringSection(BaseModel):
@@ -349,6 +368,10 @@ class ClusterState(BaseModel):
     access: Access = Field(default_factory=Access)
     shared_dir: str | None = Field(default=None, description="The directory every node shares.")
     model: ModelSection = Field(default_factory=ModelSection)
+    more_models: list[ModelSection] = Field(
+        default_factory=list,
+        description="The endpoint's further models, each a Serve app of its own (in order).",
+    )
     secrets: Secrets = Field(default_factory=Secrets)
     nodes: list[NodeState] = Field(default_factory=list, description="Head first.")
     ports: Ports | None = Field(default=None, description="Ports, once chosen.")

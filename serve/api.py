@@ -18,6 +18,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
+from serve.models import ModelRoutes, route_path
+
 logger = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
@@ -431,6 +433,25 @@ def _iso(wall: float | None) -> str | None:
     return dt.datetime.fromtimestamp(wall, dt.timezone.utc).isoformat(timespec="seconds")
 
 
+_UNPARSED = object()
+_TOO_DEEP = object()
+
+
+def _json_or_none(body: bytes) -> Any:
+    """The parsed JSON body; None when it is not JSON, _TOO_DEEP when it nests too deep for
+    Python's parser."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        return _TOO_DEEP
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _never() -> str | None:
+    return None
+
+
 class Gateway:
     """ASGI middleware around vLLM's OpenAI app: every rule of the public endpoint in one place.
 
@@ -474,6 +495,8 @@ class Gateway:
         self.in_flight = 0
         # One future per request inside the app: end_in_flight() resolves them all.
         self._aborts: set[asyncio.Future[str]] = set()
+        # The endpoint's other models (serve/models.py), in its first app's gateway only.
+        self.models: ModelRoutes | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -485,7 +508,7 @@ class Gateway:
                 await send({"type": "websocket.close", "code": 1008})
             return
         request_id = _header(scope, REQUEST_ID_HEADER) or uuid.uuid4().hex
-        path = scope.get("path", "")
+        path = route_path(scope)
         label = path if path in COUNTED_PATHS else "other"
         send = _count_and_tag(send, request_id if self._add_request_id else None, label)
 
@@ -536,9 +559,12 @@ class Gateway:
             return
 
         app = self.state.app
-        reason = self.state.unavailable()
-        if app is None or reason is not None:
-            reason = reason or "the model is still loading"
+        # A request that may name another model of the endpoint is read first: that model's
+        # app may serve while this one's engine loads.
+        may_forward = (
+            self.models is not None and scope.get("method") == "POST" and path in BODY_CHECKED_PATHS
+        )
+        if not may_forward and (reason := self._unavailable()) is not None:
             await _send_json(send, 503, error_payload(503, reason), retry_after=self._retry_after)
             return
 
@@ -573,10 +599,14 @@ class Gateway:
             )
             return
 
+        if self.models is not None and path == "/v1/models" and app is not None:
+            from serve.models import listing_app
+
+            app = listing_app(self.models, app)
         self.in_flight += 1
         IN_FLIGHT.inc()
         try:
-            await self._call_app(app, scope, receive, send)
+            await self._call_app(app, scope, receive, send, path)
         finally:
             self.in_flight -= 1
             IN_FLIGHT.dec()
@@ -629,6 +659,13 @@ class Gateway:
                 ended += 1
         return ended
 
+    def _unavailable(self) -> str | None:
+        """Why this app's engine cannot take a request now (None: it can)."""
+        reason = self.state.unavailable()
+        if self.state.app is None or reason is not None:
+            return reason or "the model is still loading"
+        return None
+
     def _too_large(self) -> dict[str, Any]:
         return error_payload(413, f"request body is larger than {self._max_body} bytes")
 
@@ -648,11 +685,14 @@ class Gateway:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _call_app(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-        tracker = _ResponseTracker(send, self.state.unavailable, self._retry_after)
+    async def _call_app(
+        self, app: ASGIApp | None, scope: Scope, receive: Receive, send: Send, path: str
+    ) -> None:
+        unavailable = self.state.unavailable
         received = 0
+        forwarding = False
 
-        if scope.get("method") == "POST" and scope.get("path") in BODY_CHECKED_PATHS:
+        if scope.get("method") == "POST" and path in BODY_CHECKED_PATHS:
             try:
                 body = await self._read_body(receive)
             except _ClientGone:
@@ -660,11 +700,27 @@ class Gateway:
             if body is None:
                 await _send_json(send, 413, self._too_large())
                 return
-            if (problem := self._body_problem(scope["path"], body)) is not None:
+            data = _json_or_none(body)
+            if (problem := self._body_problem(path, body, data)) is not None:
                 message, param = problem
                 await _send_json(send, 400, error_payload(400, message, param=param))
                 return
+            other = None
+            if self.models is not None and isinstance(data, dict):
+                other = self.models.app_for(data.get("model"))
+            if other is not None:
+                # Another model of the endpoint (a body too large for HAProxy to route).
+                app = self.models.forward_app(other, body)
+                unavailable = _never
+                forwarding = True
+            elif (reason := self._unavailable()) is not None:
+                await _send_json(
+                    send, 503, error_payload(503, reason), retry_after=self._retry_after
+                )
+                return
             receive = _replay(body, receive)
+        assert app is not None
+        tracker = _ResponseTracker(send, unavailable, self._retry_after)
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -677,7 +733,10 @@ class Gateway:
 
         abort: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         task = asyncio.ensure_future(app(scope, limited_receive, tracker.send))
-        self._aborts.add(abort)
+        if not forwarding:
+            # (A forwarded request does not depend on this app's engine: a restart of it
+            # leaves that request alone.)
+            self._aborts.add(abort)
         try:
             if (timed_out := await self._wait(task, abort, tracker)) is not None:
                 await _cancel(task)  # aborts the engine request
@@ -703,13 +762,15 @@ class Gateway:
             if not task.done():
                 task.cancel()
 
-    def _body_problem(self, path: str, body: bytes) -> tuple[str, str | None] | None:
+    def _body_problem(
+        self, path: str, body: bytes, data: Any = _UNPARSED
+    ) -> tuple[str, str | None] | None:
         """(message, param) when a JSON body breaks the server's bounds, else None."""
-        try:
-            data = json.loads(body)
-        except RecursionError:
+        if data is _UNPARSED:
+            data = _json_or_none(body)
+        if data is _TOO_DEEP:
             return f"JSON nested deeper than {MAX_JSON_DEPTH} levels", None
-        except (ValueError, UnicodeDecodeError):
+        if data is None:
             return None  # vLLM answers malformed JSON with its own 400
         if json_depth_exceeds(data):
             return f"JSON nested deeper than {MAX_JSON_DEPTH} levels", None

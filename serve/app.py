@@ -9,6 +9,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ from serve.api import BodyLimits, Gateway, ServerState, install_http_limits, key
 from serve.balancer import HAPROXY_ENV
 from serve.config import (
     DEVICE_RESOURCE,
+    MODEL_APP_SEPARATOR,
+    MODEL_ROUTE_ROOT,
     ServeConfig,
     check_device_slots,
     cluster_slots,
@@ -184,7 +187,7 @@ class LlamaclusterServer:
             )
         self.gateway = Gateway(
             self.state,
-            api_key_digests=_stored_key_digests(config.app_name) or api_key_digests,
+            api_key_digests=_stored_key_digests(config.key_app) or api_key_digests,
             no_auth=config.no_auth,
             max_ongoing_requests=config.max_ongoing_requests,
             retry_after_s=config.retry_after_s,
@@ -199,6 +202,10 @@ class LlamaclusterServer:
                 allowed_media_domains=frozenset(config.allowed_media_domains),
             ),
         )
+        if len(config.endpoint_apps) > 1:
+            from serve.models import model_routes
+
+            self.gateway.models = model_routes(config)
         policy = RestartPolicy(
             stall_timeout_s=config.stall_timeout_s,
             max_attempts=config.restart_max_attempts,
@@ -247,7 +254,8 @@ class LlamaclusterServer:
                     await self.supervisor.aclose()
                 raise
         if not self.config.no_auth:
-            app_name = self.config.app_name
+            # Every model of an endpoint accepts the keys published for its first app.
+            app_name = self.config.key_app
             self._key_follower = asyncio.ensure_future(
                 self.gateway.follow_key_digests(
                     lambda: load_key_digests(app_name), interval_s=KEY_POLL_INTERVAL_S
@@ -317,6 +325,8 @@ class Endpoint:
     model: str
     host: str
     port: int
+    # The route prefix of each other model of the endpoint (its /ready is under it).
+    routes: tuple[str, ...] = ()
 
 
 def replica_env(config: ServeConfig) -> dict[str, str]:
@@ -459,12 +469,28 @@ def _connect(ray_address: str | None) -> None:
     )
 
 
-def deploy(config: ServeConfig, *, ray_address: str | None = None) -> Endpoint:
+def deploy(
+    config: ServeConfig,
+    *,
+    ray_address: str | None = None,
+    more: Sequence[ServeConfig] = (),
+) -> Endpoint:
     """Start the server detached on an existing Ray cluster; returns where it will answer.
 
-    Checks the cluster has tp×pp device slots first. The application outlives the caller
+    With ``more``, one endpoint serves several models: ``config``'s app at route / and each
+    other model as an app of its own behind the same HAProxy (serve/models.py), with the
+    endpoint's settings (ports, TLS, keys) taken from ``config``.
+
+    Checks the cluster has tp×pp device slots first. The applications outlive the caller
     (Serve is detached); wait_until_ready() tells when it serves.
     """
+    if more:
+        from serve.models import endpoint_configs
+
+        configs = endpoint_configs([config, *more])
+    else:
+        configs = [config]
+    config = configs[0]
     api_keys = config.resolved_api_keys()
     if not api_keys and not config.no_auth:
         raise ConfigError("no API key configured", hint="pass --api-key or --no-auth")
@@ -473,13 +499,13 @@ def deploy(config: ServeConfig, *, ray_address: str | None = None) -> Endpoint:
     if not config.balanced and config.routing != "least-load":
         logger.warning("routing %s has no effect with one replica", config.routing)
     _connect(ray_address)
-    existing = _existing_app(config.app_name)
-    if existing is None:
-        # A redeploy keeps its own slots; a fresh one needs them free.
-        check_device_slots(cluster_slots(), config)
+    # A redeploy keeps its own slots; a fresh one needs them free.
+    fresh = [c for c in configs if _existing_app(c.app_name) is None]
+    if fresh:
+        check_device_slots(cluster_slots(), *fresh)
     if api_keys:
         # Before the replica starts: it prefers the published keys to its constructor's.
-        publish_key_digests(config.app_name, [key_digest(k) for k in api_keys])
+        publish_key_digests(config.key_app, [key_digest(k) for k in api_keys])
     http_options: dict[str, Any] = {"host": config.host, "port": config.proxy_port}
     balancer_dir = None
     if config.balanced and config.tls_certfile is not None:
@@ -500,12 +526,25 @@ def deploy(config: ServeConfig, *, ray_address: str | None = None) -> Endpoint:
         http_options=http_options,
         controller_options={"runtime_env": {"env_vars": controller_env(config, balancer_dir)}},
     )
-    serve.run(
-        build_application(config, api_keys),
-        name=config.app_name,
-        route_prefix="/",
-        blocking=False,
-    )
+    if len(configs) == 1:
+        serve.run(
+            build_application(config, api_keys),
+            name=config.app_name,
+            route_prefix="/",
+            blocking=False,
+        )
+    else:
+        # One deploy for every model: their engines load at the same time.
+        serve.run_many(
+            [
+                serve.RunTarget(
+                    target=build_application(one, api_keys),
+                    name=one.app_name,
+                    route_prefix=one.route_prefix,
+                )
+                for one in configs
+            ]
+        )
     host = head_address() if config.host in ("0.0.0.0", "::", "") else config.host
     port = config.port
     actual = None if config.balanced else _listening_port(config.app_name)
@@ -524,6 +563,7 @@ def deploy(config: ServeConfig, *, ray_address: str | None = None) -> Endpoint:
         model=config.main_name,
         host=host,
         port=port,
+        routes=tuple(c.route_prefix for c in configs[1:]),
     )
 
 
@@ -550,7 +590,7 @@ def _balanced_host(config: ServeConfig) -> str:
         logger.warning(
             "%d replicas: the endpoint and each replica listen on every interface, not only %s "
             "(API keys still apply; firewall the ports from outside the cluster)",
-            config.num_replicas,
+            config.endpoint_replicas,
             config.host,
         )
     return "0.0.0.0" if config.host != "::" else "::"
@@ -590,19 +630,22 @@ def head_address() -> str:
 
 
 def shutdown(app_name: str, *, ray_address: str | None = None) -> bool:
-    """Stop one application (running requests get the drain period); stop Serve when it was
-    the last one. Returns False when no such application ran."""
+    """Stop one application, and the other models' apps of its endpoint with it (running
+    requests get the drain period); stop Serve when no other application is left. Returns False
+    when no such application ran."""
     _connect(ray_address)
     apps = _serve_apps()
     if apps is None:
         return False
     found = app_name in apps
-    if found:
-        serve.delete(app_name)
-        _forget_history(app_name)
-        with contextlib.suppress(Exception):
-            forget_key_digests(app_name)
-    if not (set(apps) - {app_name}):
+    names = [app_name, *(a for a in apps if a.startswith(f"{app_name}{MODEL_APP_SEPARATOR}"))]
+    for name in names:
+        if name in apps:
+            serve.delete(name)
+            _forget_history(name)
+            with contextlib.suppress(Exception):
+                forget_key_digests(name)
+    if not (set(apps) - set(names)):
         serve.shutdown()
     return found
 
@@ -646,7 +689,11 @@ def wait_until_ready(
                 return
             last = _reason(ready)
             health = httpx.get(f"{url}/health", timeout=5.0, headers=headers, verify=verify)
-            if health.status_code != 200 and not _restarting(health):
+            if health.status_code == 404 and MODEL_ROUTE_ROOT + "/" in url:
+                # Another model's route before HAProxy knows its app (the first app answers
+                # 404 for a path it does not have): not there yet.
+                last = "not routed yet"
+            elif health.status_code != 200 and not _restarting(health):
                 raise NotReadyError(
                     f"server at {url} is not healthy: {_reason(health)}",
                     hint="see the replica log in the Ray dashboard (Serve view) or "

@@ -29,12 +29,16 @@ from cluster.errors import ConfigError
 from cluster.remote import Request, Verb, main
 from serve.config import ServeConfig, balancer_side_ports
 from serve.haproxy_hooks import (
+    MODEL_ROUTES_ENV,
+    MODEL_ROUTING_BUFSIZE,
     RETRY_AFTER_ENV,
     SETUP_HOOK,
     SETUP_HOOK_ENV,
     TLS_CERT_ENV,
     TLS_KEY_ENV,
+    model_routes_env,
 )
+from serve.models import route_path
 
 # Settings Ray's HAProxy mode reads (ray/serve/_private/constants.py) in the controller, the
 # HAProxyManager actor (the controller's child: it inherits the controller's runtime env) and
@@ -48,6 +52,7 @@ METRICS_PORT_ENV = "RAY_SERVE_HAPROXY_METRICS_PORT"
 RETRY_ON_ENV = "RAY_SERVE_HAPROXY_RETRY_ON"
 BALANCE_ENV = "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM"
 NBTHREAD_ENV = "RAY_SERVE_HAPROXY_NBTHREAD"
+BUFSIZE_ENV = "RAY_SERVE_HAPROXY_TUNE_BUFSIZE"
 # Ray starts HAProxy with 4 threads. On the head HAProxy shares the cores with an engine, a
 # replica and Ray: more threads than half the cores only adds hand-offs between them (one
 # thread forwards far more requests per second than an LLM endpoint sees).
@@ -112,6 +117,11 @@ def balancer_env(config: ServeConfig, directory: str) -> dict[str, str]:
         env[FORWARD_BODY_ENV] = "1"
     if config.tls_certfile is not None and config.tls_keyfile is not None:
         env[TLS_CERT_ENV], env[TLS_KEY_ENV] = str(config.tls_certfile), str(config.tls_keyfile)
+    if len(config.endpoint_apps) > 1:
+        env[MODEL_ROUTES_ENV] = model_routes_env(
+            [(a.route_prefix, a.names) for a in config.endpoint_apps[1:]]
+        )
+        env[BUFSIZE_ENV] = str(MODEL_ROUTING_BUFSIZE)
     env.update({name: f"{directory}/{file}" for name, file in FILE_ENVS.items()})
     return env
 
@@ -358,7 +368,7 @@ def replica_lines(replicas: list[dict[str, Any]]) -> list[str]:
 
 def wants_all_replicas(scope: dict[str, Any]) -> bool:
     """Is this ``GET /ready?all=1`` (every replica must be ready)?"""
-    if scope.get("type") != "http" or scope.get("path") != "/ready":
+    if scope.get("type") != "http" or route_path(scope) != "/ready":
         return False
     if scope.get("method") not in ("GET", "HEAD"):
         return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,47 @@ DEVICE_RESOURCE = "GPU"
 # Env var read when no key is given on the command line or in a file.
 API_KEY_ENV = "LLAMACLUSTER_API_KEY"
 DEFAULT_APP_NAME = "llamacluster"
+
+
+# Where the endpoint's second and later models live, each a Serve app of its own: HAProxy sends
+# a request there by its body's `model` (serve/haproxy_hooks.py), the first app's gateway when
+# the body is too large for HAProxy to read (serve/models.py).
+MODEL_ROUTE_ROOT = "/_lc"
+
+
+class EndpointApp(BaseModel):
+    """One model of an endpoint that serves several: its Serve app, where HAProxy routes it,
+    the names clients send for it, and what `/v1/models` says of it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    app_name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    route_prefix: str = Field(pattern=r"^/$|^/_lc/[A-Za-z0-9_.-]+$")
+    names: list[str] = Field(min_length=1, description="Served names, then LoRA adapter names.")
+    adapters: list[str] = Field(default_factory=list, description="The names that are adapters.")
+    root: str = Field(description="The model (directory or repo id) behind the names.")
+    num_replicas: int = Field(default=1, ge=1, le=64)
+    max_model_len: int | None = None
+
+
+# Between the endpoint's app name and a later model's: stopping the first app stops them all.
+MODEL_APP_SEPARATOR = "--"
+
+
+def model_route(app_name: str) -> str:
+    """The route prefix of an endpoint's model after the first."""
+    return f"{MODEL_ROUTE_ROOT}/{app_name}"
+
+
+def model_app_name(endpoint_app: str, served_name: str, taken: set[str]) -> str:
+    """The Serve app name of a later model of the endpoint ``endpoint_app``: the endpoint's name
+    and the model's served name, made safe (and unique against ``taken``)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", served_name.rsplit("/", 1)[-1]).strip("-.") or "model"
+    name = f"{endpoint_app}{MODEL_APP_SEPARATOR}{slug[:48]}"
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    return candidate
 
 
 class ServeConfig(BaseModel):
@@ -278,6 +320,17 @@ class ServeConfig(BaseModel):
         "(NAME=PATH, or {name, path}); the engine starts with LoRA on, ranks from their "
         "adapter_config.json.",
     )
+    route_prefix: str = Field(
+        default="/",
+        pattern=r"^/$|^/_lc/[A-Za-z0-9_.-]+$",
+        description="Serve route of this app: / for an endpoint's first (or only) model, "
+        "/_lc/<app> for the others (set by serve.models.endpoint_configs).",
+    )
+    endpoint_apps: list[EndpointApp] = Field(
+        default_factory=list,
+        description="Every model of an endpoint that serves several (empty: this one alone); "
+        "the first is the app at route / (it owns the API keys and lists every model).",
+    )
     revision: str | None = Field(
         default=None,
         description="Hub commit the model directory holds (from its download manifest): the "
@@ -348,7 +401,9 @@ class ServeConfig(BaseModel):
                 "prefix routing cannot be combined with TLS (Ray's routing step asks the router "
                 "in plain HTTP): use --routing least-load with TLS, or prefix routing without it"
             )
-        if self.num_replicas > 1:
+        if self.endpoint_apps:
+            check_endpoint_apps(self)
+        if self.balanced:
             first, last = self.replica_ports[0], self.replica_ports[-1]
             ports = [self.port, self.proxy_port, *balancer_side_ports(self), *self.replica_ports]
             if len(set(ports)) != len(ports) or max(ports) > 65535:
@@ -400,16 +455,29 @@ class ServeConfig(BaseModel):
 
     @property
     def balanced(self) -> bool:
-        """Several replicas behind HAProxy (else one replica listens on ``port`` itself)."""
-        return self.num_replicas > 1
+        """Several replicas, or several models, behind HAProxy (else one replica listens on
+        ``port`` itself)."""
+        return self.num_replicas > 1 or len(self.endpoint_apps) > 1
+
+    @property
+    def endpoint_replicas(self) -> int:
+        """Replicas behind the endpoint, every model's together."""
+        if self.endpoint_apps:
+            return sum(a.num_replicas for a in self.endpoint_apps)
+        return self.num_replicas
+
+    @property
+    def key_app(self) -> str:
+        """The app whose API keys this one follows: the endpoint's first (they are one set)."""
+        return self.endpoint_apps[0].app_name if self.endpoint_apps else self.app_name
 
     @property
     def replica_ports(self) -> list[int]:
-        """The replicas' own ports behind the balancer: 2N + 2 of them, so that each replacement
-        can start while the replica it replaces still holds its port, and two can be found
-        taken by other processes (Serve then blocks them and takes the next)."""
+        """The replicas' own ports behind the balancer (every model's): 2N + 2 of them, so that
+        each replacement can start while the replica it replaces still holds its port, and two
+        can be found taken by other processes (Serve then blocks them and takes the next)."""
         first = self.replica_port_min or self.port + 10
-        return list(range(first, first + 2 * self.num_replicas + 2))
+        return list(range(first, first + 2 * self.endpoint_replicas + 2))
 
     def resolved_api_keys(self) -> list[str]:
         """All accepted keys: flags, then the key file, then $LLAMACLUSTER_API_KEY."""
@@ -424,6 +492,50 @@ class ServeConfig(BaseModel):
     def resolved_admin_keys(self) -> list[str]:
         """The keys of ``admin_key_file`` (none without it)."""
         return [] if self.admin_key_file is None else read_key_file(self.admin_key_file)
+
+
+# Characters a model name may not hold on an endpoint of several models: HAProxy's rule quotes
+# the name, and the rule sits in a Jinja template.
+_UNROUTABLE = frozenset("\"'\\{}%#")
+
+
+def check_endpoint_apps(config: ServeConfig) -> None:
+    """An endpoint's model table: app names and routes unique, the first at /, no name served
+    twice, and this app in it as it is configured."""
+    apps = config.endpoint_apps
+    if apps[0].route_prefix != "/" or any(a.route_prefix == "/" for a in apps[1:]):
+        raise ValueError("the endpoint's first model, and only it, is at route /")
+    for what, values in (
+        ("app name", [a.app_name for a in apps]),
+        ("route", [a.route_prefix for a in apps]),
+        ("model name", [n for a in apps for n in a.names]),
+    ):
+        seen: set[str] = set()
+        for value in values:
+            if value in seen:
+                raise ValueError(
+                    f"{what} {value!r} is used by two models of the endpoint: give each model "
+                    "names of its own (name=... in its --model)"
+                )
+            seen.add(value)
+    for name in (n for a in apps for n in a.names):
+        if not name or any(c in _UNROUTABLE or c.isspace() or not c.isprintable() for c in name):
+            raise ValueError(
+                f"model name {name!r} cannot be routed among several models: use letters, "
+                "digits and . _ - / : @ + (name=... in its --model)"
+            )
+    own = next((a for a in apps if a.app_name == config.app_name), None)
+    if own is None or own.route_prefix != config.route_prefix:
+        raise ValueError(f"app {config.app_name!r} is not in its endpoint's table at its route")
+    if own.num_replicas != config.num_replicas or own.names[: len(config.served_model_name)] != (
+        config.served_model_name
+    ):
+        raise ValueError(f"app {config.app_name!r} differs from its entry in the endpoint's table")
+    if config.routing == "prefix":
+        raise ValueError(
+            "prefix routing serves one model per endpoint: use --routing least-load with "
+            "several models"
+        )
 
 
 def default_served_name(model: str) -> str:
@@ -534,17 +646,23 @@ class NodeSlots:
     is_head: bool
 
 
-def check_device_slots(nodes: list[NodeSlots], config: ServeConfig) -> None:
+def check_device_slots(nodes: list[NodeSlots], *configs: ServeConfig) -> None:
     """Raise NotReadyError unless the cluster has a head and tp×pp free device slots per
-    replica.
+    replica (of every config given: the models of one endpoint are placed together).
 
     The message says how many slots are missing and what every node offers, so the fix
     (more nodes, a larger --num-gpus, stopping another app) is obvious.
     """
-    needed = config.world_size * config.num_replicas
-    layout = f"tp={config.tp} × pp={config.pp}"
-    if config.balanced:
-        layout = f"{config.num_replicas} replicas of {layout}"
+    needed = sum(c.world_size * c.num_replicas for c in configs)
+    layouts = []
+    for config in configs:
+        one = f"tp={config.tp} × pp={config.pp}"
+        if config.num_replicas > 1:
+            one = f"{config.num_replicas} replicas of {one}"
+        if len(configs) > 1:
+            one = f"{config.main_name}: {one}"
+        layouts.append(one)
+    layout = " + ".join(layouts)
     per_node = ", ".join(
         f"{n.address}{' (head)' if n.is_head else ''}: {n.device_free:g} free of {n.device_total:g}"
         for n in nodes

@@ -46,6 +46,12 @@ HAPROXY_MODULE = "ray.serve._private.haproxy"
 # terminates TLS with them and speaks TLS to the replicas (which serve the same certificate).
 TLS_CERT_ENV = "LLAMACLUSTER_HAPROXY_TLS_CERT"
 TLS_KEY_ENV = "LLAMACLUSTER_HAPROXY_TLS_KEY"
+# An endpoint of several models: JSON [[route prefix, [names...]], ...] of every model after the
+# first; HAProxy sends a request whose body names one of them to its app's route.
+MODEL_ROUTES_ENV = "LLAMACLUSTER_HAPROXY_MODEL_ROUTES"
+# HAProxy's buffer with several models (Ray's default 16 KiB): bodies up to about this size are
+# routed by HAProxy itself, larger ones by the first model's gateway (one more hop).
+MODEL_ROUTING_BUFSIZE = 65536
 # HAProxy wants certificate and key in one file: written (0600) beside the errorfiles, in the
 # endpoint's private directory.
 TLS_PEM_FILE = "api.pem"
@@ -202,6 +208,39 @@ def tls_edits(cert: str) -> tuple[tuple[str, str], ...]:
     )
 
 
+# Where the frontend's routing rules begin (after the health checks and /-/routes): the model
+# rules go first, so the path every later rule sees is the rewritten one.
+_PATH_ACLS = "    # Per-backend path ACLs (used for both ingress-request-router dispatch\n"
+
+
+def model_route_edits(routes: list[tuple[str, list[str]]]) -> tuple[tuple[str, str], ...]:
+    """The template edit of an endpoint with several models: a POST under /v1/ whose JSON body
+    names a model of another app gets that app's route prefix in front of its path (Serve's
+    routing then sends it to that app's replicas, which see their own routes). HAProxy reads
+    the body's `model` when the body fits its buffer; a request it cannot read goes to the
+    first app unchanged, whose gateway forwards it (serve/models.py)."""
+    if not routes:
+        return ()
+    rules = [
+        "    # llamacluster: requests for another model go to its app's route\n",
+        "    http-request wait-for-body time 1s if METH_POST { path_beg /v1/ }\n",
+        "    http-request set-var(txn.lc_model) req.body,json_query('$.model') "
+        "if METH_POST { path_beg /v1/ }\n",
+    ]
+    for prefix, names in routes:
+        quoted = " ".join(_haproxy_quoted(n) for n in names)
+        rules.append(
+            f"    http-request set-path {prefix}%[path] if {{ path_beg /v1/ }} "
+            f"{{ var(txn.lc_model) -m str {quoted} }}\n"
+        )
+    return ((_PATH_ACLS, "".join(rules) + _PATH_ACLS),)
+
+
+def _haproxy_quoted(text: str) -> str:
+    """``text`` as one double-quoted HAProxy word (Jinja-inert: names hold no braces)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def self_issued(cert: str) -> bool:
     """Whether the PEM certificate at ``cert`` is its own issuer."""
     from cryptography import x509
@@ -210,16 +249,21 @@ def self_issued(cert: str) -> bool:
     return loaded.issuer == loaded.subject
 
 
-def balancer_template(template: str, tls_cert: str | None = None) -> str | None:
-    """Ray's HAProxy config template with our edits (and the HTTPS ones with ``tls_cert``);
-    None when it is not the expected one."""
-    for old, _ in _TEMPLATE_EDITS:
-        if template.count(old) != 1:
-            return None
-    tls = tls_edits(tls_cert) if tls_cert else ()
-    if any(template.count(old) != 1 for old, _ in tls):
+def balancer_template(
+    template: str,
+    tls_cert: str | None = None,
+    model_routes: list[tuple[str, list[str]]] | None = None,
+) -> str | None:
+    """Ray's HAProxy config template with our edits (and the HTTPS ones with ``tls_cert``, the
+    model routing with ``model_routes``); None when it is not the expected one."""
+    edits = (
+        _TEMPLATE_EDITS
+        + (tls_edits(tls_cert) if tls_cert else ())
+        + model_route_edits(model_routes or [])
+    )
+    if any(template.count(old) != 1 for old, _ in edits):
         return None
-    for old, new in _TEMPLATE_EDITS + tls:
+    for old, new in edits:
         template = template.replace(old, new)
     return template
 
@@ -250,9 +294,15 @@ def write_error_files(directory: str, retry_after_s: int) -> str:
     return str(Path(directory, "503.json.http"))
 
 
-def use_openai_errors(haproxy: Any, retry_after_s: int, tls: tuple[str, str] | None = None) -> bool:
+def use_openai_errors(
+    haproxy: Any,
+    retry_after_s: int,
+    tls: tuple[str, str] | None = None,
+    model_routes: list[tuple[str, list[str]]] | None = None,
+) -> bool:
     """Patch Ray's HAProxy module (``ray.serve._private.haproxy``, loaded): our errorfiles and
-    template; with ``tls`` (certificate, key), HTTPS at the endpoint and to the replicas.
+    template; with ``tls`` (certificate, key), HTTPS at the endpoint and to the replicas; with
+    ``model_routes``, requests routed to the app of the model they name.
     Returns False, changing nothing, when it is not the expected one."""
     api = getattr(haproxy, "HAProxyApi", None)
     init_files = getattr(api, "_initialize_directories_and_error_files", None)
@@ -260,7 +310,7 @@ def use_openai_errors(haproxy: Any, retry_after_s: int, tls: tuple[str, str] | N
     if getattr(init_files, _MANAGER_MARK, False):
         return True
     cert = tls[0] if tls else None
-    edited = balancer_template(template, cert) if isinstance(template, str) else None
+    edited = balancer_template(template, cert, model_routes) if isinstance(template, str) else None
     if init_files is None or edited is None:
         if tls:
             # Plain HTTP where HTTPS was asked for must not happen silently: HAProxy gets no
@@ -268,6 +318,12 @@ def use_openai_errors(haproxy: Any, retry_after_s: int, tls: tuple[str, str] | N
             raise RuntimeError(
                 "Ray Serve's HAProxy config is not the expected one: cannot serve HTTPS "
                 "through it; serve one replica over TLS"
+            )
+        if model_routes:
+            # Without the routing every request would reach the first model only.
+            raise RuntimeError(
+                "Ray Serve's HAProxy config is not the expected one: cannot route several "
+                "models through it; serve one model per cluster"
             )
         logger.warning(
             "Ray Serve's HAProxy config is not the expected one: with no replica up clients "
@@ -292,9 +348,15 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
     """Apply :func:`use_openai_errors` right after Ray's HAProxy module is first imported (so
     processes that never import it, such as engine workers, pay nothing)."""
 
-    def __init__(self, retry_after_s: int, tls: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        retry_after_s: int,
+        tls: tuple[str, str] | None = None,
+        model_routes: list[tuple[str, list[str]]] | None = None,
+    ) -> None:
         self.retry_after_s = retry_after_s
         self.tls = tls
+        self.model_routes = model_routes
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
         if name != HAPROXY_MODULE:
@@ -303,7 +365,12 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         spec = importlib.util.find_spec(name)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        loader, retry_after_s, tls = spec.loader, self.retry_after_s, self.tls
+        loader, retry_after_s, tls, routes = (
+            spec.loader,
+            self.retry_after_s,
+            self.tls,
+            self.model_routes,
+        )
 
         class _Loader(importlib.abc.Loader):
             def create_module(self, spec: Any) -> Any:
@@ -311,7 +378,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
             def exec_module(self, module: Any) -> None:
                 loader.exec_module(module)
-                use_openai_errors(module, retry_after_s, tls)
+                use_openai_errors(module, retry_after_s, tls, routes)
 
         spec.loader = _Loader()
         return spec
@@ -330,8 +397,25 @@ def install() -> None:
         retry_after_s = 1
     cert, key = os.environ.get(TLS_CERT_ENV), os.environ.get(TLS_KEY_ENV)
     tls = (cert, key) if cert and key else None
+    routes = model_routes_from_env(os.environ.get(MODEL_ROUTES_ENV))
     module = sys.modules.get(HAPROXY_MODULE)
     if module is not None:
-        use_openai_errors(module, retry_after_s, tls)
+        use_openai_errors(module, retry_after_s, tls, routes)
     elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport(retry_after_s, tls))
+        sys.meta_path.insert(0, _PatchOnImport(retry_after_s, tls, routes))
+
+
+def model_routes_env(routes: list[tuple[str, list[str]]]) -> str:
+    """The value of MODEL_ROUTES_ENV for ``routes``."""
+    return json.dumps([[prefix, list(names)] for prefix, names in routes])
+
+
+def model_routes_from_env(value: str | None) -> list[tuple[str, list[str]]]:
+    """MODEL_ROUTES_ENV read back (nothing when unset or unreadable)."""
+    if not value:
+        return []
+    try:
+        return [(str(prefix), [str(n) for n in names]) for prefix, names in json.loads(value)]
+    except (ValueError, TypeError):
+        logger.warning("ignoring an unreadable %s", MODEL_ROUTES_ENV)
+        return []

@@ -44,6 +44,11 @@ class DeployRequest(Request):
 
     ray_address: str = Field(pattern=_ADDRESS)
     config: dict[str, Any]
+    more: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="The endpoint's other models: each its own fields (serve.models."
+        "MODEL_FIELDS); every other setting is ``config``'s.",
+    )
 
 
 class StopRequest(Request):
@@ -103,18 +108,21 @@ def deploy(req: DeployRequest) -> dict[str, Any]:
     _join_ray(req.ray_address)
     from serve.app import deploy as deploy_app
     from serve.config import load_config
+    from serve.models import with_shared_fields
 
     try:
-        endpoint = deploy_app(load_config(**req.config), ray_address=req.ray_address)
+        more = [load_config(**with_shared_fields(req.config, m)) for m in req.more]
+        endpoint = deploy_app(load_config(**req.config), ray_address=req.ray_address, more=more)
     except RuntimeError as exc:
         # Serve's "Deploying application ... failed"; the deployment's own status message
         # carries the replicas' start failure (the whole text is in the controller's log).
         from serve.rollout import failure_reason
 
         raise VerbFailed(
-            f"the replicas did not start: {failure_reason(exc, req.config.get('app_name'))}"
+            "the replicas did not start: "
+            + failure_reason(exc, None if req.more else req.config.get("app_name"))
         ) from exc
-    return {"url": endpoint.url, "model": endpoint.model}
+    return {"url": endpoint.url, "model": endpoint.model, "routes": list(endpoint.routes)}
 
 
 def stop(req: StopRequest) -> dict[str, Any]:

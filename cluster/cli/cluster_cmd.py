@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from cluster.cli.app import app
 from cluster.cli.options import cluster_name, ips_option, local_option, name_option
-from cluster.errors import RemoteError, flag_of, validation_error
+from cluster.errors import ConfigError, RemoteError, flag_of, validation_error
 from cluster.stages.config import UpConfig
 
 
@@ -29,7 +29,13 @@ def up(
     ips: Path | None = _opt("inventory", "--inventory"),
     local: bool = _opt("local"),
     name: str | None = _opt("name"),
-    model: str | None = _opt("model"),
+    model: list[str] = typer.Option(
+        [],
+        "--model",
+        help=UpConfig.model_fields["model"].description
+        + " Repeat it to serve several models behind the one endpoint: "
+        + (UpConfig.model_fields["more_models"].description or ""),
+    ),
     revision: str | None = _opt("revision"),
     served_model_name: list[str] = _opt("served_model_name"),
     lora: list[str] = _opt("lora"),
@@ -94,11 +100,14 @@ def up(
     from cluster.lifecycle import up as do_up
     from cluster.planner.engine_options import parse_speculative_config
 
+    first = _first_model(model, served_model_name, lora, tp, pp, replicas, max_model_len)
+    model, served_model_name, lora, tp, pp, replicas, max_model_len = first
     try:
         config = UpConfig(
             name=name, inventory=None if local else (ips or Path("deploy/ips.txt")), local=local,
             ssh_user=ssh_user, ssh_port=ssh_port, identity_file=ssh_key, known_hosts=known_hosts,
-            strict_host_keys=strict_host_keys, model=model, revision=revision,
+            strict_host_keys=strict_host_keys, model=model[0] if model else None,
+            more_models=model[1:], revision=revision,
             served_model_name=served_model_name, lora=lora, tp=tp, pp=pp, num_replicas=replicas, routing=routing,
             shared_dir=shared_dir, env=env,
             nfs_server=nfs_server, system_root=system_root, cache_dir=cache_dir, device=device, cpu_slots=cpu_slots,
@@ -123,6 +132,51 @@ def up(
     except ValidationError as exc:
         raise validation_error(exc, UpConfig) from None
     do_up(config)
+
+
+def _first_model(
+    models: list[str],
+    served_model_name: list[str],
+    lora: list[str],
+    tp: int | None,
+    pp: int | None,
+    replicas: str,
+    max_model_len: int | None,
+) -> tuple:
+    """The first ``--model`` value's own options (name=, tp=, ...: as for the further ones)
+    applied to its flags; an option given both ways is refused."""
+    if not models or "," not in models[0]:
+        return models, served_model_name, lora, tp, pp, replicas, max_model_len
+    from serve.models import parse_model_spec
+
+    spec = parse_model_spec(models[0])
+    given = {
+        "served_model_name": ("--served-model-name", served_model_name),
+        "tp": ("--tp", tp),
+        "pp": ("--pp", pp),
+        "max_model_len": ("--max-model-len", max_model_len),
+    }
+    for key, (flag, value) in given.items():
+        if key in spec and value:
+            raise ConfigError(
+                f"the first --model sets {key.replace('_', '-')} and {flag} is given too",
+                hint="give it once",
+            )
+    if "num_replicas" in spec and str(replicas) != str(
+        UpConfig.model_fields["num_replicas"].default
+    ):
+        raise ConfigError(
+            "the first --model sets replicas and --replicas is given too", hint="give it once"
+        )
+    return (
+        [spec["model"], *models[1:]],
+        spec.get("served_model_name", served_model_name),
+        [*lora, *spec.get("lora_modules", [])],
+        spec.get("tp", tp),
+        spec.get("pp", pp),
+        str(spec.get("num_replicas", replicas)),
+        spec.get("max_model_len", max_model_len),
+    )
 
 
 @app.command()

@@ -44,7 +44,16 @@ def _layout(text: str) -> tuple[int, int]:
 
 @app.command("serve")
 def serve(
-    model: str = typer.Option(..., "--model", help="Model directory on every node, or repo id."),
+    model: list[str] = typer.Option(
+        ...,
+        "--model",
+        help="Model directory on every node, or repo id. Repeat it to serve several models "
+        "behind the endpoint, each a Serve app of its own routed by the request's `model`: "
+        "PATH[,name=NAME][,tp=N][,pp=N][,replicas=N][,max-model-len=N][,lora=NAME=PATH]; "
+        "the flags of a model's own (--served-model-name, --lora, --tp, --pp, --replicas, "
+        "--max-model-len, --revision, --quantization, --speculative-config) are the first "
+        "model's, every other flag applies to all.",
+    ),
     served_model_name: str | None = typer.Option(
         None, "--served-model-name", help="Name clients send (default: repo id / dir name)."
     ),
@@ -198,11 +207,16 @@ def serve(
     """Deploy the OpenAI server (vLLM tp × pp on Ray Serve) on a running Ray cluster."""
     from cluster.planner.engine_options import parse_speculative_config
     from serve.config import load_config
+    from serve.models import parse_model_spec, with_shared_fields
 
+    specs = [parse_model_spec(m) for m in model]
+    first_spec = specs[0]
+    tp = first_spec.get("tp", tp)
+    pp = first_spec.get("pp", pp)
     values: dict[str, Any] = {
-        "model": model,
-        "served_model_name": served_model_name,
-        "lora_modules": lora,
+        "model": first_spec["model"],
+        "served_model_name": first_spec.get("served_model_name", served_model_name),
+        "lora_modules": [*lora, *first_spec.get("lora_modules", [])],
         "tp": tp,
         "pp": pp,
         "device": device,
@@ -220,7 +234,17 @@ def serve(
         "tls_certfile": tls_cert,
         "tls_keyfile": tls_key,
         "proxy_port": proxy_port,
-        "num_replicas": _replica_count(replicas, address, tp=tp, pp=pp),
+        "num_replicas": first_spec.get("num_replicas")
+        or _replica_count(
+            replicas,
+            address,
+            tp=tp,
+            pp=pp,
+            # The further models' groups come first; auto fills what they leave.
+            reserve=sum(
+                m.get("tp", 1) * m.get("pp", 1) * m.get("num_replicas", 1) for m in specs[1:]
+            ),
+        ),
         "routing": routing,
         "replica_port_min": replica_port_min,
         "max_ongoing_requests": max_ongoing_requests,
@@ -251,41 +275,57 @@ def serve(
         "degraded_layout": _layout(degraded_layout) if degraded_layout else None,
         "app_name": app_name,
     }
-    config = load_config(**{k: v for k, v in values.items() if v is not None})
+    if "max_model_len" in first_spec:
+        values["max_model_len"] = first_spec["max_model_len"]
+    values = {k: v for k, v in values.items() if v is not None}
+    config = load_config(**values)
+    # A later model: its own options from its --model value, every other flag as given.
+    more = [load_config(**with_shared_fields(values, spec)) for spec in specs[1:]]
     if config.no_auth:
         err_console.print("[yellow]warning:[/] serving WITHOUT authentication (--no-auth)")
 
     from serve.app import deploy, wait_until_ready
 
-    endpoint = deploy(config, ray_address=address)
+    endpoint = deploy(config, ray_address=address, more=more)
     if not as_json:
-        err_console.print(f"deployed {endpoint.app_name}: {endpoint.url}  (waiting for /ready)")
+        models = f" ({1 + len(endpoint.routes)} models)" if endpoint.routes else ""
+        err_console.print(
+            f"deployed {endpoint.app_name}{models}: {endpoint.url}  (waiting for /ready)"
+        )
     if wait:
         keys = config.resolved_api_keys()
-        wait_until_ready(
-            endpoint.url,
-            timeout_s=ready_timeout,
-            api_key=keys[0] if keys else None,
-            ca_file=str(tls_cert) if tls_cert else None,
-        )
+        # Every model's app: the first's /ready, then each other's under its route.
+        for route in ("", *endpoint.routes):
+            wait_until_ready(
+                endpoint.url + route,
+                timeout_s=ready_timeout,
+                api_key=keys[0] if keys else None,
+                ca_file=str(tls_cert) if tls_cert else None,
+            )
     if as_json:
-        typer.echo(
-            json.dumps({"url": endpoint.url, "model": endpoint.model, "app": endpoint.app_name})
-        )
+        said = {"url": endpoint.url, "model": endpoint.model, "app": endpoint.app_name}
+        typer.echo(json.dumps({**said, "routes": list(endpoint.routes)}))
     else:
         typer.echo(f"ready: {endpoint.url}/v1  model={endpoint.model}")
 
 
-def _replica_count(asked: str, address: str | None, *, tp: int, pp: int) -> int | str:
+def _replica_count(
+    asked: str, address: str | None, *, tp: int, pp: int, reserve: int = 0
+) -> int | str:
     """--replicas as given (ServeConfig checks a number), or for auto the count the Ray
-    cluster's free device slots hold."""
+    cluster's free device slots hold (less ``reserve`` slots, the further models')."""
     if asked.strip().lower() != "auto":
         return asked
     from serve.app import _connect
     from serve.config import cluster_slots, replicas_for_free_slots
 
     _connect(address)
-    return replicas_for_free_slots(cluster_slots(), tp=tp, pp=pp)
+    slots = cluster_slots()
+    count = replicas_for_free_slots(slots, tp=tp, pp=pp)
+    if reserve:
+        free = sum(int(n.device_free) for n in slots)
+        count = max(1, min(count, (free - reserve) // (tp * pp)))
+    return count
 
 
 @app.command("serve-stop")

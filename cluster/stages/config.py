@@ -90,6 +90,14 @@ class UpConfig(BaseModel):
         default=None,
         description="Hub repo id or a directory on the shared dir; --local defaults to the demo model.",
     )
+    more_models: list[str] = Field(
+        default_factory=list,
+        json_schema_extra={"flag": "--model"},
+        description="The endpoint's further models (a repeated --model), each "
+        "REPO_OR_DIR[,name=NAME][,tp=N][,pp=N][,replicas=N][,max-model-len=N][,lora=NAME=SRC]: "
+        "a Serve app of its own behind the one endpoint, routed by the request's `model`; "
+        "downloaded like the first; default tp=1, pp=1, one replica.",
+    )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
     served_model_name: list[str] = Field(
         default_factory=list,
@@ -313,6 +321,21 @@ class UpConfig(BaseModel):
         check_lora_names([parse_lora_spec(spec)[0] for spec in value], [])
         return value
 
+    @field_validator("more_models")
+    @classmethod
+    def _model_specs(cls, value: list[str]) -> list[str]:
+        from cluster.errors import LlamaclusterError
+        from serve.models import parse_model_spec
+
+        for spec in value:
+            try:
+                parse_model_spec(spec)
+            except LlamaclusterError as exc:
+                raise ValueError(
+                    f"{exc.message}; {exc.hint}" if exc.hint else exc.message
+                ) from None
+        return value
+
     @field_validator("skip")
     @classmethod
     def _known_stages(cls, value: list[str]) -> list[str]:
@@ -354,6 +377,13 @@ class UpConfig(BaseModel):
                 "--routing prefix cannot be combined with TLS and several replicas (Ray's routing "
                 "step asks the router in plain HTTP): use --routing least-load with TLS"
             )
+        if self.more_models and self.routing == "prefix":
+            raise ValueError(
+                "--routing prefix serves one model per endpoint: use --routing least-load with "
+                "several --model"
+            )
+        if self.more_models and not self.model:
+            raise ValueError("further models need a first one: pass --model for it too")
         self._check_local_adapters()
         return self
 
@@ -411,6 +441,7 @@ class UpConfig(BaseModel):
             mode="json",
             include={
                 "model",
+                "more_models",
                 "revision",
                 "served_model_name",
                 "lora",

@@ -49,9 +49,20 @@ def lora_targets(specs: list[str], shared_dir: str | None) -> list[LoraTarget]:
 
 
 def _adapters(ctx: ClusterContext) -> list[LoraTarget]:
-    """The adapters `up` was asked for (none outside `up`)."""
+    """The adapters `up` was asked for, every model's (none outside `up`)."""
     config = getattr(ctx, "config", None)
-    return lora_targets(config.lora, ctx.state.shared_dir) if config is not None else []
+    if config is None:
+        return []
+    specs = [*config.lora, *(spec for m in ctx.state.more_models for spec in m.lora)]
+    return lora_targets(specs, ctx.state.shared_dir)
+
+
+def _models(ctx: ClusterContext) -> list[tuple[str | None, str, str | None]]:
+    """Every model of the endpoint: (hub repo or None for a directory, its directory, revision)."""
+    first = ctx.state.model
+    out = [(first.repo_id, str(first.dir), first.revision)] if first.dir else []
+    out += [(m.repo_id, str(m.dir), m.revision) for m in ctx.state.more_models if m.dir]
+    return out
 
 
 class Download(Stage):
@@ -64,30 +75,32 @@ class Download(Stage):
     sections = ("download",)
 
     def skip_reason(self, ctx: UpContext) -> str | None:
-        if ctx.state.model.repo_id is None and not any(a.repo_id for a in _adapters(ctx)):
-            return f"model is a directory ({ctx.state.model.dir}): nothing to download"
+        if not any(repo for repo, _, _ in _models(ctx)) and not any(
+            a.repo_id for a in _adapters(ctx)
+        ):
+            dirs = ", ".join(d for _, d, _ in _models(ctx))
+            return f"model is a directory ({dirs}): nothing to download"
         return None
 
     def check(self, ctx: ClusterContext) -> StageCheck:
-        """The served model's config.json is readable on every node."""
-        model_dir = ctx.state.model.dir
-        if not model_dir:
+        """Every served model's config.json is readable on every node."""
+        models = [d for _, d, _ in _models(ctx)]
+        if not models:
             return StageCheck(None, "no model recorded")
         adapters = _adapters(ctx)
-        files = [model_dir + "/config.json", *(a.dir + "/adapter_config.json" for a in adapters)]
+        files = [d + "/config.json" for d in models]
+        files += [a.dir + "/adapter_config.json" for a in adapters]
         test = " && ".join(f"test -r {shlex.quote(f)}" for f in files)
         results = ctx.run(test, what="model present?", timeout=30, check=False)
         missing = [n.label for n, r in results.items() if not r.ok]
-        what = model_dir + (f" and {len(adapters)} LoRA adapter(s)" if adapters else "")
+        what = ", ".join(models) + (f" and {len(adapters)} LoRA adapter(s)" if adapters else "")
         if missing:
             return StageCheck(False, f"{what} not readable on {', '.join(missing)}")
         return StageCheck(True, f"{what} on every node")
 
     def plan(self, ctx: UpContext) -> dict[str, list[str]]:
-        model = ctx.state.model.repo_id or "<model>"
-        target = str(ctx.state.model.dir)
         python = env_python(env_dir_for(ctx))
-        fetches = [(model, target)] if ctx.state.model.repo_id else []
+        fetches = [(repo, target) for repo, target, _ in _models(ctx) if repo]
         fetches += [(a.repo_id, a.dir) for a in _adapters(ctx) if a.repo_id]
         return {
             n.label: [
@@ -101,10 +114,12 @@ class Download(Stage):
     def run(self, ctx: UpContext) -> StageOutcome:
         fetched = total = 0
         done: list[str] = []
-        if ctx.state.model.repo_id is not None:
-            model, target = str(ctx.state.model.repo_id), str(ctx.state.model.dir)
-            got, size = self._fetch(ctx, model, target, revision=ctx.state.model.revision)
-            ctx.state.download.dir, ctx.state.download.total_bytes = target, size
+        for i, (repo, target, revision) in enumerate(_models(ctx)):
+            if repo is None:
+                continue
+            got, size = self._fetch(ctx, repo, target, revision=revision)
+            if i == 0:
+                ctx.state.download.dir, ctx.state.download.total_bytes = target, size
             fetched, total = fetched + got, total + size
             done.append(target)
         for adapter in _adapters(ctx):

@@ -293,7 +293,11 @@ def check_replica_ports(ctx: UpContext, replicas: int, *, may_move: bool = True)
     proxy = ports.serve_proxy or ports.api + 2
     wanted = replica_side_ports(ports.api, proxy, replicas)
     server = ctx.state.server
-    running = server.replicas if server.config_digest is not None else 1
+    running = 1
+    if server.config_digest is not None:
+        running = server.replicas + sum(
+            int(m.get("num_replicas") or 1) for m in server.deployed_more
+        )
     ours = (
         {p for group in replica_side_ports(ports.api, proxy, running).values() for p in group}
         if running > 1
@@ -488,8 +492,9 @@ class Preflight(Stage):
             )
         ports_changed = self._choose_ports(ctx)
         asked = cfg.num_replicas
-        if asked != "auto":
-            # `--replicas auto` is checked by the serve stage once the planner has chosen.
+        if asked != "auto" and not ctx.state.more_models:
+            # `--replicas auto`, and several models, are checked by the serve stage once the
+            # planner has chosen.
             check_replica_ports(ctx, int(asked))
         self._check_reachability(ctx)
         # Ports already listening (a running cluster) that answer on a public address: warned
@@ -537,7 +542,9 @@ class Preflight(Stage):
                 FREE_PORTS_TEMPLATE.format(count=len(zero)), what="choosing free ports"
             ).stdout.split()
             asked.update(dict(zip(zero, map(int, out), strict=True)))
-        if "api" in zero and (span := replica_port_span(cfg.num_replicas, ctx.state.nodes)):
+        # With several models the replicas are any split of the device slots: as for auto.
+        count = "auto" if ctx.state.more_models else cfg.num_replicas
+        if "api" in zero and (span := replica_port_span(count, ctx.state.nodes)):
             # Several replicas take ports above the API's: a free block, clear of the others.
             block = free_port_block(ctx, span, [v for k, v in asked.items() if k != "api"])
             if block is not None:

@@ -17,12 +17,12 @@ from cluster.stages.env import env_dir_for, env_python
 from cluster.state import (
     API_KEY_FILE,
     ClusterState,
+    ModelSection,
     NodeState,
     ServerSection,
     config_hash,
     remote_cluster_dir,
 )
-from serve.config import ServeConfig
 from serve.remote import MODULE as SERVE_REMOTE
 from serve.remote import (
     DeployRequest,
@@ -121,21 +121,27 @@ def replicas_call(
     )
 
 
-def wait_for_ready(ctx: UpContext, python: str) -> Reply:
-    """Wait on the head until /ready answers 200 (--ready-timeout at most); the reply says
-    why not."""
-    return wait_call(
-        python,
-        local_url(ctx),
-        ctx.config.ready_timeout_s,
-        api_key_file=ctx.state.server.remote_api_key_file,
-    ).run(
-        ctx.run_head,
-        what="waiting for /ready",
-        env=probe_env(ctx.state),
-        timeout=ctx.config.ready_timeout_s + 30,
-        check=False,
-    )
+def wait_for_ready(ctx: UpContext, python: str, *, routes: list[str] | None = None) -> Reply:
+    """Wait on the head until /ready answers 200 (--ready-timeout at most), and each further
+    model's under its route (``routes``, default the recorded ones); the reply says why not."""
+    reply = None
+    for route in ["", *(ctx.state.server.model_routes if routes is None else routes)]:
+        reply = wait_call(
+            python,
+            local_url(ctx) + route,
+            ctx.config.ready_timeout_s,
+            api_key_file=ctx.state.server.remote_api_key_file,
+        ).run(
+            ctx.run_head,
+            what="waiting for /ready" + (f" of {route}" if route else ""),
+            env=probe_env(ctx.state),
+            timeout=ctx.config.ready_timeout_s + 30,
+            check=False,
+        )
+        if not reply.ok:
+            return reply
+    assert reply is not None
+    return reply
 
 
 def rolling_update(previous: ServerSection, front: str) -> bool:
@@ -469,21 +475,8 @@ def remote_key_file(state: ClusterState) -> str:
 
 
 def model_commit(ctx: UpContext) -> str | None:
-    """The commit a downloaded hub model holds, from its manifest on the head (None: a model
-    given as a directory). No manifest there: the download is missing or unfinished."""
-    from cluster.download.manifest import manifest_path, parse_manifest
-
-    if ctx.state.model.repo_id is None or not ctx.state.model.dir:
-        return None
-    path = manifest_path(Path(ctx.state.model.dir))
-    read = ctx.run_head(f"cat {shlex.quote(str(path))}", what="reading the manifest", check=False)
-    if not read.ok:
-        raise NotReadyError(
-            f"no readable {path.name} in {ctx.state.model.dir} on the head: the model download "
-            "is missing or unfinished",
-            hint="run `llamacluster up` again: its download stage resumes and writes it",
-        )
-    return parse_manifest(read.stdout, where=path).commit
+    """The commit the first model's download holds (see manifest_commit)."""
+    return manifest_commit(ctx, ctx.state.model)
 
 
 def serve_values(ctx: UpContext, tp: int, pp: int, replicas: int) -> dict[str, object]:
@@ -532,6 +525,70 @@ def serve_values(ctx: UpContext, tp: int, pp: int, replicas: int) -> dict[str, o
     if cfg.on_node_loss == "replan":
         values["degraded_layout"] = degraded_layout(ctx, tp, pp)
     return values
+
+
+def manifest_commit(ctx: UpContext, model: ModelSection) -> str | None:
+    """The commit a downloaded hub model holds, from its manifest on the head (None: a model
+    given as a directory). No manifest there: the download is missing or unfinished."""
+    from cluster.download.manifest import manifest_path, parse_manifest
+
+    if model.repo_id is None or not model.dir:
+        return None
+    path = manifest_path(Path(model.dir))
+    read = ctx.run_head(f"cat {shlex.quote(str(path))}", what="reading the manifest", check=False)
+    if not read.ok:
+        raise NotReadyError(
+            f"no readable {path.name} in {model.dir} on the head: the model download "
+            "is missing or unfinished",
+            hint="run `llamacluster up` again: its download stage resumes and writes it",
+        )
+    return parse_manifest(read.stdout, where=path).commit
+
+
+def more_layouts(ctx: UpContext) -> list[tuple[int, int, int]]:
+    """(tp, pp, replicas) of each further model: as asked, else the planner's smallest layout
+    that fits the model (one replica unless asked)."""
+    cfg = ctx.config
+    return [
+        (
+            *plan_parallelism(
+                str(m.dir),
+                ctx.state.nodes,
+                tp=m.tp,
+                pp=m.pp,
+                max_model_len=m.max_model_len,
+                cpu_kvcache_gb=cfg.cpu_kvcache_gb,
+                measured=ctx.state.measure,
+            ),
+            m.replicas or 1,
+        )
+        for m in ctx.state.more_models
+    ]
+
+
+def more_serve_values(ctx: UpContext, layouts: list[tuple[int, int, int]]) -> list[dict]:
+    """Each further model's own ServeConfig fields (serve.models.MODEL_FIELDS); the rest of
+    its config is the first model's."""
+    from cluster.stages.download import lora_targets
+
+    out = []
+    for model, (tp, pp, replicas) in zip(ctx.state.more_models, layouts, strict=True):
+        values: dict[str, object] = {
+            "model": model.dir,
+            "served_model_name": list(model.served_names),
+            "tp": tp,
+            "pp": pp,
+            "num_replicas": replicas,
+        }
+        if model.max_model_len:
+            values["max_model_len"] = model.max_model_len
+        if model.lora:
+            adapters = lora_targets(model.lora, ctx.state.shared_dir)
+            values["lora_modules"] = [f"{a.name}={a.dir}" for a in adapters]
+        if (commit := manifest_commit(ctx, model)) is not None:
+            values["revision"] = commit
+        out.append(values)
+    return out
 
 
 def worker_threads(nodes: list[NodeState]) -> int | None:
@@ -600,7 +657,15 @@ class Serve(Stage):
         detail = f"{what} ({'ready' if ready.ok else 'not ready'}; engine {engine})"
         if server.replicas > 1:
             detail += "; " + "; ".join(self._replica_lines(ctx, python))
-        return StageCheck(ready.ok, detail)
+        all_ready = ready.ok
+        for name, route in zip(server.models[1:], server.model_routes, strict=False):
+            # A further model: its own app, its /ready under its route.
+            one = ready_probe(python, url + route).run(
+                ctx.run_head, what=f"ready probe of {name}", env=env, check=False
+            )
+            all_ready = all_ready and one.ok
+            detail += f"; model {name} {'ready' if one.ok else 'not ready'} (at {route})"
+        return StageCheck(all_ready, detail)
 
     @staticmethod
     def _replica_lines(ctx: ClusterContext, python: str) -> list[str]:
@@ -698,35 +763,55 @@ class Serve(Stage):
         tp, pp = default_parallelism(ctx)
         choice = replica_choice(ctx, tp, pp)
         replicas = choice.replicas
+        total = sum(n.devices for n in ctx.state.nodes)
+        layouts = more_layouts(ctx)
+        others = sum(t * p * r for t, p, r in layouts)
+        if choice.auto and others:
+            # The further models' groups first; the first model's replicas fill what is left.
+            fit = max(1, (total - others) // (tp * pp))
+            if fit < replicas:
+                why = f"{choice.why}; {fit} beside the further models' {others} device(s)"
+                choice = choice.model_copy(update={"replicas": fit, "why": why})
+                replicas = fit
         if choice.auto:
             ctx.reporter.info(f"--replicas auto: {choice.line()}")
         layout = layout_text(tp, pp, replicas)
-        total = sum(n.devices for n in ctx.state.nodes)
-        if tp * pp * replicas > total:
-            raise ConfigError(
-                f"{layout} needs {tp * pp * replicas} devices, the cluster has {total}",
-                hint="lower --replicas or --tp/--pp, or add nodes (or --cpu-slots on CPU nodes)",
+        if layouts:
+            names = [m.served_names[0] for m in ctx.state.more_models]
+            layout = f"{ctx.state.model.served_names[0]}: {layout}; " + "; ".join(
+                f"{name}: {layout_text(*one)}" for name, one in zip(names, layouts, strict=True)
             )
-        if choice.auto:
-            # An integer --replicas had its ports checked by preflight.
+        if tp * pp * replicas + others > total:
+            raise ConfigError(
+                f"{layout} needs {tp * pp * replicas + others} devices, the cluster has {total}",
+                hint="lower --replicas or --tp/--pp (a further model's tp=, pp=, replicas=), "
+                "serve fewer models, or add nodes (or --cpu-slots on CPU nodes)",
+            )
+        replicas_total = replicas + sum(r for _, _, r in layouts)
+        if choice.auto or layouts:
+            # An integer --replicas of one model had its ports checked by preflight.
             from cluster.stages.preflight import check_replica_ports
 
-            check_replica_ports(ctx, replicas)
+            check_replica_ports(ctx, replicas_total)
         self._copy_api_key(ctx)
         if ctx.config.api_on_all_interfaces:
             ctx.reporter.warn(
                 f"the API listens on every interface of {ctx.head.label} (--api-host "
                 f"{ctx.config.api_host}): anyone who reaches a port of the head can try keys on it"
             )
-        if replicas > 1 and not ctx.config.api_on_all_interfaces:
+        balanced = replicas_total > 1
+        if balanced and not ctx.config.api_on_all_interfaces:
             ctx.reporter.warn(
-                f"with {replicas} replicas the API (HAProxy) and every replica listen on every "
-                "interface of their node (Ray Serve's HAProxy mode): API keys still apply"
+                f"with {replicas_total} replicas the API (HAProxy) and every replica listen on "
+                "every interface of their node (Ray Serve's HAProxy mode): API keys still apply"
             )
-        fingerprint = prepare_tls(ctx, replicas)
+        fingerprint = prepare_tls(ctx, replicas_total)
         values = serve_values(ctx, tp, pp, replicas)
+        more = more_serve_values(ctx, layouts)
         # A new certificate at the same path is a new config: redeployed (uvicorn reads it once).
         tls = {"tls_fingerprint": fingerprint} if fingerprint else {}
+        if more:
+            tls["more"] = more
         wanted = config_hash({**values, **tls})
         if ctx.config.admin_key_file is not None:
             ctx.head_runner.copy_to(
@@ -742,16 +827,19 @@ class Serve(Stage):
                 }
             )
         python = env_python(str(ctx.state.env.dir))
-        leftover = total - tp * pp * replicas
+        leftover = total - tp * pp * replicas - others
         note = f"; {leftover} device slot(s) left idle" if leftover else ""
         head = ctx.node_state(ctx.head)
         token = ctx.state.ray.head_token_path
         assert ctx.state.ports is not None and token
         address = f"{head.private_ip}:{ctx.state.ports.ray_gcs}"
         if ctx.state.server.config_digest == wanted and (
-            ready_probe(python, local_url(ctx))
-            .run(ctx.run_head, what="ready probe", env=probe_env(ctx.state), check=False)
-            .ok
+            all(
+                ready_probe(python, local_url(ctx) + route)
+                .run(ctx.run_head, what="ready probe", env=probe_env(ctx.state), check=False)
+                .ok
+                for route in ["", *ctx.state.server.model_routes]
+            )
             or self._recovers_by_itself(ctx, python)
         ):
             # The config hash names the key file, not its keys: publish them (no redeploy).
@@ -768,10 +856,14 @@ class Serve(Stage):
                 )
             return StageOutcome("unchanged", f"already serving {layout}{note}")
         previous = ctx.state.server
+        from serve.models import endpoint_config
+
+        try:
+            endpoint_cfg = endpoint_config(values, more)
+        except LlamaclusterError as exc:  # two models under one name, ...
+            raise ConfigError(exc.message, hint=exc.hint) from None
         # HAProxy reads the certificate when Serve starts it: a new one restarts Serve.
-        front = front_digest(
-            ServeConfig(**values), tls_fingerprint=fingerprint if replicas > 1 else None
-        )
+        front = front_digest(endpoint_cfg, tls_fingerprint=fingerprint if balanced else None)
         rolling = rolling_update(previous, front)
         if previous.config_digest is not None and not rolling:
             # The endpoint's ports, TLS or balancing changed (Serve takes them only when it
@@ -789,16 +881,17 @@ class Serve(Stage):
             self._wait_port_released(ctx, python, ctx.state.ports.api)
         if rolling:
             ctx.reporter.info(
-                f"rolling update: the replicas switch one at a time ({replicas} replica(s); "
+                f"rolling update: the replicas switch one at a time ({replicas_total} "
+                "replica(s); "
                 + (
                     "the others serve meanwhile)"
-                    if replicas > 1
+                    if replicas_total > 1
                     else "503 + Retry-After while the new engine loads)"
                 )
             )
-            endpoint = self._roll_out(ctx, python, address, values, previous)
+            endpoint = self._roll_out(ctx, python, address, values, previous, more)
         else:
-            endpoint = self._deploy(ctx, python, address, values, replicas)
+            endpoint = self._deploy(ctx, python, address, values, replicas_total, more)
         redeploy = previous.config_digest is not None
         names = values["served_model_name"]
         assert isinstance(names, list)
@@ -813,6 +906,9 @@ class Serve(Stage):
             remote_api_key_file=remote_key_file(ctx.state),
             front_digest=front,
             deployed=values,
+            deployed_more=more,
+            model_routes=[a.route_prefix for a in endpoint_cfg.endpoint_apps[1:]],
+            models=[a.names[0] for a in endpoint_cfg.endpoint_apps] or [endpoint["model"]],
         )
         if leftover:
             ctx.reporter.info(
@@ -826,14 +922,20 @@ class Serve(Stage):
 
     @staticmethod
     def _deploy(
-        ctx: UpContext, python: str, address: str, values: dict[str, Any], replicas: int
+        ctx: UpContext,
+        python: str,
+        address: str,
+        values: dict[str, Any],
+        replicas: int,
+        more: list[dict[str, Any]],
     ) -> dict[str, Any]:
-        """Deploy ``values`` (Serve returns once every replica runs: with several, once each
-        engine is ready, so the wait grows with their number)."""
+        """Deploy ``values`` and the further models' ``more`` (Serve returns once every replica
+        runs: with several, once each engine is ready, so the wait grows with their number)."""
         token = ctx.state.ray.head_token_path
         assert token
+        request = DeployRequest(ray_address=address, config=values, more=more)
         return (
-            serve_call(python, "deploy", DeployRequest(ray_address=address, config=values))
+            serve_call(python, "deploy", request)
             .run(
                 ctx.run_head,
                 what="deploying the server",
@@ -851,15 +953,17 @@ class Serve(Stage):
         address: str,
         values: dict[str, Any],
         previous: ServerSection,
+        more: list[dict[str, Any]],
     ) -> dict[str, Any]:
         """Deploy over the running app and wait until it is ready; when the new config fails
         (its replicas do not start, or never become ready), deploy the previous one again and
         say why."""
         assert previous.deployed is not None
         replicas = int(values.get("num_replicas") or 1)
+        replicas += sum(int(m.get("num_replicas") or 1) for m in more)
         try:
-            endpoint = self._deploy(ctx, python, address, values, replicas)
-            self._wait_ready(ctx, python)
+            endpoint = self._deploy(ctx, python, address, values, replicas, more)
+            self._wait_ready(ctx, python, routes=endpoint.get("routes", []))
             return endpoint
         except (RemoteError, NotReadyError) as exc:
             why = exc.message if isinstance(exc, LlamaclusterError) else str(exc)
@@ -871,8 +975,13 @@ class Serve(Stage):
             update={"config_digest": f"rolled-back:{previous.config_digest}"}
         )
         try:
-            self._deploy(ctx, python, address, previous.deployed, previous.replicas)
-            self._wait_ready(ctx, python)
+            old_replicas = previous.replicas + sum(
+                int(m.get("num_replicas") or 1) for m in previous.deployed_more
+            )
+            self._deploy(
+                ctx, python, address, previous.deployed, old_replicas, previous.deployed_more
+            )
+            self._wait_ready(ctx, python, routes=previous.model_routes)
         except (RemoteError, NotReadyError) as exc:
             again = exc.message if isinstance(exc, LlamaclusterError) else str(exc)
             raise NotReadyError(
@@ -887,9 +996,10 @@ class Serve(Stage):
         )
 
     @staticmethod
-    def _wait_ready(ctx: UpContext, python: str) -> None:
-        """/ready on the head within --ready-timeout, or NotReadyError with the reason."""
-        reply = wait_for_ready(ctx, python)
+    def _wait_ready(ctx: UpContext, python: str, *, routes: list[str]) -> None:
+        """/ready on the head within --ready-timeout (every model's), or NotReadyError with
+        the reason."""
+        reply = wait_for_ready(ctx, python, routes=routes)
         if not reply.ok:
             raise NotReadyError(f"not ready: {reply.error}")
 

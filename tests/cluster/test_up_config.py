@@ -39,7 +39,8 @@ def _flags(command: str) -> set[str]:
     ("command", "model", "internal"),
     [
         ("up", UpConfig, set()),
-        ("serve", ServeConfig, set()),
+        # Set by serve.models.endpoint_configs from a repeated --model.
+        ("serve", ServeConfig, {"route_prefix", "endpoint_apps"}),
         ("bench", BenchConfig, {"workload", "load"}),  # nested: their fields are the flags
         ("bench", WorkloadConfig, {"extra_body", "ignore_eos"}),  # set by --api/--force-output-len
         ("bench", LoadConfig, set()),
@@ -253,3 +254,18 @@ def test_up_refuses_an_admin_key_file_others_can_read(tmp_path):
     assert done.returncode != 0
     assert "--admin-key-file" in done.stderr and "chmod 600" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_first_model_takes_options_like_the_others() -> None:
+    from cluster.cli.cluster_cmd import _first_model
+
+    got = _first_model(
+        ["org/a,tp=4,name=big,lora=x=/l/x", "org/b,name=b"], [], [], None, None, "auto", None
+    )
+    assert got == (["org/a", "org/b,name=b"], ["big"], ["x=/l/x"], 4, None, "auto", None)
+    plain = _first_model(["org/a"], ["n"], [], 2, 1, "3", 512)
+    assert plain == (["org/a"], ["n"], [], 2, 1, "3", 512)
+    with pytest.raises(ConfigError, match="sets tp and --tp is given too"):
+        _first_model(["org/a,tp=4"], [], [], 2, None, "auto", None)
+    with pytest.raises(ConfigError, match="sets replicas and --replicas"):
+        _first_model(["org/a,replicas=2"], [], [], None, None, "3", None)

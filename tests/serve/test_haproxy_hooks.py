@@ -29,7 +29,9 @@ from tests.support.server import free_port
 # config with Ray's own HAProxyApi for one app whose only replica is gone, with or without our
 # patch, prints the config's path and the binary's.
 RENDER = r"""
-import json, sys
+import json, os, sys
+if sys.argv[2] == "models":
+    os.environ["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"] = "65536"  # as balancer_env sets it
 from ray.serve._private import haproxy
 from ray.serve._private.common import RequestProtocol
 from ray.serve.config import HTTPOptions
@@ -40,6 +42,8 @@ port, replica_port, proxy_port, router_port, stats, metrics = map(int, sys.argv[
 tls = (f"{directory}/api.crt", f"{directory}/api.key") if kind == "tls" else None
 if kind in ("ours", "tls"):
     assert use_openai_errors(haproxy, 7, tls) and use_openai_errors(haproxy, 7, tls)
+if kind == "models":
+    assert use_openai_errors(haproxy, 7, None, [("/_lc/app--b", ["model-b", "org/b-alias"])])
 cfg = haproxy.HAProxyConfig(
     http_options=HTTPOptions(host="127.0.0.1", port=port),
     socket_path=f"{directory}/admin.sock",
@@ -74,6 +78,19 @@ if kind == "tls":
         name="http-app", path_prefix="/", app_name="app", servers=[server("r1", replica_port)],
         fallback_server=server("proxy", proxy_port), protocol=RequestProtocol.HTTP,
     )}
+if kind == "models":
+    # Two models, each an app with one running replica (the second's on router_port).
+    backends = {
+        "http-app": haproxy.BackendConfig(
+            name="http-app", path_prefix="/", app_name="app", servers=[server("r1", replica_port)],
+            fallback_server=server("proxy", proxy_port), protocol=RequestProtocol.HTTP,
+        ),
+        "http-b": haproxy.BackendConfig(
+            name="http-b", path_prefix="/_lc/app--b", app_name="app--b",
+            servers=[server("r2", router_port)],
+            fallback_server=server("proxy2", proxy_port), protocol=RequestProtocol.HTTP,
+        ),
+    }
 api.set_backend_configs(backends)
 api._generate_config_file_internal()
 print(json.dumps({"config": api.config_file_path, "binary": haproxy.get_haproxy_binary()}))
@@ -333,3 +350,87 @@ def test_a_balanced_replica_starts_only_with_a_ready_engine() -> None:
     assert gave_up == "the engine is not serving: engine restarts exhausted: dead"
     slow = asyncio.run(fails(ServerState(), lambda: None, timeout_s=0.1))
     assert slow == "the engine was not ready after 0.1 s (last: the model is still loading)"
+
+
+class _NamedReplica(_Replica):
+    """A replica that says which it is, the path it got and the body's size."""
+
+    name = "?"
+
+    def do_GET(self) -> None:
+        size = len(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        body = json.dumps({"replica": self.name, "path": self.path, "size": size}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        with contextlib.suppress(ConnectionError):
+            self.wfile.write(body)
+
+    do_POST = do_GET
+
+
+def test_requests_go_to_the_app_of_the_model_their_body_names(tmp_path) -> None:
+    """Several models behind one HAProxy: a body naming the second model (or its alias) goes to
+    its app's route; the first model, no model, a GET and a body too large for HAProxy's buffer
+    go to the first app (whose gateway forwards what is not its own, serve/models.py)."""
+    ports = {k: free_port() for k in ("api", "replica", "proxy", "router", "stats", "metrics")}
+    config, binary = _render(tmp_path, "models", ports)
+    text = Path(config).read_text()
+    assert "tune.bufsize 65536" in text
+    check = subprocess.run([binary, "-c", "-f", config], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    servers = []
+    for name, port in (("a", ports["replica"]), ("b", ports["router"])):
+        handler = type(f"Replica_{name}", (_NamedReplica,), {"name": name})
+        server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    hap = subprocess.Popen(
+        [binary, "-db", "-f", config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    api = f"http://127.0.0.1:{ports['api']}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until both replicas pass HAProxy's health check
+            try:
+                a = httpx.post(f"{api}/v1/completions", json={"model": "model-a"})
+                b = httpx.post(f"{api}/v1/completions", json={"model": "model-b"})
+                if a.status_code == b.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert hap.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+
+        def where(body: object, path: str = "/v1/chat/completions") -> tuple[str, str]:
+            r = httpx.post(f"{api}{path}", json=body, timeout=30)
+            assert r.status_code == 200, r.text
+            return r.json()["replica"], r.json()["path"]
+
+        assert where({"model": "model-b", "messages": []}) == (
+            "b",
+            "/_lc/app--b/v1/chat/completions",
+        )
+        assert where({"messages": [], "model": "org/b-alias"})[0] == "b"
+        assert where({"model": "model-b"}, "/v1/completions?x=1") == (
+            "b",
+            "/_lc/app--b/v1/completions?x=1",
+        )
+        assert where({"model": "model-a", "messages": []}) == ("a", "/v1/chat/completions")
+        assert where({"messages": []}) == ("a", "/v1/chat/completions")
+        assert where({"model": "model-bb"})[0] == "a"  # whole names only
+        # A body past HAProxy's buffer, `model` last (as the openai client writes it): HAProxy
+        # cannot read it, the first app gets it whole.
+        big = {"messages": [{"role": "user", "content": "x" * 200_000}], "model": "model-b"}
+        r = httpx.post(f"{api}/v1/chat/completions", json=big, timeout=30)
+        assert r.json()["replica"] == "a" and r.json()["size"] > 200_000
+        # The second app's own routes under its prefix reach it unchanged.
+        r = httpx.get(f"{api}/_lc/app--b/ready", timeout=30)
+        assert (r.json()["replica"], r.json()["path"]) == ("b", "/_lc/app--b/ready")
+        assert httpx.get(f"{api}/v1/models", timeout=30).json()["replica"] == "a"
+    finally:
+        hap.terminate()
+        hap.wait(timeout=30)
+        for server in servers:
+            server.shutdown()
