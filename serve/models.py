@@ -32,9 +32,10 @@ _HOP_HEADERS = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"host"}
     | {b"content-length", b"proxy-connection"}
 )
-# Response headers not passed back (the server recomputes them).
+# Response headers not passed back: the server recomputes them (Serve adds this app's own
+# request id, so the other app's would make two).
 _HOP_RESPONSE_HEADERS = frozenset(
-    {b"connection", b"keep-alive", b"transfer-encoding", b"content-length"}
+    {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"x-request-id"}
 )
 
 

@@ -741,6 +741,16 @@ class Serve(Stage):
             else ctx.config.num_replicas,
             "...": "the other ServeConfig fields",
         }
+        more = [
+            {
+                "model": str(m.dir),
+                "served_model_name": m.served_names,
+                "tp": m.tp or "<planner>",
+                "pp": m.pp or "<planner>",
+                "num_replicas": m.replicas or 1,
+            }
+            for m in ctx.state.more_models
+        ]
         changed = "only when the serving config changed"
         return {
             ctx.head.label: [
@@ -754,7 +764,9 @@ class Serve(Stage):
                 stop_call(python, address).display(changed + ", with RAY_AUTH_TOKEN_PATH"),
                 *([port_free_call(python, api).display(changed)] if api else []),
                 serve_call(
-                    python, "deploy", DeployRequest(ray_address=address, config=config)
+                    python,
+                    "deploy",
+                    DeployRequest(ray_address=address, config=config, more=more),
                 ).display("with RAY_AUTH_TOKEN_PATH"),
             ]
         }
