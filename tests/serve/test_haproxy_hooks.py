@@ -188,8 +188,8 @@ class _Replica(_Proxy):
     """Stands in for a replica serving HTTPS (and its health check)."""
 
     def do_GET(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        body = json.dumps({"path": self.path}).encode()
+        size = len(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        body = json.dumps(self.said(size)).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -197,6 +197,10 @@ class _Replica(_Proxy):
             self.wfile.write(body)
 
     do_POST = do_GET
+
+    def said(self, size: int) -> dict:
+        """The answer's JSON, given the request body's size."""
+        return {"path": self.path}
 
 
 def test_tls_endpoint_terminates_and_speaks_tls_to_replicas(tmp_path) -> None:
@@ -357,16 +361,8 @@ class _NamedReplica(_Replica):
 
     name = "?"
 
-    def do_GET(self) -> None:
-        size = len(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-        body = json.dumps({"replica": self.name, "path": self.path, "size": size}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        with contextlib.suppress(ConnectionError):
-            self.wfile.write(body)
-
-    do_POST = do_GET
+    def said(self, size: int) -> dict:
+        return {"replica": self.name, "path": self.path, "size": size}
 
 
 def test_requests_go_to_the_app_of_the_model_their_body_names(tmp_path) -> None:

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -18,11 +15,11 @@ import openai
 import pytest
 
 from cluster.demo_model import build_demo_model
+from tests.serve.test_e2e_tp_pp import _cli
 from tests.support.server import free_port, run_driver
 
 pytestmark = [pytest.mark.e2e, pytest.mark.engine, pytest.mark.timeout(900)]
 
-LLAMACLUSTER = str(Path(sys.executable).parent / "llamacluster")
 PROMPT = "The llama is a domesticated"
 
 SERVE_APPS_SNIPPET = """
@@ -35,16 +32,6 @@ except Exception:
     apps = {}
 print(json.dumps(apps))
 """
-
-
-def _cli(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [LLAMACLUSTER, *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def _free_block(span: int) -> int:
