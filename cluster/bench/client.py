@@ -49,6 +49,8 @@ class RequestRecord:
     max_tokens: int = 0
     finish_reason: str | None = None
     output_chars: int = 0
+    # Seconds the server asked the client to wait (a 429/503's Retry-After), if it did.
+    retry_after_s: float | None = None
 
     @property
     def token_chunks(self) -> int:
@@ -142,6 +144,18 @@ def _finish_reason(data: dict[str, Any]) -> str | None:
     return None
 
 
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header's delay in seconds (its number-of-seconds form; an HTTP date or
+    anything else is ignored), at most a minute."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    if seconds is None or not seconds >= 0:
+        return None
+    return min(seconds, 60.0)
+
+
 def _error_message(body: bytes) -> str:
     text = body.decode("utf-8", "replace")
     try:
@@ -227,6 +241,7 @@ async def _stream(
     async with client.post(url, json=body, headers=headers) as response:
         record.status = response.status
         if response.status >= 400:
+            record.retry_after_s = retry_after_seconds(response.headers.get("Retry-After"))
             raw = await response.read()
             record.error_kind = f"http_{response.status}"
             record.error_detail = _error_message(raw)

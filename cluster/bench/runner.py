@@ -430,6 +430,9 @@ async def _phase(
     tick = progress(label, count, horizon) if progress else None
     records: list[RequestRecord] = []
     texts: dict[int, str] = {}
+    # A closed-loop user the server answered 429/503 + Retry-After waits that long before its
+    # next request, as the OpenAI SDKs do (re-sending at once would load the server further).
+    waits: dict[int, float] = {}
 
     async def one(i: int, scheduled: float | None = None, req: BenchRequest | None = None) -> str:
         req = req if req is not None else workload.request(base_index + i)
@@ -441,6 +444,8 @@ async def _phase(
             scheduled_at=scheduled,
         )
         rec, text = await _send(client, plan, req, rec, config=config)
+        if rec.retry_after_s:
+            waits[i] = rec.retry_after_s
         _fill_prompt_tokens(rec, req)
         if rec.ok and rec.token_source is None:
             texts[len(records)] = text
@@ -465,6 +470,9 @@ async def _phase(
                     return
                 i, next_i = next_i, next_i + 1
                 await one(i)
+                if (wait := waits.pop(i, None)) is not None:
+                    left = None if deadline is None else deadline - time.perf_counter()
+                    await asyncio.sleep(wait if left is None else max(0.0, min(wait, left)))
 
         assert point.concurrency is not None
         await asyncio.gather(*(worker() for _ in range(point.concurrency)))

@@ -225,6 +225,26 @@ def test_errors_are_counted_by_kind_and_never_crash(stream_server: StreamServer)
     assert not result.all_failed
 
 
+def test_closed_loop_waits_as_retry_after_asks(stream_server: StreamServer) -> None:
+    from cluster.bench.client import retry_after_seconds
+
+    # Busy for the two requests after the client's probe.
+    stream_server.behaviour = StreamBehaviour(ttft_ms=5, itl_ms=1, busy_after=1, busy_first=2)
+    result = run_benchmark(
+        _config(stream_server, load={"num_requests": 4, "concurrency": [2], "warmup_requests": 0})
+    )
+    records = sorted(result.records, key=lambda r: r.started_at)
+    busy, served = records[:2], records[2:]
+    assert [r.status for r in busy] == [503, 503] and all(r.retry_after_s == 1.0 for r in busy)
+    assert all(r.ok and r.retry_after_s is None for r in served)
+    # Each user waited the second it was asked to before its next request.
+    first_free = max(r.started_at + (r.e2e_s or 0.0) for r in busy)
+    assert min(r.started_at for r in served) - first_free >= 0.9
+    assert [retry_after_seconds(v) for v in ("2", "0.5", "soon", None, "-1", "999")] == [
+        2.0, 0.5, None, None, None, 60.0
+    ]  # fmt: skip
+
+
 @pytest.mark.timeout(60)
 def test_timeout_and_unreachable_endpoint() -> None:
     from tests.support.stream_server import start_stream_server

@@ -31,6 +31,9 @@ class StreamBehaviour:
     accept_ignore_eos: bool = True  # False: 400 when ignore_eos is sent
     fail_every: int | None = None  # every n-th request (1-based) gets a 500
     drop_every: int | None = None  # every n-th request loses its connection mid-stream
+    busy_first: int = 0  # the first n requests after busy_after get 503 + Retry-After
+    busy_after: int = 0
+    busy_retry_after: str = "1"
     model: str = "tiny-test"
 
 
@@ -82,6 +85,12 @@ def build_app(server: StreamServer) -> Starlette:
             return JSONResponse(
                 {"error": {"message": "ignore_eos is not a known field", "type": "invalid"}},
                 status_code=400,
+            )
+        if beh.busy_after < n <= beh.busy_after + beh.busy_first:
+            return JSONResponse(
+                {"error": {"message": "loading", "code": 503}},
+                status_code=503,
+                headers={"Retry-After": beh.busy_retry_after},
             )
         if beh.fail_every and n % beh.fail_every == 0:
             return JSONResponse({"error": {"message": "injected failure"}}, status_code=500)
