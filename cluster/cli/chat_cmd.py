@@ -72,5 +72,9 @@ def chat(
         ask_once(settings, prompt, terminal=terminal)
         return
     import readline  # noqa: F401  (line editing and history for input())
+    import signal
 
+    # Ctrl-C stops an answer. A process started in the background by a non-interactive shell
+    # inherits SIGINT ignored, and Python then leaves it so: every answer would run to its end.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     run_chat(settings, terminal=terminal)
