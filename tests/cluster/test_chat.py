@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,40 @@ def test_target_from_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("LLAMACLUSTER_HOME", str(tmp_path / "home"))
     with pytest.raises(ConfigError, match="no cluster named"):
         resolve_target(name="nope")
+
+
+def test_ctrl_c_stops_an_answer_even_when_sigint_was_ignored(stream_server, tmp_path) -> None:
+    """A chat started with SIGINT ignored (a background job of a non-interactive shell passes
+    that on) still stops an answer on Ctrl-C: against the loopback SSE server, 2000 tokens
+    20 ms apart (40 s if nothing stopped it)."""
+    import signal
+    import sys
+
+    import pexpect
+
+    from tests.support.stream_server import StreamBehaviour
+
+    stream_server.behaviour = StreamBehaviour(ttft_ms=5, itl_ms=20)
+    key = tmp_path / "key"
+    key.write_text("secret-key-123\n")
+    key.chmod(0o600)
+    child = pexpect.spawn(
+        str(Path(sys.executable).parent / "llamacluster"),
+        ["chat", "--base-url", stream_server.base_url, "--api-key-file", str(key),
+         "--max-tokens", "2000"],
+        encoding="utf-8",
+        timeout=60,
+        env={**os.environ, "TERM": "dumb"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    try:
+        child.expect_exact("you> ")
+        child.sendline("hi")
+        child.expect(r"( t\d+){5}")  # the answer is streaming
+        started = time.monotonic()
+        child.sendintr()
+        child.expect(r"(\d+) tokens · .*(finish \w+|stopped)")
+        assert child.match.group(2) == "stopped" and time.monotonic() - started < 10
+        child.expect_exact("you> ")  # still in the chat
+    finally:
+        child.close(force=True)
