@@ -310,6 +310,16 @@ class ServerSection(BaseModel):
         default_factory=list, description="The main name of every model the endpoint serves."
     )
 
+    @property
+    def endpoint_replicas(self) -> int:
+        """Replicas behind the endpoint, every model's together."""
+        return self.replicas + further_replicas(self.deployed_more)
+
+
+def further_replicas(more: list[dict[str, Any]]) -> int:
+    """Replicas of the further models' deploy values."""
+    return sum(int(m.get("num_replicas") or 1) for m in more)
+
 
 class MonitoringSection(BaseModel):
     """Written by the monitor stage: the Prometheus it runs on the head, and how to find (and

@@ -295,9 +295,7 @@ def check_replica_ports(ctx: UpContext, replicas: int, *, may_move: bool = True)
     server = ctx.state.server
     running = 1
     if server.config_digest is not None:
-        running = server.replicas + sum(
-            int(m.get("num_replicas") or 1) for m in server.deployed_more
-        )
+        running = server.endpoint_replicas
     ours = (
         {p for group in replica_side_ports(ports.api, proxy, running).values() for p in group}
         if running > 1

@@ -21,6 +21,7 @@ from cluster.state import (
     NodeState,
     ServerSection,
     config_hash,
+    further_replicas,
     remote_cluster_dir,
 )
 from serve.remote import MODULE as SERVE_REMOTE
@@ -971,8 +972,7 @@ class Serve(Stage):
         (its replicas do not start, or never become ready), deploy the previous one again and
         say why."""
         assert previous.deployed is not None
-        replicas = int(values.get("num_replicas") or 1)
-        replicas += sum(int(m.get("num_replicas") or 1) for m in more)
+        replicas = int(values.get("num_replicas") or 1) + further_replicas(more)
         try:
             endpoint = self._deploy(ctx, python, address, values, replicas, more)
             self._wait_ready(ctx, python, routes=endpoint.get("routes", []))
@@ -987,11 +987,13 @@ class Serve(Stage):
             update={"config_digest": f"rolled-back:{previous.config_digest}"}
         )
         try:
-            old_replicas = previous.replicas + sum(
-                int(m.get("num_replicas") or 1) for m in previous.deployed_more
-            )
             self._deploy(
-                ctx, python, address, previous.deployed, old_replicas, previous.deployed_more
+                ctx,
+                python,
+                address,
+                previous.deployed,
+                previous.endpoint_replicas,
+                previous.deployed_more,
             )
             self._wait_ready(ctx, python, routes=previous.model_routes)
         except (RemoteError, NotReadyError) as exc:
