@@ -93,6 +93,7 @@ def measure(replicas: int, models: tuple[Path, Path], *, args, env, work: Path) 
         started = time.monotonic()
         said = cli("up", "--model", str(models[1]), *common, env=env)
         update_s = time.monotonic() - started
+        threads = deployed_threads(Path(env["LLAMACLUSTER_HOME"]))
         if bench.wait(timeout=args.window_s + 600) != 0:
             raise RuntimeError("the bench client failed; see its output directory")
     finally:
@@ -103,9 +104,14 @@ def measure(replicas: int, models: tuple[Path, Path], *, args, env, work: Path) 
         raise RuntimeError(f"the update took {update_s:.0f} s: raise --window-s")
     saved = sorted(out_dir.glob("*-requests.jsonl"))
     records = [json.loads(line) for line in saved[-1].read_text().splitlines() if line.strip()]
-    return {"replicas": replicas, "update_s": update_s, "rolling": "rolling update" in said} | gaps(
-        records
-    )
+    row = {"replicas": replicas, "update_s": update_s, "rolling": "rolling update" in said}
+    return row | {"cpu_threads": threads} | gaps(records)
+
+
+def deployed_threads(home: Path) -> int | None:
+    """The compute threads `up` gave each engine worker (from the cluster's recorded state)."""
+    state = json.loads((home / "clusters" / "local" / "state.json").read_text())
+    return ((state.get("server") or {}).get("deployed") or {}).get("cpu_threads")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     for replicas in (int(x) for x in args.replicas.split(",")):
         row = measure(replicas, models, args=args, env=env, work=work)
         if replicas == 1:
-            values = {"model": str(models[1]), "device": "cpu", "cpu_kvcache_space_gb": 1}
+            # Like for like: the same threads, and a copy of model B at a new path, so that the
+            # plain engine finds the compile caches as the update's engine did (vLLM keys its
+            # compiled graphs by the model's path: none yet; the kernels model A built: warm).
+            fresh = build_demo_model(work / f"model-b-plain-{len(rows)}", seed=1)
+            values = {"model": str(fresh), "device": "cpu", "cpu_kvcache_space_gb": 1}
+            values["cpu_threads"] = row["cpu_threads"]
             row["engine_load_s"] = engine_load_s(values, work=work, port=free_port())
         rows.append(row)
         print(json.dumps(row), flush=True)

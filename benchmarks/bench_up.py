@@ -55,7 +55,8 @@ def timed(cmd: list[str], *, env: dict[str, str], log: Path) -> float:
 def engine_load_s(values: dict, *, work: Path, port: int) -> float:
     """Plain vLLM with the same engine arguments: seconds from start to /health 200. Its Ray
     executor joins a one-node loopback Ray cluster started beforehand (Ray's start is not the
-    engine's load; `up` counts its own)."""
+    engine's load; `up` counts its own). ``values["cpu_threads"]``, when given, is the compute
+    threads of its worker, as `up` sets them (OMP_NUM_THREADS)."""
     from serve.config import load_config
     from tests.support.ray_cluster import start_loopback_ray_cluster
 
@@ -63,6 +64,8 @@ def engine_load_s(values: dict, *, work: Path, port: int) -> float:
     cluster = start_loopback_ray_cluster(nodes=1, slots_per_node=1)
     try:
         env = {**cluster.env, "VLLM_CPU_KVCACHE_SPACE": str(values["cpu_kvcache_space_gb"])}
+        if config.cpu_threads is not None:
+            env["OMP_NUM_THREADS"] = str(config.cpu_threads)
         return _time_to_health(config, env=env, work=work, port=port)
     finally:
         cluster.stop()
@@ -87,6 +90,7 @@ def stage_seconds(home: Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from cluster.demo_model import build_demo_model
+    from cluster.measure import engine_threads
     from cluster.stages.serve import default_cpu_kvcache_gb
     from tests.support.server import free_port
 
@@ -99,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(model_dir),
         "device": "cpu",
         "cpu_kvcache_space_gb": default_cpu_kvcache_gb(),
+        # What `up --local` gives its one worker: the cores less its slot.
+        "cpu_threads": engine_threads(len(os.sched_getaffinity(0)), 1),
     }
     rounds = []
     for r in range(args.rounds):

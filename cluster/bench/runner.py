@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from cluster import __version__
-from cluster.bench.client import RequestRecord, send_request
+from cluster.bench.client import CONNECT, RequestRecord, send_request
 from cluster.bench.config import BenchConfig, Endpoint, LoadPoint, tls_context
 from cluster.bench.metrics import PointMetrics, aggregate, ratios
 from cluster.bench.tokenizer import LocalTokenizer, find_tokenizer
@@ -25,6 +25,11 @@ from cluster.bench.workload import BenchRequest, Workload, load_workload, sessio
 from cluster.errors import ConfigError
 
 MULTI_TOKEN_CHUNK_WARN = 1.05  # mean tokens per chunk above this gets a warning
+# A closed-loop user whose connection was refused (nothing listening: a server restarting)
+# waits before trying again, this long at first, doubling up to the cap, as the OpenAI SDKs do;
+# re-sending at once would spin on the cores the restarting server needs.
+CONNECT_BACKOFF_FIRST_S = 0.1
+CONNECT_BACKOFF_MAX_S = 1.0
 
 
 class PointObserver(Protocol):
@@ -433,6 +438,7 @@ async def _phase(
     # A closed-loop user the server answered 429/503 + Retry-After waits that long before its
     # next request, as the OpenAI SDKs do (re-sending at once would load the server further).
     waits: dict[int, float] = {}
+    refused: set[int] = set()
 
     async def one(i: int, scheduled: float | None = None, req: BenchRequest | None = None) -> str:
         req = req if req is not None else workload.request(base_index + i)
@@ -446,6 +452,8 @@ async def _phase(
         rec, text = await _send(client, plan, req, rec, config=config)
         if rec.retry_after_s:
             waits[i] = rec.retry_after_s
+        elif rec.error_kind == CONNECT:
+            refused.add(i)
         _fill_prompt_tokens(rec, req)
         if rec.ok and rec.token_source is None:
             texts[len(records)] = text
@@ -463,6 +471,7 @@ async def _phase(
 
         async def worker() -> None:
             nonlocal next_i
+            backoff = CONNECT_BACKOFF_FIRST_S
             while True:
                 if count is not None and next_i >= count:
                     return
@@ -470,7 +479,13 @@ async def _phase(
                     return
                 i, next_i = next_i, next_i + 1
                 await one(i)
-                if (wait := waits.pop(i, None)) is not None:
+                wait = waits.pop(i, None)
+                if i in refused:
+                    refused.discard(i)
+                    wait, backoff = backoff, min(backoff * 2, CONNECT_BACKOFF_MAX_S)
+                else:
+                    backoff = CONNECT_BACKOFF_FIRST_S
+                if wait is not None:
                     left = None if deadline is None else deadline - time.perf_counter()
                     await asyncio.sleep(wait if left is None else max(0.0, min(wait, left)))
 

@@ -246,6 +246,28 @@ def test_closed_loop_waits_as_retry_after_asks(stream_server: StreamServer) -> N
 
 
 @pytest.mark.timeout(60)
+def test_closed_loop_backs_off_when_nothing_listens() -> None:
+    from cluster.bench.runner import CONNECT_BACKOFF_FIRST_S, CONNECT_BACKOFF_MAX_S
+    from tests.support.stream_server import start_stream_server
+
+    gone, stop = start_stream_server(StreamBehaviour(ttft_ms=5, itl_ms=1))
+    stop()  # its port now refuses connections, like a server between two replicas
+    cfg = BenchConfig(
+        endpoints=[Endpoint(name="gone", base_url=gone.base_url, model="m")],
+        load=LoadConfig(duration_s=2.0, concurrency=[2], warmup_requests=0),
+    )
+    result = run_benchmark(cfg)
+    records = sorted(result.records, key=lambda r: r.started_at)
+    assert records and all(r.error_kind == "connect" for r in records)
+    # Each user waits 0.1, 0.2, 0.4, 0.8, 1 s ... between refused tries: about five each in
+    # two seconds, where re-sending at once makes thousands.
+    assert (CONNECT_BACKOFF_FIRST_S, CONNECT_BACKOFF_MAX_S) == (0.1, 1.0)
+    assert 2 * 3 <= len(records) <= 2 * 7
+    first, last = records[0].started_at, records[-1].started_at
+    assert last - first >= 1.0
+
+
+@pytest.mark.timeout(60)
 def test_timeout_and_unreachable_endpoint() -> None:
     from tests.support.stream_server import start_stream_server
 
