@@ -846,14 +846,13 @@ class Serve(Stage):
         token = ctx.state.ray.head_token_path
         assert ctx.state.ports is not None and token
         address = f"{head.private_ip}:{ctx.state.ports.ray_gcs}"
-        if ctx.state.server.config_digest == wanted and (
-            all(
-                ready_probe(python, local_url(ctx) + route)
-                .run(ctx.run_head, what="ready probe", env=probe_env(ctx.state), check=False)
-                .ok
-                for route in ["", *ctx.state.server.model_routes]
-            )
-            or self._recovers_by_itself(ctx, python)
+        if ctx.state.server.config_digest == wanted and all(
+            ready_probe(python, local_url(ctx) + route)
+            .run(ctx.run_head, what="ready probe", env=probe_env(ctx.state), check=False)
+            .ok
+            # A model whose engine restarts by itself is waited for; any other is redeployed.
+            or self._recovers_by_itself(ctx, python, route)
+            for route in ["", *ctx.state.server.model_routes]
         ):
             # The config hash names the key file, not its keys: publish them (no redeploy).
             keys = (
@@ -1018,10 +1017,11 @@ class Serve(Stage):
             raise NotReadyError(f"not ready: {reply.error}")
 
     @staticmethod
-    def _recovers_by_itself(ctx: UpContext, python: str) -> bool:
-        """The deployed server is restarting (or loading) its engine by itself, as after a lost
-        node came back: wait for it rather than redeploy over the recovery. True once ready."""
-        reply = health_call(python, local_url(ctx)).run(
+    def _recovers_by_itself(ctx: UpContext, python: str, route: str = "") -> bool:
+        """The deployed server (the model under ``route``) is restarting (or loading) its
+        engine by itself, as after a lost node came back: wait for it rather than redeploy
+        over the recovery. True once ready."""
+        reply = health_call(python, local_url(ctx) + route).run(
             ctx.run_head, what="health probe", env=probe_env(ctx.state), check=False
         )
         if not reply.ok:
@@ -1029,11 +1029,12 @@ class Serve(Stage):
         state = (reply.value(what="health probe").get("health") or {}).get("status")
         if state not in ("restarting", "loading"):
             return False
-        ctx.reporter.info(f"the server is {state} its engine by itself: waiting for it")
+        which = f"the model under {route}" if route else "the server"
+        ctx.reporter.info(f"{which} is {state} its engine by itself: waiting for it")
         return (
             wait_call(
                 python,
-                local_url(ctx),
+                local_url(ctx) + route,
                 ctx.config.ready_timeout_s,
                 api_key_file=ctx.state.server.remote_api_key_file,
             )

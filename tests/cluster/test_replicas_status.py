@@ -476,3 +476,30 @@ def _taken(port: int) -> bool:
         except OSError:
             return True
     return False
+
+
+def test_status_engine_line_says_restarting_with_attempt_cause_and_history():
+    from cluster.stages.serve import engine_line
+
+    since = "2026-11-30T03:50:12+00:00"
+    restarting = {
+        "status": "restarting",
+        "engine": {"state": "restarting", "since": since, "cause": "stall", "attempt": 2},
+        "restarts": [
+            {"cause": "engine_dead", "time": "2026-11-30T03:40:00+00:00", "outcome": "recovered"},
+            {"cause": "stall", "time": since, "outcome": "restarting"},
+        ],
+    }
+    restarting["engine"]["max_attempts"] = 5
+    assert engine_line(restarting) == (
+        f"restarting (attempt 2 of 5, cause stall, since {since}); 2 restart(s), last: "
+        f"2026-11-30T03:40:00+00:00 engine_dead: recovered; {since} stall: restarting"
+    )
+    # Healthy again: the state word, and only the last three restarts of a longer history.
+    history = [{"cause": "stall", "time": f"t{i}", "outcome": "recovered"} for i in range(5)]
+    line = engine_line({"status": "ok", "engine": {"state": "serving"}, "restarts": history})
+    assert (
+        line
+        == "ok; 5 restart(s), last: t2 stall: recovered; t3 stall: recovered; t4 stall: recovered"
+    )
+    assert engine_line({}) == "?"
