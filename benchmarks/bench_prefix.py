@@ -22,6 +22,7 @@ import re
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,44 +47,77 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--input-len", type=int, default=128, help="tokens per user turn")
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--hop-requests", type=int, default=200, help="router calls for the hop")
+    ap.add_argument(
+        "--model-size-mb",
+        type=float,
+        default=None,
+        help="build the demo model at about this size (a larger one makes prefill, and so a "
+        "prefix-cache hit, matter more); default: the tiny one",
+    )
     return ap.parse_args(argv)
 
 
-def router_hop(api_port: int, app_name: str, count: int) -> dict[str, float]:
-    """Latency of the router's /internal/route alone (sequential calls, a chat body)."""
-    import httpx
+HOP_BODY = {
+    "model": "m",
+    "messages": [
+        {"role": "system", "content": "You answer questions about trains. " * 60},
+        {"role": "user", "content": "When does the first train leave?"},
+    ],
+}
 
+
+def router_url(api_port: int, app_name: str) -> str:
+    """The router's /internal/route, as HAProxy's Lua file names it."""
     from serve.balancer import private_dir_path
 
-    url = None
     for lua in private_dir_path(app_name, api_port).glob("*/ingress_request_router.lua"):
         if found := ROUTER.search(lua.read_text()):
-            url = f"http://{found[1]}:{found[2]}/internal/route"
-    if url is None:
-        raise RuntimeError("no ingress request router in HAProxy's Lua file")
-    body = {
-        "model": "m",
-        "messages": [
-            {"role": "system", "content": "You answer questions about trains. " * 60},
-            {"role": "user", "content": "When does the first train leave?"},
-        ],
-    }
+            return f"http://{found[1]}:{found[2]}/internal/route"
+    raise RuntimeError("no ingress request router in HAProxy's Lua file")
+
+
+def hop_times(url: str, *, count: int | None = None, until=None, pause_s: float = 0.0) -> list:
+    """Milliseconds of sequential POSTs of a chat body to the router: ``count`` of them, or
+    until the event ``until`` is set (``pause_s`` between calls); the first 10 warm up."""
+    import httpx
+
     times = []
     with httpx.Client(timeout=30) as client:
-        for i in range(count + 10):
+        i = 0
+        while (count is not None and i < count + 10) or (until is not None and not until.is_set()):
             t0 = time.perf_counter()
-            response = client.post(url, json=body)
+            response = client.post(url, json=HOP_BODY)
             elapsed = (time.perf_counter() - t0) * 1000
             if response.status_code != 200:
                 raise RuntimeError(f"router answered {response.status_code}: {response.text}")
-            if i >= 10:  # the first calls warm the connection path
+            if i >= 10:
                 times.append(elapsed)
-    times.sort()
+            i += 1
+            if pause_s:
+                time.sleep(pause_s)
+    return times
+
+
+def percentiles(times: list[float]) -> dict[str, float]:
+    times = sorted(times)
     return {
-        "p50_ms": statistics.median(times),
-        "p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))],
+        "p50_ms": statistics.median(times) if times else float("nan"),
+        "p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))] if times else float("nan"),
         "calls": len(times),
     }
+
+
+def bench_cli(env: dict[str, str], out: Path, model_dir: Path, args: argparse.Namespace) -> None:
+    """The chat-sessions bench against the cluster, results in ``out``."""
+    cli(
+        "bench", "--name", "local", "--workload", "chat-sessions",
+        "--turns", str(args.turns), "--system-prompt-len", str(args.system_prompt_len),
+        "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+        "--tokenizer", str(model_dir),
+        "-n", str(args.requests), "-c", str(args.concurrency), "--warmup", "0",
+        "--no-plots", "--no-progress", "--no-net-counters", "-o", str(out),
+        env=env,
+    )  # fmt: skip
 
 
 def one_round(mode: str, model_dir: Path, work: Path, args: argparse.Namespace) -> dict:
@@ -100,15 +134,23 @@ def one_round(mode: str, model_dir: Path, work: Path, args: argparse.Namespace) 
         url = state["server"]["endpoint"]
         wait_all_ready(url)
         out = work / f"bench-{mode}-{time.monotonic_ns()}"
-        cli(
-            "bench", "--name", "local", "--workload", "chat-sessions",
-            "--turns", str(args.turns), "--system-prompt-len", str(args.system_prompt_len),
-            "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-            "--tokenizer", str(model_dir),
-            "-n", str(args.requests), "-c", str(args.concurrency), "--warmup", "0",
-            "--no-plots", "--no-progress", "--no-net-counters", "-o", str(out),
-            env=env,
-        )  # fmt: skip
+        if mode == "prefix":
+            # The router's hop while the replicas stream: a call every 0.5 s beside the load.
+            url_route = router_url(
+                int(url.rsplit(":", 1)[1]), state["server"].get("app_name", "llamacluster")
+            )
+            done = threading.Event()
+            loaded: list[float] = []
+            probe = threading.Thread(
+                target=lambda: loaded.extend(hop_times(url_route, until=done, pause_s=0.5))
+            )
+            probe.start()
+        try:
+            bench_cli(env, out, model_dir, args)
+        finally:
+            if mode == "prefix":
+                done.set()
+                probe.join()
         point = json.loads((out / "bench.json").read_text())["points"][0]
         extra = point.get("extra", {})
         figures = {
@@ -121,10 +163,8 @@ def one_round(mode: str, model_dir: Path, work: Path, args: argparse.Namespace) 
             "failed": point["failed"],
         }
         if mode == "prefix":
-            app_name = state["server"].get("app_name", "llamacluster")
-            figures["router_hop"] = router_hop(
-                int(url.rsplit(":", 1)[1]), app_name, args.hop_requests
-            )
+            figures["router_hop"] = percentiles(hop_times(url_route, count=args.hop_requests))
+            figures["router_hop_loaded"] = percentiles(loaded)
         return figures
     finally:
         cli("down", "--name", "local", env=env)
@@ -151,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.demo_model import build_demo_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
-    model_dir = build_demo_model(work / "demo-tiny-llama")
+    model_dir = build_demo_model(work / "demo-llama", target_size_mb=args.model_size_mb)
     runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for r in range(args.rounds):
         for mode in MODES if r % 2 == 0 else tuple(reversed(MODES)):
@@ -159,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {r + 1} {mode}: {json.dumps(runs[mode][-1])}", flush=True)
     figures = summary(runs)
     hops = [r["router_hop"] for r in runs["prefix"] if "router_hop" in r]
+    loaded_hops = [r["router_hop_loaded"] for r in runs["prefix"] if "router_hop_loaded" in r]
     p, ll = figures["prefix"], figures["least-load"]
     verdict = {
         "higher_hit_rate": (p["hit_rate"] or 0) > (ll["hit_rate"] or 0),
@@ -182,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
             f"router hop (/internal/route alone): p50 "
             f"{statistics.median(h['p50_ms'] for h in hops):.2f} ms, p99 "
             f"{statistics.median(h['p99_ms'] for h in hops):.2f} ms"
+        )
+    if loaded_hops:
+        table.append(
+            f"router hop during the load (a call every 0.5 s): p50 "
+            f"{statistics.median(h['p50_ms'] for h in loaded_hops):.2f} ms, p99 "
+            f"{statistics.median(h['p99_ms'] for h in loaded_hops):.2f} ms"
         )
     report(args, table, verdict, summary=figures, rounds=runs, router_hop=hops)
     return 0

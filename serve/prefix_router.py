@@ -7,8 +7,9 @@ to the ``replica_id`` that comes back (``ray/serve/_private/ingress_request_rout
 Here that router is :class:`PrefixRouter`. It cuts the prompt into fixed blocks of characters,
 hashes them as a chain (block ``k``'s hash covers blocks ``0..k``, like vLLM's own prefix-cache
 blocks) and asks Serve's request-router API for a replica: :class:`PrefixRequestRouter`, set as
-the ingress deployment's ``request_router_config``, sees every running replica and asks each
-for its count of running requests (Serve's queue-length probe) before it decides.
+the ingress deployment's ``request_router_config``, sees every running replica and knows each
+one's running requests from :class:`LoadBook` (Serve's queue-length probe, refreshed in the
+background, plus what it routed since).
 
 The policy itself is pure (:func:`prompt_text`, :func:`block_chain`, :func:`choose_replica`);
 :class:`PrefixIndex` remembers, per replica, an LRU-bounded set of the block hashes it was sent.
@@ -20,6 +21,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +39,10 @@ DECISIONS_PATH = "/internal/decisions"
 REQUEST_ID_HEADER = b"x-request-id"
 # How long a route waits for Serve to offer a replica (none up: HAProxy's 503 after this).
 ROUTE_WAIT_S = 1.0
+# How old the replicas' running-request counts may grow before the router asks them again
+# (in the background: the request being routed uses the counts it has). Short, because a
+# finished request stays in the count until the next answer.
+LOAD_REFRESH_S = 0.1
 # Decisions kept for GET /internal/decisions (request id, replica, matched blocks, reason).
 DECISIONS_KEPT = 2000
 # The Lua forwards at most HAProxy's buffer (8 MiB by default); nothing longer is read.
@@ -233,6 +239,46 @@ class PrefixIndex:
             del self._blocks[gone]
 
 
+class LoadBook:
+    """Running requests per replica without asking on every request: the count each replica
+    last answered to a probe, plus the requests routed to it since that probe went out. The
+    probe's answer replaces the estimate (requests that finished meanwhile drop out of it)."""
+
+    def __init__(self) -> None:
+        self._probed: dict[str, tuple[int, float]] = {}  # replica -> (running, when)
+        self._sent: Counter[str] = Counter()  # routed since the last probe went out
+
+    def estimate(self, replica_id: str) -> int | None:
+        """Running requests now, as far as the book knows; None before the first probe."""
+        probed = self._probed.get(replica_id)
+        return None if probed is None else probed[0] + self._sent[replica_id]
+
+    def oldest(self, replica_ids: Iterable[str]) -> float | None:
+        """When the least recently probed of these replicas was probed (None: one never was)."""
+        times = [self._probed.get(rid, (0, None))[1] for rid in replica_ids]
+        return None if any(t is None for t in times) else min(times, default=None)
+
+    def sent_counts(self) -> dict[str, int]:
+        """Routed-since-probe counts, taken when a probe goes out (see :meth:`probed`)."""
+        return dict(self._sent)
+
+    def probed(self, replica_id: str, running: int, at: float, sent_before: int) -> None:
+        """A probe sent when ``sent_before`` requests had been routed to the replica since its
+        previous probe answered ``running``: those are in the answer, later ones not yet."""
+        self._probed[replica_id] = (running, at)
+        self._sent[replica_id] = max(0, self._sent[replica_id] - sent_before)
+
+    def routed(self, replica_id: str) -> None:
+        self._sent[replica_id] += 1
+
+    def keep_only(self, replica_ids: Iterable[str]) -> None:
+        keep = set(replica_ids)
+        for gone in set(self._probed) - keep:
+            del self._probed[gone]
+        for gone in set(self._sent) - keep:
+            del self._sent[gone]
+
+
 # --- Serve's request-router API: the replicas and their load -------------------------------------
 
 
@@ -248,17 +294,40 @@ class RouteQuery:
 
 class PrefixRequestRouter(RequestRouter):
     """Serve request router of the ingress deployment (used only by :class:`PrefixRouter`):
-    probes each replica's running requests and applies :func:`choose_replica`."""
+    applies :func:`choose_replica` to each replica's running requests as a :class:`LoadBook`
+    holds them. The replicas are probed (Serve's queue-length call into each replica) once
+    when first seen, and then in the background whenever the counts are older than
+    ``LOAD_REFRESH_S``: a request never waits for the probe of a known replica."""
 
     def initialize_state(self, **kwargs: Any) -> None:
         """Serve passes ``request_router_kwargs`` (a :class:`PrefixPolicy` as a dict)."""
         self.policy = PrefixPolicy(**kwargs)
         self.index = PrefixIndex(self.policy.max_blocks_per_replica)
+        self.loads = LoadBook()
+        self.refreshing: asyncio.Task | None = None
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         if hasattr(self, "index"):
-            self.index.keep_only(r.replica_id.to_full_id_str() for r in replicas)
+            ids = [r.replica_id.to_full_id_str() for r in replicas]
+            self.index.keep_only(ids)
+            self.loads.keep_only(ids)
+
+    async def _refresh(self, replicas: list[RunningReplica]) -> None:
+        """Probe ``replicas`` and put their answers in the book (a replica that does not
+        answer keeps its last count)."""
+        sent = self.loads.sent_counts()
+        answers = await self._probe_queue_lens(replicas, 0)
+        now = time.monotonic()
+        for replica, running in answers:
+            if running is not None:
+                rid = replica.replica_id.to_full_id_str()
+                self.loads.probed(rid, running, now, sent.get(rid, 0))
+
+    def _refresh_in_background(self, replicas: list[RunningReplica]) -> None:
+        if self.refreshing is not None and not self.refreshing.done():
+            return
+        self.refreshing = asyncio.get_running_loop().create_task(self._refresh(replicas))
 
     async def choose_replicas(
         self,
@@ -273,20 +342,28 @@ class PrefixRequestRouter(RequestRouter):
         # copy of the router deployment's class: the query is recognised by its fields.
         query = pending_request.args[0] if pending_request and pending_request.args else None
         chain = tuple(getattr(query, "chain", None) or ())
-        loads = await self._probe_queue_lens(candidate_replicas, 0)
         by_id = {r.replica_id.to_full_id_str(): r for r in candidate_replicas}
-        answered = [(r, n) for r, n in loads if n is not None] or [(r, 0) for r, _ in loads]
+        oldest = self.loads.oldest(by_id)
+        if oldest is None:  # a replica not probed yet: its count is worth the wait, once
+            await self._refresh(candidate_replicas)
+        counted = {rid: self.loads.estimate(rid) for rid in by_id}
+        answered = {rid: n for rid, n in counted.items() if n is not None}
         candidates = [
             Candidate(
-                replica_id=(rid := r.replica_id.to_full_id_str()),
+                replica_id=rid,
                 outstanding=n,
                 matched=self.index.matched(rid, chain),
                 known=self.index.known(rid),
             )
-            for r, n in answered
+            for rid, n in (answered or dict.fromkeys(by_id, 0)).items()
         ]
         decision = choose_replica(candidates, self.policy)
         self.index.record(decision.replica_id, chain)
+        self.loads.routed(decision.replica_id)
+        if oldest is not None and time.monotonic() - oldest > LOAD_REFRESH_S:
+            # After this request is counted: the answers then hold it once it has arrived (or
+            # miss it for a moment), never twice, so sequential requests read their true count.
+            self._refresh_in_background(candidate_replicas)
         if hasattr(query, "decision"):
             query.decision = decision
         return [[by_id[decision.replica_id]]]

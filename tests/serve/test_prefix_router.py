@@ -13,6 +13,7 @@ from serve.prefix_router import (
     PREFIX,
     Candidate,
     Decision,
+    LoadBook,
     PrefixIndex,
     PrefixPolicy,
     block_chain,
@@ -112,6 +113,25 @@ def test_index_remembers_what_each_replica_was_sent_within_its_bound():
     assert index.matched("r1", conversation) == 1  # its tail went first, its head is kept
     index.keep_only(["r2"])
     assert index.known("r1") == 0
+
+
+def test_load_book_counts_what_it_routed_until_a_probe_answers():
+    book = LoadBook()
+    assert book.estimate("r1") is None and book.oldest(["r1"]) is None
+    book.probed("r1", 3, at=10.0, sent_before=0)
+    book.probed("r2", 0, at=11.0, sent_before=0)
+    assert book.oldest(["r1", "r2"]) == 10.0 and book.oldest(["r1", "r3"]) is None
+    book.routed("r2")
+    book.routed("r2")
+    assert (book.estimate("r1"), book.estimate("r2")) == (3, 2)
+    # A probe goes out after those two, a third is routed while it is under way: the answer
+    # (2 running: one of the first two already finished) holds the first two, not the third.
+    sent = book.sent_counts()
+    book.routed("r2")
+    book.probed("r2", 2, at=12.0, sent_before=sent["r2"])
+    assert book.estimate("r2") == 3 and book.oldest(["r2"]) == 12.0
+    book.keep_only(["r2"])
+    assert book.estimate("r1") is None and book.estimate("r2") == 3
 
 
 def test_a_sequence_of_conversations_sticks_and_spreads_with_load():
