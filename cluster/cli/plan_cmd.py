@@ -15,12 +15,19 @@ if TYPE_CHECKING:
     from rich.console import Group
 
     from cluster.device_specs import DeviceSpec
-    from cluster.planner import Plan
+    from cluster.planner import ClusterShape, Plan, PlanOptions, ReplicaChoice, SharedDevices
 
 
 @app.command("plan")
 def plan(
-    model: str = typer.Option(..., "--model", "-m", help="Hub repo id or local model directory."),
+    model: list[str] = typer.Option(
+        ...,
+        "--model",
+        "-m",
+        help="Hub repo id or local model directory. Repeat it for several models on one "
+        "cluster, each as PATH_OR_REPO[,tp=N][,pp=N][,replicas=N][,max-model-len=N] (as `up` "
+        "takes them; name= and lora= are accepted, name= titles the model).",
+    ),
     revision: str | None = typer.Option(
         None, "--revision", help="Hub revision (branch, tag, commit)."
     ),
@@ -112,13 +119,18 @@ def plan(
     pp: int | None = typer.Option(None, "--pp", min=1, help="Force the pipeline-parallel size."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
-    """Size a deployment before renting it: parameters, memory per device, tp x pp, speed, cost."""
+    """Size a deployment before renting it: parameters, memory per device, tp x pp, speed, cost.
+
+    With several --model values: each model's plan, then how they share the cluster (as `up`
+    would serve them behind one endpoint) and whether they fit together."""
     from cluster.device_specs import get_device
     from cluster.planner import ClusterShape, PlanOptions, load_model_shape, plan_deployment
     from cluster.planner.engine_options import draft_cost, parse_speculative_config
 
+    specs = _model_specs(model, tp=tp, pp=pp, max_model_len=max_model_len)
     node_count = _node_count(ips, nodes)
-    shape = load_model_shape(model, revision=revision)  # a bad --model fails before measuring
+    # A bad --model fails before measuring.
+    shapes = [load_model_shape(s["model"], revision=revision) for s in specs]
     overrides = {
         "memory_gib": gpu_mem_gb,
         "bandwidth_gbs": mem_bandwidth_gbs,
@@ -139,7 +151,7 @@ def plan(
     if spec is not None:
         draft_model = spec.get("model")
         draft_shape = load_model_shape(str(draft_model)) if draft_model else None
-        draft = draft_cost(spec, shape, draft_shape=draft_shape)
+        draft = draft_cost(spec, shapes[0], draft_shape=draft_shape)
     options = PlanOptions(
         quantization=quantization,
         speculative_config=spec,
@@ -147,21 +159,151 @@ def plan(
         kv_offload_gib=kv_offload_gb,
         dtype=dtype,
         kv_dtype=kv_dtype,
-        max_model_len=max_model_len,
+        max_model_len=specs[0].get("max_model_len"),
         prompt_len=prompt_len,
         concurrency=concurrency,
         mem_fraction=mem_fraction,
         flops_efficiency=flops_efficiency,
         bandwidth_efficiency=bandwidth_efficiency,
         cost_per_hour=cost_per_hour,
-        tp=tp,
-        pp=pp,
+        tp=specs[0].get("tp"),
+        pp=specs[0].get("pp"),
     )
-    result = plan_deployment(shape, cluster, options)
+    plans = []
+    for i, (one, shape) in enumerate(zip(specs, shapes, strict=True)):
+        # --quantization and --speculative-config are the first model's, as in `up`.
+        mine = options if i == 0 else _further_options(options, one)
+        try:
+            plans.append(plan_deployment(shape, cluster, mine))
+        except ConfigError as exc:
+            if len(specs) == 1:
+                raise
+            raise ConfigError(f"{_model_name(one)}: {exc.message}", hint=exc.hint) from None
+    shared = _shared(specs, plans)
+    plans = [
+        p.model_copy(update={"replicas": _replica_choice(shared, i)}) for i, p in enumerate(plans)
+    ]
     if as_json:
-        typer.echo(json.dumps(result.model_dump(mode="json"), indent=2))
+        data = (
+            plans[0].model_dump(mode="json")
+            if len(plans) == 1
+            else {
+                "plans": [p.model_dump(mode="json") for p in plans],
+                "together": shared.model_dump(mode="json"),
+            }
+        )
+        typer.echo(json.dumps(data, indent=2))
+    elif len(plans) == 1:
+        table_console().print(_render(plans[0]))
     else:
-        table_console().print(_render(result))
+        from rich.text import Text
+
+        console = table_console()
+        for one, result in zip(specs, plans, strict=True):
+            console.rule(Text(_model_name(one)), align="left")
+            console.print(_render(result))
+        console.print(_render_together(shared, cluster))
+    shared.check(hint=PLAN_FIT_HINT)
+
+
+PLAN_FIT_HINT = (
+    "lower a model's replicas=, tp= or pp=, leave the first model's replicas= out so it takes "
+    "what is left, plan fewer models, or add nodes with --nodes or --gpus-per-node"
+)
+"""What `plan` suggests when the models do not fit together."""
+
+
+def _replica_choice(shared: SharedDevices, index: int) -> ReplicaChoice:
+    """Model ``index``'s replicas as the models share the cluster (the first model's choice;
+    a further model's as asked, else one)."""
+    from cluster.planner import ReplicaChoice
+
+    if index == 0:
+        return shared.first
+    m = shared.models[index]
+    why = f"replicas={m.replicas} of its --model" if m.replicas > 1 else "one unless asked"
+    return ReplicaChoice(
+        replicas=m.replicas, tp=m.tp, pp=m.pp, devices=shared.devices, auto=False, why=why
+    )
+
+
+def _model_specs(
+    models: list[str], *, tp: int | None, pp: int | None, max_model_len: int | None
+) -> list[dict]:
+    """Each --model value as serve.models.parse_model_spec reads it; --tp, --pp and
+    --max-model-len are the first model's (refused when its own options set them too)."""
+    from serve.models import parse_model_spec
+
+    specs = [parse_model_spec(m) if "," in m or len(models) > 1 else {"model": m} for m in models]
+    for spec, text in zip(specs, models, strict=True):
+        zero = [k for k in ("tp", "pp", "num_replicas", "max_model_len") if spec.get(k) == 0]
+        if zero:
+            option = {"num_replicas": "replicas", "max_model_len": "max-model-len"}
+            key = option.get(zero[0], zero[0])
+            raise ConfigError(f"--model {text!r}: {key}=0 is not a size", hint=f"write {key}=1")
+    first = specs[0]
+    for key, flag, value in (
+        ("tp", "--tp", tp),
+        ("pp", "--pp", pp),
+        ("max_model_len", "--max-model-len", max_model_len),
+    ):
+        if value is None:
+            continue
+        if key in first:
+            raise ConfigError(
+                f"the first --model sets {key.replace('_', '-')} and {flag} is given too",
+                hint="give it once",
+            )
+        first[key] = value
+    return specs
+
+
+def _model_name(spec: dict) -> str:
+    """A model's name in the output: its name=, else a local directory's name or the repo id."""
+    names = spec.get("served_model_name")
+    if names:
+        return names[0]
+    path = Path(spec["model"]).expanduser()
+    return path.absolute().name if path.exists() else spec["model"]
+
+
+def _further_options(first: PlanOptions, spec: dict) -> PlanOptions:
+    """A further model's knobs: the shared ones, its own tp, pp and max-model-len."""
+    from cluster.planner import PlanOptions
+
+    return PlanOptions.model_validate(
+        {
+            **dict(first),
+            "quantization": None,
+            "speculative_config": None,
+            "draft": None,
+            "tp": spec.get("tp"),
+            "pp": spec.get("pp"),
+            "max_model_len": spec.get("max_model_len"),
+        }
+    )
+
+
+def _shared(specs: list[dict], plans: list[Plan]) -> SharedDevices:
+    """How the models share the cluster: the first model's replicas as given (replicas=N),
+    else its plan's auto count; the further models' as given, else 1."""
+    from cluster.planner import ModelLayout, explicit_replicas, share_devices
+
+    first = plans[0]
+    choice = first.replicas
+    if "num_replicas" in specs[0]:
+        choice = explicit_replicas(
+            specs[0]["num_replicas"],
+            tp=first.tp,
+            pp=first.pp,
+            devices=first.cluster.total_devices,
+        )
+        choice = choice.model_copy(update={"why": f"replicas={choice.replicas} of its --model"})
+    further = [
+        ModelLayout(name=_model_name(s), tp=p.tp, pp=p.pp, replicas=s.get("num_replicas"))
+        for s, p in zip(specs[1:], plans[1:], strict=True)
+    ]
+    return share_devices(choice, further, first_name=_model_name(specs[0]))
 
 
 def _measured(
@@ -345,3 +487,31 @@ def _render(plan: Plan) -> Group:
         parts.append(cost)
     parts.extend(f"note: {n}" for n in plan.notes)
     return Group(*parts)
+
+
+def _render_together(shared: SharedDevices, cluster: ClusterShape) -> Group:
+    """How the models share the cluster: each one's layout and devices, the total, the fit."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    heading = Text(
+        f"Together: {len(shared.models)} models on {shared.devices} x {cluster.device.name} "
+        f"({cluster.nodes} node(s) of {cluster.devices_per_node})",
+        style="italic",
+    )
+    table = Table()
+    for col, justify in (
+        ("model", "left"),
+        ("tp", "right"),
+        ("pp", "right"),
+        ("replicas", "right"),
+        ("devices", "right"),
+    ):
+        table.add_column(col, justify=justify)
+    for m in shared.models:
+        replicas = f"{m.replicas} (auto)" if m.auto else str(m.replicas)
+        table.add_row(Text(m.name), str(m.tp), str(m.pp), replicas, str(m.devices))
+    table.add_row("total", "", "", "", f"{shared.devices_used} of {shared.devices}")
+    lines = [Text(f"{shared.models[0].name} replicas: {shared.first.why}")]
+    return Group(heading, table, *(lines if shared.first.auto else []), Text(shared.line))

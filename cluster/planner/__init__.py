@@ -15,10 +15,11 @@ The package, leaves first (each module imports only those above it):
 - ``speed``: step time (bytes and FLOPs per stage at given efficiencies) and communication.
 - ``calibration``: measured step times and the fit of the efficiency curves to them.
 - ``replicas``: how many tp x pp replicas the devices hold (``--replicas auto``).
+- ``together``: several models on one cluster (share_devices: each one's devices, the fit).
 - ``plan``: Plan and plan_deployment, which puts it all together.
 
-`llamacluster plan` renders the Plan (cluster/cli/plan_cmd.py); `up` calls choose_parallelism
-and choose_replicas.
+`llamacluster plan` renders the Plan (cluster/cli/plan_cmd.py); `up` calls choose_parallelism,
+choose_replicas and share_devices.
 """
 
 from cluster.planner.dtypes import (
@@ -89,11 +90,19 @@ from cluster.planner.speed import (
     experts_touched,
 )
 from cluster.planner.stages import StageMemory, pipeline_stage_layers
+from cluster.planner.together import (
+    FIT_HINT,
+    ModelDevices,
+    ModelLayout,
+    SharedDevices,
+    share_devices,
+)
 
 __all__ = [
     "ACTIVATION_TOKENS_LARGE",
     "ACTIVATION_TOKENS_SMALL",
     "CURVES",
+    "FIT_HINT",
     "GIB",
     "INT4_GROUP_SIZE",
     "INT4_SCALE_OVERHEAD_BYTES",
@@ -115,6 +124,8 @@ __all__ = [
     "KVOffload",
     "MLAShape",
     "MoEShape",
+    "ModelDevices",
+    "ModelLayout",
     "ModelShape",
     "ModelSummary",
     "ParamCount",
@@ -122,6 +133,7 @@ __all__ = [
     "Plan",
     "PlanOptions",
     "ReplicaChoice",
+    "SharedDevices",
     "StageMemory",
     "StepEfficiency",
     "StepTime",
@@ -151,6 +163,7 @@ __all__ = [
     "resolve_kv_dtype",
     "resolve_weight_dtype",
     "runtime_headroom_bytes",
+    "share_devices",
     "shared_expert_params",
     "tp_violation",
     "weight_bytes",

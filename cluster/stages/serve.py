@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from cluster.errors import ConfigError, LlamaclusterError, NotReadyError, RemoteError
 from cluster.keys import read_api_keys
+from cluster.planner.together import layout_text
 from cluster.remote import RemoteCall, Reply, Request
 from cluster.stages.base import ClusterContext, Stage, StageCheck, StageOutcome, Teardown, UpContext
 from cluster.stages.config import SERVER_FIELDS
@@ -177,12 +178,6 @@ def balancer_dir_removal(app_name: str, port: int) -> str:
     return BALANCER_DIR_REMOVAL_TEMPLATE.format(
         tag=shlex.quote(private_dir_path(app_name, port).name)
     )
-
-
-def layout_text(tp: int, pp: int, replicas: int) -> str:
-    """``tp=2 × pp=1``, or ``3 replicas of tp=2 × pp=1``."""
-    layout = f"tp={tp} × pp={pp}"
-    return layout if replicas <= 1 else f"{replicas} replicas of {layout}"
 
 
 def port_free_call(python: str, port: int) -> RemoteCall:
@@ -775,17 +770,22 @@ class Serve(Stage):
     def run(self, ctx: UpContext) -> StageOutcome:
         tp, pp = default_parallelism(ctx)
         choice = replica_choice(ctx, tp, pp)
-        replicas = choice.replicas
         total = sum(n.devices for n in ctx.state.nodes)
         layouts = more_layouts(ctx)
-        others = sum(t * p * r for t, p, r in layouts)
-        if choice.auto and others:
-            # The further models' groups first; the first model's replicas fill what is left.
-            fit = max(1, (total - others) // (tp * pp))
-            if fit < replicas:
-                why = f"{choice.why}; {fit} beside the further models' {others} device(s)"
-                choice = choice.model_copy(update={"replicas": fit, "why": why})
-                replicas = fit
+        # The further models' groups first; the first model's auto replicas fill what is left
+        # (the rule `plan --model A --model B` shows).
+        from cluster.planner import ModelLayout, share_devices
+
+        shared = share_devices(
+            choice,
+            [
+                ModelLayout(name=m.served_names[0], tp=t, pp=p, replicas=r)
+                for m, (t, p, r) in zip(ctx.state.more_models, layouts, strict=True)
+            ],
+            first_name=ctx.state.model.served_names[0],
+        )
+        choice, replicas = shared.first, shared.first.replicas
+        others = shared.devices_used - tp * pp * replicas
         if choice.auto:
             ctx.reporter.info(f"--replicas auto: {choice.line()}")
         layout = layout_text(tp, pp, replicas)
