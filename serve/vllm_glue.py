@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
+import logging.handlers
 import os
 from collections.abc import Callable
 from importlib import metadata
@@ -167,6 +169,41 @@ def pin_ray_address() -> None:
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
+def _buffering_handlers() -> dict[logging.handlers.MemoryHandler, logging.Handler]:
+    """Every buffering handler attached to a logger of this process, with its target."""
+    loggers = [logging.getLogger()] + [
+        one for one in logging.Logger.manager.loggerDict.values() if isinstance(one, logging.Logger)
+    ]
+    return {
+        handler: handler.target
+        for one in loggers
+        for handler in one.handlers
+        if isinstance(handler, logging.handlers.MemoryHandler) and handler.target is not None
+    }
+
+
+@contextlib.contextmanager
+def log_handlers_kept():
+    """Keep the process's buffering log handlers writing while vLLM configures its logging.
+
+    vLLM applies its logging config with ``logging.config.dictConfig`` (in
+    ``create_engine_config`` or AsyncLLM's constructor, whichever runs first), which closes
+    every handler of the process. Ray Serve's replica logger writes through a MemoryHandler
+    that stays attached after that, but a closed MemoryHandler has no target: it then keeps
+    every record (each request's access-log line, print and stdout) in memory for good and
+    writes none to the replica's log file. Their targets (file handlers reopen on the next
+    record) are put back afterwards; what was buffered meanwhile goes out with the next record.
+    """
+    kept = _buffering_handlers()
+    try:
+        yield
+    finally:
+        for handler, target in kept.items():
+            with handler.lock or contextlib.nullcontext():
+                if handler.target is None:
+                    handler.target = target
+
+
 @contextlib.asynccontextmanager
 async def engine_client(args: argparse.Namespace):
     """Start vLLM's AsyncLLM for the parsed args; shut it down on exit.
@@ -183,15 +220,17 @@ async def engine_client(args: argparse.Namespace):
     pin_ray_address()
     engine_args = AsyncEngineArgs.from_cli_args(args)
     usage = UsageContext.OPENAI_API_SERVER
-    vllm_config = await asyncio.to_thread(engine_args.create_engine_config, usage_context=usage)
-    engine = await asyncio.to_thread(
-        AsyncLLM.from_vllm_config,
-        vllm_config=vllm_config,
-        usage_context=usage,
-        enable_log_requests=engine_args.enable_log_requests,
-        aggregate_engine_logging=engine_args.aggregate_engine_logging,
-        disable_log_stats=engine_args.disable_log_stats,
-    )
+    # Both apply vLLM's logging config (the first one that runs does).
+    with log_handlers_kept():
+        vllm_config = await asyncio.to_thread(engine_args.create_engine_config, usage_context=usage)
+        engine = await asyncio.to_thread(
+            AsyncLLM.from_vllm_config,
+            vllm_config=vllm_config,
+            usage_context=usage,
+            enable_log_requests=engine_args.enable_log_requests,
+            aggregate_engine_logging=engine_args.aggregate_engine_logging,
+            disable_log_stats=engine_args.disable_log_stats,
+        )
     try:
         yield engine
     finally:
