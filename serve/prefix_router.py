@@ -66,6 +66,13 @@ class PrefixPolicy(BaseModel):
         description="Blocks a replica must already hold for the prompt to be sent there for "
         "its prefix; shorter matches are routed by load alone.",
     )
+    min_lead_blocks: int = Field(
+        default=1,
+        ge=1,
+        description="Blocks more of the prompt than any other replica holds that the best "
+        "match needs to be chosen for its prefix (a prefix every replica holds, such as a "
+        "shared system prompt, is no reason to send more to one of them).",
+    )
     load_slack: int = Field(
         default=2,
         ge=0,
@@ -181,10 +188,10 @@ class Decision:
 
 
 def choose_replica(candidates: Sequence[Candidate], policy: PrefixPolicy) -> Decision:
-    """The replica with the longest matching prefix when it holds at least
-    ``min_match_blocks`` more of it than any other replica and has at most ``load_slack``
-    more running requests than the least-loaded replica; else the least-loaded one (ties:
-    longest match, emptier, id). A prefix every replica holds (a system prompt all
+    """The replica with the longest matching prefix (at least ``min_match_blocks``) when it
+    holds at least ``min_lead_blocks`` more of it than any other replica and has at most
+    ``load_slack`` more running requests than the least-loaded replica; else the least-loaded
+    one (ties: longest match, emptier, id). A prefix every replica holds (a system prompt all
     conversations share) is no reason to send more to one of them: only what the others lack
     counts."""
     if not candidates:
@@ -200,7 +207,7 @@ def choose_replica(candidates: Sequence[Candidate], policy: PrefixPolicy) -> Dec
         if near:
             pick = min(near, key=lambda c: (c.outstanding, c.known, c.replica_id))
             others = max((c.matched for c in candidates if c is not pick), default=0)
-            if pick.matched - others >= policy.min_match_blocks:
+            if pick.matched - others >= policy.min_lead_blocks:
                 return Decision(pick.replica_id, pick.matched, PREFIX)
     pick = min(candidates, key=lambda c: (c.outstanding, -c.matched, c.known, c.replica_id))
     return Decision(pick.replica_id, pick.matched, LEAST_LOAD)

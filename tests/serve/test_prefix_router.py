@@ -82,9 +82,13 @@ def test_a_prefix_every_replica_holds_is_routed_by_load():
     # Both hold the shared system prompt (5 blocks): the busier one gains nothing from it.
     shared = [Candidate("r1", outstanding=1, matched=5), Candidate("r2", outstanding=0, matched=5)]
     assert choose_replica(shared, POLICY) == Decision("r2", 5, LEAST_LOAD)
-    # One block more than the other holds is under the 2 that count: still by load.
+    # One block more than the other holds (a conversation's first question past the shared
+    # prompt) is the conversation's own: back to r1, within the slack.
     one_more = [Candidate("r1", 1, matched=6), Candidate("r2", 0, matched=5)]
-    assert choose_replica(one_more, POLICY).reason == LEAST_LOAD
+    assert choose_replica(one_more, POLICY) == Decision("r1", 6, PREFIX)
+    # Asking for a lead of two blocks makes that one block too little: by load.
+    two = POLICY.model_copy(update={"min_lead_blocks": 2})
+    assert choose_replica(one_more, two).reason == LEAST_LOAD
     # The conversation's own history on r1 (3 blocks past the shared prompt): back to r1.
     history = [Candidate("r1", 1, matched=8), Candidate("r2", 0, matched=5)]
     assert choose_replica(history, POLICY) == Decision("r1", 8, PREFIX)
