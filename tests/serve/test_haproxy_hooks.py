@@ -23,6 +23,7 @@ from serve.haproxy_hooks import (
     balancer_template,
     error_response,
 )
+from tests.support.child import child_json
 from tests.support.server import free_port
 
 # A child process (the patches change Ray's modules for the whole process): renders HAProxy's
@@ -115,16 +116,8 @@ class _Proxy(BaseHTTPRequestHandler):
 
 
 def _render(tmp_path, kind: str, ports: dict[str, int]) -> tuple[str, str]:
-    out = subprocess.run(
-        [sys.executable, "-c", RENDER, str(tmp_path), kind]
-        + [str(ports[k]) for k in ("api", "replica", "proxy", "router", "stats", "metrics")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    said = json.loads(out.stdout.strip().splitlines()[-1])
+    keys = ("api", "replica", "proxy", "router", "stats", "metrics")
+    said = child_json(RENDER, str(tmp_path), kind, *(str(ports[k]) for k in keys))
     return said["config"], said["binary"]
 
 

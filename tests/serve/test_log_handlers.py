@@ -8,10 +8,9 @@ request's access-log line.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.support.child import child_json
 
 # Serve's real replica logger setup, then vLLM's real logging setup (what AsyncLLM runs), then
 # 200 records as a replica logs them.
@@ -44,15 +43,7 @@ print(json.dumps({"buffered": len(memory.buffer), "target": memory.target is not
 
 def _run(tmp_path: Path, mode: str) -> tuple[dict, list[str]]:
     logs = tmp_path / mode
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(logs), mode],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = child_json(CHILD, str(logs), mode)
     lines = [line for f in logs.glob("*.log") for line in f.read_text().splitlines()]
     return result, [line for line in lines if "request " in line]
 
