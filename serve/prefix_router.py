@@ -248,42 +248,55 @@ class PrefixIndex:
 
 class LoadBook:
     """Running requests per replica without asking on every request: the count each replica
-    last answered to a probe, plus the requests routed to it since that probe went out. The
-    probe's answer replaces the estimate (requests that finished meanwhile drop out of it)."""
+    last answered to a probe, plus the requests routed to it since shortly before that probe
+    went out (a request routed just before it may still be on its way to the replica, so it
+    stays counted until a later probe). An answer older than the one applied is dropped; a
+    replica silent for ``silent_s`` is not offered."""
 
-    def __init__(self) -> None:
-        self._probed: dict[str, tuple[int, float]] = {}  # replica -> (running, when)
-        self._sent: Counter[str] = Counter()  # routed since the last probe went out
+    def __init__(self, *, in_flight_s: float = 0.05, silent_s: float = 2.0) -> None:
+        self.in_flight_s = in_flight_s
+        self.silent_s = silent_s
+        self._probed: dict[str, tuple[int, float]] = {}  # replica -> (running, probe sent at)
+        self._answered: dict[str, float] = {}  # replica -> when it last answered
+        self._routed: dict[str, deque[float]] = {}  # replica -> when requests were routed
 
-    def estimate(self, replica_id: str) -> int | None:
-        """Running requests now, as far as the book knows; None before the first probe."""
+    def estimate(self, replica_id: str, now: float | None = None) -> int | None:
+        """Running requests now, as far as the book knows; None before the first answer, or
+        when the replica has not answered for ``silent_s`` (at ``now``)."""
         probed = self._probed.get(replica_id)
-        return None if probed is None else probed[0] + self._sent[replica_id]
+        if probed is None:
+            return None
+        if now is not None and now - self._answered.get(replica_id, now) > self.silent_s:
+            return None
+        return probed[0] + len(self._routed.get(replica_id, ()))
 
     def oldest(self, replica_ids: Iterable[str]) -> float | None:
-        """When the least recently probed of these replicas was probed (None: one never was)."""
+        """When the least recently answered probe of these replicas went out (None: one never
+        answered)."""
         times = [self._probed.get(rid, (0, None))[1] for rid in replica_ids]
         return None if any(t is None for t in times) else min(times, default=None)
 
-    def sent_counts(self) -> dict[str, int]:
-        """Routed-since-probe counts, taken when a probe goes out (see :meth:`probed`)."""
-        return dict(self._sent)
+    def probed(self, replica_id: str, running: int, sent_at: float, answered_at: float) -> None:
+        """The answer ``running`` of a probe sent at ``sent_at``: it holds the requests routed
+        up to ``in_flight_s`` before it; the later ones stay counted."""
+        self._answered[replica_id] = answered_at
+        current = self._probed.get(replica_id)
+        if current is not None and current[1] > sent_at:
+            return  # a newer probe's answer is applied already
+        self._probed[replica_id] = (running, sent_at)
+        routed = self._routed.get(replica_id)
+        cut = sent_at - self.in_flight_s
+        while routed and routed[0] <= cut:
+            routed.popleft()
 
-    def probed(self, replica_id: str, running: int, at: float, sent_before: int) -> None:
-        """A probe sent when ``sent_before`` requests had been routed to the replica since its
-        previous probe answered ``running``: those are in the answer, later ones not yet."""
-        self._probed[replica_id] = (running, at)
-        self._sent[replica_id] = max(0, self._sent[replica_id] - sent_before)
-
-    def routed(self, replica_id: str) -> None:
-        self._sent[replica_id] += 1
+    def routed(self, replica_id: str, at: float) -> None:
+        self._routed.setdefault(replica_id, deque()).append(at)
 
     def keep_only(self, replica_ids: Iterable[str]) -> None:
         keep = set(replica_ids)
-        for gone in set(self._probed) - keep:
-            del self._probed[gone]
-        for gone in set(self._sent) - keep:
-            del self._sent[gone]
+        for book in (self._probed, self._answered, self._routed):
+            for gone in set(book) - keep:
+                del book[gone]
 
 
 # --- Serve's request-router API: the replicas and their load -------------------------------------
@@ -299,12 +312,18 @@ class RouteQuery:
     decision: Decision | None = field(default=None)
 
 
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("probing the replicas' running requests failed: %r", task.exception())
+
+
 class PrefixRequestRouter(RequestRouter):
     """Serve request router of the ingress deployment (used only by :class:`PrefixRouter`):
     applies :func:`choose_replica` to each replica's running requests as a :class:`LoadBook`
-    holds them. The replicas are probed (Serve's queue-length call into each replica) once
-    when first seen, and then in the background whenever the counts are older than
-    ``LOAD_REFRESH_S``: a request never waits for the probe of a known replica."""
+    holds them. The replicas are probed (Serve's queue-length call into each replica) in the
+    background after a request is routed whenever the counts are older than
+    ``LOAD_REFRESH_S``; a request waits for a probe only when no replica's count is known (the
+    router just started). A replica not answered yet, or silent too long, is not offered."""
 
     def initialize_state(self, **kwargs: Any) -> None:
         """Serve passes ``request_router_kwargs`` (a :class:`PrefixPolicy` as a dict)."""
@@ -322,19 +341,22 @@ class PrefixRequestRouter(RequestRouter):
 
     async def _refresh(self, replicas: list[RunningReplica]) -> None:
         """Probe ``replicas`` and put their answers in the book (a replica that does not
-        answer keeps its last count)."""
-        sent = self.loads.sent_counts()
+        answer keeps its last count until it has been silent for the book's ``silent_s``)."""
+        sent_at = time.monotonic()
         answers = await self._probe_queue_lens(replicas, 0)
         now = time.monotonic()
+        current = {r.replica_id.to_full_id_str() for r in self.curr_replicas.values()}
         for replica, running in answers:
-            if running is not None:
-                rid = replica.replica_id.to_full_id_str()
-                self.loads.probed(rid, running, now, sent.get(rid, 0))
+            rid = replica.replica_id.to_full_id_str()
+            if running is not None and rid in current:
+                self.loads.probed(rid, running, sent_at, now)
 
-    def _refresh_in_background(self, replicas: list[RunningReplica]) -> None:
-        if self.refreshing is not None and not self.refreshing.done():
-            return
-        self.refreshing = asyncio.get_running_loop().create_task(self._refresh(replicas))
+    def _refresh_task(self, replicas: list[RunningReplica]) -> asyncio.Task:
+        """The probe under way, or a new one (one at a time)."""
+        if self.refreshing is None or self.refreshing.done():
+            self.refreshing = asyncio.get_running_loop().create_task(self._refresh(replicas))
+            self.refreshing.add_done_callback(_log_failure)
+        return self.refreshing
 
     async def choose_replicas(
         self,
@@ -350,10 +372,14 @@ class PrefixRequestRouter(RequestRouter):
         query = pending_request.args[0] if pending_request and pending_request.args else None
         chain = tuple(getattr(query, "chain", None) or ())
         by_id = {r.replica_id.to_full_id_str(): r for r in candidate_replicas}
-        oldest = self.loads.oldest(by_id)
-        if oldest is None:  # a replica not probed yet: its count is worth the wait, once
-            await self._refresh(candidate_replicas)
-        counted = {rid: self.loads.estimate(rid) for rid in by_id}
+        now = time.monotonic()
+        counted = {rid: self.loads.estimate(rid, now) for rid in by_id}
+        if all(n is None for n in counted.values()):
+            # No replica's count known yet (the router just started, or all went silent):
+            # worth one wait for the probe.
+            await asyncio.shield(self._refresh_task(candidate_replicas))
+            now = time.monotonic()
+            counted = {rid: self.loads.estimate(rid, now) for rid in by_id}
         answered = {rid: n for rid, n in counted.items() if n is not None}
         candidates = [
             Candidate(
@@ -366,11 +392,11 @@ class PrefixRequestRouter(RequestRouter):
         ]
         decision = choose_replica(candidates, self.policy)
         self.index.record(decision.replica_id, chain)
-        self.loads.routed(decision.replica_id)
-        if oldest is not None and time.monotonic() - oldest > LOAD_REFRESH_S:
-            # After this request is counted: the answers then hold it once it has arrived (or
-            # miss it for a moment), never twice, so sequential requests read their true count.
-            self._refresh_in_background(candidate_replicas)
+        self.loads.routed(decision.replica_id, now)
+        oldest = self.loads.oldest(by_id)
+        if oldest is None or now - oldest > LOAD_REFRESH_S:
+            # In the background: this request does not wait for the replicas' answers.
+            self._refresh_task(candidate_replicas)
         if hasattr(query, "decision"):
             query.decision = decision
         return [[by_id[decision.replica_id]]]

@@ -171,9 +171,9 @@ def pin_ray_address() -> None:
 
 def _buffering_handlers() -> dict[logging.handlers.MemoryHandler, logging.Handler]:
     """Every buffering handler attached to a logger of this process, with its target."""
-    loggers = [logging.getLogger()] + [
-        one for one in logging.Logger.manager.loggerDict.values() if isinstance(one, logging.Logger)
-    ]
+    with logging._lock:  # other threads may add loggers meanwhile
+        known = list(logging.Logger.manager.loggerDict.values())
+    loggers = [logging.getLogger()] + [one for one in known if isinstance(one, logging.Logger)]
     return {
         handler: handler.target
         for one in loggers
@@ -199,9 +199,8 @@ def log_handlers_kept():
         yield
     finally:
         for handler, target in kept.items():
-            with handler.lock or contextlib.nullcontext():
-                if handler.target is None:
-                    handler.target = target
+            if handler.target is None:
+                handler.setTarget(target)
 
 
 @contextlib.asynccontextmanager
@@ -220,9 +219,11 @@ async def engine_client(args: argparse.Namespace):
     pin_ray_address()
     engine_args = AsyncEngineArgs.from_cli_args(args)
     usage = UsageContext.OPENAI_API_SERVER
-    # Both apply vLLM's logging config (the first one that runs does).
+    # Both apply vLLM's logging config (the first one that runs does): the handlers are put
+    # back after each, so the replica logs on while the engine loads.
     with log_handlers_kept():
         vllm_config = await asyncio.to_thread(engine_args.create_engine_config, usage_context=usage)
+    with log_handlers_kept():
         engine = await asyncio.to_thread(
             AsyncLLM.from_vllm_config,
             vllm_config=vllm_config,

@@ -452,7 +452,7 @@ async def _phase(
         rec, text = await _send(client, plan, req, rec, config=config)
         if rec.retry_after_s:
             waits[i] = rec.retry_after_s
-        elif rec.error_kind == CONNECT:
+        elif rec.error_kind == CONNECT and point.mode == "closed":
             refused.add(i)
         _fill_prompt_tokens(rec, req)
         if rec.ok and rec.token_source is None:

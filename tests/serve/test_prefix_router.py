@@ -120,20 +120,26 @@ def test_index_remembers_what_each_replica_was_sent_within_its_bound():
 
 
 def test_load_book_counts_what_it_routed_until_a_probe_answers():
-    book = LoadBook()
+    book = LoadBook(in_flight_s=0.05, silent_s=2.0)
     assert book.estimate("r1") is None and book.oldest(["r1"]) is None
-    book.probed("r1", 3, at=10.0, sent_before=0)
-    book.probed("r2", 0, at=11.0, sent_before=0)
+    book.probed("r1", 3, sent_at=10.0, answered_at=10.01)
+    book.probed("r2", 0, sent_at=11.0, answered_at=11.01)
     assert book.oldest(["r1", "r2"]) == 10.0 and book.oldest(["r1", "r3"]) is None
-    book.routed("r2")
-    book.routed("r2")
+    book.routed("r2", at=11.5)
+    book.routed("r2", at=11.6)
     assert (book.estimate("r1"), book.estimate("r2")) == (3, 2)
-    # A probe goes out after those two, a third is routed while it is under way: the answer
-    # (2 running: one of the first two already finished) holds the first two, not the third.
-    sent = book.sent_counts()
-    book.routed("r2")
-    book.probed("r2", 2, at=12.0, sent_before=sent["r2"])
-    assert book.estimate("r2") == 3 and book.oldest(["r2"]) == 12.0
+    # A probe sent at 12.0 answers 1 (one of the two finished): both were routed well before
+    # it, so the answer holds them; one routed 10 ms before it may still be on its way to the
+    # replica (not in the answer): it stays counted, as does one routed after it went out.
+    book.routed("r2", at=11.99)
+    book.routed("r2", at=12.02)
+    book.probed("r2", 1, sent_at=12.0, answered_at=12.05)
+    assert book.estimate("r2") == 1 + 2 and book.oldest(["r2"]) == 12.0
+    # An older probe's answer arriving late changes nothing.
+    book.probed("r2", 9, sent_at=11.8, answered_at=12.06)
+    assert book.estimate("r2") == 3
+    # A replica silent for more than silent_s is not offered (r1 last answered at 10.01).
+    assert book.estimate("r1", now=11.0) == 3 and book.estimate("r1", now=12.5) is None
     book.keep_only(["r2"])
     assert book.estimate("r1") is None and book.estimate("r2") == 3
 
