@@ -122,9 +122,13 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-rolling-"))
     env = {**os.environ, "LLAMACLUSTER_HOME": str(work / "home"), "COLUMNS": "200"}
-    models = (build_demo_model(work / "model-a"), build_demo_model(work / "model-b", seed=1))
     rows = []
     for replicas in (int(x) for x in args.replicas.split(",")):
+        # Models of their own per count (new paths): vLLM finds no compiled graph of them yet.
+        models = (
+            build_demo_model(work / f"model-a-{replicas}"),
+            build_demo_model(work / f"model-b-{replicas}", seed=1),
+        )
         row = measure(replicas, models, args=args, env=env, work=work)
         if replicas == 1:
             # Like for like: the same threads, and a copy of model B at a new path, so that the
