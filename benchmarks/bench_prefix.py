@@ -99,12 +99,10 @@ def hop_times(url: str, *, count: int | None = None, until=None, pause_s: float 
 
 
 def percentiles(times: list[float]) -> dict[str, float]:
-    times = sorted(times)
-    return {
-        "p50_ms": statistics.median(times) if times else float("nan"),
-        "p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))] if times else float("nan"),
-        "calls": len(times),
-    }
+    """p50/p99 of the hop times (the bench client's own percentile), and their count."""
+    from cluster.bench.metrics import percentile
+
+    return {"p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99), "calls": len(times)}
 
 
 def bench_cli(env: dict[str, str], out: Path, model_dir: Path, args: argparse.Namespace) -> None:

@@ -406,5 +406,10 @@ def parse_model_spec(text: str) -> dict[str, Any]:
                     f"--model {text!r}: {key.strip()} takes a whole number, not {value!r}",
                     hint=f"write {key.strip()}=2",
                 )
+            if int(value) == 0:
+                raise ConfigError(
+                    f"--model {text!r}: {key.strip()}=0 is not a size",
+                    hint=f"write {key.strip()}=1",
+                )
             values[field_name] = int(value)
     return values

@@ -235,12 +235,6 @@ def _model_specs(
     from serve.models import parse_model_spec
 
     specs = [parse_model_spec(m) if "," in m or len(models) > 1 else {"model": m} for m in models]
-    for spec, text in zip(specs, models, strict=True):
-        zero = [k for k in ("tp", "pp", "num_replicas", "max_model_len") if spec.get(k) == 0]
-        if zero:
-            option = {"num_replicas": "replicas", "max_model_len": "max-model-len"}
-            key = option.get(zero[0], zero[0])
-            raise ConfigError(f"--model {text!r}: {key}=0 is not a size", hint=f"write {key}=1")
     first = specs[0]
     for key, flag, value in (
         ("tp", "--tp", tp),
