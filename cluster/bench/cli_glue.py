@@ -60,6 +60,7 @@ def build_config(
     workload: str = "requests",
     turns: int = 4,
     system_prompt_len: int = 1000,
+    open_sessions: int | None = None,
 ) -> BenchConfig:
     """A validated BenchConfig from command-line values; ConfigError says which flag is wrong.
     ``ca_cert`` (--ca-cert) is trusted for every endpoint that names no ``ca-cert=`` itself."""
@@ -86,6 +87,7 @@ def build_config(
             workload=workload,
             turns=turns,
             system_prompt_len=system_prompt_len,
+            open_sessions=open_sessions,
             api=api,
             dataset=dataset,
             dataset_path=dataset_path,

@@ -133,6 +133,15 @@ class WorkloadConfig(BaseModel):
     turns: int = Field(
         default=4, ge=1, le=1000, description="Turns per conversation (chat-sessions)."
     )
+    open_sessions: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="Conversations open at once (chat-sessions): a conversation whose answer "
+        "arrived goes to the back of the line, so the turns of different conversations "
+        "interleave as a chat service's users' do; default: the concurrency (each conversation "
+        "runs turn after turn).",
+    )
     system_prompt_len: int = Field(
         default=1000,
         ge=0,
@@ -277,6 +286,16 @@ class BenchConfig(BaseModel):
                 "chat-sessions runs a closed loop (each turn waits for the answer before): "
                 "drop --request-rate and set --concurrency (conversations at a time)"
             )
+        sessions = self.workload.open_sessions
+        if sessions is not None:
+            if self.workload.workload != "chat-sessions":
+                raise ValueError("--open-sessions is for --workload chat-sessions")
+            if sessions < max(self.load.concurrency, default=1):
+                raise ValueError(
+                    f"--open-sessions {sessions} is below --concurrency "
+                    f"{max(self.load.concurrency, default=1)}: a conversation has one turn in flight at "
+                    "most, so open at least as many as the concurrency"
+                )
         return self
 
     @field_validator("endpoints")

@@ -9,6 +9,7 @@ import platform
 import random
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -528,35 +529,53 @@ async def _sessions(
     base_index: int,
     one: Callable[..., Any],
 ) -> None:
-    """chat-sessions: ``point.concurrency`` conversations at a time, each turn sent when the
-    answer to the one before it has arrived (conversation ids start at ``base_index``)."""
+    """chat-sessions: ``point.concurrency`` turns in flight, of ``--open-sessions``
+    conversations open at once (default: the concurrency). A conversation whose answer arrived
+    goes to the back of the line of those waiting for their next turn; the front one goes
+    next; a finished one makes room for a new one (conversation ids start at
+    ``base_index``). With as many open as in flight each conversation runs turn after turn."""
     turns = workload.config.turns
     plan = session_turns(count, turns) if count is not None else None
     deadline = start + horizon if horizon is not None else None
-    next_conversation = 0
-    sent = 0
+    assert point.concurrency is not None
+    limit = max(workload.config.open_sessions or point.concurrency, point.concurrency)
+    waiting: deque[_Conversation] = deque()
+    opened = open_now = sent = 0
+
+    def next_turn() -> _Conversation | None:
+        nonlocal opened, open_now
+        while open_now < limit and (plan is None or opened < len(plan)):
+            size = plan[opened] if plan is not None else turns
+            waiting.append(_Conversation(base_index + opened, size))
+            opened += 1
+            open_now += 1
+        return waiting.popleft() if waiting else None
 
     async def worker() -> None:
-        nonlocal next_conversation, sent
-        while True:
-            conversation = next_conversation
-            if plan is not None and conversation >= len(plan):
-                return
-            if deadline is not None and time.perf_counter() >= deadline:
-                return
-            next_conversation += 1
-            history: list[tuple[str, str]] = []
-            for turn in range(plan[conversation] if plan is not None else turns):
-                if deadline is not None and time.perf_counter() >= deadline:
-                    return
-                req = workload.session_request(base_index + conversation, turn, history)
-                i, sent = sent, sent + 1
-                answer = await one(i, None, req)
-                assert req.messages is not None
-                history.append((req.messages[-1]["content"], answer))
+        nonlocal open_now, sent
+        while (deadline is None or time.perf_counter() < deadline) and (
+            talk := next_turn()
+        ) is not None:
+            req = workload.session_request(talk.conversation, len(talk.history), talk.history)
+            i, sent = sent, sent + 1
+            answer = await one(i, None, req)
+            assert req.messages is not None
+            talk.history.append((req.messages[-1]["content"], answer))
+            if len(talk.history) < talk.turns:
+                waiting.append(talk)
+            else:
+                open_now -= 1
 
-    assert point.concurrency is not None
     await asyncio.gather(*(worker() for _ in range(point.concurrency)))
+
+
+@dataclass
+class _Conversation:
+    """One open conversation of chat-sessions: its id, its length, the turns so far."""
+
+    conversation: int
+    turns: int
+    history: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _round_share(total: int, rounds: int, r: int) -> int:

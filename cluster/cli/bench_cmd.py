@@ -47,6 +47,12 @@ def bench(
         "prompt, turn by turn (-c conversations at a time; reports the prefix-cache hit rate).",
     ),
     turns: int = typer.Option(4, "--turns", help="Turns per conversation (chat-sessions)."),
+    open_sessions: int | None = typer.Option(
+        None,
+        "--open-sessions",
+        help="Conversations open at once (chat-sessions): their turns interleave, as many "
+        "users' chats do; default: -c (each conversation runs turn after turn).",
+    ),
     system_prompt_len: int = typer.Option(
         1000, "--system-prompt-len", help="Tokens of the shared system prompt (chat-sessions)."
     ),
@@ -176,6 +182,7 @@ def bench(
         workload=workload,
         turns=turns,
         system_prompt_len=system_prompt_len,
+        open_sessions=open_sessions,
     )
     notes: list[str] = []
     if config.workload.workload == "chat-sessions":

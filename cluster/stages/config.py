@@ -384,8 +384,35 @@ class UpConfig(BaseModel):
             )
         if self.more_models and not self.model:
             raise ValueError("further models need a first one: pass --model for it too")
+        self._check_local_models()
         self._check_local_adapters()
         return self
+
+    def _check_local_models(self) -> None:
+        """With --local every model path is on this machine: one that is not a model directory
+        (missing, a file, no config.json) stops `up` before any stage runs, not at the
+        download stage after the env and Ray are up."""
+        from cluster.stages.download import is_local_model
+        from serve.models import parse_model_spec
+
+        if not self.local:
+            return
+        sources = [self.model] if self.model else []
+        sources += [parse_model_spec(spec)["model"] for spec in self.more_models]
+        for source in sources:
+            if not is_local_model(source):
+                continue
+            path = Path(source).expanduser().absolute()
+            if not path.is_dir():
+                raise ValueError(
+                    f"--model {source}: {path} is not a directory; give a model directory "
+                    "(with config.json) or a hub repo id"
+                )
+            if not (path / "config.json").is_file():
+                raise ValueError(
+                    f"--model {source}: {path} has no config.json; give the directory that "
+                    "holds the model's config.json and weights"
+                )
 
     def _check_local_adapters(self) -> None:
         """Adapters given as paths this machine sees (every path with --local) are read now:

@@ -119,6 +119,48 @@ def test_each_turn_carries_the_conversation_so_far(stream_server: StreamServer):
         assert earlier["messages"][:2] == later["messages"][:2]
 
 
+def test_open_sessions_interleave_the_turns_of_many_conversations(stream_server: StreamServer):
+    stream_server.behaviour = StreamBehaviour(ttft_ms=5, itl_ms=1)
+    config = BenchConfig(
+        endpoints=[Endpoint(name="a", base_url=stream_server.base_url, api_key="secret-key-1")],
+        workload=_workload(turns=3, system_prompt_len=20, open_sessions=4),
+        load=LoadConfig(concurrency=[2], num_requests=12, warmup_requests=0),
+    )
+    result = run_benchmark(config)
+    assert (result.points[0].completed, result.points[0].failed) == (12, 0)
+    bodies = [b for b in stream_server.received if len(b.get("messages", [])) > 1]
+    assert len(bodies) == 12
+    # The four conversations' first turns go before any second turn, and so on: each answered
+    # conversation waits behind the others for its next turn.
+    turns = [len(b["messages"]) // 2 for b in bodies]
+    assert turns == [1] * 4 + [2] * 4 + [3] * 4
+    firsts = {b["messages"][1]["content"] for b in bodies[:4]}
+    assert len(firsts) == 4
+    # Every conversation still carries its own earlier turns.
+    for later in (b for b in bodies if len(b["messages"]) == 6):
+        assert later["messages"][1]["content"] in firsts
+        assert any(b["messages"] == later["messages"][:4] for b in bodies)
+
+
+def test_open_sessions_are_checked_against_the_concurrency_and_the_workload():
+    endpoint = Endpoint(name="a", base_url="http://127.0.0.1:1/v1")
+    with pytest.raises(ValidationError, match="below --concurrency 4"):
+        BenchConfig(
+            endpoints=[endpoint],
+            workload=_workload(open_sessions=2),
+            load={"concurrency": [1, 4]},
+        )
+    with pytest.raises(ValidationError, match="for --workload chat-sessions"):
+        BenchConfig(
+            endpoints=[endpoint],
+            workload=WorkloadConfig(open_sessions=8),
+            load={"concurrency": [1]},
+        )
+    with pytest.raises(ConfigError, match="--open-sessions 1 is below --concurrency 2"):
+        _cli_config(workload="chat-sessions", open_sessions=1)
+    assert _cli_config(workload="chat-sessions", open_sessions=8).workload.open_sessions == 8
+
+
 def test_counters_are_summed_over_engines_and_deltas_over_replicas():
     counters = parse_prefix_counters(METRICS)
     assert counters == PrefixCounters(hits=800.0, queries=2000.0)

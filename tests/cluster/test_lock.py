@@ -44,12 +44,14 @@ def _release(holder: subprocess.Popen) -> None:
     holder.wait(timeout=30)
 
 
-def test_a_second_up_on_a_held_cluster_names_the_holder_and_changes_nothing(env, tmp_path):
+def test_a_second_up_on_a_held_cluster_names_the_holder_and_changes_nothing(
+    env, tmp_path, bare_model_dir
+):
     holder = _hold("local", env)
     try:
         started = time.monotonic()
         done = subprocess.run(
-            [*CLI, "up", "--local", "--model", str(tmp_path)],
+            [*CLI, "up", "--local", "--model", str(bare_model_dir)],
             capture_output=True,
             text=True,
             env=env,

@@ -179,14 +179,14 @@ def test_dry_run_plans_prometheus_on_the_head_and_points_the_dashboard_at_it(tmp
     assert worker_start and not any("RAY_PROMETHEUS_HOST" in ln for ln in worker_start)
 
 
-def test_dry_run_skip_monitor_and_test_root(tmp_path, capsys):
-    up(UpConfig(local=True, dry_run=True, model="/tmp/some-model", skip=["monitor"]))
+def test_dry_run_skip_monitor_and_test_root(tmp_path, bare_model_dir, capsys):
+    up(UpConfig(local=True, dry_run=True, model=str(bare_model_dir), skip=["monitor"]))
     out = capsys.readouterr().out
     assert "skipped: --skip monitor" in out and "RAY_PROMETHEUS_HOST" not in out
-    up(UpConfig(local=True, dry_run=True, model="/tmp/m", system_root=tmp_path / "root"))
+    up(UpConfig(local=True, dry_run=True, model=str(bare_model_dir), system_root=tmp_path / "root"))
     out = capsys.readouterr().out
     assert "apt-get" not in out[out.index("▸ monitor") :]  # test root: no package installed
-    up(UpConfig(local=True, dry_run=True, model="/tmp/m", skip=["ray"]))
+    up(UpConfig(local=True, dry_run=True, model=str(bare_model_dir), skip=["ray"]))
     assert "skipped: Ray is not running (--skip ray)" in capsys.readouterr().out
 
 

@@ -60,8 +60,8 @@ def test_dry_run_prints_every_stage_per_node_and_runs_nothing(tmp_path, capsys):
     assert state.nodes == []
 
 
-def test_local_dry_run_skips_storage_and_cache(capsys):
-    up(UpConfig(local=True, dry_run=True, model="/tmp/some-model"))
+def test_local_dry_run_skips_storage_and_cache(bare_model_dir, capsys):
+    up(UpConfig(local=True, dry_run=True, model=str(bare_model_dir)))
     out = capsys.readouterr().out
     assert "skipped: one node: nothing to share" in out
     assert "skipped: --local" in out

@@ -82,6 +82,7 @@ def test_cli_refuses_a_bad_value_with_the_flag_and_exit_3(tmp_path):
 def test_vllm_spellings_and_engine_args_reach_the_config(tmp_path, capsys):
     model = tmp_path / "my-model"
     model.mkdir()
+    (model / "config.json").write_text("{}")
     done = subprocess.run(
         [
             *CLI,
@@ -140,8 +141,9 @@ def test_served_name_is_the_repo_id_for_a_hub_model_and_the_dir_name_for_a_direc
 
 def test_model_dir_is_known_before_the_stages_run_even_with_skip_download(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    first.mkdir()
-    second.mkdir()
+    for model in (first, second):
+        model.mkdir()
+        (model / "config.json").write_text("{}")
     state = up(UpConfig(local=True, dry_run=True, model=str(first), skip=["download"]))
     assert (state.model.dir, state.model.served_names) == (str(first), ["first"])
     state = up(UpConfig(local=True, dry_run=True, model=str(second), skip=["download"]))
@@ -149,6 +151,30 @@ def test_model_dir_is_known_before_the_stages_run_even_with_skip_download(tmp_pa
     hub = up(UpConfig(local=True, dry_run=True, model="org/name", shared_dir=tmp_path / "s"))
     assert hub.model.dir == f"{tmp_path / 's'}/models/org--name"
     assert (hub.model.repo_id, hub.model.served_names) == ("org/name", ["org/name"])
+
+
+@pytest.mark.parametrize(
+    ("make", "said"),
+    [
+        (lambda p: None, "is not a directory"),
+        (lambda p: p.write_text("x"), "is not a directory"),
+        (lambda p: p.mkdir(), "has no config.json"),
+    ],
+)
+def test_a_local_model_that_is_no_model_stops_up_before_any_stage(tmp_path, make, said):
+    model = tmp_path / "m"
+    make(model)
+    env = {"LLAMACLUSTER_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    for args in (["--model", str(model)], ["--model", "org/a", "--model", f"{model},tp=1"]):
+        done = subprocess.run(
+            [*CLI, "up", "--local", *args], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert done.returncode == 3, done.stderr
+        assert said in done.stderr and str(model) in done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+        # Nothing ran: no state, no stage output.
+        assert not (tmp_path / "home" / "clusters").exists()
+        assert "stage" not in done.stdout.lower()
 
 
 def test_the_stage_list_and_the_stage_names_agree():

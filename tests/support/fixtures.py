@@ -46,6 +46,16 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo_model(tmp_path_factory.mktemp("demo-model") / "demo-tiny-llama")
 
 
+@pytest.fixture
+def bare_model_dir(tmp_path: Path) -> Path:
+    """A directory `up --local` takes for a model (it has a config.json), for runs that never
+    load it (dry runs, refusals)."""
+    path = tmp_path / "bare-model"
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    return path
+
+
 @pytest.fixture(scope="session")
 def hub_server(demo_model_dir: Path) -> Iterator[LoopbackHub]:
     """One loopback hub per session serving the demo model and its gated copy."""
