@@ -2,8 +2,9 @@
 
 `llamacluster up --local --replicas 2 --routing MODE` serves the demo model with two replicas
 behind HAProxy; `llamacluster bench --name local --workload chat-sessions` runs the same
-conversations (same seed) against each mode, in alternating rounds (prefix first in odd rounds,
-least-load first in even ones), each mode its own `up` / `down`. Reported per mode: vLLM's
+conversations (same seed; 16 open, their turns interleaved, 4 in flight) against each mode,
+in alternating rounds (prefix first in odd rounds, least-load first in even ones), each mode
+its own `up` / `down`. Reported per mode: vLLM's
 prefix-cache hit rate summed over both replicas' own counters, TTFT p50/p99 (median over the
 rounds), failures. With prefix routing also the router hop alone: sequential POSTs of a
 chat body to the router's /internal/route, p50/p99 in ms (what each request pays before
@@ -41,7 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=REPO / "bench-results" / "prefix.json")
     ap.add_argument("--rounds", type=int, default=2, help="rounds; each mode once per round")
     ap.add_argument("--requests", type=int, default=96, help="measured turns per mode and round")
-    ap.add_argument("--concurrency", type=int, default=4, help="conversations at a time")
+    ap.add_argument("--concurrency", type=int, default=4, help="turns in flight")
+    ap.add_argument(
+        "--open-sessions",
+        type=int,
+        default=16,
+        help="conversations open at once, their turns interleaved (bench --open-sessions)",
+    )
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--system-prompt-len", type=int, default=300)
     ap.add_argument("--input-len", type=int, default=128, help="tokens per user turn")
@@ -113,6 +120,7 @@ def bench_cli(env: dict[str, str], out: Path, model_dir: Path, args: argparse.Na
         "--input-len", str(args.input_len), "--output-len", str(args.output_len),
         "--tokenizer", str(model_dir),
         "-n", str(args.requests), "-c", str(args.concurrency), "--warmup", "0",
+        "--open-sessions", str(args.open_sessions),
         "--no-plots", "--no-progress", "--no-net-counters", "-o", str(out),
         env=env,
     )  # fmt: skip
