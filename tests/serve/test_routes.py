@@ -180,13 +180,15 @@ def test_admin_key_file_is_checked(tmp_path: Path) -> None:
 
 
 def test_limits_have_defaults_and_reach_vllm(demo_model_dir: Path) -> None:
-    from serve.app import MEDIA_REDIRECTS_ENV, replica_env
+    from serve.app import MEDIA_REDIRECTS_ENV, USER_CODE_THREAD_ENV, replica_env
 
     config = ServeConfig(model=str(demo_model_dir), api_keys=["k"], device="cpu")
     assert (config.request_timeout_s, config.stream_idle_timeout_s) == (600.0, 120.0)
     assert (config.max_n, config.max_tokens_limit) == (16, 32768)
     assert (config.header_timeout_s, config.max_connections) == (30.0, 2048)
     assert replica_env(config)[MEDIA_REDIRECTS_ENV] == "0"
+    # The gateway and vLLM on the replica's own event loop (no per-token hop between threads).
+    assert replica_env(config)[USER_CODE_THREAD_ENV] == "0"
     args = vllm_glue.parse_vllm_args(config)
     assert args.allowed_media_domains == [vllm_glue.NO_MEDIA_DOMAIN]
     allowed = config.model_copy(update={"allowed_media_domains": ["img.example.com"]})
