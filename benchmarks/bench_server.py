@@ -21,7 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -129,16 +132,28 @@ def measure(base_url: str, api_key: str | None, args, model_dir: Path) -> dict[i
     return points
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+@dataclass
+class Bed:
+    """What both servers share: the loopback Ray cluster, the demo model, the engine values."""
+
+    cluster: Any
+    model_dir: Path
+    work: Path
+    threads: int
+    common: dict[str, Any]
+
+
+@contextlib.contextmanager
+def loopback_bed(prefix: str, cpu_threads: int | None) -> Iterator[Bed]:
+    """A one-node loopback Ray cluster (2 worker slots) and the demo model; the engine values
+    both servers get: Ray executor, tp=1, eager, 1 GiB KV cache, the compute threads `up` would
+    set (or ``cpu_threads``). Stops the cluster at the end."""
     from cluster.demo_model import build_demo_model
     from cluster.measure import engine_threads
-    from serve.config import load_config
     from tests.support.ray_cluster import start_loopback_ray_cluster
-    from tests.support.server import free_port, running_server
 
-    threads = args.cpu_threads or engine_threads(len(os.sched_getaffinity(0)), 1)
-    work = Path(tempfile.mkdtemp(prefix="bench-server-"))
+    threads = cpu_threads or engine_threads(len(os.sched_getaffinity(0)), 1)
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     model_dir = build_demo_model(work / "demo-tiny-llama")
     cluster = start_loopback_ray_cluster(nodes=1, slots_per_node=2)
     common = {
@@ -150,40 +165,52 @@ def main(argv: list[str] | None = None) -> int:
         "engine_args": {"enforce_eager": True},
         "cpu_threads": threads,
     }
+    try:
+        yield Bed(cluster, model_dir, work, threads, common)
+    finally:
+        cluster.stop()
+
+
+@contextlib.contextmanager
+def serving(server: str, bed: Bed, log_name: str) -> Iterator[tuple[str, str | None, int | None]]:
+    """One server running alone on the bed until the block ends: (OpenAI base URL, API key,
+    the pid of plain vLLM's process group or None for ours)."""
+    from serve.config import load_config
+    from tests.support.server import free_port, running_server
+
+    if server == "vllm":
+        port = free_port()
+        env = {
+            **bed.cluster.env,
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "OMP_NUM_THREADS": str(bed.threads),
+        }
+        proc = start_plain_vllm(
+            load_config(**bed.common, no_auth=True), port=port, env=env, log=bed.work / log_name
+        )
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/health")
+            yield f"http://127.0.0.1:{port}/v1", None, proc.pid
+        finally:
+            stop_session(proc)
+    else:
+        with running_server(
+            bed.cluster, bed.model_dir, **{**bed.common, "max_ongoing_requests": 1024}
+        ) as ours:
+            yield ours.base_url, ours.api_key, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     # runs[server] = one {c: point} per round; each server runs alone, the order alternating.
     runs: dict[str, list[dict[int, object]]] = {"vllm": [], "llamacluster": []}
-    try:
+    with loopback_bed("bench-server-", args.cpu_threads) as bed:
         for r in range(args.rounds):
             order = ["vllm", "llamacluster"] if r % 2 == 0 else ["llamacluster", "vllm"]
             for server in order:
-                if server == "vllm":
-                    port = free_port()
-                    env = {
-                        **cluster.env,
-                        "VLLM_CPU_KVCACHE_SPACE": "1",
-                        "OMP_NUM_THREADS": str(threads),
-                    }
-                    proc = start_plain_vllm(
-                        load_config(**common, no_auth=True),
-                        port=port,
-                        env=env,
-                        log=work / f"vllm-{r}.log",
-                    )
-                    try:
-                        wait_ready(f"http://127.0.0.1:{port}/health")
-                        runs[server].append(
-                            measure(f"http://127.0.0.1:{port}/v1", None, args, model_dir)
-                        )
-                    finally:
-                        stop_session(proc)
-                else:
-                    with running_server(
-                        cluster, model_dir, **{**common, "max_ongoing_requests": 1024}
-                    ) as ours:
-                        runs[server].append(measure(ours.base_url, ours.api_key, args, model_dir))
+                with serving(server, bed, f"vllm-{r}.log") as (url, key, _):
+                    runs[server].append(measure(url, key, args, bed.model_dir))
                 print(f"round {r + 1}: {server} measured", flush=True)
-    finally:
-        cluster.stop()
 
     def med(server: str, c: int, get) -> float:
         return statistics.median(get(run[c]) for run in runs[server])

@@ -25,7 +25,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_netcost import write_results  # noqa: E402
-from benchmarks.bench_server import start_plain_vllm, stop_session, wait_ready  # noqa: E402
+from benchmarks.bench_server import loopback_bed, serving  # noqa: E402
 
 # Roles by what a process's command line starts with or contains (first match wins).
 ROLES = (
@@ -289,63 +288,18 @@ def one_point(server, base_url, api_key, concurrency, args, model_dir, work, roo
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from cluster.demo_model import build_demo_model
-    from cluster.measure import engine_threads
-    from serve.config import load_config
-    from tests.support.ray_cluster import start_loopback_ray_cluster
-    from tests.support.server import free_port, running_server
-
-    threads = args.cpu_threads or engine_threads(len(os.sched_getaffinity(0)), 1)
-    work = Path(tempfile.mkdtemp(prefix="profile-server-"))
-    model_dir = build_demo_model(work / "demo-tiny-llama")
-    cluster = start_loopback_ray_cluster(nodes=1, slots_per_node=2)
-    common = {
-        "model": str(model_dir),
-        "device": "cpu",
-        "cpu_kvcache_space_gb": 1,
-        "max_model_len": 2048,
-        "max_num_seqs": 64,
-        "engine_args": {"enforce_eager": True},
-        "cpu_threads": threads,
-    }
     runs: dict[str, dict[int, dict]] = {}
-    roots = cluster_roots(cluster.spec.temp_dir)
-    try:
+    with loopback_bed("profile-server-", args.cpu_threads) as bed:
+        roots = cluster_roots(bed.cluster.spec.temp_dir)
         for server in args.servers:
-            if server == "vllm":
-                port = free_port()
-                env = {
-                    **cluster.env,
-                    "VLLM_CPU_KVCACHE_SPACE": "1",
-                    "OMP_NUM_THREADS": str(threads),
+            with serving(server, bed, "vllm.log") as (url, key, plain_pid):
+                server_roots = roots | ({plain_pid} if plain_pid else set())
+                runs[server] = {
+                    c: one_point(server, url, key, c, args, bed.model_dir, bed.work, server_roots)
+                    for c in args.concurrency
                 }
-                proc = start_plain_vllm(
-                    load_config(**common, no_auth=True), port=port, env=env, log=work / "vllm.log"
-                )
-                try:
-                    wait_ready(f"http://127.0.0.1:{port}/health")
-                    url = f"http://127.0.0.1:{port}/v1"
-                    runs[server] = {
-                        c: one_point(
-                            server, url, None, c, args, model_dir, work, roots | {proc.pid}
-                        )
-                        for c in args.concurrency
-                    }
-                finally:
-                    stop_session(proc)
-            else:
-                with running_server(
-                    cluster, model_dir, **{**common, "max_ongoing_requests": 1024}
-                ) as ours:
-                    runs[server] = {
-                        c: one_point(
-                            server, ours.base_url, ours.api_key, c, args, model_dir, work, roots
-                        )
-                        for c in args.concurrency
-                    }
             print(f"{server} measured", flush=True)
-    finally:
-        cluster.stop()
+    work = bed.work
 
     roles = [r for r, _ in ROLES] + ["load_client", "other"]
     servers = list(runs)
