@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import threading
@@ -108,11 +109,23 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     counts: dict[str, int] = {}
     reads: list[dict] = []
+    sampler: MemorySampler | None = None
+    stopped = False
     try:
         state = cluster.state()
         monitor = state["monitoring"]
         pid = prometheus_pid(monitor["pid"])
         data_dir = Path(monitor["dir"]) / "data"
+
+        def read_now(t_s: float) -> dict:
+            read: dict = {"t_s": round(t_s)}
+            try:
+                read.update(ask_prometheus(cluster, monitor["url"]))
+            except (subprocess.SubprocessError, ValueError, KeyError) as exc:
+                read["error"] = f"{type(exc).__name__}: {exc}"  # one failed read ends nothing
+            read["disk_mb"] = disk_bytes(data_dir) / 1e6
+            return read
+
         loader = threading.Thread(
             target=light_load, args=(state, args.request_every, stop, counts), daemon=True
         )
@@ -124,42 +137,48 @@ def main(argv: list[str] | None = None) -> int:
         next_read = t0
         while (now := time.monotonic()) < end:
             if now >= next_read:
-                read = {"t_s": round(now - t0), **ask_prometheus(cluster, monitor["url"])}
-                read["disk_mb"] = disk_bytes(data_dir) / 1e6
+                read = read_now(now - t0)
                 read["rss_mb"] = sampler.samples[-1][1] / 1e6 if sampler.samples else None
                 reads.append(read)
                 print(json.dumps(read), flush=True)
                 next_read = now + args.query_every
             time.sleep(min(5.0, max(0.0, end - now)))
-        final = {"t_s": round(time.monotonic() - t0), **ask_prometheus(cluster, monitor["url"])}
-        final["disk_mb"] = disk_bytes(data_dir) / 1e6
+        wall_s = time.monotonic() - t0
+        cpu_s = cpu_seconds(pid) - cpu0
+        final = read_now(wall_s)
         reads.append(final)
         sampler.stop()
-        running_s = sampler.samples[-1][0]
-        after_minute = [b for s, b in sampler.samples if s >= 60] or [sampler.samples[-1][1]]
-        memory = {
-            "rss_after_1min_mb": after_minute[0] / 1e6,
-            "rss_last_mb": sampler.samples[-1][1] / 1e6,
-            "rss_peak_mb": max(b for _, b in sampler.samples) / 1e6,
-            "growth_mb_per_hour": growth_per_hour([(s, b) for s, b in sampler.samples if s >= 60])
-            / 1e6,
-            "running_s": running_s,
-            "cpu_percent": 100 * (cpu_seconds(pid) - cpu0) / max(running_s, 1e-9),
-            "version": monitor.get("version"),
-        }
+        stopped = True
     finally:
+        if sampler is not None and not stopped:
+            sampler.stop()
         stop.set()
         stop_cluster(cluster)
+    assert sampler is not None
+    samples = sampler.samples
+    if not samples:
+        raise RuntimeError("no memory sample of Prometheus was taken")
+    after_minute = [b for t, b in samples if t >= 60] or [samples[-1][1]]
+    memory = {
+        "rss_after_1min_mb": after_minute[0] / 1e6,
+        "rss_last_mb": samples[-1][1] / 1e6,
+        "rss_peak_mb": max(b for _, b in samples) / 1e6,
+        "growth_mb_per_hour": growth_per_hour([(t, b) for t, b in samples if t >= 60]) / 1e6,
+        "running_s": wall_s,
+        "cpu_percent": 100 * cpu_s / max(wall_s, 1e-9),
+        "version": monitor.get("version"),
+    }
+    nan = float("nan")  # a final read that failed shows as nan (its error is in the JSON)
     table = [
         "| measure | value |",
         "| --- | ---: |",
         f"| scraped for | {memory['running_s'] / 60:.0f} min |",
-        f"| targets up / scraped | {final['targets_up']:.0f} / {final['targets']:.0f} |",
+        f"| targets up / scraped | {final.get('targets_up', nan):.0f} / {final.get('targets', nan):.0f} |",
         f"| RSS after 1 min | {memory['rss_after_1min_mb']:.1f} MB |",
         f"| RSS at the end | {memory['rss_last_mb']:.1f} MB |",
         f"| RSS peak | {memory['rss_peak_mb']:.1f} MB |",
         f"| RSS growth (fit, after 1 min) | {memory['growth_mb_per_hour']:+.1f} MB/hour |",
-        f"| head series at the end | {final['head_series']:.0f} |",
+        f"| head series at the end | {final.get('head_series', nan):.0f} |",
         f"| TSDB on disk at the end | {final['disk_mb']:.1f} MB |",
         f"| Prometheus CPU | {memory['cpu_percent']:.2f} % of a core |",
         f"| light-load requests by outcome | {counts} |",

@@ -120,7 +120,7 @@ def bench_cli(env: dict[str, str], out: Path, model_dir: Path, args: argparse.Na
         "--input-len", str(args.input_len), "--output-len", str(args.output_len),
         "--tokenizer", str(model_dir),
         "-n", str(args.requests), "-c", str(args.concurrency), "--warmup", "0",
-        "--open-sessions", str(args.open_sessions),
+        "--open-sessions", str(max(args.open_sessions, args.concurrency)),
         "--no-plots", "--no-progress", "--no-net-counters", "-o", str(out),
         env=env,
     )  # fmt: skip

@@ -224,6 +224,11 @@ def summarize_stacks(path: Path) -> dict:
     }
 
 
+def server_total(per_role: dict[str, float]) -> float:
+    """The server's own figure: every role but the load client (py-spy counts there too)."""
+    return sum(v for role, v in per_role.items() if role != "load_client")
+
+
 def one_point(server, base_url, api_key, concurrency, args, model_dir, work, roots):
     """A closed-loop load for ``--seconds`` at one concurrency; CPU by role (the processes of
     ``roots``' trees and this one's), tokens/s, stacks."""
@@ -262,10 +267,17 @@ def one_point(server, base_url, api_key, concurrency, args, model_dir, work, roo
     before = cpu_times(members)
     threads_before = thread_times(members)
     started = time.monotonic()
-    result = run_benchmark(config({"duration_s": args.seconds}), keep_records=False)
-    wall = time.monotonic() - started
-    after = cpu_times(tree(roots) | own)
-    threads = busy_threads(threads_before, thread_times(set(after)), after, wall)
+    try:
+        result = run_benchmark(config({"duration_s": args.seconds}), keep_records=False)
+        wall = time.monotonic() - started
+        after = cpu_times(tree(roots) | own)
+        threads = busy_threads(threads_before, thread_times(set(after)), after, wall)
+        if spy is not None:
+            spy.wait(timeout=args.seconds + 120)
+    finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
+            spy.wait()
     roles = cpu_by_role(before, after, own)
     point = result.point("server", f"c={concurrency}")
     tokens = point.output_tokens
@@ -277,12 +289,13 @@ def one_point(server, base_url, api_key, concurrency, args, model_dir, work, roo
         "cpu_s": roles,
         "busy_threads_core_share": threads,
         "cpu_ms_per_token": {k: 1000 * v / tokens for k, v in roles.items()} if tokens else {},
+        "server_cpu_ms_per_token": server_total(
+            {k: 1000 * v / tokens for k, v in roles.items()} if tokens else {}
+        ),
     }
-    if spy is not None:
-        spy.wait(timeout=args.seconds + 120)
-        if stacks.exists():
-            figures["py_spy"] = summarize_stacks(stacks)
-            figures["py_spy"]["file"] = str(stacks)
+    if spy is not None and stacks.exists():
+        figures["py_spy"] = summarize_stacks(stacks)
+        figures["py_spy"]["file"] = str(stacks)
     return figures
 
 
@@ -318,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
                 + " |"
             )
         lines.append(
-            "| all | " + " | ".join(f"{sum(per_token[s].values()):.3f}" for s in servers) + " |"
+            "| server (all but the load client) | "
+            + " | ".join(f"{server_total(per_token[s]):.3f}" for s in servers)
+            + " |"
         )
         lines.append(
             "| output tok/s | "

@@ -14,6 +14,7 @@ controller).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -393,7 +394,8 @@ async def replica_targets(app_name: str) -> list[tuple[str, int]]:
 
     if not ray.is_initialized():
         raise RuntimeError("not inside a Ray cluster")
-    controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+    # A blocking GCS lookup: off the replica's event loop.
+    controller = await asyncio.to_thread(ray.get_actor, "SERVE_CONTROLLER_ACTOR", namespace="serve")
     groups = await controller.get_target_groups.remote(app_name, True)
     return sorted(
         {(t.ip, t.port) for g in groups if str(g.protocol).endswith("HTTP") for t in g.targets}

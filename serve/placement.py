@@ -126,7 +126,9 @@ async def wait_for_live_bundles(
     count = pg.bundle_count
     remembered: dict[int, str] = {}
     try:
-        placed = placement_group_table(pg).get("bundles_to_node_id") or {}
+        # GCS calls block: off the replica's event loop, which also answers Serve's health checks.
+        table = await asyncio.to_thread(placement_group_table, pg)
+        placed = table.get("bundles_to_node_id") or {}
         remembered = {int(k): v for k, v in placed.items() if v}
     except Exception:
         logger.debug("placement group table unreadable", exc_info=True)
@@ -156,7 +158,7 @@ async def wait_for_live_bundles(
                 del refs[index]
             if not refs:
                 return None
-            reason = _describe(pg, sorted(refs), remembered)
+            reason = await asyncio.to_thread(_describe, pg, sorted(refs), remembered)
             on_wait(reason)
             if failed:
                 await asyncio.sleep(1.0)  # a check that fails at once must not spin

@@ -128,7 +128,8 @@ class WorkloadConfig(BaseModel):
         default="requests",
         description="requests: independent requests from the dataset; chat-sessions: "
         "conversations that share one long system prompt, each turn sent with the "
-        "conversation so far (its answers included), --concurrency conversations at a time.",
+        "conversation so far (its answers included), --concurrency turns in flight (of as many "
+        "open conversations, or --open-sessions).",
     )
     turns: int = Field(
         default=4, ge=1, le=1000, description="Turns per conversation (chat-sessions)."

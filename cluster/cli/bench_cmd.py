@@ -44,7 +44,7 @@ def bench(
         "requests",
         "--workload",
         help="requests (independent), or chat-sessions: conversations sharing a long system "
-        "prompt, turn by turn (-c conversations at a time; reports the prefix-cache hit rate).",
+        "prompt, turn by turn (-c turns in flight; reports the prefix-cache hit rate).",
     ),
     turns: int = typer.Option(4, "--turns", help="Turns per conversation (chat-sessions)."),
     open_sessions: int | None = typer.Option(

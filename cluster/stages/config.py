@@ -404,8 +404,9 @@ class UpConfig(BaseModel):
                 continue
             path = Path(source).expanduser().absolute()
             if not path.is_dir():
+                what = "is not a directory" if path.exists() else "does not exist"
                 raise ValueError(
-                    f"--model {source}: {path} is not a directory; give a model directory "
+                    f"--model {source}: {path} {what}; give a model directory "
                     "(with config.json) or a hub repo id"
                 )
             if not (path / "config.json").is_file():

@@ -156,7 +156,7 @@ def test_model_dir_is_known_before_the_stages_run_even_with_skip_download(tmp_pa
 @pytest.mark.parametrize(
     ("make", "said"),
     [
-        (lambda p: None, "is not a directory"),
+        (lambda p: None, "does not exist"),
         (lambda p: p.write_text("x"), "is not a directory"),
         (lambda p: p.mkdir(), "has no config.json"),
     ],
