@@ -106,26 +106,38 @@ def stop_session(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def chat_load(base_url: str, api_key: str | None, args, model_dir: Path, **load: Any):
+    """The bench client's config for a streamed chat load on the endpoint named "server":
+    ``--input-len``/``--output-len`` tokens (the demo model's tokenizer), ``load`` the
+    LoadConfig's values (concurrency, count or duration...)."""
+    from cluster.bench.config import BenchConfig, Endpoint, LoadConfig, WorkloadConfig
+
+    return BenchConfig(
+        endpoints=[Endpoint(name="server", base_url=base_url, api_key=api_key)],
+        workload=WorkloadConfig(
+            api="chat",
+            input_len=args.input_len,
+            output_len=args.output_len,
+            tokenizer=str(model_dir),
+        ),
+        load=LoadConfig(**load),
+    )
+
+
 def measure(base_url: str, api_key: str | None, args, model_dir: Path) -> dict[int, object]:
     """Every concurrency point against one server (the only one running); point per c."""
-    from cluster.bench.config import BenchConfig, Endpoint, LoadConfig, WorkloadConfig
     from cluster.bench.runner import run_benchmark
 
     points = {}
     for concurrency in args.concurrency:
-        config = BenchConfig(
-            endpoints=[Endpoint(name="server", base_url=base_url, api_key=api_key)],
-            workload=WorkloadConfig(
-                api="chat",
-                input_len=args.input_len,
-                output_len=args.output_len,
-                tokenizer=str(model_dir),
-            ),
-            load=LoadConfig(
-                concurrency=[concurrency],
-                num_requests=max(args.requests_per_slot * concurrency, args.min_requests),
-                rounds=1,
-            ),
+        config = chat_load(
+            base_url,
+            api_key,
+            args,
+            model_dir,
+            concurrency=[concurrency],
+            num_requests=max(args.requests_per_slot * concurrency, args.min_requests),
+            rounds=1,
         )
         result = run_benchmark(config, keep_records=False)
         points[concurrency] = result.point("server", f"c={concurrency}")

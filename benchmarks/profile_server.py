@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_netcost import write_results  # noqa: E402
-from benchmarks.bench_server import loopback_bed, serving  # noqa: E402
+from benchmarks.bench_server import chat_load, loopback_bed, serving  # noqa: E402
 
 # Roles by what a process's command line starts with or contains (first match wins).
 ROLES = (
@@ -232,19 +232,11 @@ def server_total(per_role: dict[str, float]) -> float:
 def one_point(server, base_url, api_key, concurrency, args, model_dir, work, roots):
     """A closed-loop load for ``--seconds`` at one concurrency; CPU by role (the processes of
     ``roots``' trees and this one's), tokens/s, stacks."""
-    from cluster.bench.config import BenchConfig, Endpoint, LoadConfig, WorkloadConfig
     from cluster.bench.runner import run_benchmark
 
-    def config(load: dict) -> BenchConfig:
-        return BenchConfig(
-            endpoints=[Endpoint(name="server", base_url=base_url, api_key=api_key)],
-            workload=WorkloadConfig(
-                api="chat",
-                input_len=args.input_len,
-                output_len=args.output_len,
-                tokenizer=str(model_dir),
-            ),
-            load=LoadConfig(concurrency=[concurrency], warmup_requests=0, **load),
+    def config(load: dict):
+        return chat_load(
+            base_url, api_key, args, model_dir, concurrency=[concurrency], warmup_requests=0, **load
         )
 
     # Warm up outside the measured window (its CPU would count against no measured token).
