@@ -511,6 +511,7 @@ def move_back(
     up_s = time.perf_counter() - t_up
     deadline = t_up + recover_timeout
     moved = None
+    back: list[dict] = []
     while time.perf_counter() < deadline:
         back = [
             r
@@ -526,6 +527,9 @@ def move_back(
         "degraded_layout": degraded[-1]["layout"] if degraded else None,
         "repair_up_s": round(up_s, 1),
         "moved_back_s": None if moved is None else round(moved, 1),
+        # The move back itself: from the server seeing the node back to the full engine's
+        # first good probe (a restart of its own, inside the `up` above).
+        "move_back_down_s": back[0].get("down_s") if back else None,
         "failed_during_move_back": sum(1 for s in window if not s.ok),
         "hung_during_move_back": sum(1 for s in window if s.max_gap_s > stall_timeout + 5.0),
     }

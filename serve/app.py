@@ -52,9 +52,6 @@ PORT_QUARANTINE_ENV = "RAY_SERVE_PORT_QUARANTINE_S"
 APP_ENV = "LLAMACLUSTER_APP"
 MEDIA_REDIRECTS_ENV = "VLLM_MEDIA_URL_ALLOW_REDIRECTS"
 USER_CODE_THREAD_ENV = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
-# Which bundles of the replica's placement group vLLM's Ray executor puts its workers in (a
-# smaller layout on the live nodes while a node is lost); unset: the first tp × pp device ones.
-BUNDLE_INDICES_ENV = "VLLM_RAY_BUNDLE_INDICES"
 # Serve keeps a stopping direct-ingress replica listening this long even when it has no request,
 # so that an external load balancer can deregister it first. Nothing sits in front of our one
 # replica, so it stops as soon as its running requests finish (bounded by --drain-timeout).
@@ -90,11 +87,12 @@ def _stored_key_digests(app_name: str) -> list[bytes] | None:
 
 
 class VllmSession:
-    """One vLLM engine (AsyncLLM with its tp × pp Ray workers) and vLLM's OpenAI app on it."""
+    """One vLLM engine (AsyncLLM with its tp × pp Ray workers) and vLLM's OpenAI app on it:
+    its workers go in the replica's placement group, or in ``placement_group`` when given."""
 
-    def __init__(self, config: ServeConfig, bundle_indices: list[int] | None = None) -> None:
+    def __init__(self, config: ServeConfig, placement_group: Any = None) -> None:
         self.config = config
-        self.bundle_indices = bundle_indices
+        self.placement_group = placement_group
         self.app: Any = None
         self.engine: Any = None
         self._stack = contextlib.AsyncExitStack()
@@ -106,12 +104,9 @@ class VllmSession:
         try:
             vllm_glue.check_vllm_version()
             args = vllm_glue.parse_vllm_args(self.config)
-            # The engine core process (started next) inherits it.
-            if self.bundle_indices is None:
-                os.environ.pop(BUNDLE_INDICES_ENV, None)
-            else:
-                os.environ[BUNDLE_INDICES_ENV] = ",".join(map(str, self.bundle_indices))
-            engine = await self._stack.enter_async_context(vllm_glue.engine_client(args))
+            engine = await self._stack.enter_async_context(
+                vllm_glue.engine_client(args, self.placement_group)
+            )
             self.engine = engine
             vllm_glue.on_engine_output(engine, self._saw_output)
             app = await vllm_glue.build_openai_app(engine, args)
@@ -168,7 +163,7 @@ class LlamaclusterServer:
         api_key_digests: list[bytes],
         admin_key_digests: list[bytes] | None = None,
     ) -> None:
-        from serve.placement import ReplicaLayouts, wait_for_own_placement
+        from serve.placement import EnginePlacement, wait_for_own_placement
         from serve.reuse_address import listen_with_reuse_address
         from serve.watchdog import RestartPolicy, Supervisor, history_from_json
 
@@ -215,23 +210,29 @@ class LlamaclusterServer:
             backoff_max_s=config.restart_backoff_max_s,
             probe_interval_s=config.ready_probe_interval_s,
         )
+        # Degraded serving: the engine's devices are in a group of its own (serve/placement.py).
+        self.placement = (
+            None
+            if config.degraded_layout is None
+            else EnginePlacement(
+                full=(config.tp, config.pp),
+                small=config.degraded_layout,
+                device_key=DEVICE_RESOURCE,
+                open_session=lambda tp, pp, pg: VllmSession(
+                    config.model_copy(update={"tp": tp, "pp": pp}), pg
+                ).open(),
+            )
+        )
+        own = self.placement
         self.supervisor = Supervisor(
             state=self.state,
             policy=policy,
-            start=lambda: VllmSession(config).open(),
+            start=(lambda: VllmSession(config).open()) if own is None else own.start,
             end_in_flight=self.gateway.end_in_flight,
             history=history_from_json(_load_history(config.app_name)),
             on_history=lambda items: _store_history(config.app_name, items),
-            wait_for_placement=wait_for_own_placement,
-            degraded=None
-            if config.degraded_layout is None
-            else ReplicaLayouts(
-                *config.degraded_layout,
-                device_key=DEVICE_RESOURCE,
-                open_session=lambda tp, pp, bundles: VllmSession(
-                    config.model_copy(update={"tp": tp, "pp": pp}), bundles
-                ).open(),
-            ),
+            wait_for_placement=wait_for_own_placement if own is None else own.wait_full,
+            degraded=own,
         )
 
     @property
@@ -287,6 +288,8 @@ class LlamaclusterServer:
             follower.cancel()
         with contextlib.suppress(Exception):
             await self.supervisor.aclose()
+        if (placement := getattr(self, "placement", None)) is not None:
+            await placement.release()
 
 
 def _load_history(app_name: str) -> list[dict[str, Any]]:

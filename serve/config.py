@@ -628,11 +628,15 @@ def placement_bundles(config: ServeConfig) -> list[dict[str, float]]:
     the bundles holding DEVICE_RESOURCE for its tp×pp workers. Used with strategy PACK, so a
     replica's workers sit beside it where they fit. One replica is the endpoint itself and is
     pinned to the head by HEAD_RESOURCE; several sit behind the head's HAProxy and go wherever
-    their group fits, so replicas spread over the nodes.
+    their group fits, so replicas spread over the nodes. With degraded serving
+    (``degraded_layout``) the group holds the replica only: the replica places its engine's
+    devices in a group of its own (serve/placement.py, `EnginePlacement`).
     """
     engine = {"CPU": float(config.engine_cpus)}
     if not config.balanced:
         engine[HEAD_RESOURCE] = HEAD_RESOURCE_SHARE
+    if config.degraded_layout is not None:
+        return [engine]
     return [engine] + [{DEVICE_RESOURCE: 1.0} for _ in range(config.world_size)]
 
 

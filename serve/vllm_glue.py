@@ -204,11 +204,12 @@ def log_handlers_kept():
 
 
 @contextlib.asynccontextmanager
-async def engine_client(args: argparse.Namespace):
+async def engine_client(args: argparse.Namespace, placement_group: Any = None):
     """Start vLLM's AsyncLLM for the parsed args; shut it down on exit.
 
     Inside a Ray Serve replica the engine picks up the replica's placement group (vLLM reads
-    the current placement group) and puts its Ray workers on the device bundles. The blocking
+    the current placement group) and puts its Ray workers on the device bundles; a
+    ``placement_group`` given (the engine's own, for degraded serving) is used instead. The blocking
     start (config, engine core process, Ray workers, model load) runs in a thread so the
     replica keeps answering /health and /ready meanwhile.
     """
@@ -223,6 +224,9 @@ async def engine_client(args: argparse.Namespace):
     # back after each, so the replica logs on while the engine loads.
     with log_handlers_kept():
         vllm_config = await asyncio.to_thread(engine_args.create_engine_config, usage_context=usage)
+    if placement_group is not None:
+        # The engine core process gets it with the config (vLLM's Ray executor uses it).
+        vllm_config.parallel_config.placement_group = placement_group
     with log_handlers_kept():
         engine = await asyncio.to_thread(
             AsyncLLM.from_vllm_config,

@@ -21,8 +21,8 @@ then makes Ray Serve's health check fail, and Serve replaces the replica (a new 
 new placement group).
 
 With degraded serving on (``--on-node-loss replan``), a node that is not back within
-``replan_after_s`` makes the restart start a smaller layout on the live bundles; once every
-bundle is live again, a planned restart (``node_returned``) moves back to the full layout.
+``replan_after_s`` makes the restart start a smaller layout on the live nodes; once every node
+of the full layout is live again, a planned restart (``node_returned``) moves back to it.
 """
 
 from __future__ import annotations
@@ -156,11 +156,11 @@ class DegradedLayouts(Protocol):
     """Serving on fewer nodes while one is lost (``--on-node-loss replan``)."""
 
     async def plan(self) -> tuple[str, Callable[[], Awaitable[EngineSession]]] | None:
-        """The smaller layout that fits the live nodes (its description, how to start it), or
-        None when there is none (the model does not fit, or the live bundles cannot hold it)."""
+        """The smaller layout placed on the live nodes (its description, how to start it), or
+        None when there is none (the model does not fit, or the live nodes cannot hold it)."""
 
     async def all_back(self) -> bool:
-        """Is every bundle of the full layout on a live node again?"""
+        """Are the nodes of the full layout live again, with room for it?"""
 
 
 class EngineSession(Protocol):

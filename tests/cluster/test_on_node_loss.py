@@ -14,7 +14,6 @@ from cluster.runner import LocalRunner
 from cluster.stages.base import Reporter, UpContext
 from cluster.stages.serve import degraded_layout
 from cluster.state import Access, ClusterState, ModelSection, NodeState
-from serve.placement import pick_bundles
 from tests.cluster.test_stages import LLAMA_70B
 
 
@@ -62,14 +61,3 @@ def test_no_fallback_when_the_model_does_not_fit_the_nodes_left(tmp_path) -> Non
     assert degraded_layout(ctx, 1, 2) is None
     assert "does not fit one node fewer" in ctx.out.getvalue()  # type: ignore[attr-defined]
     assert degraded_layout(_context(tmp_path, 1, 8, 81559), 2, 1) is None  # nothing to lose
-
-
-def test_bundles_for_the_smaller_layout_keep_tensor_parallelism_inside_a_node() -> None:
-    # Device bundles 1-4 of a placement group; bundle 3 was on the lost node.
-    live = {1: "a", 2: "a", 4: "b"}
-    assert pick_bundles(live, 1, 1) == [1]
-    assert pick_bundles(live, 2, 1) == [1, 2]  # both on node a
-    assert pick_bundles(live, 1, 3) == [1, 2, 4]
-    assert pick_bundles(live, 2, 2) is None  # node b has one bundle: no second tp pair
-    assert pick_bundles({1: "a", 2: "b", 3: "a", 4: "b"}, 2, 2) == [1, 3, 2, 4]
-    assert pick_bundles({}, 1, 1) is None

@@ -108,6 +108,9 @@ def test_bundles_pin_engine_to_head_and_add_one_device_bundle_per_worker() -> No
     assert bundles[0] == {"CPU": 0.5, HEAD_RESOURCE: pytest.approx(0.01)}
     assert bundles[1:] == [{DEVICE_RESOURCE: 1.0}] * 4
     assert len(placement_bundles(ServeConfig(model="m", api_keys=["k"]))) == 2
+    # Degraded serving: the engine's devices go in a group the replica places itself.
+    degraded = config.model_copy(update={"degraded_layout": (2, 1)})
+    assert placement_bundles(degraded) == [bundles[0]]
 
 
 def _node(address: str, total: float, free: float, *, head: bool = False) -> NodeSlots:

@@ -368,7 +368,7 @@ class FakeLayouts:
         async def start():
             return small
 
-        return "tp=1 × pp=1 (bundles 1)", start
+        return "tp=1 × pp=1 (on 10.0.0.1)", start
 
     async def all_back(self) -> bool:
         return self.node_up
@@ -398,7 +398,7 @@ async def test_a_lost_node_means_the_smaller_layout_until_it_is_back_then_the_fu
     full.dead_reason = "ActorDiedError: its node has died"
     await wait_for(lambda: sup.session is small and sup.state.last_probe_ok is not None)
     assert waited == [REPLAN.replan_after_s]  # waited for the node only that long
-    assert sup.layout == "tp=1 × pp=1 (bundles 1)"
+    assert sup.layout == "tp=1 × pp=1 (on 10.0.0.1)"
     assert "serving with the smaller layout tp=1 × pp=1" in (sup.state.detail or "")
     assert sup.state.ready()[0] and sup.state.status_word() == "ok"
     await asyncio.sleep(0.1)  # the node is still away: the small engine keeps serving
@@ -407,7 +407,7 @@ async def test_a_lost_node_means_the_smaller_layout_until_it_is_back_then_the_fu
     await wait_for(lambda: sup.session is full_again and sup.state.last_probe_ok is not None)
     assert small.closed and sup.layout is None
     assert [(r.cause, r.attempt, r.outcome, r.layout) for r in sup.history] == [
-        (ENGINE_DEAD, 1, "recovered", "tp=1 × pp=1 (bundles 1)"),
+        (ENGINE_DEAD, 1, "recovered", "tp=1 × pp=1 (on 10.0.0.1)"),
         (NODE_RETURNED, 1, "recovered", None),
     ]
     task.cancel()
