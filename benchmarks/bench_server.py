@@ -124,8 +124,36 @@ def chat_load(base_url: str, api_key: str | None, args, model_dir: Path, **load:
     )
 
 
-def measure(base_url: str, api_key: str | None, args, model_dir: Path) -> dict[int, object]:
-    """Every concurrency point against one server (the only one running); point per c."""
+@dataclass
+class Measured:
+    """One concurrency point of one server: the bench client's figures and where each
+    request's time went."""
+
+    point: Any
+    parts: dict[str, float]
+
+
+def request_parts(records: list[Any], concurrency: int, duration_s: float) -> dict[str, float]:
+    """Where a closed-loop request's time goes, as means in ms over the answered requests:
+    ``ttft`` (send to first token), ``decode`` (first to last token), ``tail`` (last token to
+    the end of the response), ``idle`` (a client slot's time between one answer and its next
+    request: slot time the server could not use), and ``chunks`` per request."""
+    ok = [r for r in records if r.ok and r.token_chunk_times and r.e2e_s is not None]
+    if not ok:
+        return {}
+    n = len(ok)
+    busy = sum(r.e2e_s for r in records if r.e2e_s is not None)
+    return {
+        "ttft": 1000 * sum(r.token_chunk_times[0] for r in ok) / n,
+        "decode": 1000 * sum(r.token_chunk_times[-1] - r.token_chunk_times[0] for r in ok) / n,
+        "tail": 1000 * sum(r.e2e_s - r.token_chunk_times[-1] for r in ok) / n,
+        "idle": 1000 * max(0.0, concurrency * duration_s - busy) / max(1, len(records)),
+        "chunks": sum(len(r.token_chunk_times) for r in ok) / n,
+    }
+
+
+def measure(base_url: str, api_key: str | None, args, model_dir: Path) -> dict[int, Measured]:
+    """Every concurrency point against one server (the only one running)."""
     from cluster.bench.runner import run_benchmark
 
     points = {}
@@ -139,8 +167,10 @@ def measure(base_url: str, api_key: str | None, args, model_dir: Path) -> dict[i
             num_requests=max(args.requests_per_slot * concurrency, args.min_requests),
             rounds=1,
         )
-        result = run_benchmark(config, keep_records=False)
-        points[concurrency] = result.point("server", f"c={concurrency}")
+        result = run_benchmark(config, keep_records=True)
+        point = result.point("server", f"c={concurrency}")
+        parts = request_parts(result.records, concurrency, point.duration_s)
+        points[concurrency] = Measured(point, parts)
     return points
 
 
@@ -215,7 +245,7 @@ def serving(server: str, bed: Bed, log_name: str) -> Iterator[tuple[str, str | N
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # runs[server] = one {c: point} per round; each server runs alone, the order alternating.
-    runs: dict[str, list[dict[int, object]]] = {"vllm": [], "llamacluster": []}
+    runs: dict[str, list[dict[int, Measured]]] = {"vllm": [], "llamacluster": []}
     with loopback_bed("bench-server-", args.cpu_threads) as bed:
         for r in range(args.rounds):
             order = ["vllm", "llamacluster"] if r % 2 == 0 else ["llamacluster", "vllm"]
@@ -228,12 +258,17 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(get(run[c]) for run in runs[server])
 
     metrics = {
-        "ttft_p50_ms": lambda p: p.ttft_ms.p50,
-        "ttft_p99_ms": lambda p: p.ttft_ms.p99,
-        "itl_p99_ms": lambda p: p.itl_ms.p99,
-        "output_tok_s": lambda p: p.output_throughput,
-        "failed": lambda p: p.failed,
+        "ttft_p50_ms": lambda m: m.point.ttft_ms.p50,
+        "ttft_p99_ms": lambda m: m.point.ttft_ms.p99,
+        "itl_p99_ms": lambda m: m.point.itl_ms.p99,
+        "output_tok_s": lambda m: m.point.output_throughput,
+        "failed": lambda m: m.point.failed,
     }
+    parts = ("ttft", "decode", "tail", "idle", "chunks")
+    breakdown = [
+        "| c | server | TTFT | decode | tail | idle | = per request ms | chunks |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     table = [
         "| c | server | TTFT p50 ms | TTFT p99 ms | ITL p99 ms | output tok/s | failed |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -243,6 +278,19 @@ def main(argv: list[str] | None = None) -> int:
         row = {"concurrency": c}
         for name in metrics:
             row[name] = {s: med(s, c, metrics[name]) for s in runs}
+        row["rounds_output_tok_s"] = {
+            s: [metrics["output_tok_s"](run[c]) for run in runs[s]] for s in runs
+        }
+        row["request_ms"] = {
+            s: {k: med(s, c, lambda m, k=k: m.parts.get(k, 0.0)) for k in parts} for s in runs
+        }
+        for server in runs:
+            ms = row["request_ms"][server]
+            whole = ms["ttft"] + ms["decode"] + ms["tail"] + ms["idle"]
+            breakdown.append(
+                f"| {c} | {server} | {ms['ttft']:.1f} | {ms['decode']:.1f} | {ms['tail']:.1f} "
+                f"| {ms['idle']:.1f} | {whole:.1f} | {ms['chunks']:.1f} |"
+            )
         for server, label in (("vllm", "plain vLLM"), ("llamacluster", "llamacluster")):
             table.append(
                 f"| {c} | {label} | {row['ttft_p50_ms'][server]:.1f} | "
@@ -267,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         "itl_p99_ratio_ok": all(r["itl_p99_ratio"] <= ITL_P99_TARGET_RATIO for r in summary),
     }
     print("\n".join(table))
+    print("\nWhere a request's time goes (means, ms; medians over the rounds):")
+    print("\n".join(breakdown))
     print(json.dumps(verdict))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
