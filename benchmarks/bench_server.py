@@ -131,6 +131,7 @@ class Measured:
 
     point: Any
     parts: dict[str, float]
+    slow: list[list[float]]
 
 
 def request_parts(records: list[Any], concurrency: int, duration_s: float) -> dict[str, float]:
@@ -170,8 +171,23 @@ def measure(base_url: str, api_key: str | None, args, model_dir: Path) -> dict[i
         result = run_benchmark(config, keep_records=True)
         point = result.point("server", f"c={concurrency}")
         parts = request_parts(result.records, concurrency, point.duration_s)
-        points[concurrency] = Measured(point, parts)
+        points[concurrency] = Measured(point, parts, slow_requests(result.records))
     return points
+
+
+def slow_requests(records: list[Any], factor: float = 4.0) -> list[list[float]]:
+    """[seconds into the point, TTFT ms] of each request whose TTFT was over ``factor`` times
+    the median: when the slow ones started tells a periodic stall from random ones."""
+    ok = sorted((r for r in records if r.ok and r.token_chunk_times), key=lambda r: r.started_at)
+    if not ok:
+        return []
+    t0 = ok[0].started_at
+    median = statistics.median(r.token_chunk_times[0] for r in ok)
+    return [
+        [round(r.started_at - t0, 2), round(1000 * r.token_chunk_times[0], 1)]
+        for r in ok
+        if r.token_chunk_times[0] > factor * median
+    ]
 
 
 @dataclass
@@ -281,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         row["rounds_output_tok_s"] = {
             s: [metrics["output_tok_s"](run[c]) for run in runs[s]] for s in runs
         }
+        row["slow_requests"] = {s: [run[c].slow for run in runs[s]] for s in runs}
         row["request_ms"] = {
             s: {k: med(s, c, lambda m, k=k: m.parts.get(k, 0.0)) for k in parts} for s in runs
         }
