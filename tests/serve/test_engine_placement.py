@@ -6,19 +6,17 @@ head; the node is started again: `all_back` sees it and the full layout is place
 
 from __future__ import annotations
 
-import json
 import os
-import select
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from cluster.ray_nodes import start_ray_node
 from cluster.supervisor import session_members
 from serve.placement import pending_reason
+from tests.support.child import next_json_line
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -72,20 +70,6 @@ asyncio.run(main())
 """
 
 
-def _line(proc: subprocess.Popen, timeout_s: float) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith("{"):
-                return json.loads(line)
-    proc.kill()
-    raise AssertionError(f"driver said nothing in {timeout_s:.0f}s: {proc.stderr.read()[-3000:]}")
-
-
 def _say(proc: subprocess.Popen) -> None:
     proc.stdin.write("go\n")
     proc.stdin.flush()
@@ -105,7 +89,7 @@ def test_a_lost_node_gets_the_group_removed_the_smaller_layout_then_the_full_one
         text=True,
     )
     try:
-        first = _line(proc, 180)
+        first = next_json_line(proc, 180)
         # One bundle on each node (Ray may name the head by the host's own address).
         nodes = first["session"]["nodes"]
         assert first["session"]["tp"] == 2 and len(set(nodes)) == 2 and "127.0.0.2" in nodes
@@ -116,7 +100,7 @@ def test_a_lost_node_gets_the_group_removed_the_smaller_layout_then_the_full_one
         for pid, _, _ in session_members(worker.session_id):
             os.kill(pid, signal.SIGKILL)
         _say(proc)
-        lost = _line(proc, wait_s + 60)
+        lost = next_json_line(proc, wait_s + 60)
         print(f"\nwait for the full layout: {lost['waited_s']} s, {lost['reasons'][-1:]}")
         # Not placed (one slot is left), and no group is left for Ray to retry: the group with
         # the dead node's bundle went as soon as Ray declared the node dead.
@@ -128,7 +112,7 @@ def test_a_lost_node_gets_the_group_removed_the_smaller_layout_then_the_full_one
         assert not lost["group"], lost
         assert "RESCHEDULING" not in lost["states"] and "PENDING" not in lost["states"], lost
 
-        small = _line(proc, 120)
+        small = next_json_line(proc, 120)
         assert small["session"] == {"tp": 1, "pp": 1, "nodes": [head]}, small
         assert small["layout"] == f"tp=1 × pp=1 (on {head})", small
         assert small["all_back"] is False, small
@@ -137,7 +121,7 @@ def test_a_lost_node_gets_the_group_removed_the_smaller_layout_then_the_full_one
         # The node's supervisor (or `up`) starts its Ray again: same address and ports.
         cluster.handles[1] = start_ray_node(cluster.runners[1], cluster.spec, 1, retries=3)
         _say(proc)
-        back = _line(proc, 240)
+        back = next_json_line(proc, 240)
         assert back["all_back"] is True, back
         assert back["left"] is None, back
         assert back["session"] == {"tp": 2, "pp": 1, "nodes": nodes}, back

@@ -3,18 +3,16 @@ reports that node and ends once Ray has placed its bundle on a live node (loopba
 
 from __future__ import annotations
 
-import json
 import os
-import select
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from cluster.supervisor import session_members
 from serve.placement import waiting_reason
+from tests.support.child import next_json_line
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -45,20 +43,6 @@ print(json.dumps({"result": result, "waited_s": round(time.time() - started, 1),
 """
 
 
-def _line(proc: subprocess.Popen, timeout_s: float) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith("{"):
-                return json.loads(line)
-    proc.kill()
-    raise AssertionError(f"driver said nothing in {timeout_s:.0f}s: {proc.stderr.read()[-3000:]}")
-
-
 def test_the_wait_names_the_lost_node_and_ends_when_its_bundle_is_on_a_live_one(
     make_ray_cluster,
 ) -> None:
@@ -72,7 +56,7 @@ def test_the_wait_names_the_lost_node_and_ends_when_its_bundle_is_on_a_live_one(
         text=True,
     )
     try:
-        placed = _line(proc, 180)["placed"]
+        placed = next_json_line(proc, 180)["placed"]
         # A worker node holding a bundle: every Ray process of it SIGKILLed (a crashed node).
         lost = next(ip for ip in ("127.0.0.2", "127.0.0.3") if ip in placed.values())
         spare = ({"127.0.0.2", "127.0.0.3"} - {lost}).pop()
@@ -81,7 +65,7 @@ def test_the_wait_names_the_lost_node_and_ends_when_its_bundle_is_on_a_live_one(
             os.kill(pid, signal.SIGKILL)
         proc.stdin.write("go\n")
         proc.stdin.flush()
-        out = _line(proc, 240)
+        out = next_json_line(proc, 240)
         print(f"\nwaited {out['waited_s']} s; reasons: {out['reasons'][:2]} ...")
         # Ray declares the node dead only after missed health checks, then places its bundle on
         # the spare node: the wait saw the lost node and ended with both bundles on live nodes.
