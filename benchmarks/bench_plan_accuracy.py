@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--target", type=float, default=TARGET, help="allowed relative error")
+    ap.add_argument(
+        "--eager",
+        action="store_true",
+        help="serve without vLLM's compile (enforce_eager): a start without the compile's "
+        "minutes on a fresh machine, and a slower step than the plan's",
+    )
     return ap.parse_args(argv)
 
 
@@ -75,6 +81,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         "--cpu-kvcache-gb", "1", "--max-model-len", "512",
         "--ray-port", "0", "--dashboard-port", "0", "--api-port", "0",
     ]  # fmt: skip
+    if args.eager:
+        up_args += ["--engine-arg", "enforce_eager=true"]
     try:
         started = time.monotonic()
         cli("up", *up_args, env=env)
@@ -105,6 +113,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     return {
         "model_dir": str(model_dir),
         "weight_mb": args.size_mb,
+        "eager": args.eager,
         "up_s": round(up_s, 1),
         "cpu": cpu.model_dump(),
         "device": device.model_dump(),

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from cluster.errors import ConfigError, NotReadyError, RemoteError
+from cluster.ray_start import AGENT_NOT_LISTENING
 from cluster.remote import RemoteCall
 from cluster.remote_ray import MODULE as REMOTE_RAY
 from cluster.remote_ray import NodesRequest, PortsRequest
@@ -92,6 +93,9 @@ class RayClusterSpec:
     head_ports: RayHeadPorts = field(default_factory=RayHeadPorts)
     env: Mapping[str, str] = field(default_factory=dict)
     ray_bin: str = "ray"
+    #: The command that runs Ray's CLI for ``ray start`` (default: ``ray_bin``). `up` gives
+    #: ``python -m cluster.ray_start``: the same CLI, with the raylet told its agent's port.
+    ray_cli: tuple[str, ...] = ()
     python: str = "python3"
     object_store_memory: int | None = None
     #: Variables for the head's daemons only (the dashboard's RAY_PROMETHEUS_HOST).
@@ -181,7 +185,7 @@ def ray_start_head_argv(spec: RayClusterSpec) -> list[str]:
     """``ray start --head`` for ``spec.nodes[0]``: dashboard on 127.0.0.1, the head resource."""
     head = spec.head
     return [
-        spec.ray_bin,
+        *(spec.ray_cli or (spec.ray_bin,)),
         "start",
         "--head",
         "--port",
@@ -199,7 +203,7 @@ def ray_start_head_argv(spec: RayClusterSpec) -> list[str]:
 def ray_start_worker_argv(spec: RayClusterSpec, node: RayNodeSpec) -> list[str]:
     """``ray start --address`` joining ``node`` to the head of ``spec``."""
     return [
-        spec.ray_bin,
+        *(spec.ray_cli or (spec.ray_bin,)),
         "start",
         "--address",
         spec.address,
@@ -384,9 +388,9 @@ def start_ray_node(
             )
         if sid is not None:  # ray start failed half-way: leave nothing of it behind
             stop_ray_node(runner, sid, temp_dir=spec.temp_dir, supervised=supervise)
-        if STARTUP_TIMEOUT not in result.stdout or attempt == retries:
+        if not any(m in result.stdout for m in RETRIED) or attempt == retries:
             break
-        log.info("%s: Ray node timed out registering; starting it again", runner.label)
+        log.info("%s: Ray node timed out starting; starting it again", runner.label)
         time.sleep(2.0 * (attempt + 1))  # let the host's load settle a little first
     role = "head" if index == 0 else "worker"
     raise RemoteError(
@@ -398,6 +402,8 @@ def start_ray_node(
 
 #: What `ray start` prints when the node's raylet did not register with the GCS within 30 s.
 STARTUP_TIMEOUT = "timed out during startup"
+#: The failed starts tried again: those two timeouts (cluster/ray_start.py).
+RETRIED = (STARTUP_TIMEOUT, AGENT_NOT_LISTENING)
 
 
 _SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
@@ -726,21 +732,28 @@ def wait_for_nodes(
 
 # Run with the env's python on the head, with no token anywhere in its environment: one GET of
 # each node's dashboard agent (a path that is not one of Ray's public health checks) and one
-# GCS call. Prints {"agents": {url: status}, "gcs": grpc status name} as one JSON line.
+# GCS call. Prints {"agents": {url: status}, "gcs": grpc status name} as one JSON line. A node
+# registers before its agent listens (cluster/ray_start.py): a refused connection is tried again
+# until the wait (argv[2], seconds, for all agents together) is over.
 _AUTH_PROBE = """\
-import json, sys, urllib.error, urllib.request
+import json, sys, time, urllib.error, urllib.request
 import grpc
 from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
-gcs, urls = sys.argv[1], sys.argv[2:]
+gcs, deadline, urls = sys.argv[1], time.monotonic() + float(sys.argv[2]), sys.argv[3:]
 out = {"agents": {}, "gcs": None}
 for url in urls:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            out["agents"][url] = r.status
-    except urllib.error.HTTPError as e:
-        out["agents"][url] = e.code
-    except OSError as e:
-        out["agents"][url] = "unreachable: %s" % e
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                out["agents"][url] = r.status
+        except urllib.error.HTTPError as e:
+            out["agents"][url] = e.code
+        except OSError as e:
+            if isinstance(getattr(e, "reason", e), ConnectionRefusedError) and time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
+            out["agents"][url] = "unreachable: %s" % e
+        break
 try:
     with grpc.insecure_channel(gcs) as ch:
         gcs_service_pb2_grpc.NodeInfoGcsServiceStub(ch).GetAllNodeInfo(
@@ -755,15 +768,16 @@ REFUSED_HTTP = (401, 403)
 REFUSED_GRPC = "UNAUTHENTICATED"
 
 
-def auth_probe_command(spec: RayClusterSpec) -> str:
+def auth_probe_command(spec: RayClusterSpec, *, agent_wait_s: float = 90) -> str:
     """Shell text for the head: requests to every node's dashboard agent and to the GCS without
-    a token (see _AUTH_PROBE); ``unauthenticated_access`` reads its output."""
+    a token (see _AUTH_PROBE; an agent not listening yet gets ``agent_wait_s``);
+    ``unauthenticated_access`` reads its output."""
     urls = [
         f"http://{_url_host(n.ip)}:{n.ports.dashboard_agent_listen or 52365}/api/v0/tasks"
         for n in spec.nodes
     ]
     return "env -u RAY_AUTH_TOKEN -u RAY_AUTH_TOKEN_PATH RAY_AUTH_MODE=disabled " + shell_join(
-        [spec.python, "-c", _AUTH_PROBE, spec.address, *urls]
+        [spec.python, "-c", _AUTH_PROBE, spec.address, f"{agent_wait_s:g}", *urls]
     )
 
 

@@ -52,6 +52,7 @@ PORT_QUARANTINE_ENV = "RAY_SERVE_PORT_QUARANTINE_S"
 APP_ENV = "LLAMACLUSTER_APP"
 MEDIA_REDIRECTS_ENV = "VLLM_MEDIA_URL_ALLOW_REDIRECTS"
 USER_CODE_THREAD_ENV = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+AOT_COMPILE_ENV = "VLLM_USE_AOT_COMPILE"
 # Serve keeps a stopping direct-ingress replica listening this long even when it has no request,
 # so that an external load balancer can deregister it first. Nothing sits in front of our one
 # replica, so it stops as soon as its running requests finish (bounded by --drain-timeout).
@@ -173,7 +174,21 @@ class LlamaclusterServer:
         install_http_limits(
             header_timeout_s=config.header_timeout_s, max_connections=config.max_connections
         )
-        self.state = ServerState(probe_max_age_s=max(6 * config.ready_probe_interval_s, 30.0))
+        policy = RestartPolicy(
+            stall_timeout_s=config.stall_timeout_s,
+            max_attempts=config.restart_max_attempts,
+            backoff_s=config.restart_backoff_s,
+            backoff_max_s=config.restart_backoff_max_s,
+            probe_interval_s=config.ready_probe_interval_s,
+            probe_idle_interval_s=config.ready_probe_idle_interval_s,
+        )
+        # /ready turns false when the last good probe is older than this: past the longest
+        # wait between two probes (an idle engine's), with room for a slow one.
+        self.state = ServerState(
+            probe_max_age_s=max(
+                6 * config.ready_probe_interval_s, 2 * policy.longest_probe_interval_s, 30.0
+            )
+        )
         if config.balanced:
             from serve.haproxy_hooks import report_engine_readiness
 
@@ -203,13 +218,6 @@ class LlamaclusterServer:
             from serve.models import model_routes
 
             self.gateway.models = model_routes(config)
-        policy = RestartPolicy(
-            stall_timeout_s=config.stall_timeout_s,
-            max_attempts=config.restart_max_attempts,
-            backoff_s=config.restart_backoff_s,
-            backoff_max_s=config.restart_backoff_max_s,
-            probe_interval_s=config.ready_probe_interval_s,
-        )
         # Degraded serving: the engine's devices are in a group of its own (serve/placement.py).
         self.placement = (
             None
@@ -368,6 +376,11 @@ def replica_env(config: ServeConfig) -> dict[str, str]:
         env[HAPROXY_ENV] = "1"
     if config.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_space_gb or 4)
+        # vLLM 0.32 cannot load the AOT-compiled model it saved on CPU ("'function' object has
+        # no attribute 'finalize_loading'"), so every start compiled again; without AOT, the
+        # Inductor cache is read back (benchmarks/bench_compile_cache.py: vLLM's init of a
+        # restarted engine 12.2 s -> 4.3 s).
+        env[AOT_COMPILE_ENV] = "0"
         if config.cpu_threads is not None:
             # Read by torch when each engine worker (a child of this replica) starts.
             env["OMP_NUM_THREADS"] = str(config.cpu_threads)

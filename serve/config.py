@@ -245,7 +245,16 @@ class ServeConfig(BaseModel):
         json_schema_extra={"flag": "--ready-probe-interval"},
         default=10.0,
         gt=0,
-        description="How often the background one-token probe runs.",
+        description="How often the background one-token probe runs (skipped when real "
+        "requests produced output since the last one).",
+    )
+    ready_probe_idle_interval_s: float = Field(
+        json_schema_extra={"flag": "--ready-probe-idle-interval"},
+        default=60.0,
+        gt=0,
+        description="While no request produces output, the probe interval doubles up to this "
+        "(never below --ready-probe-interval): each probe keeps a CPU engine worker busy for "
+        "about a second.",
     )
     stall_timeout_s: float = Field(
         json_schema_extra={"flag": "--stall-timeout"},

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,17 +39,55 @@ def _bundle_node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+_CHECK: Any = None
+
+
+def _check_task() -> Any:
+    """The tiny task, made a Ray remote function once per process (each definition is a GCS
+    export)."""
+    global _CHECK
+    if _CHECK is None:
+        import ray
+
+        _CHECK = ray.remote(num_cpus=0, max_retries=0)(_bundle_node_id)
+    return _CHECK
+
+
 def check_bundle(pg: Any, index: int) -> Any:
     """Start the tiny task in bundle ``index`` of ``pg``; its ref resolves to the node id once
     the bundle is on a node whose raylet answers."""
-    import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     strategy = PlacementGroupSchedulingStrategy(
         placement_group=pg, placement_group_bundle_index=index
     )
-    check = ray.remote(num_cpus=0, max_retries=0)(_bundle_node_id)
-    return check.options(scheduling_strategy=strategy).remote()
+    return _check_task().options(scheduling_strategy=strategy).remote()
+
+
+def nodes_answer(node_ids: list[str], timeout_s: float) -> bool:
+    """Whether the tiny task ran on each of ``node_ids`` within ``timeout_s``: Ray's ``Alive``
+    flag can lag behind a raylet that died or has not finished starting."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    refs = [
+        _check_task()
+        .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False))
+        .remote()
+        for node in node_ids
+    ]
+    ready: list[Any] = []
+    try:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if len(ready) < len(refs):
+            return False
+        ray.get(refs, timeout=0)
+        return True
+    except Exception as exc:  # its node died or refused it
+        logger.info("a node of the full layout does not answer yet: %s", exc)
+        return False
+    finally:
+        cancel_checks([ref for ref in refs if ref not in ready])
 
 
 def cancel_checks(refs: Any) -> None:
@@ -134,7 +173,8 @@ async def wait_for_live_bundles(
     import ray
     from ray.util import placement_group_table
 
-    count = pg.bundle_count
+    # A GCS call for the replica's own group (Ray caches it only for groups made here).
+    count = await asyncio.to_thread(lambda: pg.bundle_count)
     remembered: dict[int, str] = {}
     try:
         # GCS calls block: off the replica's event loop, which also answers Serve's health checks.
@@ -144,10 +184,11 @@ async def wait_for_live_bundles(
     except Exception:
         logger.debug("placement group table unreadable", exc_info=True)
 
-    refs = {index: check_bundle(pg, index) for index in range(count)}
+    refs: dict[int, Any] = {}
     deadline = time.monotonic() + timeout_s
     reason = ""
     try:
+        await _start_checks(pg, refs, range(count))
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -163,7 +204,8 @@ async def wait_for_live_bundles(
                     ray.get(ref, timeout=0)
                 except Exception as exc:  # its node died under it: check that bundle again
                     logger.info("bundle %d check failed (%s); checking again", index, exc)
-                    refs[index] = check_bundle(pg, index)
+                    del refs[index]
+                    await _start_checks(pg, refs, [index])
                     failed = True
                     continue
                 del refs[index]
@@ -176,7 +218,30 @@ async def wait_for_live_bundles(
             if failed:
                 await asyncio.sleep(1.0)  # a check that fails at once must not spin
     finally:
-        cancel_checks(refs.values())
+        await asyncio.to_thread(cancel_checks, list(refs.values()))
+
+
+async def _start_checks(pg: Any, refs: dict[int, Any], indexes: Iterable[int]) -> None:
+    """Start the check of each bundle in ``indexes`` into ``refs``, off the event loop. If the
+    caller is cancelled meanwhile, the checks the thread still starts are cancelled when it
+    ends (the caller's own cleanup sees only those started before)."""
+
+    def start() -> None:
+        for index in indexes:
+            refs[index] = check_bundle(pg, index)
+
+    started = asyncio.ensure_future(asyncio.to_thread(start))
+    try:
+        await asyncio.shield(started)
+    except asyncio.CancelledError:
+        seen = dict(refs)
+
+        def cancel_late(_: asyncio.Future) -> None:
+            late = [ref for index, ref in refs.items() if seen.get(index) is not ref]
+            threading.Thread(target=cancel_checks, args=(late,), daemon=True).start()
+
+        started.add_done_callback(cancel_late)
+        raise
 
 
 def pending_reason(
@@ -222,8 +287,8 @@ class EnginePlacement:
     to place again (Ray 2.60 retries that with no pause, a busy GCS); a fresh group waits as
     pending, which Ray retries with backoff. When the full layout is not placed in time the
     smaller one is placed on the nodes left; `all_back` tells when every node of the full
-    layout is live again with room for it. Ray removes the group with the replica that
-    created it.
+    layout is live again (a tiny task pinned to each runs there) with room for it. Ray removes
+    the group with the replica that created it.
     """
 
     full: tuple[int, int]
@@ -251,7 +316,19 @@ class EnginePlacement:
 
     async def wait_full(self, timeout_s: float, on_wait: Callable[[str], None]) -> str | None:
         """`PlacementWait` for the full layout: the group in place with every bundle on a live
-        node (None), else why not after ``timeout_s`` (and no group is left waiting)."""
+        node (None), else why not after ``timeout_s`` (and no group is left waiting). A Ray
+        error on the way is a reason too (the caller may then place the smaller layout)."""
+        try:
+            return await self._wait_full(timeout_s, on_wait)
+        except asyncio.CancelledError:
+            await self.release()  # a group of unknown state must not stay held
+            raise
+        except Exception as exc:  # the GCS may be busy right after a node loss
+            logger.warning("could not check or place the full layout", exc_info=True)
+            await self.release()
+            return f"could not check or place the engine's placement group: {exc}"
+
+    async def _wait_full(self, timeout_s: float, on_wait: Callable[[str], None]) -> str | None:
         deadline = time.monotonic() + timeout_s
         left = None
         if self.pg is not None and self.pg_layout == self.full:
@@ -280,27 +357,41 @@ class EnginePlacement:
             logger.warning("the smaller layout does not fit the live nodes: %s", left)
             return None
         pg, (tp, pp) = self.pg, self.small
-        nodes = await asyncio.to_thread(_group_addresses, pg)
+        try:
+            nodes = await asyncio.to_thread(_group_addresses, pg)
+        except Exception:  # only for the layout's description
+            logger.debug("could not read where the smaller layout is placed", exc_info=True)
+            nodes = []
         layout = f"tp={tp} × pp={pp} (on {', '.join(sorted(set(nodes))) or '?'})"
         return layout, lambda: self.open_session(tp, pp, pg)
 
     async def all_back(self) -> bool:
-        """`DegradedLayouts.all_back`: every node of the full layout is live, and the free
-        device slots with the smaller group's own hold the full layout."""
+        """`DegradedLayouts.all_back`: every node of the full layout is live and runs a task
+        pinned to it (Ray's ``Alive`` can lag), and the free device slots with the smaller
+        group's own hold the full layout."""
         return await asyncio.to_thread(self._all_back)
 
     def _all_back(self) -> bool:
         import ray
 
-        if not self.full_nodes:
-            return False
         alive = [n for n in ray.nodes() if n.get("Alive")]
-        if not self.full_nodes <= {n.get("NodeManagerAddress") for n in alive}:
+        # Where the full layout was is unknown only if reading it failed: then every live node
+        # with the device must answer, and the slot count alone tells whether the lost one is
+        # back.
+        wanted = self.full_nodes or {
+            n.get("NodeManagerAddress")
+            for n in alive
+            if (n.get("Resources") or {}).get(self.device_key, 0.0) > 0
+        }
+        if not wanted or not wanted <= {n.get("NodeManagerAddress") for n in alive}:
             return False
         free = ray._private.state.available_resources_per_node()
         slots = sum(free.get(n["NodeID"], {}).get(self.device_key, 0.0) for n in alive)
         held = 0 if self.pg_layout is None else self.pg_layout[0] * self.pg_layout[1]
-        return slots + held >= self.full[0] * self.full[1]
+        if slots + held < self.full[0] * self.full[1]:
+            return False
+        ids = [n["NodeID"] for n in alive if n.get("NodeManagerAddress") in wanted]
+        return nodes_answer(ids, self.round_s)
 
     async def release(self) -> None:
         """Remove the group (its engine must be closed first: Ray kills what runs in it)."""
@@ -319,26 +410,54 @@ class EnginePlacement:
     ) -> str | None:
         """Create a group of ``tp × pp`` device bundles and wait until Ray placed it: None, or
         why not after ``timeout_s`` (the group is then removed)."""
-        import ray
         from ray.util import placement_group
 
         tp, pp = layout
         bundles = [{self.device_key: 1.0} for _ in range(tp * pp)]
-        pg = await asyncio.to_thread(placement_group, bundles, strategy="PACK")
+        create = asyncio.ensure_future(asyncio.to_thread(placement_group, bundles, strategy="PACK"))
+        try:
+            pg = await asyncio.shield(create)
+        except asyncio.CancelledError:
+            create.add_done_callback(_remove_created)  # the group is made all the same
+            raise
         self.pg, self.pg_layout = pg, layout
+        try:
+            left = await self._wait_placed(pg, layout, timeout_s, on_wait)
+        except BaseException:
+            await self.release()  # a group of unknown state must not stay held
+            raise
+        if left is not None:
+            await self.release()
+            return left
+        if layout == self.full:
+            try:
+                self.full_nodes = frozenset(await asyncio.to_thread(_group_addresses, pg))
+            except Exception:  # keep the last known nodes: they only name what to wait for
+                logger.warning("could not read where the full layout is placed", exc_info=True)
+        logger.info("the engine's placement group for tp=%d × pp=%d is placed", tp, pp)
+        return None
+
+    async def _wait_placed(
+        self, pg: Any, layout: tuple[int, int], timeout_s: float, on_wait: Callable[[str], None]
+    ) -> str | None:
+        """Until Ray placed ``pg``: None, or why not (after ``timeout_s``, or its placement
+        failed)."""
+        import ray
+
+        tp, pp = layout
         ready = await asyncio.to_thread(pg.ready)
         deadline = time.monotonic() + timeout_s
         reason = ""
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                await self.release()
                 return reason or f"tp={tp} × pp={pp} was not placed in {timeout_s:g}s"
             done, _ = await asyncio.to_thread(ray.wait, [ready], timeout=min(self.round_s, left))
             if done:
-                if layout == self.full:
-                    self.full_nodes = frozenset(await asyncio.to_thread(_group_addresses, pg))
-                logger.info("the engine's placement group for tp=%d × pp=%d is placed", tp, pp)
+                try:
+                    await asyncio.to_thread(ray.get, ready, timeout=0)
+                except Exception as exc:  # the group was removed or its placement failed
+                    return f"the placement group for tp={tp} × pp={pp} failed: {exc}"
                 return None
             reason = await asyncio.to_thread(self._pending_reason, layout)
             on_wait(reason)
@@ -352,6 +471,21 @@ class EnginePlacement:
         except Exception as exc:  # the GCS may be busy right after a node loss
             return f"waiting for the engine's placement group (Ray state unreadable: {exc})"
         return pending_reason(layout, self.device_key, nodes, free, self.full_nodes)
+
+
+def _remove_created(create: asyncio.Future) -> None:
+    """Remove the group a creation cancelled halfway made after all (off the event loop)."""
+    if create.cancelled() or create.exception() is not None:
+        return
+    from ray.util import remove_placement_group
+
+    def remove() -> None:
+        try:
+            remove_placement_group(create.result())
+        except Exception:
+            logger.warning("could not remove the engine's placement group", exc_info=True)
+
+    threading.Thread(target=remove, name="remove-placement-group", daemon=True).start()
 
 
 def _group_addresses(pg: Any) -> list[str]:

@@ -126,6 +126,10 @@ class RestartPolicy:
     backoff_s: float = 5.0
     backoff_max_s: float = 300.0
     probe_interval_s: float = 10.0
+    # While no request produces output the interval doubles after each probe up to this (never
+    # below probe_interval_s): every probe is an engine step, and after each step vLLM's CPU
+    # worker busy-waits for a second (benchmarks/bench_idle_probe.py).
+    probe_idle_interval_s: float = 60.0
     probe_timeout_s: float = PROBE_TIMEOUT_S
     probe_errors: int = PROBE_ERRORS_TO_RESTART
     poll_s: float = 0.5
@@ -135,11 +139,23 @@ class RestartPolicy:
     restore_check_s: float = RESTORE_CHECK_S
 
     @property
+    def longest_probe_interval_s(self) -> float:
+        """The most time between two probes (the idle one, never below the base one)."""
+        return max(self.probe_interval_s, self.probe_idle_interval_s)
+
+    def next_probe_interval_s(self, current: float, *, output_seen: bool) -> float:
+        """The wait before the next probe: the base interval after output from real requests
+        (or a failed probe), else twice ``current``, up to the idle interval."""
+        if output_seen:
+            return self.probe_interval_s
+        return min(max(2.0 * current, self.probe_interval_s), self.longest_probe_interval_s)
+
+    @property
     def stale_probe_limit_s(self) -> float:
         """A probe older than this, on an engine that produces nothing, means the supervisor
         itself failed to act (check_health then hands the replica to Ray Serve)."""
         return (
-            self.probe_interval_s
+            self.longest_probe_interval_s
             + self.probe_timeout_s
             + max(self.stall_timeout_s, self.first_output_grace_s, 0.0)
             + 10 * self.poll_s
@@ -242,6 +258,11 @@ class Supervisor:
     _pending: RestartRecord | None = None
     _pending_fault: _Fault | None = None
     _restore_fault: str | None = None
+    # Moves back to the full layout in a row that failed: ended on the smaller layout again,
+    # or the full engine they started had a fault before it was stable (the node looked back,
+    # then was not). Each doubles the wait before the next check; a stable engine resets it.
+    failed_moves: int = 0
+    _unproven_move: bool = False  # the full engine comes from a move back, not yet stable
     _task: asyncio.Task | None = None
 
     def __post_init__(self) -> None:
@@ -348,8 +369,11 @@ class Supervisor:
                     return self._fault(PROBE_FAILING, self._probe_fault)
                 if self._restore_fault is not None:
                     return self._fault(NODE_RETURNED, self._restore_fault)
+                # A full engine that holds also ends a run of failed moves back; a smaller
+                # one keeps it (the lost node is still away).
+                moved_back = self.layout is None and (self.failed_moves or self._unproven_move)
                 if (
-                    self.attempt
+                    (self.attempt or moved_back)
                     and self._ready_since is not None
                     and now - self._ready_since >= self.policy.stable_after_s
                 ):
@@ -358,6 +382,8 @@ class Supervisor:
                     )
                     self.attempt = 0
                     self.state.attempt = 0
+                    self.failed_moves = 0 if moved_back else self.failed_moves
+                    self._unproven_move = False if moved_back else self._unproven_move
         finally:
             # Bounded, and the flag as well as the cancel: a probe that swallows its
             # cancellation must neither hold the restart (and the requests in flight) up nor
@@ -374,10 +400,21 @@ class Supervisor:
         return _Fault(cause, detail, self.wall(), self.clock())
 
     async def _probe_loop(self, session: EngineSession, stop: asyncio.Event) -> None:
-        """Keep /ready honest (one-token generations at a steady interval) and count errors,
-        until ``stop`` is set (the engine is being replaced)."""
+        """Keep /ready honest and count errors, until ``stop`` is set (the engine is being
+        replaced): a one-token generation, unless real requests produced output since the last
+        check (that proves the engine as well); spaced out while the engine is idle."""
         policy = self.policy
+        interval = policy.probe_interval_s
+        checked_at: float | None = None  # clock() when the last check ended
         while not stop.is_set():
+            output = session.last_output()
+            if checked_at is not None and output is not None and output > checked_at:
+                self._probe_ok()
+                checked_at = self.clock()
+                interval = policy.next_probe_interval_s(interval, output_seen=True)
+                await asyncio.sleep(interval)
+                continue
+            ok = False
             try:
                 await _wait_for(session.probe(), policy.probe_timeout_s)
             except asyncio.CancelledError:
@@ -406,14 +443,19 @@ class Supervisor:
                 if stop.is_set():
                     return
                 self._probe_ok()
-            await asyncio.sleep(policy.probe_interval_s)
+                ok = True
+            # The probe's own output came before this: only later output is a real request's.
+            checked_at = self.clock()
+            # A failed probe is retried at the base interval.
+            interval = policy.next_probe_interval_s(interval, output_seen=not ok)
+            await asyncio.sleep(interval)
 
     async def _restore_loop(self, stop: asyncio.Event) -> None:
-        """While serving with a smaller layout: every ``restore_check_s``, is the lost node
+        """While serving with a smaller layout: every `restore_interval_s`, is the lost node
         back? Then ask for the move back to the full layout (``_watch`` acts on it)."""
         assert self.degraded is not None
         while not stop.is_set():
-            await asyncio.sleep(self.policy.restore_check_s)
+            await asyncio.sleep(self.restore_interval_s())
             try:
                 back = await self.degraded.all_back()
             except asyncio.CancelledError:
@@ -426,6 +468,22 @@ class Supervisor:
                     f"every node of the full layout is back: moving from {self.layout} to it"
                 )
                 return
+
+    def restore_interval_s(self) -> float:
+        """How long a degraded engine waits between checks for the lost node: doubled by each
+        move back that failed, capped at the restart backoff's cap."""
+        policy = self.policy
+        interval = policy.restore_check_s * 2.0 ** min(self.failed_moves, 32)
+        return min(interval, max(policy.backoff_max_s, policy.restore_check_s))
+
+    def _failed_move(self) -> None:
+        self.failed_moves += 1
+        logger.warning(
+            "the move back to the full layout failed (%d in a row): next check for the lost "
+            "node in %.0fs",
+            self.failed_moves,
+            self.restore_interval_s(),
+        )
 
     def _probe_ok(self) -> None:
         now = self.clock()
@@ -459,6 +517,9 @@ class Supervisor:
         self._pending_fault = fault
         if fault.cause == NODE_RETURNED:
             self.attempt = 0  # a planned move back, not a failure
+        elif self._unproven_move:  # the full engine of a move back failed before it was stable
+            self._unproven_move = False
+            self._failed_move()
         ENGINE_RESTARTS.labels(cause=fault.cause).inc()
         self.state.app = None
         self.state.engine_error = lambda: None
@@ -521,6 +582,11 @@ class Supervisor:
             self._pending = record
             self.state.next_attempt_wall = None
             self.layout = layout
+            if fault.cause == NODE_RETURNED:
+                if layout is None:
+                    self._unproven_move = True
+                else:
+                    self._failed_move()
             if layout is not None:
                 self.state.detail = (
                     f"{fault.detail}; serving with the smaller layout {layout} until the lost "

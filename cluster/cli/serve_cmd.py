@@ -149,7 +149,15 @@ def serve(
         8 * 1024 * 1024, "--max-body-bytes", help="Largest request body accepted (413 past)."
     ),
     ready_probe_interval: float = typer.Option(
-        10.0, "--ready-probe-interval", help="Seconds between the one-token readiness probes."
+        10.0,
+        "--ready-probe-interval",
+        help="Seconds between the one-token readiness probes (skipped while requests produce "
+        "output).",
+    ),
+    ready_probe_idle_interval: float = typer.Option(
+        60.0,
+        "--ready-probe-idle-interval",
+        help="While no request produces output, the probe interval doubles up to this.",
     ),
     stall_timeout: float = typer.Option(
         60.0,
@@ -259,6 +267,7 @@ def serve(
         "retry_after_s": retry_after,
         "max_body_bytes": max_body_bytes,
         "ready_probe_interval_s": ready_probe_interval,
+        "ready_probe_idle_interval_s": ready_probe_idle_interval,
         "stall_timeout_s": stall_timeout,
         "restart_max_attempts": restart_attempts,
         "restart_backoff_s": restart_backoff,

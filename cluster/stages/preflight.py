@@ -42,28 +42,48 @@ d={shared}; while [ ! -d "$d" ]; do d=$(dirname "$d"); done
 df -Pk "$d" | awk 'NR==2 {{print "disk_free_kb=" $4}}'
 """
 
-# Free TCP ports on the head, chosen by the kernel (bind port 0), when a port is asked as 0.
-FREE_PORTS_TEMPLATE = (
-    "python3 -c 'import socket\n"
-    "socks=[socket.socket() for _ in range({count})]\n"
-    '[s.bind(("", 0)) for s in socks]\n'
-    'print(" ".join(str(s.getsockname()[1]) for s in socks))\''
-)
-
-# A free port P on the head whose next {span} ports are free too and none of them in {avoid}
-# (the API port of several replicas: HAProxy and the replicas take ports above it); exit 1
-# when a few hundred candidates of the kernel's choosing all fail.
-FREE_PORT_BLOCK_TEMPLATE = (
-    "python3 -c 'import socket,sys\n"
-    "span, avoid = {span}, {{{avoid}}}\n"
+# Ports asked as 0 come from a private range above Linux's ephemeral range (32768-60999 by
+# default) and clear of Ray's worker ports (its default 10002-19999; up's blocks in 20000-31999):
+# no outgoing connection is ever given one of them, so a port preflight chose is still free when
+# a later stage binds it. Where the node's ephemeral range reaches into it, the kernel chooses
+# (bind to port 0).
+PRIVATE_PORT_RANGE = (61000, 65536)
+_PORT_PICKER = (
+    "import random,socket,sys\n"
+    f"lo, hi = {PRIVATE_PORT_RANGE[0]}, {PRIVATE_PORT_RANGE[1]}\n"
+    'try: e0, e1 = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())\n'
+    "except (OSError, ValueError): e0, e1 = 32768, 60999\n"
+    "private = e1 < lo or e0 >= hi\n"
     "def free(p):\n"
     "    s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
     '    try: s.bind(("", p)); return True\n'
     "    except OSError: return False\n"
     "    finally: s.close()\n"
+    "def pick():\n"
+    "    if private: return random.randrange(lo, hi)\n"
+    '    s=socket.socket(); s.bind(("", 0)); p=s.getsockname()[1]; s.close(); return p\n'
+)
+
+# {count} distinct free TCP ports on the head (the ports asked as 0), space-separated; exit 1
+# when a few thousand candidates were not enough.
+FREE_PORTS_TEMPLATE = (
+    "python3 -c '" + _PORT_PICKER + "got = []\n"
+    "for _ in range(5000):\n"
+    "    p = pick()\n"
+    "    if p not in got and free(p): got.append(p)\n"
+    "    if len(got) == {count}:\n"
+    '        print(" ".join(map(str, got))); sys.exit(0)\n'
+    "sys.exit(1)'"
+)
+
+# A free port P on the head whose next {span} ports are free too and none of them in {avoid}
+# (the API port of several replicas: HAProxy and the replicas take ports above it); exit 1
+# when a few hundred candidates all fail.
+FREE_PORT_BLOCK_TEMPLATE = (
+    "python3 -c '" + _PORT_PICKER + "span, avoid = {span}, {{{avoid}}}\n"
     "for _ in range(300):\n"
-    '    s=socket.socket(); s.bind(("", 0)); p=s.getsockname()[1]; s.close()\n'
-    "    block=range(p, p + span + 1)\n"
+    "    p = pick()\n"
+    "    block = range(p, p + span + 1)\n"
     "    if p + span <= 65535 and not avoid & set(block) and all(free(q) for q in block):\n"
     "        print(p); sys.exit(0)\n"
     "sys.exit(1)'"
@@ -283,10 +303,18 @@ def move_api_port(ctx: UpContext, replicas: int) -> bool:
     return True
 
 
+def api_port_movable(ctx: UpContext) -> bool:
+    """The API port is of the system's choosing (asked as 0) and nothing was served on it yet:
+    preflight may move it to another free block."""
+    return ctx.config.api_port == 0 and ctx.state.server.config_digest is None
+
+
 def check_replica_ports(ctx: UpContext, replicas: int, *, may_move: bool = True) -> None:
     """Refuse (ConfigError naming each taken port and what needs it) unless the ports
     ``replicas`` > 1 need are free on the head, as the API port must be; those the running
-    server's own replicas and balancer hold (the recorded replica count) are not asked."""
+    server's own replicas and balancer hold (the recorded replica count) are not asked.
+    ``may_move``: an API port of the system's choosing with nothing served on it moves to a free
+    block instead (preflight only: the ports are its section of the state)."""
     ports = ctx.state.ports
     if replicas <= 1 or ports is None:
         return
@@ -311,8 +339,8 @@ def check_replica_ports(ctx: UpContext, replicas: int, *, may_move: bool = True)
     taken = {int(p) for p in res.stdout.split() if p.isdigit()}
     if not taken:
         return
-    moving = may_move and ctx.config.api_port == 0 and server.config_digest is None
-    if moving and move_api_port(ctx, replicas):
+    movable = api_port_movable(ctx)
+    if may_move and movable and move_api_port(ctx, replicas):
         # Ports of the system's choosing, nothing deployed on them yet: the ones above the API
         # port were taken since (an outgoing connection's port, say). A fresh block instead.
         check_replica_ports(ctx, replicas, may_move=False)
@@ -321,10 +349,15 @@ def check_replica_ports(ctx: UpContext, replicas: int, *, may_move: bool = True)
         f"{port} ({what})" for what, group in wanted.items() for port in group if port in taken
     ]
     first, last = wanted["replicas"][0], wanted["replicas"][-1]
+    rerun = (
+        "rerun `llamacluster up` (preflight moves a port it chose itself to a free block), "
+        if movable
+        else ""
+    )
     raise ConfigError(
         f"{replicas} replicas need ports that are in use on the head {ctx.head.label}: "
         + ", ".join(named),
-        hint=f"stop what holds them, or pass another --api-port (HAProxy takes api+3 and "
+        hint=f"{rerun}stop what holds them, or pass another --api-port (HAProxy takes api+3 and "
         f"api+4, the replicas api+10 upward: now {first}-{last}), or fewer --replicas",
     )
 
@@ -491,9 +524,13 @@ class Preflight(Stage):
         ports_changed = self._choose_ports(ctx)
         asked = cfg.num_replicas
         if asked != "auto" and not ctx.state.more_models:
-            # `--replicas auto`, and several models, are checked by the serve stage once the
-            # planner has chosen.
             check_replica_ports(ctx, int(asked))
+        elif api_port_movable(ctx):
+            # `--replicas auto`, and several models, are checked by the serve stage once the
+            # planner has chosen; an API port of the system's choosing with nothing served on it
+            # yet is checked here for the most replicas the slots hold, and moved if that block
+            # was taken since (the serve stage may not move it: the ports are this stage's).
+            check_replica_ports(ctx, sum(n.devices for n in ctx.state.nodes))
         self._check_reachability(ctx)
         # Ports already listening (a running cluster) that answer on a public address: warned
         # with the rule that closes each; never a failure.

@@ -11,7 +11,7 @@ from itertools import groupby
 from cluster import supervisor as sup
 from cluster.errors import NotReadyError, RemoteError
 from cluster.ray_nodes import (
-    STARTUP_TIMEOUT,
+    RETRIED,
     RayClusterSpec,
     RayHeadPorts,
     RayNodeHandle,
@@ -223,9 +223,16 @@ def cluster_spec(ctx: UpContext) -> RayClusterSpec:
         ),
         env=node_env(head, ctx.config.cpu_kvcache_gb) if head else {},
         ray_bin=python.rsplit("/", 1)[0] + "/ray",
+        ray_cli=ray_cli(python),
         python=python,
         head_env=head_env(p),
     )
+
+
+def ray_cli(python: str) -> tuple[str, ...]:
+    """How the nodes run ``ray start``: Ray's CLI through cluster/ray_start.py, which tells the
+    raylet its dashboard agent's port (else a slow agent start aborts the raylet)."""
+    return (python, "-m", "cluster.ray_start")
 
 
 def head_env(ports: Ports) -> dict[str, str]:
@@ -632,18 +639,20 @@ class RayCluster(Stage):
         self, ctx: UpContext, runner: Runner, rec: NodeState, index: int, *, supervise: bool
     ) -> tuple[RayClusterSpec, RayNodeHandle]:
         """Start node ``index``; when Ray says the node "timed out during startup" (its raylet
-        never registered: most often one of the ports picked for it was taken by something
-        else between picking and starting), pick fresh ports for that node and start again,
-        up to START_TRIES times. Retrying on the same ports would fail the same way."""
+        never registered: one of the ports picked for it taken by something else between
+        picking and starting; a slow dashboard agent no longer causes it, see ray_cli), or its
+        dashboard agent never listened (its port taken), pick fresh ports for that node and
+        start again, up to START_TRIES times. Retrying on the same ports would fail the same
+        way."""
         for attempt in range(1, START_TRIES + 1):
             spec = node_spec(ctx, rec)
             try:
                 return spec, start_node(ctx, runner, spec, index, retries=0, supervise=supervise)
             except RemoteError as exc:
-                if STARTUP_TIMEOUT not in exc.message or attempt == START_TRIES:
+                if not any(m in exc.message for m in RETRIED) or attempt == START_TRIES:
                     raise
                 ctx.reporter.warn(
-                    f"{runner.label}: Ray timed out registering (try {attempt} of "
+                    f"{runner.label}: Ray timed out starting (try {attempt} of "
                     f"{START_TRIES}); starting it again on fresh ports"
                 )
                 self._allocate_ports(ctx, [index])
@@ -674,7 +683,7 @@ class RayCluster(Stage):
         res = ctx.run_head(
             auth_probe_command(cluster_spec(ctx)),
             what="requests to Ray without its token",
-            timeout=120,
+            timeout=180,  # the probe's own wait for agents still starting is 90 s
             check=False,
         )
         problems = unauthenticated_access(res.stdout)

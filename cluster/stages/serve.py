@@ -805,7 +805,7 @@ class Serve(Stage):
             # An integer --replicas of one model had its ports checked by preflight.
             from cluster.stages.preflight import check_replica_ports
 
-            check_replica_ports(ctx, replicas_total)
+            check_replica_ports(ctx, replicas_total, may_move=False)
         self._copy_api_key(ctx)
         if ctx.config.api_on_all_interfaces:
             ctx.reporter.warn(

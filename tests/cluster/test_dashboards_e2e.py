@@ -363,10 +363,17 @@ def test_a_loaded_cluster_seen_through_its_tunnel(tmp_path, cli_env, sshd, demo_
         try:
             # `top --name` live in a terminal: the head is remote, so it forwards its own port.
             live_top = TmuxTop(["top", "--name", name], cli_env)
-            time.sleep(16)  # inside the second point
-            # Straight from the server's /metrics at the tunnel's API port (any vLLM server).
-            direct = _ok(llamacluster("top", "--once", "--base-url", api_url,
-                                      "--api-key-file", key_file, env=cli_env))  # fmt: skip
+            # Straight from the server's /metrics at the tunnel's API port (any vLLM server),
+            # read until the load shows (the bench takes a few seconds to start).
+            deadline = time.monotonic() + 90
+            while True:
+                direct = _ok(llamacluster("top", "--once", "--base-url", api_url,
+                                          "--api-key-file", key_file, env=cli_env))  # fmt: skip
+                if _out_tokens_s(direct) > 0 and _engine_cells(direct)["TTFT p50"].endswith("ms"):
+                    break
+                assert bench.poll() is None, f"the load ended unseen on /metrics:\n{direct}"
+                assert time.monotonic() < deadline, f"no load on /metrics:\n{direct}"
+                time.sleep(1)
             deadline = time.monotonic() + 30
             while _out_tokens_s(pane := live_top.pane()) <= 0:
                 assert not live_top.ended(), f"top under tmux exited:\n{pane}"

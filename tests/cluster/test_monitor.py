@@ -173,8 +173,8 @@ def test_dry_run_plans_prometheus_on_the_head_and_points_the_dashboard_at_it(tmp
     assert "python3 - probe --url http://127.0.0.1:9393" in section
     # The head's Ray dashboard learns where Prometheus is; the workers' Ray does not need it.
     ray = out[out.index("▸ ray") : out.index("▸ serve")]
-    head_start = [ln for ln in ray.splitlines() if "ray start --head" in ln.replace("'", "")]
-    worker_start = [ln for ln in ray.splitlines() if "ray start --address" in ln]
+    head_start = [ln for ln in ray.splitlines() if "cluster.ray_start start --head" in ln]
+    worker_start = [ln for ln in ray.splitlines() if "cluster.ray_start start --address" in ln]
     assert any("RAY_PROMETHEUS_HOST=http://127.0.0.1:9393" in ln for ln in head_start)
     assert worker_start and not any("RAY_PROMETHEUS_HOST" in ln for ln in worker_start)
 

@@ -92,7 +92,7 @@ def test_dry_run_plans_each_nodes_token_under_its_own_home(tmp_path, capsys):
         path = f"{home}/.llamacluster/nodes/homes-{key}/ray_token"
         lines = [ln.strip() for ln in ray.splitlines() if ln.strip().startswith(label + "$")]
         assert f"{label}$ copy <controller token> -> {path} (0600)" in lines
-        start = next(ln for ln in lines if "/ray start " in ln and "RAY_AUTH" in ln)
+        start = next(ln for ln in lines if "cluster.ray_start start " in ln and "RAY_AUTH" in ln)
         assert f"RAY_AUTH_TOKEN_PATH={path} " in start
     assert "/srv/bob" not in "".join(ln for ln in ray.splitlines() if "127.0.0.2:2222$" in ln)
 
@@ -258,6 +258,7 @@ def test_a_node_that_times_out_registering_starts_again_on_fresh_ports(tmp_path,
         reporter=Reporter(Console(file=out, soft_wrap=True)),
     )
     monkeypatch.setattr(RayCluster, "_wait", staticmethod(lambda ctx, timeout: None))
+    monkeypatch.setattr("cluster.stages.ray.ray_cli", lambda python: (str(ray),))
     try:
         outcome = RayCluster().run(ctx)
     finally:
@@ -270,7 +271,7 @@ def test_a_node_that_times_out_registering_starts_again_on_fresh_ports(tmp_path,
     assert len(ports) == 2 and ports[0] != ports[1], starts  # the second try: fresh ports
     assert state.ray.node("head").ports["node_manager"] == ports[1]
     assert outcome.status == "done" and state.ray.node("head").session
-    assert "timed out registering (try 1 of 3); starting it again on fresh ports" in out.getvalue()
+    assert "timed out starting (try 1 of 3); starting it again on fresh ports" in out.getvalue()
     assert os.path.exists(f"{log}.failed")
 
 

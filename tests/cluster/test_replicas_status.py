@@ -17,7 +17,9 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from cluster.errors import ConfigError, RemoteError
 from cluster.stages.preflight import (
     FREE_PORT_BLOCK_TEMPLATE,
+    FREE_PORTS_TEMPLATE,
     PORTS_TAKEN_TEMPLATE,
+    PRIVATE_PORT_RANGE,
     replica_port_span,
     replica_side_ports,
 )
@@ -148,6 +150,34 @@ def test_an_api_port_asked_as_0_leaves_room_for_the_replicas_above_it():
         assert taken.stdout.strip() == ""
     finally:
         holder.close()
+
+
+def _private_range_free() -> bool:
+    """This machine's ephemeral range stays clear of the range ports asked as 0 come from."""
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    return high < PRIVATE_PORT_RANGE[0] or low >= PRIVATE_PORT_RANGE[1]
+
+
+def test_ports_asked_as_0_come_from_outside_the_ephemeral_range():
+    """No outgoing connection can take a chosen port before its stage binds it: the real
+    scripts pick distinct, free ports in the private range (the kernel's, where its ephemeral
+    range reaches into that one)."""
+    singles = subprocess.run(
+        FREE_PORTS_TEMPLATE.format(count=6), shell=True, capture_output=True, text=True,
+        timeout=60, check=True,
+    ).stdout.split()  # fmt: skip
+    block = subprocess.run(
+        FREE_PORT_BLOCK_TEMPLATE.format(span=40, avoid=",".join(singles)), shell=True,
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    ports = [int(p) for p in singles]
+    assert len(set(ports)) == 6 and not any(_taken(p) for p in ports)
+    base = int(block)
+    assert not set(ports) & set(range(base, base + 41))
+    if not _private_range_free():
+        pytest.skip("this machine's ephemeral range reaches into the private range")
+    low, high = PRIVATE_PORT_RANGE
+    assert all(low <= p < high for p in ports) and low <= base and base + 40 < high
 
 
 def test_taken_ports_are_named():
@@ -402,8 +432,16 @@ def test_ports_of_the_systems_choosing_move_when_taken_since(tmp_path):
     ctx = _up_context(tmp_path, slots=[2], mem_gb=[None], api_port=0)
     ctx.state.ports = Ports(ray_gcs=1, dashboard=2, api=api, serve_proxy=api + 2)
     try:
+        # The serve stage does not own the ports: it refuses in one line and changes nothing
+        # (a second `up` runs preflight, which moves them).
+        before = ctx.state.ports
+        with pytest.raises(ConfigError, match=rf"{api + 11} \(replicas\)") as refused:
+            check_replica_ports(ctx, 2, may_move=False)
+        assert ctx.state.ports == before
+        assert refused.value.hint.startswith("rerun `llamacluster up`")
         check_replica_ports(ctx, 2)
         moved = ctx.state.ports.api
+        assert PRIVATE_PORT_RANGE[0] <= moved < PRIVATE_PORT_RANGE[1] or not _private_range_free()
         assert moved != api and ctx.state.ports.serve_proxy == api + 2
         assert not any(_taken(moved + d) for d in (3, 4, *range(10, 16)))
         # Asked for explicitly, the same port is refused in one line instead.

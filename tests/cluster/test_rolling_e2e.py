@@ -8,6 +8,7 @@ saying so, and the old model kept serving the whole time.
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 import threading
 import time
@@ -90,8 +91,11 @@ def test_rolling_update_and_rollback_under_load(tmp_path, cli_env, hub_server):
     hub_server.add_repo(NEW_REPO, new)
     broken = tmp_path / "broken-model"
     shutil.copytree(new, broken)
-    for shard in broken.glob("*.safetensors"):  # a header that cannot be parsed: load fails
-        shard.write_bytes(b"\xff" * 64)
+    # An architecture vLLM does not have: the engine fails as it starts, before it spawns
+    # processes (a shard that cannot be parsed fails the same way half a minute later).
+    config = json.loads((broken / "config.json").read_text())
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (broken / "config.json").write_text(json.dumps(config))
     shared = tmp_path / "shared"
     common = ["--local", "--tp", "1", "--pp", "1", "--replicas", "2", "--served-model-name", "demo"]
     common += ["--cpu-slots", "2", "--cpu-kvcache-gb", "1", "--skip", "monitor"]

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -126,5 +127,7 @@ def test_real_ray_refuses_the_agent_and_the_gcs_without_a_token(make_ray_cluster
             replace(n, ports=replace(n.ports, dashboard_agent_listen=1)) for n in spec.nodes
         ),
     )
-    done = LocalRunner().run(auth_probe_command(closed), timeout=120)
+    started = time.monotonic()
+    done = LocalRunner().run(auth_probe_command(closed, agent_wait_s=3), timeout=120)
+    assert time.monotonic() - started >= 3  # a refused connection is tried again for a while
     assert "unreachable" in unauthenticated_access(done.stdout)[0]

@@ -48,7 +48,7 @@ def test_dry_run_prints_every_stage_per_node_and_runs_nothing(tmp_path, capsys):
     assert "127.0.0.2:2222$" in out and "127.0.0.3:2222$" in out
     assert "python3 - add-fsc --root" in out  # cache stage in the temp-root mode
     assert "apt-get" not in out  # no system command in the temp-root mode
-    assert "ray start --head" in out.replace("'", "")
+    assert "bin/python -m cluster.ray_start start --head" in out
     assert "--address 127.0.0.2:6379" in out
     # The port probe: a listener on each node, the worker tries the head's GCS port and both
     # of the head's listener ports, the head both of the worker's.

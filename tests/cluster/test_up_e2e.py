@@ -1,4 +1,5 @@
-"""`llamacluster up` end to end: --local (tp=1) and over SSH to two loopback nodes (tp=2 × pp=2)."""
+"""`llamacluster up` end to end: --local (tp=1; key changes applied without a redeploy) and over
+SSH to two loopback nodes (tp=2 × pp=2)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from cluster.demo_model import DEMO_MODEL_REPO_ID
+from cluster.keys import read_api_key
+from tests.support.server import seconds_until_status
 
 pytestmark = pytest.mark.e2e
 
@@ -114,6 +117,39 @@ def cli_env(tmp_path) -> dict[str, str]:
     return env
 
 
+def _wait_for_status(endpoint: str, key: str, status: int, *, limit_s: float = 10) -> float:
+    """Seconds until GET /v1/models with ``key`` answers ``status``."""
+    return seconds_until_status(f"{endpoint}/v1", key, status, limit_s=limit_s, poll_s=0.1)
+
+
+def _keys_reach_the_server_without_a_redeploy(home: Path, args: list[str], env: dict) -> None:
+    """A hand-edited key file and a second `up`, then `llamacluster keys add/revoke`, each
+    applied to the running server without a redeploy."""
+    state = _state(home, "local")
+    endpoint, key_file = state["server"]["endpoint"], Path(state["secrets"]["api_key_file"])
+    first = read_api_key(key_file)
+    assert _wait_for_status(endpoint, first, 200) < 1
+
+    key_file.write_text("sk-by-hand-0123456789\n")
+    again = _ok(llamacluster("up", *args, env=env))
+    assert "API keys updated (1 accepted, no redeploy)" in again, again
+    assert "redeployed" not in again
+    assert _wait_for_status(endpoint, first, 401, limit_s=5) < 5
+    assert _wait_for_status(endpoint, "sk-by-hand-0123456789", 200, limit_s=5) < 5
+
+    added = llamacluster("keys", "add", "ci", "--local", env=env)
+    secret = _ok(added).strip()
+    assert "applied" in added.stderr and secret not in added.stderr
+    assert _wait_for_status(endpoint, secret, 200, limit_s=5) < 5
+    _ok(llamacluster("keys", "revoke", "ci", "--local", env=env))
+    assert _wait_for_status(endpoint, secret, 401, limit_s=5) < 5
+    assert _wait_for_status(endpoint, "sk-by-hand-0123456789", 200, limit_s=1) < 1
+
+    listed = _ok(llamacluster("keys", "list", "--local", env=env))
+    assert "key-1" in listed and "sk-by-hand" not in listed
+    assert "nothing changed" in _ok(llamacluster("up", *args, env=env))
+
+
 @pytest.mark.timeout(1200)
 def test_up_local_serves_and_is_idempotent(tmp_path, cli_env, demo_model_dir):
     home = Path(cli_env["LLAMACLUSTER_HOME"])
@@ -142,6 +178,7 @@ def test_up_local_serves_and_is_idempotent(tmp_path, cli_env, demo_model_dir):
             assert time.monotonic() < deadline, status
             time.sleep(3)
             status = _ok(llamacluster("status", "--local", env=cli_env, timeout=300))
+        _keys_reach_the_server_without_a_redeploy(home, [*common, *ports], cli_env)
         sessions = _sessions(_state(home, "local"))
         # A changed serving config redeploys the server only: Ray keeps its sessions.
         # Aliases: vLLM's spelling of the flag, repeated; the first name is the main one.

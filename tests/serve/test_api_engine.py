@@ -348,7 +348,7 @@ def test_client_disconnect_aborts_the_engine_request(api_server: ApiServer) -> N
     while received.count(b"data: ") < 3:
         received += sock.recv(65536)
     assert received.startswith(b"HTTP/1.1 200")
-    # >= 1: the readiness probe (one token every 2 s) may be running too.
+    # >= 1: the readiness probe (one token every 10 s) may be running too.
     assert api_server.metric("vllm:num_requests_running") >= 1
     sock.close()
     deadline = time.monotonic() + 1.0

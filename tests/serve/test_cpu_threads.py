@@ -11,7 +11,7 @@ import pytest
 from cluster.errors import ConfigError
 from cluster.stages.serve import worker_threads
 from cluster.state import NodeState
-from serve.app import replica_env
+from serve.app import AOT_COMPILE_ENV, replica_env
 from serve.config import ServeConfig, load_config
 
 
@@ -49,6 +49,8 @@ def test_threads_reach_the_workers_environment(demo_model_dir: Path) -> None:
     assert replica_env(config)["OMP_NUM_THREADS"] == "3"
     unset = config.model_copy(update={"cpu_threads": None})
     assert "OMP_NUM_THREADS" not in replica_env(unset)
+    # The compile cache vLLM reads back on CPU (its AOT artifacts fail to load there).
+    assert replica_env(config)[AOT_COMPILE_ENV] == "0"
 
 
 def test_threads_on_gpu_nodes_are_refused_in_one_line(demo_model_dir: Path) -> None:

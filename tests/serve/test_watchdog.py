@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import logging
 import time
 
 import httpx
@@ -38,6 +40,7 @@ FAST = RestartPolicy(
     backoff_s=0.05,
     backoff_max_s=0.1,
     probe_interval_s=0.02,
+    probe_idle_interval_s=0.08,
     probe_timeout_s=0.2,
     poll_s=0.01,
 )
@@ -51,6 +54,22 @@ BOUND_S = 10.0
 def test_backoff_is_exponential_and_capped() -> None:
     delays = [restart_delay(n, 5.0, 60.0) for n in range(1, 8)]
     assert delays == [0.0, 5.0, 10.0, 20.0, 40.0, 60.0, 60.0]
+
+
+def test_the_probe_interval_doubles_while_idle_and_drops_back_on_output() -> None:
+    policy = RestartPolicy(probe_interval_s=10.0, probe_idle_interval_s=60.0)
+    waits, wait = [], 10.0
+    for _ in range(5):
+        wait = policy.next_probe_interval_s(wait, output_seen=False)
+        waits.append(wait)
+    assert waits == [20.0, 40.0, 60.0, 60.0, 60.0]
+    assert policy.next_probe_interval_s(60.0, output_seen=True) == 10.0
+    # An idle interval below the base one never shortens it.
+    short = RestartPolicy(probe_interval_s=10.0, probe_idle_interval_s=5.0)
+    assert short.next_probe_interval_s(10.0, output_seen=False) == 10.0
+    assert short.longest_probe_interval_s == 10.0
+    # The supervisor's own staleness limit allows for the longest wait.
+    assert policy.stale_probe_limit_s > 60.0 + policy.probe_timeout_s
 
 
 def test_stall_needs_requests_in_flight_and_silence() -> None:
@@ -235,6 +254,32 @@ async def test_stall_restarts_but_a_busy_engine_with_output_does_not() -> None:
     task.cancel()
 
 
+async def test_output_of_real_requests_stands_in_for_the_probe_and_idle_spaces_it_out() -> None:
+    session = FakeSession("a")
+    probed_at: list[float] = []
+    probe = session.probe
+
+    async def timed_probe() -> None:
+        probed_at.append(time.monotonic())
+        await probe()
+
+    session.probe = timed_probe  # type: ignore[method-assign]
+    sup = supervisor(Starts(session))
+    task = sup.launch()
+    await wait_for(lambda: len(probed_at) >= 5)  # idle: 0.02 s, then doubling to 0.08 s
+    gaps = [b - a for a, b in itertools.pairwise(probed_at)]
+    assert all(gap >= 0.04 for gap in gaps[:1]) and all(gap >= 0.08 for gap in gaps[2:4]), gaps
+    # Requests produce output: the engine is proven without probes, and /ready stays fresh.
+    count = session.probes
+    for _ in range(30):  # 0.3 s with output every 10 ms
+        session.output_at = time.monotonic()
+        await asyncio.sleep(0.01)
+    assert session.probes <= count + 1, (count, session.probes)  # one may have been under way
+    assert time.monotonic() - (sup.state.last_probe_ok or 0.0) < 0.25
+    assert sup.state.ready()[0]
+    task.cancel()
+
+
 async def test_probe_errors_in_a_row_are_a_fault_but_slow_probes_are_not() -> None:
     first, second = FakeSession("a"), FakeSession("b")
     policy = RestartPolicy(**{**FAST.__dict__, "stall_timeout_s": 0})  # stall watchdog off
@@ -410,6 +455,101 @@ async def test_a_lost_node_means_the_smaller_layout_until_it_is_back_then_the_fu
         (ENGINE_DEAD, 1, "recovered", "tp=1 × pp=1 (on 10.0.0.1)"),
         (NODE_RETURNED, 1, "recovered", None),
     ]
+    task.cancel()
+
+
+async def test_a_node_that_only_looks_back_slows_the_moves_back_down() -> None:
+    # all_back says yes, but the full layout never gets placed (the node flaps): each failed
+    # move back lands on the smaller layout again and doubles the wait before the next check.
+    full = FakeSession("full")
+    layouts = FakeLayouts(FakeSession("small"))
+    smalls = [FakeSession(f"small{n}") for n in range(8)]
+    checks: list[float] = []
+
+    async def plan():
+        layouts.plans += 1
+        session = smalls[layouts.plans - 1]
+
+        async def start():
+            return session
+
+        return "tp=1 × pp=1 (on 10.0.0.1)", start
+
+    async def all_back() -> bool:
+        checks.append(time.monotonic())
+        return True
+
+    async def never_placed(timeout_s: float, on_wait) -> str | None:
+        await asyncio.sleep(timeout_s)
+        return "bundle 1: its node 10.0.0.2 does not answer"
+
+    layouts.plan, layouts.all_back = plan, all_back
+    policy = RestartPolicy(**{**REPLAN.__dict__, "restore_check_s": 0.05, "backoff_max_s": 0.2})
+    sup = supervisor(Starts(full), policy, wait_for_placement=never_placed, degraded=layouts)
+    task = sup.launch()
+    await wait_for(lambda: sup.state.last_probe_ok is not None)
+    full.dead_reason = "ActorDiedError: its node has died"
+    await wait_for(lambda: layouts.plans >= 5)
+    task.cancel()
+    assert sup.failed_moves >= 3
+    assert sup.restore_interval_s() == 0.2  # capped at the backoff's cap
+    moves = [r for r in sup.history if r.cause == NODE_RETURNED]
+    assert len(moves) >= 3 and all(r.layout is not None for r in moves)
+    assert sup.state.phase != "failed"  # a move back is not a failed attempt
+    # Between two checks: the failed wait for the full layout (0.05 s), then the doubled wait.
+    gaps = [b - a for a, b in itertools.pairwise(checks)]
+    assert gaps[0] >= 0.05 + 0.1 and gaps[1] >= 0.05 + 0.2, gaps
+
+
+async def test_a_move_back_counts_as_failed_until_the_full_engine_is_stable(caplog) -> None:
+    # The node comes back long enough for the full engine to start, then goes again: that move
+    # back failed too (the next check waits longer); a full engine that stays up resets it.
+    full, full2, full3 = FakeSession("full"), FakeSession("full2"), FakeSession("full3")
+    layouts = FakeLayouts(None)
+    smalls = [FakeSession("small0"), FakeSession("small1")]
+
+    async def plan():
+        session = smalls[layouts.plans]
+        layouts.plans += 1
+
+        async def start():
+            return session
+
+        return "tp=1 × pp=1 (on 10.0.0.1)", start
+
+    async def wait_for_placement(timeout_s: float, on_wait) -> str | None:
+        if layouts.node_up:
+            return None
+        await asyncio.sleep(timeout_s)
+        return "bundle 1: its node 10.0.0.2 is gone"
+
+    layouts.plan = plan
+    policy = RestartPolicy(**{**REPLAN.__dict__, "stable_after_s": 0.3})
+    sup = supervisor(
+        Starts(full, full2, full3), policy, wait_for_placement=wait_for_placement, degraded=layouts
+    )
+    task = sup.launch()
+    await wait_for(lambda: sup.state.last_probe_ok is not None)
+    full.dead_reason = "ActorDiedError: its node has died"
+    await wait_for(lambda: sup.session is smalls[0] and sup.state.last_probe_ok is not None)
+    layouts.node_up = True
+    await wait_for(lambda: sup.session is full2 and sup.state.last_probe_ok is not None)
+    assert sup.failed_moves == 0 and sup.layout is None
+    layouts.node_up = False
+    full2.dead_reason = "ActorDiedError: its node has died again"  # before it was stable
+    await wait_for(lambda: sup.session is smalls[1] and sup.state.last_probe_ok is not None)
+    assert sup.failed_moves == 1
+    assert sup.restore_interval_s() == 2 * policy.restore_check_s
+    # A smaller engine that holds resets the restart count once and keeps the failed moves.
+    with caplog.at_level(logging.INFO, logger="serve.watchdog"):
+        await asyncio.sleep(3 * policy.stable_after_s)
+    resets = [r for r in caplog.records if "restart count reset" in r.getMessage()]
+    assert len(resets) == 1 and sup.attempt == 0 and sup.failed_moves == 1
+    layouts.node_up = True
+    await wait_for(lambda: sup.session is full3 and sup.state.last_probe_ok is not None)
+    assert sup.failed_moves == 1  # not yet: the full engine has to stay up
+    await wait_for(lambda: sup.failed_moves == 0)  # stable for stable_after_s
+    assert sup.session is full3 and sup.layout is None
     task.cancel()
 
 

@@ -26,6 +26,7 @@ from cluster.ray_nodes import (
     wait_for_nodes,
 )
 from cluster.runner import LocalRunner, Runner
+from cluster.stages.ray import ray_cli as ray_cli_of
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -180,10 +181,14 @@ def start_loopback_ray_cluster(
     env: Mapping[str, str] | None = None,
     object_store_mb: int = 256,
     timeout: float = 180,
+    ray_cli: Sequence[str] | None = None,
+    retries: int = 3,
 ) -> LoopbackRayCluster:
     """Start ``nodes`` Ray nodes on 127.0.0.1, 127.0.0.2, ... with ``slots_per_node`` worker
     slots each (advertised as GPUs, see TESTBED), token auth, direct ingress, free ports and a
-    short per-cluster temp dir; returns once every node and slot is registered."""
+    short per-cluster temp dir; returns once every node and slot is registered. ``ray start``
+    runs as `up` runs it (cluster/ray_start.py) unless ``ray_cli`` names another command (``()``:
+    Ray's own CLI)."""
     temp_dir = tempfile.mkdtemp(prefix="lcr-", dir="/tmp")  # short: unix socket paths
     try:
         token = write_token_file(Path(temp_dir) / "token")
@@ -207,11 +212,12 @@ def start_loopback_ray_cluster(
             ),
             env={"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})},
             ray_bin=str(VENV_BIN / "ray"),
+            ray_cli=tuple(ray_cli) if ray_cli is not None else ray_cli_of(sys.executable),
             python=sys.executable,
             object_store_memory=object_store_mb * 1024 * 1024,
         )
         # Retries: Ray's fixed 30 s registration limit is tight on a shared 2-core test host.
-        handles = start_ray_cluster(runners, spec, timeout=timeout, retries=3)
+        handles = start_ray_cluster(runners, spec, timeout=timeout, retries=retries)
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise

@@ -119,7 +119,10 @@ def server_values(model_dir: Path, **overrides: Any) -> tuple[dict[str, Any], st
         "host": "127.0.0.1",
         "port": free_port(),
         "proxy_port": free_port(),
-        "ready_probe_interval_s": 2.0,
+        # The server's own default. Each probe is a step of the engine, and after each step
+        # vLLM's CPU workers spin for a second waiting for the next: a probe every 2 s kept the
+        # session's shared server at half a core for the whole run (benchmarks/bench_idle_probe.py).
+        "ready_probe_interval_s": 10.0,
         "drain_timeout_s": 1.0,
         "engine_cpus": 0.5,
         "app_name": "test-" + secrets.token_hex(3),
@@ -176,3 +179,23 @@ def _first_answer(url: str, *, timeout_s: float = 60.0):
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.2)
+
+
+def seconds_until_status(
+    base_url: str, key: str, status: int, *, limit_s: float, poll_s: float = 0.05
+) -> float:
+    """Seconds until GET ``base_url``/models with ``key`` answers ``status`` (``base_url`` ends
+    in /v1); fails the test after ``limit_s``."""
+    import time
+
+    import httpx
+
+    start = time.monotonic()
+    while True:
+        got = httpx.get(
+            f"{base_url}/models", headers={"Authorization": f"Bearer {key}"}
+        ).status_code
+        if got == status:
+            return time.monotonic() - start
+        assert time.monotonic() - start < limit_s, f"still {got}, not {status}, after {limit_s}s"
+        time.sleep(poll_s)
