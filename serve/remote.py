@@ -59,7 +59,7 @@ class StopRequest(Request):
 
 
 class WaitRequest(Request):
-    """Wait until ``{url}/ready`` answers 200 (serve.app.wait_until_ready)."""
+    """Wait until ``{url}/ready`` answers 200 (serve.readiness.wait_until_ready)."""
 
     url: str = Field(pattern=_URL)
     timeout_s: float = Field(gt=0)
@@ -135,7 +135,7 @@ def stop(req: StopRequest) -> dict[str, Any]:
 
 def wait(req: WaitRequest) -> dict[str, Any]:
     """Wait for /ready; NotReadyError (not healthy, or the timeout) is the failure line."""
-    from serve.app import wait_until_ready
+    from serve.readiness import wait_until_ready
 
     api_key = None
     if req.api_key_file:

@@ -293,7 +293,8 @@ def serve(
     if config.no_auth:
         err_console.print("[yellow]warning:[/] serving WITHOUT authentication (--no-auth)")
 
-    from serve.app import deploy, wait_until_ready
+    from serve.app import deploy
+    from serve.readiness import wait_until_ready
 
     endpoint = deploy(config, ray_address=address, more=more)
     if not as_json:

@@ -26,11 +26,18 @@ NEW_REPO = "llamacluster/demo-tiny-llama-v2"
 
 
 class Load:
-    """Completions at concurrency ``workers`` against the endpoint until stopped: every
-    answer's time and status (0: no answer at all)."""
+    """Completions at concurrency ``workers`` against the endpoint until stopped, each worker
+    waiting ``pause_s`` between its requests: every answer's time and status (0: no answer at
+    all).
 
-    def __init__(self, url: str, key: str, model: str, workers: int = 1) -> None:
-        self.url, self.key, self.model = url, key, model
+    The pause keeps a steady stream of users (several requests a second, so a gap in service
+    still shows) without the back-to-back loop that held a core: on two cores that loop slowed
+    every new engine's load, and with it the whole update, by minutes."""
+
+    def __init__(
+        self, url: str, key: str, model: str, workers: int = 1, pause_s: float = 0.2
+    ) -> None:
+        self.url, self.key, self.model, self.pause_s = url, key, model, pause_s
         self.results: list[tuple[float, int, str]] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -50,6 +57,7 @@ class Load:
                     status, body = 0, f"{type(exc).__name__}: {exc}"
                 with self._lock:
                     self.results.append((time.monotonic(), status, body))
+                self._stop.wait(self.pause_s)
 
     def __enter__(self) -> Load:
         for t in self._threads:

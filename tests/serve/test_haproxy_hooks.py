@@ -172,7 +172,7 @@ def test_no_replica_up_is_an_openai_503_at_once(tmp_path, kind: str) -> None:
     assert error["code"] == 503 and error["type"] == "service_unavailable_error"
     assert error["message"].startswith(NO_REPLICA_MESSAGE) and "retry after 7 s" in error["message"]
     # `up` (wait_until_ready) keeps waiting on this answer; it gives up on a failed replica's.
-    from serve.app import _restarting
+    from serve.readiness import _restarting
 
     assert _restarting(r)
 

@@ -140,7 +140,7 @@ def running_server(
 
     Every engine the tests start is small: 1 GiB KV cache, short context, few sequences.
     """
-    from serve.app import wait_until_ready
+    from serve.readiness import wait_until_ready
 
     address, env = _cluster_address_and_env(cluster)
     values, api_key = server_values(model_dir, **overrides)
