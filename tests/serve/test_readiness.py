@@ -2,77 +2,46 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 
 from cluster.errors import NotReadyError
 from serve.readiness import wait_until_ready
+from tests.support.status_server import status_server
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class _Server(BaseHTTPRequestHandler):
-    # path -> list of (status, body); the last entry repeats.
-    answers: ClassVar[dict[str, list[tuple[int, dict]]]] = {}
-
-    def do_GET(self) -> None:
-        queue = self.answers[self.path]
-        status, body = queue.pop(0) if len(queue) > 1 else queue[0]
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def server() -> Iterator[tuple[str, type[_Server]]]:
-    handler = type("Handler", (_Server,), {"answers": {}})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", handler
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
-def test_a_restarting_engine_is_waited_for(server) -> None:
-    url, handler = server
+def test_a_restarting_engine_is_waited_for() -> None:
     loading = (503, {"status": "loading"})
-    handler.answers["/ready"] = [loading, loading, (200, {"status": "ready"})]
-    handler.answers["/health"] = [(503, {"status": "restarting"})]
-    wait_until_ready(url, timeout_s=30, poll_s=0.05)
-    assert handler.answers["/ready"] == [(200, {"status": "ready"})]
+    routes = {
+        "/ready": [loading, loading, (200, {"status": "ready"})],
+        "/health": (503, {"status": "restarting"}),
+    }
+    with status_server(routes) as (url, seen):
+        wait_until_ready(url, timeout_s=30, poll_s=0.05)
+    assert seen == ["/ready", "/health", "/ready", "/health", "/ready"]
 
 
-def test_a_failed_engine_ends_the_wait_with_its_reason(server) -> None:
-    url, handler = server
-    handler.answers["/ready"] = [(503, {"status": "loading"})]
+def test_a_failed_engine_ends_the_wait_with_its_reason() -> None:
     failed = {"error": {"message": "the engine failed to start: out of memory"}}
-    handler.answers["/health"] = [(500, failed)]
-    with pytest.raises(NotReadyError, match="not healthy: the engine failed to start"):
+    routes = {"/ready": (503, {"status": "loading"}), "/health": (500, failed)}
+    with (
+        status_server(routes) as (url, _),
+        pytest.raises(NotReadyError, match="not healthy: the engine failed to start"),
+    ):
         wait_until_ready(url, timeout_s=30, poll_s=0.05)
 
 
-def test_the_timeout_names_the_last_answer(server) -> None:
-    url, handler = server
-    handler.answers["/ready"] = [(503, {"status": "loading weights"})]
-    handler.answers["/health"] = [(200, {"status": "ok"})]
-    with pytest.raises(NotReadyError, match=r"not ready after 0.3s \(last: loading weights\)"):
+def test_the_timeout_names_the_last_answer() -> None:
+    routes = {"/ready": (503, {"status": "loading weights"}), "/health": (200, {"status": "ok"})}
+    with (
+        status_server(routes) as (url, _),
+        pytest.raises(NotReadyError, match=r"not ready after 0.3s \(last: loading weights\)"),
+    ):
         wait_until_ready(url, timeout_s=0.3, poll_s=0.05)
 
 

@@ -11,15 +11,24 @@ from typing import Any
 
 
 @contextmanager
-def status_server(routes: Mapping[str, tuple[int, Any]]) -> Iterator[tuple[str, list[str]]]:
-    """Serve ``routes`` (path -> (status, JSON body)) on 127.0.0.1; any other path is a 404.
-    Yields the base URL and the list of paths requested so far (in order)."""
+def status_server(
+    routes: Mapping[str, tuple[int, Any] | list[tuple[int, Any]]],
+) -> Iterator[tuple[str, list[str]]]:
+    """Serve ``routes`` (path -> (status, JSON body), or a list of them answered in turn, the
+    last one from then on) on 127.0.0.1; any other path is a 404. Yields the base URL and the
+    list of paths requested so far (in order)."""
     seen: list[str] = []
+    turns = {path: list(a) for path, a in routes.items() if isinstance(a, list)}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             seen.append(self.path)
-            status, body = routes.get(self.path, (404, {"error": {"message": "no such path"}}))
+            if self.path in turns:
+                queue = turns[self.path]
+                status, body = queue.pop(0) if len(queue) > 1 else queue[0]
+            else:
+                answer = routes.get(self.path, (404, {"error": {"message": "no such path"}}))
+                status, body = answer
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
