@@ -1,5 +1,5 @@
-"""Waiting for a server to answer /ready: HTTP only, so the process that waits (`up`'s ready
-check on the head, `llamacluster serve`) starts at once and does not import Ray or vLLM."""
+"""Waiting for a server to answer /ready: HTTP only, so a process that only waits (`up`'s ready
+check on the head, `serve.remote wait`) starts at once and does not import Ray or vLLM."""
 
 from __future__ import annotations
 
