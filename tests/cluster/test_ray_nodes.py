@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import stat
 import subprocess
@@ -250,6 +251,17 @@ ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
 print(json.dumps([n["Resources"] for n in ray.nodes() if n["Alive"]]))
 """
 
+# The niceness of a task's process on each node (Ray's workers host the server's processes).
+_WORKER_NICENESS = """
+import json, os, sys, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+niceness = ray.remote(num_cpus=0)(lambda: os.getpriority(os.PRIO_PROCESS, 0))
+nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+on = [NodeAffinitySchedulingStrategy(node, soft=False) for node in nodes]
+print(json.dumps(ray.get([niceness.options(scheduling_strategy=s).remote() for s in on])))
+"""
+
 
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
@@ -266,6 +278,13 @@ def test_two_node_loopback_cluster(make_ray_cluster):
     assert len(resources) == 2 and all(r["GPU"] == 2 for r in resources)
     assert sorted(r.get(HEAD_RESOURCE, 0) for r in resources) == [0, 1]
     assert {f"node:{ip}" for ip in cluster.node_ips} <= {k for r in resources for k in r}
+
+    # Workers run at the priority the nodes were started with, not Ray's default nice 15: they
+    # are the server's processes (replica, engine core, engine workers).
+    res = _ray_client(cluster, cluster.env, _WORKER_NICENESS)
+    assert res.ok, res.tail(20)
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == [own, own], res.tail(5)
 
     # Token auth is really on: no token, or a wrong one, is refused.
     # (Each refused client retries for about 20 s before it gives up: run both at once.)
