@@ -141,9 +141,8 @@ def ray_node_env(spec: RayClusterSpec, index: int = 0) -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": "0",
         # Ray runs its workers at nice 15 by default. Here the workers are the server: the Serve
         # replica (the API), its vLLM engine core and the engine's workers. At nice 15 they yield
-        # the cores to every ordinary process of the node, which cost tokens/s and stalled
-        # streams under load (docs/BENCHMARKS.md, "Process priority"). Plain vLLM runs its API
-        # server and engine core at normal priority too.
+        # the cores to every ordinary process of the node (docs/BENCHMARKS.md, "Process
+        # priority"); plain vLLM runs its API server and engine core at normal priority.
         "RAY_worker_niceness": "0",
     }
     env.update(spec.env)

@@ -245,21 +245,17 @@ def _ray_client(cluster, env: dict[str, str], code: str, timeout: float = 90):
     )
 
 
+# Each live node's resources, and the niceness of a task's process on each (Ray's workers host
+# the server's processes).
 _LIST_NODES = """
-import json, sys, ray
-ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
-print(json.dumps([n["Resources"] for n in ray.nodes() if n["Alive"]]))
-"""
-
-# The niceness of a task's process on each node (Ray's workers host the server's processes).
-_WORKER_NICENESS = """
 import json, os, sys, ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+alive = [n for n in ray.nodes() if n["Alive"]]
 niceness = ray.remote(num_cpus=0)(lambda: os.getpriority(os.PRIO_PROCESS, 0))
-nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-on = [NodeAffinitySchedulingStrategy(node, soft=False) for node in nodes]
-print(json.dumps(ray.get([niceness.options(scheduling_strategy=s).remote() for s in on])))
+on = [NodeAffinitySchedulingStrategy(n["NodeID"], soft=False) for n in alive]
+nice = ray.get([niceness.options(scheduling_strategy=s).remote() for s in on])
+print(json.dumps({"resources": [n["Resources"] for n in alive], "niceness": nice}))
 """
 
 
@@ -274,17 +270,16 @@ def test_two_node_loopback_cluster(make_ray_cluster):
     # Both nodes with their slots, the head resource on the head only (as a client sees it).
     res = _ray_client(cluster, cluster.env, _LIST_NODES)
     assert res.ok, res.tail(20)
-    resources = json.loads(res.stdout.strip().splitlines()[-1])
+    listed = json.loads(res.stdout.strip().splitlines()[-1])
+    resources = listed["resources"]
     assert len(resources) == 2 and all(r["GPU"] == 2 for r in resources)
     assert sorted(r.get(HEAD_RESOURCE, 0) for r in resources) == [0, 1]
     assert {f"node:{ip}" for ip in cluster.node_ips} <= {k for r in resources for k in r}
 
     # Workers run at the priority the nodes were started with, not Ray's default nice 15: they
     # are the server's processes (replica, engine core, engine workers).
-    res = _ray_client(cluster, cluster.env, _WORKER_NICENESS)
-    assert res.ok, res.tail(20)
     own = os.getpriority(os.PRIO_PROCESS, 0)
-    assert json.loads(res.stdout.strip().splitlines()[-1]) == [own, own], res.tail(5)
+    assert listed["niceness"] == [own, own], res.tail(5)
 
     # Token auth is really on: no token, or a wrong one, is refused.
     # (Each refused client retries for about 20 s before it gives up: run both at once.)
