@@ -37,8 +37,18 @@ def publish(api_server: ApiServer, cluster, path) -> dict:
     return reply
 
 
-def read_stream(api_server: ApiServer, arrivals: list[float], events: list[bytes]) -> None:
-    """Stream a 1900-token completion with the server's own key; note each event's arrival."""
+def read_stream(
+    api_server: ApiServer,
+    arrivals: list[float],
+    events: list[bytes],
+    resume: threading.Event,
+) -> None:
+    """Stream a 1900-token completion with the server's own key; note each event's arrival.
+
+    After the first event the reader stops reading until ``resume`` is set: the response stays
+    open on the server (its writes wait on the client) for however long the revoke takes, on
+    a fast machine as on a slow one.
+    """
     body = {
         "model": api_server.model,
         "prompt": "hello",
@@ -59,6 +69,8 @@ def read_stream(api_server: ApiServer, arrivals: list[float], events: list[bytes
             if line.startswith("data: "):
                 events.append(line.encode())
                 arrivals.append(time.monotonic())
+                if len(events) == 1 and not resume.wait(120):
+                    return
 
 
 def wait_for_status(api_server: ApiServer, key: str, status: int, *, limit_s: float) -> float:
@@ -85,16 +97,18 @@ def test_a_revoked_key_gets_401_within_seconds_while_a_stream_runs_on(
         assert publish(api_server, ray_cluster_1node, path)["changed"] is False
 
         # A long stream with the key that stays, read in a thread that notes when each event
-        # arrives; the revoke is published while it runs.
+        # arrives and holds after the first until the revoke has been applied.
         arrivals: list[float] = []
         events: list[bytes] = []
-        reader = threading.Thread(target=read_stream, args=(api_server, arrivals, events))
+        resume = threading.Event()
+        reader = threading.Thread(target=read_stream, args=(api_server, arrivals, events, resume))
         reader.start()
         deadline = time.monotonic() + 60
         while not arrivals:
             assert time.monotonic() < deadline and reader.is_alive(), "the stream did not start"
             time.sleep(0.01)
 
+        edit_at = time.monotonic()
         k.revoke_key(path, "extra")
         revoke_at = time.monotonic()
         assert publish(api_server, ray_cluster_1node, path)["changed"] is True
@@ -105,20 +119,23 @@ def test_a_revoked_key_gets_401_within_seconds_while_a_stream_runs_on(
         # bound: the stream shares the two cores with this request).
         kept = httpx.get(f"{api_server.base_url}/models", headers=api_server.auth, timeout=60)
         assert kept.status_code == 200, kept.text
+        # The stream opened before the revoke and is still open: only its first event is read.
+        assert len(arrivals) == 1 and arrivals[0] < edit_at and reader.is_alive()
+        resume.set()
 
         reader.join(300)
         assert not reader.is_alive()
         print(
-            f"\npublish took {idle_publish_s:.2f}s idle, {published_at - revoke_at:.2f}s while "
-            f"streaming; key accepted {added_s:.2f}s after the publish; revoked key refused "
-            f"{refused_at - revoke_at:.2f}s after the file edit ({refused_s:.2f}s after the "
-            f"publish returned); the stream ran {arrivals[-1] - arrivals[0]:.2f}s, "
-            f"{arrivals[-1] - refused_at:+.2f}s past the refusal"
+            f"\nrevoke_key took {revoke_at - edit_at:.2f}s; publish took {idle_publish_s:.2f}s "
+            f"idle, {published_at - revoke_at:.2f}s while streaming; key accepted "
+            f"{added_s:.2f}s after the publish; revoked key refused {refused_at - revoke_at:.2f}s "
+            f"after the file edit ({refused_s:.2f}s after the publish returned); the rest of the "
+            f"stream arrived over {arrivals[-1] - refused_at:.2f}s after the refusal"
         )
+        # The stream that was open across the revoke ends whole, with the key that stayed.
         assert events[-1] == b"data: [DONE]"
         assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 1900
-        # The stream began before the revoke and went on while it was being applied.
-        assert arrivals[0] < revoke_at < arrivals[-1]
+        assert arrivals[-1] > refused_at
     finally:
         # The shared server keeps exactly its own key for the other tests.
         path.write_text(api_server.api_key + "\n")
