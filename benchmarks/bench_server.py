@@ -3,8 +3,11 @@
 Both run the same engine arguments with the Ray executor on one loopback Ray node, on the demo
 model. Each server runs alone on the machine: started, measured at every concurrency, stopped;
 the order alternates per round (A B, B A, ...) and the table shows each figure's median over the
-rounds. Prints a table, writes JSON. Targets: TTFT p50 at c=1 within +3 ms of plain vLLM, output
-tokens/s at least 0.97x and ITL p99 at most 1.1x at every concurrency.
+rounds. The load client shares the machine, so its CPU priority is raised while it measures
+(cluster/bench/priority.py; root or CAP_SYS_NICE): a client waiting for a core would be
+measured instead of the server. Prints a table, writes JSON. Targets: TTFT p50 at c=1 within
++3 ms of plain vLLM, output tokens/s at least 0.97x and ITL p99 at most 1.1x at every
+concurrency.
 
     .venv/bin/python benchmarks/bench_server.py --out bench-results/server.json
 """
@@ -132,6 +135,8 @@ class Measured:
     point: Any
     parts: dict[str, float]
     slow: list[list[float]]
+    # The load client's CPU priority during the load (cluster/bench/priority.py).
+    client_priority: str
 
 
 def request_parts(records: list[Any], concurrency: int, duration_s: float) -> dict[str, float]:
@@ -154,7 +159,9 @@ def request_parts(records: list[Any], concurrency: int, duration_s: float) -> di
 
 
 def measure(base_url: str, api_key: str | None, args, model_dir: Path) -> dict[int, Measured]:
-    """Every concurrency point against one server (the only one running)."""
+    """Every concurrency point against one server (the only one running), the load client's
+    CPU priority raised while it runs (cluster/bench/priority.py)."""
+    from cluster.bench.priority import raised_priority
     from cluster.bench.runner import run_benchmark
 
     points = {}
@@ -168,10 +175,12 @@ def measure(base_url: str, api_key: str | None, args, model_dir: Path) -> dict[i
             num_requests=max(args.requests_per_slot * concurrency, args.min_requests),
             rounds=1,
         )
-        result = run_benchmark(config, keep_records=True)
+        with raised_priority() as raised:
+            result = run_benchmark(config, keep_records=True)
         point = result.point("server", f"c={concurrency}")
         parts = request_parts(result.records, concurrency, point.duration_s)
-        points[concurrency] = Measured(point, parts, slow_requests(result.records))
+        client = raised or "not raised (needs root or CAP_SYS_NICE)"
+        points[concurrency] = Measured(point, parts, slow_requests(result.records), client)
     return points
 
 
@@ -339,7 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(
         json.dumps(
-            {"summary": summary, "targets": verdict, "args": vars(args) | {"out": str(args.out)}},
+            {
+                "summary": summary,
+                "targets": verdict,
+                "client_priority": sorted(
+                    {m.client_priority for rs in runs.values() for run in rs for m in run.values()}
+                ),
+                "args": vars(args) | {"out": str(args.out)},
+            },
             indent=2,
         )
     )

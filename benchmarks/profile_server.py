@@ -10,7 +10,10 @@ proxy, Ray's own daemons, the load client, the rest. Reported as CPU millisecond
 token, side by side, with output tokens/s. With ``--py-spy`` each API process is also sampled
 (py-spy, non-blocking) during the point and its samples grouped by the package of the leaf frame
 (self time) and by the innermost frame of ours, Serve's, vLLM's or the web stack's (the owner).
-Prints tables, writes JSON (and the raw py-spy stacks beside it).
+Also the seconds each role waited on a run queue for a core (the scheduler's statistics); the
+load client runs with its CPU priority raised, as `llamacluster bench` does
+(``--client-priority plain`` leaves it, to see what a client that waits for a core does to the
+figures). Prints tables, writes JSON (and the raw py-spy stacks beside it).
 
     flock /tmp/llamacluster-heavy.lock .venv/bin/python benchmarks/profile_server.py \\
         --concurrency 16 64 --seconds 40 --py-spy --out bench-results/profile-server.json
@@ -26,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,6 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--cpu-threads", type=int, default=None, help="as bench_server.py (default: what up sets)"
+    )
+    ap.add_argument(
+        "--client-priority",
+        choices=("raised", "plain"),
+        default="raised",
+        help="the load client's CPU priority while it measures: raised as `llamacluster bench` "
+        "does (cluster/bench/priority.py), or left as it is",
     )
     return ap.parse_args(argv)
 
@@ -154,6 +165,22 @@ def thread_times(members: set[int]) -> dict[tuple[int, int], float]:
                 out[(pid, thread.id)] = thread.user_time + thread.system_time
         except psutil.NoSuchProcess:
             continue
+    return out
+
+
+def run_queue_wait(members: set[int]) -> dict[int, float]:
+    """Seconds each process of ``members`` (all its threads) has waited on a run queue for a
+    core, from the scheduler's statistics (``/proc/PID/task/TID/schedstat``)."""
+    out = {}
+    for pid in members:
+        total = 0
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+                    total += int(fh.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        out[pid] = total / 1e9
     return out
 
 
@@ -232,6 +259,7 @@ def server_total(per_role: dict[str, float]) -> float:
 def one_point(server, base_url, api_key, concurrency, args, model_dir, work, roots):
     """A closed-loop load for ``--seconds`` at one concurrency; CPU by role (the processes of
     ``roots``' trees and this one's), tokens/s, stacks."""
+    from cluster.bench.priority import raised_priority
     from cluster.bench.runner import run_benchmark
 
     def config(load: dict):
@@ -258,10 +286,14 @@ def one_point(server, base_url, api_key, concurrency, args, model_dir, work, roo
     members = tree(roots) | own
     before = cpu_times(members)
     threads_before = thread_times(members)
+    waits_before = run_queue_wait(members)
     started = time.monotonic()
+    priority = raised_priority() if args.client_priority == "raised" else nullcontext("plain")
     try:
-        result = run_benchmark(config({"duration_s": args.seconds}), keep_records=False)
+        with priority as raised:
+            result = run_benchmark(config({"duration_s": args.seconds}), keep_records=False)
         wall = time.monotonic() - started
+        waits = run_queue_wait(members)
         after = cpu_times(tree(roots) | own)
         threads = busy_threads(threads_before, thread_times(set(after)), after, wall)
         if spy is not None:
@@ -271,14 +303,20 @@ def one_point(server, base_url, api_key, concurrency, args, model_dir, work, roo
             spy.kill()
             spy.wait()
     roles = cpu_by_role(before, after, own)
+    waited: dict[str, float] = collections.defaultdict(float)
+    for pid, seconds in waits.items():
+        role = role_of(after.get(pid, before.get(pid, ("", 0.0)))[0], own, pid)
+        waited[role] += max(0.0, seconds - waits_before.get(pid, 0.0))
     point = result.point("server", f"c={concurrency}")
     tokens = point.output_tokens
     figures = {
         "output_tokens": tokens,
         "output_tokens_per_s": point.output_throughput,
         "failed": point.failed,
+        "client_priority": raised or "not raised (needs root or CAP_SYS_NICE)",
         "wall_s": wall,
         "cpu_s": roles,
+        "run_queue_wait_s": dict(waited),
         "busy_threads_core_share": threads,
         "cpu_ms_per_token": {k: 1000 * v / tokens for k, v in roles.items()} if tokens else {},
         "server_cpu_ms_per_token": server_total(
@@ -325,6 +363,13 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(
             "| server (all but the load client) | "
             + " | ".join(f"{server_total(per_token[s]):.3f}" for s in servers)
+            + " |"
+        )
+        lines.append(
+            "| load client: seconds waiting for a core | "
+            + " | ".join(
+                f"{runs[s][c]['run_queue_wait_s'].get('load_client', 0.0):.1f}" for s in servers
+            )
             + " |"
         )
         lines.append(

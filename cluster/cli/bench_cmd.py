@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -112,6 +113,12 @@ def bench(
     ),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    raise_priority: bool = typer.Option(
+        True,
+        "--raise-priority/--no-raise-priority",
+        help="Raise this client's CPU priority while it measures (root or CAP_SYS_NICE): on the "
+        "server's own machine a client waiting for a core is measured instead of the server.",
+    ),
     name: str | None = name_option(
         "A cluster from `up`: its endpoint, key and model (and --net-counters)."
     ),
@@ -126,6 +133,7 @@ def bench(
 
     from cluster.bench.cli_glue import build_config, progress_bar
     from cluster.bench.netcount import cluster_bench_inputs
+    from cluster.bench.priority import raised_priority
     from cluster.bench.report import ratios_table, results_table, write_reports
     from cluster.bench.runner import run_benchmark
     from cluster.errors import NotReadyError
@@ -194,8 +202,18 @@ def bench(
         ]
     console = table_console()
     err = Console(stderr=True, emoji=False)
-    with progress_bar(err, enabled=progress) as hook:
+    with (
+        progress_bar(err, enabled=progress) as hook,
+        raised_priority() if raise_priority else contextlib.nullcontext("off") as raised,
+    ):
         result = run_benchmark(config, progress=hook, observers=observers)
+    if raised is None:
+        result.notes.append(
+            "client CPU priority not raised (needs root or CAP_SYS_NICE): on the server's own "
+            "machine the client competes with it for the cores"
+        )
+    elif raised != "off":
+        result.notes.append(f"client CPU priority raised while measuring ({raised})")
     result.notes.extend(notes)
     console.print(results_table(result))
     table = ratios_table(result)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
 import statistics
 from pathlib import Path
@@ -644,3 +645,27 @@ def test_cli_runs_writes_results_and_fails_when_everything_fails(
 
     rc = main(["bench", "--base-url", stream_server.base_url, "--slo", "speed=3", "--no-progress"])
     assert rc == 3
+
+
+@pytest.mark.timeout(90)
+def test_cli_raises_its_cpu_priority_while_measuring_and_restores_it(
+    stream_server: StreamServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cluster.bench import priority
+
+    stream_server.behaviour = StreamBehaviour(ttft_ms=5, itl_ms=1)
+    before = (priority.autogroup_nice(), os.getpriority(os.PRIO_PROCESS, 0))
+    argv = ["bench", "--base-url", stream_server.base_url, "-n", "2", "--output-len", "4",
+            "--no-progress", "--no-plots"]  # fmt: skip
+    assert main([*argv, "-o", str(tmp_path / "on")]) == 0
+    err = capsys.readouterr().err
+    assert (priority.autogroup_nice(), os.getpriority(os.PRIO_PROCESS, 0)) == before
+    notes = json.loads((tmp_path / "on" / "bench.json").read_text())["notes"]
+    if os.geteuid() == 0:
+        assert "client CPU priority raised while measuring" in err
+        assert any(n.startswith("client CPU priority raised") for n in notes)
+    else:
+        assert "client CPU priority" in err  # raised with CAP_SYS_NICE, else "not raised"
+
+    assert main([*argv, "--no-raise-priority", "-o", str(tmp_path / "off")]) == 0
+    assert "client CPU priority" not in capsys.readouterr().err

@@ -1,0 +1,74 @@
+"""The load client's share of the CPU when it runs on the machine of the server it measures.
+
+A closed-loop client that waits on the run queue sends its next request late and reads each
+token late, and the server looks slower than it is. On Linux with autogroup scheduling
+(``kernel.sched_autogroup_enabled=1``) the CPU is shared first between sessions, and a task's
+own nice value orders it only among the tasks of its session: a client in one session and a
+server's busy processes in another (the Ray daemons and every Ray worker share the session of
+``ray start``) are weighed as groups. Measured on a 2-core machine at c=16 (docs/BENCHMARKS.md,
+"The load client's share of the CPU"): the client waited 25-30 s of a 40 s load on the run
+queue against a Ray Serve replica, 10 s against plain vLLM's API server (a session of its own),
+and about 1 s with its group at nice -10 against either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+AUTOGROUP_SWITCH = Path("/proc/sys/kernel/sched_autogroup_enabled")
+AUTOGROUP_SELF = Path("/proc/self/autogroup")
+DEFAULT_NICE = -10
+
+
+def autogroup_enabled() -> bool:
+    """Whether the kernel shares the CPU between sessions first (autogroup scheduling)."""
+    try:
+        return AUTOGROUP_SWITCH.read_text().strip() == "1" and AUTOGROUP_SELF.exists()
+    except OSError:
+        return False
+
+
+def autogroup_nice() -> int | None:
+    """The nice value of this process's autogroup (``/autogroup-N nice K``), if readable."""
+    try:
+        match = re.search(r"nice\s+(-?\d+)", AUTOGROUP_SELF.read_text())
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+@contextlib.contextmanager
+def raised_priority(nice: int = DEFAULT_NICE) -> Iterator[str | None]:
+    """Run the block with this process's CPU priority raised to ``nice``; restore it after.
+
+    Under autogroup scheduling the session's group is raised (``/proc/self/autogroup``: every
+    process of this session, so start the servers in sessions of their own); otherwise the
+    calling thread's nice value (threads it starts inside the block inherit it). Needs root or
+    CAP_SYS_NICE. Yields what was raised, or None when it could not be (nothing changed).
+    """
+    if autogroup_enabled():
+        before = autogroup_nice()
+        try:
+            AUTOGROUP_SELF.write_text(str(nice))
+        except OSError:
+            yield None
+            return
+        try:
+            yield f"session autogroup nice {before} -> {nice}"
+        finally:
+            AUTOGROUP_SELF.write_text(str(before if before is not None else 0))
+        return
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError:
+        yield None
+        return
+    try:
+        yield f"thread nice {before} -> {nice}"
+    finally:
+        os.setpriority(os.PRIO_PROCESS, 0, before)
