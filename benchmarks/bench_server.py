@@ -161,7 +161,7 @@ def request_parts(records: list[Any], concurrency: int, duration_s: float) -> di
 def measure(base_url: str, api_key: str | None, args, model_dir: Path) -> dict[int, Measured]:
     """Every concurrency point against one server (the only one running), the load client's
     CPU priority raised while it runs (cluster/bench/priority.py)."""
-    from cluster.bench.priority import raised_priority
+    from cluster.bench.priority import NOT_RAISED, raised_priority
     from cluster.bench.runner import run_benchmark
 
     points = {}
@@ -179,7 +179,7 @@ def measure(base_url: str, api_key: str | None, args, model_dir: Path) -> dict[i
             result = run_benchmark(config, keep_records=True)
         point = result.point("server", f"c={concurrency}")
         parts = request_parts(result.records, concurrency, point.duration_s)
-        client = raised or "not raised (needs root or CAP_SYS_NICE)"
+        client = raised or NOT_RAISED
         points[concurrency] = Measured(point, parts, slow_requests(result.records), client)
     return points
 

@@ -259,7 +259,7 @@ def server_total(per_role: dict[str, float]) -> float:
 def one_point(server, base_url, api_key, concurrency, args, model_dir, work, roots):
     """A closed-loop load for ``--seconds`` at one concurrency; CPU by role (the processes of
     ``roots``' trees and this one's), tokens/s, stacks."""
-    from cluster.bench.priority import raised_priority
+    from cluster.bench.priority import NOT_RAISED, raised_priority
     from cluster.bench.runner import run_benchmark
 
     def config(load: dict):
@@ -313,7 +313,7 @@ def one_point(server, base_url, api_key, concurrency, args, model_dir, work, roo
         "output_tokens": tokens,
         "output_tokens_per_s": point.output_throughput,
         "failed": point.failed,
-        "client_priority": raised or "not raised (needs root or CAP_SYS_NICE)",
+        "client_priority": raised or NOT_RAISED,
         "wall_s": wall,
         "cpu_s": roles,
         "run_queue_wait_s": dict(waited),

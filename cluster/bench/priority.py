@@ -22,6 +22,8 @@ from pathlib import Path
 AUTOGROUP_SWITCH = Path("/proc/sys/kernel/sched_autogroup_enabled")
 AUTOGROUP_SELF = Path("/proc/self/autogroup")
 DEFAULT_NICE = -10
+# How the benchmarks record a priority that could not be raised.
+NOT_RAISED = "not raised (needs root or CAP_SYS_NICE)"
 
 
 def autogroup_enabled() -> bool:
