@@ -4,7 +4,7 @@ Both run the same engine arguments with the Ray executor on one loopback Ray nod
 model. Each server runs alone on the machine: started, measured at every concurrency, stopped;
 the order alternates per round (A B, B A, ...) and the table shows each figure's median over the
 rounds. The load client shares the machine, so its CPU priority is raised while it measures
-(cluster/bench/priority.py; root or CAP_SYS_NICE): a client waiting for a core would be
+(cluster/bench/priority.py; needs CAP_SYS_NICE): a client waiting for a core would be
 measured instead of the server. Prints a table, writes JSON. Targets: TTFT p50 at c=1 within
 +3 ms of plain vLLM, output tokens/s at least 0.97x and ITL p99 at most 1.1x at every
 concurrency.

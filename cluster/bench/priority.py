@@ -23,7 +23,7 @@ AUTOGROUP_SWITCH = Path("/proc/sys/kernel/sched_autogroup_enabled")
 AUTOGROUP_SELF = Path("/proc/self/autogroup")
 DEFAULT_NICE = -10
 # How the benchmarks record a priority that could not be raised.
-NOT_RAISED = "not raised (needs root or CAP_SYS_NICE)"
+NOT_RAISED = "not raised (needs CAP_SYS_NICE; a container may drop it even for root)"
 
 
 def autogroup_enabled() -> bool:
@@ -49,8 +49,8 @@ def raised_priority(nice: int = DEFAULT_NICE) -> Iterator[str | None]:
 
     Under autogroup scheduling the session's group is raised (``/proc/self/autogroup``: every
     process of this session, so start the servers in sessions of their own); otherwise the
-    calling thread's nice value (threads it starts inside the block inherit it). Needs root or
-    CAP_SYS_NICE. Yields what was raised, or None when it could not be (nothing changed).
+    calling thread's nice value (threads it starts inside the block inherit it). Needs
+    CAP_SYS_NICE (root has it unless a container drops it) or a high enough RLIMIT_NICE. Yields what was raised, or None when it could not be (nothing changed).
     """
     if autogroup_enabled():
         before = autogroup_nice()

@@ -116,7 +116,7 @@ def bench(
     raise_priority: bool = typer.Option(
         True,
         "--raise-priority/--no-raise-priority",
-        help="Raise this client's CPU priority while it measures (root or CAP_SYS_NICE): on the "
+        help="Raise this client's CPU priority while it measures (needs CAP_SYS_NICE): on the "
         "server's own machine a client waiting for a core is measured instead of the server.",
     ),
     name: str | None = name_option(
@@ -133,7 +133,7 @@ def bench(
 
     from cluster.bench.cli_glue import build_config, progress_bar
     from cluster.bench.netcount import cluster_bench_inputs
-    from cluster.bench.priority import raised_priority
+    from cluster.bench.priority import NOT_RAISED, raised_priority
     from cluster.bench.report import ratios_table, results_table, write_reports
     from cluster.bench.runner import run_benchmark
     from cluster.errors import NotReadyError
@@ -209,8 +209,8 @@ def bench(
         result = run_benchmark(config, progress=hook, observers=observers)
     if raised is None:
         result.notes.append(
-            "client CPU priority not raised (needs root or CAP_SYS_NICE): on the server's own "
-            "machine the client competes with it for the cores"
+            f"client CPU priority {NOT_RAISED}: on the server's own machine the client "
+            "competes with it for the cores"
         )
     elif raised != "off":
         result.notes.append(f"client CPU priority raised while measuring ({raised})")

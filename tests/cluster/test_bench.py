@@ -648,6 +648,17 @@ def test_cli_runs_writes_results_and_fails_when_everything_fails(
 
 
 @pytest.mark.timeout(90)
+def _may_lower_nice_to(nice: int) -> bool:
+    """What the kernel allows, read from the process's own status: CAP_SYS_NICE in the
+    effective set (bit 23; root in a container may lack it) or an RLIMIT_NICE reaching ``nice``."""
+    import resource
+
+    status = Path("/proc/self/status").read_text()
+    cap_eff = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("CapEff:")), 16)
+    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    return bool(cap_eff >> 23 & 1) or soft == resource.RLIM_INFINITY or 20 - soft <= nice
+
+
 def test_cli_raises_its_cpu_priority_while_measuring_and_restores_it(
     stream_server: StreamServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -661,11 +672,12 @@ def test_cli_raises_its_cpu_priority_while_measuring_and_restores_it(
     err = capsys.readouterr().err
     assert (priority.autogroup_nice(), os.getpriority(os.PRIO_PROCESS, 0)) == before
     notes = json.loads((tmp_path / "on" / "bench.json").read_text())["notes"]
-    if os.geteuid() == 0:
+    if _may_lower_nice_to(priority.DEFAULT_NICE):
         assert "client CPU priority raised while measuring" in err
         assert any(n.startswith("client CPU priority raised") for n in notes)
-    else:
-        assert "client CPU priority" in err  # raised with CAP_SYS_NICE, else "not raised"
+    else:  # e.g. root in a container that drops CAP_SYS_NICE: told, nothing changed
+        assert f"client CPU priority {priority.NOT_RAISED}" in " ".join(err.split())
+        assert any(n.startswith(f"client CPU priority {priority.NOT_RAISED}") for n in notes)
 
     assert main([*argv, "--no-raise-priority", "-o", str(tmp_path / "off")]) == 0
     assert "client CPU priority" not in capsys.readouterr().err

@@ -40,7 +40,7 @@ def test_without_autogroup_the_thread_and_the_threads_it_starts_are_raised(tmp_p
         worker.start()
         worker.join()
     assert _thread_nice() == before
-    if raised is None:  # not permitted (no root, no CAP_SYS_NICE): nothing changed
+    if raised is None:  # not permitted (no CAP_SYS_NICE): nothing changed
         assert inside == before
     else:
         assert inside == before - 3 and seen == [before - 3]
