@@ -445,3 +445,49 @@ def test_a_ray_record_of_another_host_or_boot_is_not_trusted():
     assert not rec.same_machine(now.model_copy(update={"host": "h2"}))  # another host
     assert not rec.same_machine(now.model_copy(update={"machine_id": "m2"}))
     assert RayNode(session=77).same_machine(now)  # an old record without them: kept
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(500)
+def test_a_loopback_cluster_that_does_not_register_is_stopped_and_started_again(
+    monkeypatch, capsys
+):
+    """The harness's second attempt: the first cluster's processes and temp dir are gone, the
+    raylet logs of the missed attempt are printed, and the second cluster serves."""
+    import psutil
+
+    from tests.support import ray_cluster as harness
+
+    seen: list[tuple[str, list[int]]] = []
+    real_wait = harness.wait_for_nodes
+
+    def first_never_registers(address, hosts, *args, **kwargs):
+        if not seen:
+            temp_dir = kwargs["token_path"].rsplit("/", 1)[0]
+            members = [
+                p.pid for p in psutil.process_iter(["cmdline"])
+                if any(temp_dir in part for part in p.info["cmdline"] or [])
+            ]  # fmt: skip
+            seen.append((temp_dir, members))
+            raise NotReadyError(
+                f"Ray cluster at {address} not complete: {hosts[-1]} has not joined"
+            )
+        return real_wait(address, hosts, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "wait_for_nodes", first_never_registers)
+    cluster = harness.start_loopback_ray_cluster(nodes=1, slots_per_node=1)
+    try:
+        ((first_dir, first_pids),) = seen
+        assert first_pids and not Path(first_dir).exists()
+        assert not [pid for pid in first_pids if psutil.pid_exists(pid)
+                    and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]  # fmt: skip
+        out = capsys.readouterr().out
+        assert "attempt 1" in out and "has not joined" in out and "--- " in out and "raylet" in out
+        assert cluster.spec.temp_dir != first_dir
+        states = real_wait(
+            cluster.address, cluster.hosts, 1, token_path=str(cluster.token_path),
+            python=sys.executable,
+        )  # fmt: skip
+        assert states[cluster.hosts[0]].gpus == 1
+    finally:
+        cluster.stop()

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.errors import RemoteError
+from cluster.errors import NotReadyError, RemoteError
 from cluster.files import atomic_write
 from cluster.inventory import Node
 from cluster.ray_nodes import (
@@ -183,12 +183,56 @@ def start_loopback_ray_cluster(
     timeout: float = 180,
     ray_cli: Sequence[str] | None = None,
     retries: int = 3,
+    attempts: int = 2,
 ) -> LoopbackRayCluster:
     """Start ``nodes`` Ray nodes on 127.0.0.1, 127.0.0.2, ... with ``slots_per_node`` worker
     slots each (advertised as GPUs, see TESTBED), token auth, direct ingress, free ports and a
     short per-cluster temp dir; returns once every node and slot is registered. ``ray start``
     runs as `up` runs it (cluster/ray_start.py) unless ``ray_cli`` names another command (``()``:
-    Ray's own CLI)."""
+    Ray's own CLI).
+
+    A node whose ``ray start`` succeeded but that never registered (seen once in a CI run on a
+    loaded 2-core machine, three nodes) costs ``timeout``; the whole cluster is then stopped and
+    started afresh, up to ``attempts`` times in all, the missed attempt's raylet logs printed
+    first (pytest shows them with a failure)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_loopback_ray_cluster(
+                nodes=nodes,
+                slots_per_node=slots_per_node,
+                cpus_per_node=cpus_per_node,
+                env=env,
+                object_store_mb=object_store_mb,
+                timeout=timeout,
+                ray_cli=ray_cli,
+                retries=retries,
+            )
+        except NotReadyError as exc:
+            if attempt == attempts:
+                raise
+            print(f"loopback Ray cluster, attempt {attempt}: {exc.message}; starting it again")
+    raise AssertionError("unreachable")
+
+
+def _print_raylet_logs(temp_dir: str, lines: int = 8) -> None:
+    """The last lines of every raylet log of the cluster in ``temp_dir``."""
+    for path in sorted(Path(temp_dir).glob("session_*/logs/raylet*")):
+        if path.is_file():
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            print(f"--- {path}:", *tail, sep="\n")
+
+
+def _start_loopback_ray_cluster(
+    *,
+    nodes: int,
+    slots_per_node: int,
+    cpus_per_node: int | None,
+    env: Mapping[str, str] | None,
+    object_store_mb: int,
+    timeout: float,
+    ray_cli: Sequence[str] | None,
+    retries: int,
+) -> LoopbackRayCluster:
     temp_dir = tempfile.mkdtemp(prefix="lcr-", dir="/tmp")  # short: unix socket paths
     try:
         token = write_token_file(Path(temp_dir) / "token")
@@ -231,7 +275,9 @@ def start_loopback_ray_cluster(
             timeout=timeout,
             python=sys.executable,
         )
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, NotReadyError):
+            _print_raylet_logs(spec.temp_dir)
         cluster.stop()
         raise
     return cluster
