@@ -105,16 +105,9 @@ def pair_summary(windows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def cpu_seconds(pids: set[int]) -> float:
     """User + system CPU seconds of the running processes of ``pids``."""
-    import psutil
+    from profile_server import cpu_times
 
-    total = 0.0
-    for pid in pids:
-        try:
-            times = psutil.Process(pid).cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
+    return sum(spent for _, spent in cpu_times(pids).values())
 
 
 def _signal_all(pids: set[int], signum: int) -> None:
@@ -150,18 +143,13 @@ def stopped(pids: set[int]) -> Iterator[None]:
 def busy_workers(roots: set[int]) -> set[int]:
     """The Ray worker processes of the cluster of ``roots`` that hold a task or an actor (their
     title names it, ``ray::Class.method``), not idle pooled workers or Ray's own agents."""
-    import psutil
-    from profile_server import tree
+    from profile_server import cpu_times, tree
 
-    found = set()
-    for pid in tree(roots):
-        try:
-            title = " ".join(psutil.Process(pid).cmdline())
-        except psutil.NoSuchProcess:
-            continue
-        if title.startswith("ray::") and not title.startswith(RAY_OWN):
-            found.add(pid)
-    return found
+    return {
+        pid
+        for pid, (title, _) in cpu_times(tree(roots)).items()
+        if title.startswith("ray::") and not title.startswith(RAY_OWN)
+    }
 
 
 def one_window(endpoint, others: set[int], args, model_dir: Path, concurrency: int) -> dict:

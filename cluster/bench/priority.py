@@ -50,7 +50,8 @@ def raised_priority(nice: int = DEFAULT_NICE) -> Iterator[str | None]:
     Under autogroup scheduling the session's group is raised (``/proc/self/autogroup``: every
     process of this session, so start the servers in sessions of their own); otherwise the
     calling thread's nice value (threads it starts inside the block inherit it). Needs
-    CAP_SYS_NICE (root has it unless a container drops it) or a high enough RLIMIT_NICE. Yields what was raised, or None when it could not be (nothing changed).
+    CAP_SYS_NICE (root has it unless a container drops it) or a high enough RLIMIT_NICE.
+    Yields what was raised, or None when it could not be (nothing changed).
     """
     if autogroup_enabled():
         before = autogroup_nice()

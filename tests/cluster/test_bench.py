@@ -647,7 +647,6 @@ def test_cli_runs_writes_results_and_fails_when_everything_fails(
     assert rc == 3
 
 
-@pytest.mark.timeout(90)
 def _may_lower_nice_to(nice: int) -> bool:
     """What the kernel allows, read from the process's own status: CAP_SYS_NICE in the
     effective set (bit 23; root in a container may lack it) or an RLIMIT_NICE reaching ``nice``."""
@@ -659,6 +658,7 @@ def _may_lower_nice_to(nice: int) -> bool:
     return bool(cap_eff >> 23 & 1) or soft == resource.RLIM_INFINITY or 20 - soft <= nice
 
 
+@pytest.mark.timeout(90)
 def test_cli_raises_its_cpu_priority_while_measuring_and_restores_it(
     stream_server: StreamServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -275,9 +275,11 @@ def _start_loopback_ray_cluster(
             timeout=timeout,
             python=sys.executable,
         )
-    except BaseException as exc:
-        if isinstance(exc, NotReadyError):
-            _print_raylet_logs(spec.temp_dir)
+    except NotReadyError:
+        _print_raylet_logs(spec.temp_dir)
+        cluster.stop()
+        raise
+    except BaseException:
         cluster.stop()
         raise
     return cluster
