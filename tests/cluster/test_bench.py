@@ -23,6 +23,7 @@ from cluster.bench.tokenizer import LocalTokenizer, find_tokenizer
 from cluster.bench.workload import load_workload
 from cluster.cli.app import main
 from cluster.errors import ConfigError
+from tests.support.priority import kernel_lets_raise
 from tests.support.stream_server import StreamBehaviour, StreamServer
 
 
@@ -647,17 +648,6 @@ def test_cli_runs_writes_results_and_fails_when_everything_fails(
     assert rc == 3
 
 
-def _may_lower_nice_to(nice: int) -> bool:
-    """What the kernel allows, read from the process's own status: CAP_SYS_NICE in the
-    effective set (bit 23; root in a container may lack it) or an RLIMIT_NICE reaching ``nice``."""
-    import resource
-
-    status = Path("/proc/self/status").read_text()
-    cap_eff = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("CapEff:")), 16)
-    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
-    return bool(cap_eff >> 23 & 1) or soft == resource.RLIM_INFINITY or 20 - soft <= nice
-
-
 @pytest.mark.timeout(90)
 def test_cli_raises_its_cpu_priority_while_measuring_and_restores_it(
     stream_server: StreamServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -672,7 +662,8 @@ def test_cli_raises_its_cpu_priority_while_measuring_and_restores_it(
     err = capsys.readouterr().err
     assert (priority.autogroup_nice(), os.getpriority(os.PRIO_PROCESS, 0)) == before
     notes = json.loads((tmp_path / "on" / "bench.json").read_text())["notes"]
-    if _may_lower_nice_to(priority.DEFAULT_NICE):
+    mode = "autogroup" if priority.autogroup_enabled() else "thread"
+    if kernel_lets_raise(priority.DEFAULT_NICE, mode):
         assert "client CPU priority raised while measuring" in err
         assert any(n.startswith("client CPU priority raised") for n in notes)
     else:  # e.g. root in a container that drops CAP_SYS_NICE: told, nothing changed

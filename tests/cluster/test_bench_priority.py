@@ -3,12 +3,20 @@ after, and left alone where it cannot be raised."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from cluster.bench import priority
+from tests.support.priority import kernel_lets_raise
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _thread_nice() -> int:
@@ -58,3 +66,45 @@ def test_an_exception_in_the_block_still_restores(tmp_path, monkeypatch):
     except KeyError:
         pass
     assert _thread_nice() == before
+
+
+_BACK_TO_BACK = """
+import json
+from cluster.bench import priority
+seen = []
+for _ in range(3):
+    with priority.raised_priority(-5) as raised:
+        inside = priority.autogroup_nice()
+    seen.append([raised, inside, priority.autogroup_nice()])
+print(json.dumps(seen))
+"""
+
+
+def _confinement(kind: str) -> tuple[str, ...]:
+    """A command prefix that runs a child as CI's containers run pytest."""
+    if kind == "no CAP_SYS_ADMIN":  # the kernel's 100 ms rate limit on autogroup writes
+        if os.geteuid() != 0 or not shutil.which("setpriv"):
+            return ()  # not root: CAP_SYS_ADMIN is already missing
+        return ("setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin")
+    # root in a user namespace: every capability in CapEff, refused by the kernel all the same
+    prefix = ("unshare", "--user", "--map-root-user")
+    if not shutil.which("unshare") or subprocess.run([*prefix, "true"], check=False).returncode:
+        pytest.skip("this machine does not let a process make a user namespace")
+    return prefix
+
+
+@pytest.mark.parametrize("kind", ["no CAP_SYS_ADMIN", "user namespace"])
+def test_blocks_back_to_back_are_raised_and_restored_as_far_as_the_kernel_lets(kind):
+    if not priority.autogroup_enabled():
+        pytest.skip("this kernel does not schedule by autogroup")
+    prefix = _confinement(kind)
+    child = subprocess.run([*prefix, sys.executable, "-c", _BACK_TO_BACK], cwd=REPO,
+                           start_new_session=True, capture_output=True, text=True, timeout=60,
+                           check=False)  # fmt: skip
+    assert child.returncode == 0, child.stderr
+    assert "warning" not in child.stderr
+    seen = json.loads(child.stdout)
+    if kernel_lets_raise(-5, "autogroup", prefix):  # each raise and restore retried past EAGAIN
+        assert seen == [["session autogroup nice 0 -> -5", -5, 0]] * 3
+    else:  # refused: told (None), nothing changed
+        assert seen == [[None, 0, 0]] * 3
