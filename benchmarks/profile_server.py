@@ -7,13 +7,14 @@ chat load for ``--seconds`` and reads the CPU time (user + system) that the serv
 (another cluster on the machine is left out), grouped by role: the API process (our Serve replica; plain
 vLLM's API server), vLLM's engine core, the Ray worker holding the model, Serve's controller and
 proxy, Ray's own daemons, the load client, the rest. Reported as CPU milliseconds per output
-token, side by side, with output tokens/s. With ``--py-spy`` each API process is also sampled
-(py-spy, non-blocking) during the point and its samples grouped by the package of the leaf frame
-(self time) and by the innermost frame of ours, Serve's, vLLM's or the web stack's (the owner).
+token, side by side, with output tokens/s. With ``--py-spy`` each API process and each engine
+core are also sampled (py-spy, non-blocking) during the point and their samples grouped by the
+package of the leaf frame (self time) and by the innermost frame of ours, Serve's, vLLM's or the
+web stack's (the owner).
 Also the seconds each role waited on a run queue for a core (the scheduler's statistics); the
 load client runs with its CPU priority raised, as `llamacluster bench` does
 (``--client-priority plain`` leaves it, to see what a client that waits for a core does to the
-figures). Prints tables, writes JSON (and the raw py-spy stacks beside it).
+figures). Prints tables, writes JSON (and the raw py-spy stacks in ``<out>-stacks/``).
 
     flock /tmp/llamacluster-heavy.lock .venv/bin/python benchmarks/profile_server.py \\
         --concurrency 16 64 --seconds 40 --py-spy --out bench-results/profile-server.json
@@ -81,7 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, default=40.0, help="measured seconds per point")
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--py-spy", action="store_true", help="sample the API process with py-spy")
+    ap.add_argument(
+        "--py-spy", action="store_true", help="sample the API process and engine core with py-spy"
+    )
     ap.add_argument(
         "--servers",
         nargs="+",
@@ -203,12 +206,21 @@ def cpu_by_role(before: dict, after: dict, own_pids: set[int]) -> dict[str, floa
     return dict(roles)
 
 
-def api_pid(server: str, members: set[int]) -> int:
-    """The API process among ``members``: our Serve replica, or plain vLLM's API server."""
-    mark = ROLES[0][1][0] if server == "llamacluster" else ROLES[0][1][1]
-    found = [pid for pid, (cmdline, _) in cpu_times(members).items() if mark in cmdline]
+# The processes py-spy samples, by role.
+SAMPLED = ("api", "engine_core")
+
+
+def role_pid(role: str, members: set[int]) -> int:
+    """The one process of ``role`` among ``members`` (the API process: our Serve replica, or
+    plain vLLM's API server; the engine core)."""
+    marks = dict(ROLES)[role]
+    found = [
+        pid
+        for pid, (cmdline, _) in cpu_times(members).items()
+        if any(mark in cmdline for mark in marks)
+    ]
     if len(found) != 1:
-        raise RuntimeError(f"expected one {mark} process, found {found}")
+        raise RuntimeError(f"expected one {role} process ({' or '.join(marks)}), found {found}")
     return found[0]
 
 
@@ -256,7 +268,7 @@ def server_total(per_role: dict[str, float]) -> float:
     return sum(v for role, v in per_role.items() if role != "load_client")
 
 
-def one_point(server, base_url, api_key, concurrency, args, model_dir, work, roots):
+def one_point(server, base_url, api_key, concurrency, args, model_dir, stacks_dir, roots):
     """A closed-loop load for ``--seconds`` at one concurrency; CPU by role (the processes of
     ``roots``' trees and this one's), tokens/s, stacks."""
     from cluster.bench.priority import NOT_RAISED, raised_priority
@@ -269,20 +281,22 @@ def one_point(server, base_url, api_key, concurrency, args, model_dir, work, roo
 
     # Warm up outside the measured window (its CPU would count against no measured token).
     run_benchmark(config({"num_requests": 2 * concurrency}), keep_records=False)
-    spy = None
-    stacks = work / f"stacks-{server}-c{concurrency}.txt"
+    spies: dict[str, subprocess.Popen] = {}
+    stacks = {role: stacks_dir / f"{server}-c{concurrency}-{role}.txt" for role in SAMPLED}
     if args.py_spy:
+        stacks_dir.mkdir(parents=True, exist_ok=True)
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        spy = subprocess.Popen(
-            [
-                py_spy, "record", "--pid", str(api_pid(server, tree(roots))), "--rate", "50",
-                "--nonblocking", "--format", "raw", "--output", str(stacks),
-                "--duration", str(int(args.seconds)),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-    own = {os.getpid(), *([spy.pid] if spy else [])}
+        for role in SAMPLED:
+            spies[role] = subprocess.Popen(
+                [
+                    py_spy, "record", "--pid", str(role_pid(role, tree(roots))), "--rate", "50",
+                    "--nonblocking", "--format", "raw", "--output", str(stacks[role]),
+                    "--duration", str(int(args.seconds)),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+    own = {os.getpid(), *(spy.pid for spy in spies.values())}
     members = tree(roots) | own
     before = cpu_times(members)
     threads_before = thread_times(members)
@@ -296,12 +310,13 @@ def one_point(server, base_url, api_key, concurrency, args, model_dir, work, roo
         waits = run_queue_wait(members)
         after = cpu_times(tree(roots) | own)
         threads = busy_threads(threads_before, thread_times(set(after)), after, wall)
-        if spy is not None:
+        for spy in spies.values():
             spy.wait(timeout=args.seconds + 120)
     finally:
-        if spy is not None and spy.poll() is None:
-            spy.kill()
-            spy.wait()
+        for spy in spies.values():
+            if spy.poll() is None:
+                spy.kill()
+                spy.wait()
     roles = cpu_by_role(before, after, own)
     waited: dict[str, float] = collections.defaultdict(float)
     for pid, seconds in waits.items():
@@ -323,26 +338,29 @@ def one_point(server, base_url, api_key, concurrency, args, model_dir, work, roo
             {k: 1000 * v / tokens for k, v in roles.items()} if tokens else {}
         ),
     }
-    if spy is not None and stacks.exists():
-        figures["py_spy"] = summarize_stacks(stacks)
-        figures["py_spy"]["file"] = str(stacks)
+    for role in spies:
+        if stacks[role].exists():
+            figures.setdefault("py_spy", {})[role] = {
+                **summarize_stacks(stacks[role]),
+                "file": str(stacks[role]),
+            }
     return figures
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs: dict[str, dict[int, dict]] = {}
+    stacks_dir = args.out.with_name(f"{args.out.stem}-stacks")
     with loopback_bed("profile-server-", args.cpu_threads) as bed:
         roots = cluster_roots(bed.cluster.spec.temp_dir)
         for server in args.servers:
             with serving(server, bed, "vllm.log") as (url, key, plain_pid):
                 server_roots = roots | ({plain_pid} if plain_pid else set())
                 runs[server] = {
-                    c: one_point(server, url, key, c, args, bed.model_dir, bed.work, server_roots)
+                    c: one_point(server, url, key, c, args, bed.model_dir, stacks_dir, server_roots)
                     for c in args.concurrency
                 }
             print(f"{server} measured", flush=True)
-    work = bed.work
 
     roles = [r for r, _ in ROLES] + ["load_client", "other"]
     servers = list(runs)
@@ -381,17 +399,17 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers:
             busy = runs[server][c]["busy_threads_core_share"]
             lines.append(f"{server} threads using ≥ 5 % of a core (share of a core): {busy}")
-            spy = runs[server][c].get("py_spy")
-            if spy:
+            for role, spy in runs[server][c].get("py_spy", {}).items():
                 for kind, title in (("self", "self time by package"), ("owner", "by owner")):
                     shares = ", ".join(
                         f"{k} {100 * v:.0f} %" for k, v in spy[kind].items() if v >= 0.02
                     )
-                    lines.append(f"{server} API process, {title}: {shares}")
+                    lines.append(f"{server} {role}, {title}: {shares}")
         lines.append("")
     print("\n".join(lines))
     write_results(args.out, {"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs})
-    print(f"py-spy stacks: {work}")
+    if args.py_spy:
+        print(f"py-spy stacks: {stacks_dir}")
     return 0
 
 
