@@ -12,6 +12,7 @@ from ray.serve._private.common import ReplicaState
 
 from cluster.errors import ConfigError, NotReadyError
 from serve.app import (
+    CONTROL_LOOP_ENV,
     DRAIN_ENV,
     HAPROXY_ENV,
     PORT_MAX_ENV,
@@ -54,6 +55,13 @@ def test_one_replica_keeps_direct_ingress_on_the_endpoint_port():
     assert placement_bundles(cfg)[0][HEAD_RESOURCE] > 0  # the endpoint is on the head
     # Nothing in front to deregister it from: a stopping replica stops at once.
     assert env[DRAIN_ENV] == replica_env(cfg)[DRAIN_ENV] == "0"
+
+
+def test_the_controller_turns_its_loop_every_half_second_in_both_modes(tmp_path):
+    # Serve's default is 0.1 s: each turn calls Ray's GCS and raylet, CPU the engine shares.
+    one, several = controller_env(_config()), controller_env(_config(num_replicas=2), str(tmp_path))
+    assert one[CONTROL_LOOP_ENV] == several[CONTROL_LOOP_ENV] == "0.5"
+    assert CONTROL_LOOP_ENV not in replica_env(_config())  # a controller setting only
 
 
 def test_replicas_put_haproxy_on_the_endpoint_and_replicas_on_their_own_ports(tmp_path):
