@@ -65,8 +65,9 @@ BALANCED_DRAINING_PERIOD_S = "5"
 # (0.1 s by default), and every turn is calls to Ray's GCS and raylet: 0.02-0.03 cores that the
 # engine shares on a small CPU node. A turn every 0.5 s delays each state change Serve makes
 # (a replica started, one drained) by 0.4 s at most, next to engine starts of 10 s and more.
-# Measured on 2 cores (docs/BENCHMARKS.md, "Server overhead, both servers up"): tokens/s against
-# plain vLLM 0.92 / 0.95 / 0.77 / 0.79x at c=1/4/16/64 before, 1.13 / 1.05 / 0.86 / 0.83x after.
+# Measured on 2 cores under load (docs/BENCHMARKS.md, "Server overhead, both servers up"): the
+# CPU the rest of the machine took beside our server, above plain vLLM's, fell from 0.013-0.025
+# cores to 0.003-0.021.
 CONTROL_LOOP_ENV = "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"
 CONTROL_LOOP_INTERVAL_S = "0.5"
 
