@@ -16,12 +16,15 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 #: The window of "over the last minute" figures.
 WINDOW_S = 60.0
 #: Seconds between frames.
 REFRESH_S = 1.5
+#: How long one read (a /metrics page, one Prometheus query) may take: a server saturated by
+#: its load answers its /metrics late, and a frame waits for it rather than fail.
+TIMEOUT_S = 15.0
 
 # A sample key: metric name and its sorted labels.
 Key = tuple[str, tuple[tuple[str, str], ...]]
@@ -228,7 +231,7 @@ def parse_metrics(text: str) -> Samples:
 class PrometheusSource:
     """Frames from a Prometheus's HTTP API (the monitor's, directly or through a forward)."""
 
-    def __init__(self, url: str, *, timeout_s: float = 5.0, label: str | None = None) -> None:
+    def __init__(self, url: str, *, timeout_s: float = TIMEOUT_S, label: str | None = None) -> None:
         import httpx
 
         self.url = url.rstrip("/")
@@ -236,15 +239,13 @@ class PrometheusSource:
         self.client = httpx.Client(timeout=timeout_s)
 
     def query(self, expr: str) -> list[dict]:
-        resp = self.client.get(f"{self.url}/api/v1/query", params={"query": expr})
+        resp = _get(self.client, f"{self.url}/api/v1/query", self.label, {"query": expr})
         resp.raise_for_status()
         return resp.json()["data"]["result"]
 
     def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
-        resp = self.client.get(
-            f"{self.url}/api/v1/query_range",
-            params={"query": expr, "start": start, "end": end, "step": step},
-        )
+        params = {"query": expr, "start": start, "end": end, "step": step}
+        resp = _get(self.client, f"{self.url}/api/v1/query_range", self.label, params)
         resp.raise_for_status()
         return resp.json()["data"]["result"]
 
@@ -265,7 +266,7 @@ class MetricsSource:
         metrics_url: str,
         *,
         api_key: str | None = None,
-        timeout_s: float = 5.0,
+        timeout_s: float = TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         import httpx
@@ -279,7 +280,7 @@ class MetricsSource:
     def sample(self) -> None:
         from cluster.errors import LlamaclusterError
 
-        resp = self.client.get(self.url)
+        resp = _get(self.client, self.url, self.url)
         if resp.status_code in (401, 403):
             raise LlamaclusterError(
                 f"{self.url} refused the API key ({resp.status_code})",
@@ -300,6 +301,26 @@ class MetricsSource:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _get(client, url: str, what: str, params: dict | None = None):
+    """One GET; a read that times out or a server that cannot be reached is one line to act on."""
+    import httpx
+
+    from cluster.errors import LlamaclusterError, NotReadyError
+
+    try:
+        return client.get(url, params=params)
+    except httpx.TimeoutException:
+        raise NotReadyError(
+            f"{what} did not answer within {client.timeout.read:g} s",
+            hint="a server saturated by its load answers late: raise --timeout",
+        ) from None
+    except httpx.TransportError as exc:
+        raise LlamaclusterError(
+            f"cannot read {what}: {exc or type(exc).__name__}",
+            hint="check the cluster is up with `llamacluster status`",
+        ) from None
 
 
 def metrics_url(base_url: str) -> str:
@@ -450,6 +471,7 @@ def open_source(
     base_url: str | None = None,
     api_key: str | None = None,
     api_key_file=None,
+    timeout_s: float = TIMEOUT_S,
 ) -> tuple[PrometheusSource | MetricsSource, Callable[[], None]]:
     """The source for ``top`` and how to close it: ``--base-url`` reads that server's /metrics;
     a recorded cluster with a running monitor is read from its Prometheus (directly for a
@@ -459,7 +481,9 @@ def open_source(
 
     if base_url:
         target = resolve_target(base_url=base_url, api_key=api_key, api_key_file=api_key_file)
-        src = MetricsSource(metrics_url(target.base_url), api_key=target.api_key)
+        src = MetricsSource(
+            metrics_url(target.base_url), api_key=target.api_key, timeout_s=timeout_s
+        )
         return src, src.close
     from cluster.state import load_state
 
@@ -467,7 +491,7 @@ def open_source(
     mon = state.monitoring
     if mon.pid is not None and mon.url and state.ports and state.ports.monitor:
         if state.local:
-            src = PrometheusSource(mon.url)
+            src = PrometheusSource(mon.url, timeout_s=timeout_s)
             return src, src.close
         from cluster.recorded import RecordedCluster, ssh_config_of
         from cluster.runner import ssh_argv
@@ -491,7 +515,9 @@ def open_source(
             ],
         )
         forward = SSHForward(argv, port)
-        src = PrometheusSource(f"http://127.0.0.1:{port}", label=f"prometheus on {head.label}")
+        src = PrometheusSource(
+            f"http://127.0.0.1:{port}", timeout_s=timeout_s, label=f"prometheus on {head.label}"
+        )
 
         def close() -> None:
             src.close()
@@ -499,8 +525,20 @@ def open_source(
 
         return src, close
     target = resolve_target(name=name or "local", api_key=api_key, api_key_file=api_key_file)
-    src = MetricsSource(metrics_url(target.base_url), api_key=target.api_key)
+    src = MetricsSource(metrics_url(target.base_url), api_key=target.api_key, timeout_s=timeout_s)
     return src, src.close
+
+
+def refreshed(source, last: Frame, *, clock: Callable[[], float] = time.time) -> Frame:
+    """The next frame of a live view; a read that fails keeps the frame before on screen, with a
+    note saying what failed and when (the next refresh tries again)."""
+    from cluster.errors import LlamaclusterError
+
+    try:
+        return source.frame()
+    except LlamaclusterError as exc:
+        at = time.strftime("%H:%M:%S", time.localtime(clock()))
+        return replace(last, note=f"{at} {exc.one_line()}; showing the last frame read")
 
 
 def run(source, *, once: bool = False, interval_s: float = REFRESH_S, console=None) -> None:
@@ -516,7 +554,9 @@ def run(source, *, once: bool = False, interval_s: float = REFRESH_S, console=No
             time.sleep(interval_s)
         console.print(render(source.frame()))
         return
-    with Live(render(source.frame()), console=console, refresh_per_second=4) as live:
+    frame = source.frame()
+    with Live(render(frame), console=console, refresh_per_second=4) as live:
         while True:
             time.sleep(interval_s)
-            live.update(render(source.frame()))
+            frame = refreshed(source, frame)
+            live.update(render(frame))

@@ -40,6 +40,24 @@ def autogroup_enabled() -> bool:
         return False
 
 
+def has_own_autogroup() -> bool:
+    """Whether this process's session has an autogroup of its own to raise.
+
+    A session that never left the init process's (a container's first process and the
+    children it starts without ``setsid``) sits in the root group: ``/proc/self/autogroup``
+    shows nothing and the kernel refuses a write (EINVAL). Its threads are scheduled beside the
+    other sessions' groups, each by its own nice value.
+    """
+    return autogroup_enabled() and autogroup_nice() is not None
+
+
+def lever() -> str:
+    """What :func:`raised_priority` raises here: ``"autogroup"`` (this session's group) or
+    ``"thread"`` (the calling thread's nice value: no autogroup scheduling, or a session in
+    the root group)."""
+    return "autogroup" if has_own_autogroup() else "thread"
+
+
 def set_autogroup_nice(nice: int, retry_s: float = AUTOGROUP_RETRY_S) -> None:
     """Write this session's autogroup nice value, retrying the kernel's rate limit (EAGAIN).
 
@@ -74,14 +92,15 @@ def raised_priority(nice: int = DEFAULT_NICE) -> Iterator[str | None]:
     """Run the block with this process's CPU priority raised to ``nice``; restore it after.
 
     Under autogroup scheduling the session's group is raised (``/proc/self/autogroup``: every
-    process of this session, so start the servers in sessions of their own); otherwise the
-    calling thread's nice value (threads it starts inside the block inherit it). Needs
+    process of this session, so start the servers in sessions of their own); otherwise, or
+    when the session is in the root group (:func:`lever`), the calling thread's nice value
+    (threads it starts inside the block inherit it). Needs
     CAP_SYS_NICE in the machine's namespace (root has it unless a container drops it; root in
     a user namespace does not) or a high enough RLIMIT_NICE. Autogroup writes are retried past
     the kernel's rate limit, so blocks back to back are each raised and restored. Yields what
     was raised, or None when it could not be (nothing changed).
     """
-    if autogroup_enabled():
+    if lever() == "autogroup":
         before = autogroup_nice()
         try:
             set_autogroup_nice(nice)

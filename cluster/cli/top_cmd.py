@@ -20,12 +20,15 @@ def top(
     api_key_file: Path | None = api_key_file_option(),
     once: bool = typer.Option(False, "--once", help="Print one frame and exit."),
     interval: float = typer.Option(1.5, "--interval", min=0.5, help="Seconds between frames."),
+    timeout: float = typer.Option(
+        15.0, "--timeout", min=0.1, help="Seconds one read of /metrics or Prometheus may take."
+    ),
 ) -> None:
     """Live view: per node CPU/GPU/memory/network; engine queue, KV cache, req/s, tokens/s, TTFT, ITL."""
     from cluster import top as topmod
 
     source, close = topmod.open_source(
-        name=name, base_url=base_url, api_key=api_key, api_key_file=api_key_file
+        name=name, base_url=base_url, api_key=api_key, api_key_file=api_key_file, timeout_s=timeout
     )
     try:
         topmod.run(source, once=once, interval_s=interval, console=table_console())

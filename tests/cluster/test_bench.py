@@ -662,8 +662,7 @@ def test_cli_raises_its_cpu_priority_while_measuring_and_restores_it(
     err = capsys.readouterr().err
     assert (priority.autogroup_nice(), os.getpriority(os.PRIO_PROCESS, 0)) == before
     notes = json.loads((tmp_path / "on" / "bench.json").read_text())["notes"]
-    mode = "autogroup" if priority.autogroup_enabled() else "thread"
-    if kernel_lets_raise(priority.DEFAULT_NICE, mode):
+    if kernel_lets_raise(priority.DEFAULT_NICE, priority.lever()):
         assert "client CPU priority raised while measuring" in err
         assert any(n.startswith("client CPU priority raised") for n in notes)
     else:  # e.g. root in a container that drops CAP_SYS_NICE: told, nothing changed

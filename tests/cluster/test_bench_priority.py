@@ -3,6 +3,7 @@ after, and left alone where it cannot be raised."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,8 +25,8 @@ def _thread_nice() -> int:
 
 
 def test_the_session_group_is_raised_and_restored_under_autogroup():
-    if not priority.autogroup_enabled():
-        pytest.skip("this kernel does not schedule by autogroup (the thread branch is below)")
+    if priority.lever() != "autogroup":
+        pytest.skip("no autogroup of this session's own to raise (the thread branch is below)")
     before = priority.autogroup_nice()
     with priority.raised_priority(-5) as raised:
         inside = priority.autogroup_nice()
@@ -53,6 +54,31 @@ def test_without_autogroup_the_thread_and_the_threads_it_starts_are_raised(tmp_p
     else:
         assert inside == before - 3 and seen == [before - 3]
         assert raised == f"thread nice {before} -> {before - 3}"
+
+
+def test_a_session_in_the_root_group_raises_its_thread(tmp_path, monkeypatch):
+    """A process the init process started without ``setsid`` (a container's first process and
+    its children, CI's pytest among them) is in the root autogroup: its ``/proc/self/autogroup``
+    reads empty (as ``/proc/1/autogroup`` does in a container) and the kernel refuses a write
+    (EINVAL), while its threads compete at the top level by their own nice value."""
+    if not priority.autogroup_enabled():
+        pytest.skip("this kernel does not schedule by autogroup")
+    init_group = Path("/proc/1/autogroup")
+    root_group = tmp_path / "autogroup"
+    root_group.write_text("")
+    with contextlib.suppress(OSError):
+        if init_group.read_text() == "":  # the init process's own file where it reads as such
+            root_group = init_group
+    monkeypatch.setattr(priority, "AUTOGROUP_SELF", root_group)
+    assert priority.lever() == "thread"
+    before = _thread_nice()
+    with priority.raised_priority(before - 3) as raised:
+        inside = _thread_nice()
+    assert _thread_nice() == before
+    if kernel_lets_raise(before - 3, "thread"):
+        assert inside == before - 3 and raised == f"thread nice {before} -> {before - 3}"
+    else:
+        assert inside == before and raised is None
 
 
 def test_an_exception_in_the_block_still_restores(tmp_path, monkeypatch):

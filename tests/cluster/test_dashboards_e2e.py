@@ -368,7 +368,8 @@ def test_a_loaded_cluster_seen_through_its_tunnel(tmp_path, cli_env, sshd, demo_
             deadline = time.monotonic() + 90
             while True:
                 direct = _ok(llamacluster("top", "--once", "--base-url", api_url,
-                                          "--api-key-file", key_file, env=cli_env))  # fmt: skip
+                                          "--api-key-file", key_file, "--timeout", "60",
+                                          env=cli_env))  # fmt: skip
                 if _out_tokens_s(direct) > 0 and _engine_cells(direct)["TTFT p50"].endswith("ms"):
                     break
                 assert bench.poll() is None, f"the load ended unseen on /metrics:\n{direct}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 
 import pytest
 
@@ -118,6 +119,37 @@ def test_metrics_url_and_a_refused_key():
         bad = top.MetricsSource(f"http://{srv.target}/metrics", api_key="wrong")
         with pytest.raises(LlamaclusterError, match="refused the API key"):
             bad.frame()
+
+
+def test_a_server_that_answers_late_is_one_line_once_and_the_last_frame_live(capsys):
+    from cluster.cli.app import main
+
+    with metrics_server(METRICS_T0, token="k") as srv:
+        srv.delay_s = 2.0
+        argv = ["top", "--once", "--base-url", f"http://{srv.target}/v1", "--api-key", "k",
+                "--interval", "0.5", "--timeout", "0.5"]  # fmt: skip
+        assert main(argv) == 5
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"error: http://{srv.target}/metrics did not answer within 0.5 s" in err
+        assert "raise --timeout" in err and "Traceback" not in err
+
+        # Live: the frame before stays on screen, saying what failed; the next read replaces it.
+        srv.delay_s = 0.0
+        live = top.MetricsSource(f"http://{srv.target}/metrics", api_key="k", timeout_s=0.5)
+        first = live.frame()
+        srv.delay_s = 2.0
+        kept = top.refreshed(live, first, clock=lambda: 0.0)
+        assert kept.engine == first.engine and kept.source == first.source
+        assert "did not answer within 0.5 s" in kept.note
+        assert re.match(r"\d\d:\d\d:\d\d ", kept.note)  # when it failed, local time
+        assert kept.note.endswith("; showing the last frame read")
+        srv.delay_s = 0.0
+        assert "did not answer" not in top.refreshed(live, kept).note
+        live.close()
+    # Nothing listens any more: one line naming the address.
+    gone = top.MetricsSource(f"http://{srv.target}/metrics", timeout_s=0.5)
+    with pytest.raises(LlamaclusterError, match=f"cannot read http://{srv.target}/metrics"):
+        gone.frame()
 
 
 def test_cluster_series_csv_and_per_phase_figures():

@@ -4,6 +4,7 @@ a stand-in for the llamacluster server (its key) or a Ray node's metrics port (n
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ class MetricsServer:
     host: str
     port: int
     seen: list[tuple[str | None, int]] = field(default_factory=list)
+    #: Seconds each answer waits before it is sent (a server saturated by its load); settable.
+    delay_s: float = 0.0
 
     @property
     def target(self) -> str:
@@ -41,6 +44,7 @@ def metrics_server(text: str, *, token: str | None = None) -> Iterator[MetricsSe
             else:
                 status, data = 200, body
             server_box[0].seen.append((auth, status))
+            time.sleep(server_box[0].delay_s)
             self.send_response(status)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
             self.send_header("Content-Length", str(len(data)))
