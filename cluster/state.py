@@ -302,6 +302,11 @@ class ServerSection(BaseModel):
         default_factory=list,
         description="The further models' configs deployed beside it (their own fields only).",
     )
+    deployed_versions: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per Serve app, the version its replicas were deployed as: a rollback "
+        "deploys the old config as that version, so the replicas still running it are kept.",
+    )
     model_routes: list[str] = Field(
         default_factory=list,
         description="Route prefix of each further model's app (its /ready is under it).",

@@ -11,7 +11,7 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray import serve
@@ -359,6 +359,9 @@ class Endpoint:
     port: int
     # The route prefix of each other model of the endpoint (its /ready is under it).
     routes: tuple[str, ...] = ()
+    # The version each app's replicas were deployed as (app name -> version): deployed again
+    # with it, the replicas still running it are kept.
+    versions: dict[str, str] = field(default_factory=dict)
 
 
 def replica_env(config: ServeConfig) -> dict[str, str]:
@@ -422,10 +425,15 @@ def controller_env(config: ServeConfig, balancer_dir: str | None = None) -> dict
     }
 
 
-def build_application(config: ServeConfig, api_keys: list[str]):
+def build_application(config: ServeConfig, api_keys: list[str], version: str | None = None):
     """The bound Serve application for one config (its replicas, placement groups, env); with
     ``routing`` prefix and several replicas, with its ingress request router
-    (serve/prefix_router.py) beside it."""
+    (serve/prefix_router.py) beside it.
+
+    ``version`` names what the replicas run. Serve restarts every replica of another version
+    and keeps those of the same one, so a config deployed again with the version it ran under
+    (a rollback) keeps its replicas that still run; without one, each deploy is a new version
+    (Serve's own choice when none is given)."""
     prefix_routing = config.balanced and config.routing == "prefix"
     routing_options: dict[str, Any] = {}
     if prefix_routing:
@@ -468,6 +476,8 @@ def build_application(config: ServeConfig, api_keys: list[str]):
     keyless = config.model_copy(
         update={"api_keys": [], "api_key_file": None, "admin_key_file": None}
     )
+    # Serve took `version` out of its public options, yet still honours one set by its own code.
+    deployment = deployment.options(version=version or uuid.uuid4().hex[:16], _internal=True)
     admin = [key_digest(k) for k in config.resolved_admin_keys()]
     app = deployment.bind(keyless, [key_digest(k) for k in api_keys], admin)
     if prefix_routing:
@@ -519,12 +529,16 @@ def deploy(
     *,
     ray_address: str | None = None,
     more: Sequence[ServeConfig] = (),
+    versions: dict[str, str] | None = None,
 ) -> Endpoint:
     """Start the server detached on an existing Ray cluster; returns where it will answer.
 
     With ``more``, one endpoint serves several models: ``config``'s app at route / and each
     other model as an app of its own behind the same HAProxy (serve/models.py), with the
     endpoint's settings (ports, TLS, keys) taken from ``config``.
+
+    ``versions`` (app name -> version, as a deploy returned them) deploys those apps as the
+    versions they ran under: their replicas that still run are kept (build_application).
 
     Checks the cluster has tp×pp device slots first. The applications outlive the caller
     (Serve is detached); wait_until_ready() tells when it serves.
@@ -567,13 +581,15 @@ def deploy(
         # (its own port swapped in), so the endpoint and the proxy both speak HTTPS.
         http_options["ssl_certfile"] = str(config.tls_certfile)
         http_options["ssl_keyfile"] = str(config.tls_keyfile)
+    versions = {c.app_name: (versions or {}).get(c.app_name) or uuid.uuid4().hex[:16]
+                for c in configs}  # fmt: skip
     serve.start(
         http_options=http_options,
         controller_options={"runtime_env": {"env_vars": controller_env(config, balancer_dir)}},
     )
     if len(configs) == 1:
         serve.run(
-            build_application(config, api_keys),
+            build_application(config, api_keys, versions[config.app_name]),
             name=config.app_name,
             route_prefix="/",
             blocking=False,
@@ -583,7 +599,7 @@ def deploy(
         serve.run_many(
             [
                 serve.RunTarget(
-                    target=build_application(one, api_keys),
+                    target=build_application(one, api_keys, versions[one.app_name]),
                     name=one.app_name,
                     route_prefix=one.route_prefix,
                 )
@@ -609,6 +625,7 @@ def deploy(
         host=host,
         port=port,
         routes=tuple(c.route_prefix for c in configs[1:]),
+        versions=versions,
     )
 
 

@@ -49,6 +49,11 @@ class DeployRequest(Request):
         description="The endpoint's other models: each its own fields (serve.models."
         "MODEL_FIELDS); every other setting is ``config``'s.",
     )
+    versions: dict[str, str] = Field(
+        default_factory=dict,
+        description="App name -> the version an earlier deploy returned: deployed as that "
+        "version, the app keeps its replicas that still run it (a rollback).",
+    )
 
 
 class StopRequest(Request):
@@ -112,7 +117,9 @@ def deploy(req: DeployRequest) -> dict[str, Any]:
 
     try:
         more = [load_config(**with_shared_fields(req.config, m)) for m in req.more]
-        endpoint = deploy_app(load_config(**req.config), ray_address=req.ray_address, more=more)
+        endpoint = deploy_app(
+            load_config(**req.config), ray_address=req.ray_address, more=more, versions=req.versions
+        )
     except RuntimeError as exc:
         # Serve's "Deploying application ... failed"; the deployment's own status message
         # carries the replicas' start failure (the whole text is in the controller's log).
@@ -122,7 +129,12 @@ def deploy(req: DeployRequest) -> dict[str, Any]:
             "the replicas did not start: "
             + failure_reason(exc, None if req.more else req.config.get("app_name"))
         ) from exc
-    return {"url": endpoint.url, "model": endpoint.model, "routes": list(endpoint.routes)}
+    return {
+        "url": endpoint.url,
+        "model": endpoint.model,
+        "routes": list(endpoint.routes),
+        "versions": endpoint.versions,
+    }
 
 
 def stop(req: StopRequest) -> dict[str, Any]:

@@ -919,6 +919,7 @@ class Serve(Stage):
             front_digest=front,
             deployed=values,
             deployed_more=more,
+            deployed_versions=endpoint.get("versions") or {},
             model_routes=[a.route_prefix for a in endpoint_cfg.endpoint_apps[1:]],
             models=[a.names[0] for a in endpoint_cfg.endpoint_apps] or [endpoint["model"]],
         )
@@ -940,12 +941,15 @@ class Serve(Stage):
         values: dict[str, Any],
         replicas: int,
         more: list[dict[str, Any]],
+        versions: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Deploy ``values`` and the further models' ``more`` (Serve returns once every replica
-        runs: with several, once each engine is ready, so the wait grows with their number)."""
+        runs: with several, once each engine is ready, so the wait grows with their number);
+        ``versions`` as a deploy before returned them keeps the replicas still running those."""
         token = ctx.state.ray.head_token_path
         assert token
-        request = DeployRequest(ray_address=address, config=values, more=more)
+        request = DeployRequest(ray_address=address, config=values, more=more,
+                                versions=versions or {})  # fmt: skip
         return (
             serve_call(python, "deploy", request)
             .run(
@@ -969,7 +973,8 @@ class Serve(Stage):
     ) -> dict[str, Any]:
         """Deploy over the running app and wait until it is ready; when the new config fails
         (its replicas do not start, or never become ready), deploy the previous one again and
-        say why."""
+        say why. The previous one goes back as the version its replicas ran under: Serve keeps
+        those the failed update had not stopped yet and starts only the missing ones."""
         assert previous.deployed is not None
         replicas = int(values.get("num_replicas") or 1) + further_replicas(more)
         try:
@@ -993,6 +998,7 @@ class Serve(Stage):
                 previous.deployed,
                 previous.endpoint_replicas,
                 previous.deployed_more,
+                previous.deployed_versions,
             )
             self._wait_ready(ctx, python, routes=previous.model_routes)
         except (RemoteError, NotReadyError) as exc:

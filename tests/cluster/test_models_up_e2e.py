@@ -33,6 +33,7 @@ def test_up_serves_two_models_and_a_plain_up_keeps_them(tmp_path, demo_model_dir
     home = tmp_path / "home"
     env = {**os.environ, "LLAMACLUSTER_HOME": str(home), "COLUMNS": "250"}
     base = ["--local", "--cpu-slots", "2", "--cpu-kvcache-gb", "1", "--skip", "monitor"]
+    base += ["--skip", "measure"]  # the CPU and link measurement: not what this test checks
     base += ["--ray-port", "0", "--dashboard-port", "0", "--api-port", "0"]
     models = ["--model", str(demo_model_dir), "--model", f"{other},name=demo-b"]
     try:

@@ -53,7 +53,8 @@ def test_prefix_routing_keeps_conversations_on_one_replica(tmp_path, cli_env, de
     home = Path(cli_env["LLAMACLUSTER_HOME"])
     args = ["--local", "--model", str(demo_model_dir), "--tp", "1", "--pp", "1", "--replicas", "2"]
     args += ["--routing", "prefix", "--cpu-slots", "2", "--cpu-kvcache-gb", "1"]
-    args += ["--skip", "monitor", "--ray-port", "0", "--dashboard-port", "0", "--api-port", "0"]
+    args += ["--skip", "monitor", "--skip", "measure"]
+    args += ["--ray-port", "0", "--dashboard-port", "0", "--api-port", "0"]
     try:
         _ok(llamacluster("up", *args, env=cli_env))
         state = _state(home, "local")

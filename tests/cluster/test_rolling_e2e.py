@@ -2,13 +2,15 @@
 
 The new model (a second hub repo) downloads while the old one serves; the replicas then switch
 one at a time, and no request fails. A new model that cannot load is rolled back: `up` fails
-saying so, and the old model kept serving the whole time.
+saying so, and the old model kept serving the whole time; the rollback starts again only the
+replica the failed update had stopped.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
 import shutil
 import threading
 import time
@@ -91,6 +93,12 @@ def _served_root(url: str, key: str) -> str:
     return next(m["root"] for m in r.json()["data"] if m["id"] == "demo")
 
 
+def _replica_pids(cli_env: dict) -> list[int]:
+    """The process ids of the running replicas, as `status` lists them."""
+    status = _ok(llamacluster("status", "--local", env=cli_env, timeout=300))
+    return [int(p) for p in re.findall(r"replica \d on \S+ \(pid (\d+)\): RUNNING", status)]
+
+
 @pytest.mark.timeout(1800)
 def test_rolling_update_and_rollback_under_load(tmp_path, cli_env, hub_server):
     home = Path(cli_env["LLAMACLUSTER_HOME"])
@@ -137,11 +145,16 @@ def test_rolling_update_and_rollback_under_load(tmp_path, cli_env, hub_server):
         assert _served_root(url, key) == v2_dir
         assert state["server"]["served_name"] == "demo"
         print(f"rolling update: {took:.1f} s, longest gap {load.longest_gap_s():.1f} s")
+        before = _replica_pids(cli_env)
+        assert len(before) == 2, before
 
         with Load(url, key, "demo") as load:
             time.sleep(2)
+            t0 = time.monotonic()
             failed = llamacluster("up", "--model", str(broken), *again, env=cli_env, timeout=900)
+            took = time.monotonic() - t0
             time.sleep(2)
+        print(f"failed update and rollback: {took:.1f} s")
         assert failed.returncode != 0, failed.stdout[-3000:]
         said = failed.stdout + failed.stderr
         assert "rolled back" in said, said[-3000:]
@@ -149,5 +162,9 @@ def test_rolling_update_and_rollback_under_load(tmp_path, cli_env, hub_server):
         assert load.ok_count() > 10
         # The model that serves is the one before the failed update (vLLM names its path).
         assert _served_root(url, key) == v2_dir
+        # The rollback restarted only the replica the update had stopped: the other one kept
+        # running the old config throughout.
+        after = _replica_pids(cli_env)
+        assert len(after) == 2 and len(set(after) & set(before)) == 1, (before, after)
     finally:
         _bring_down_and_check(home, "local", cli_env)

@@ -1,5 +1,5 @@
 """`llamacluster up` end to end: --local (tp=1; key changes applied without a redeploy) and over
-SSH to two loopback nodes (tp=2 × pp=2)."""
+SSH to two loopback nodes (tp=2 × pp=2, two engine workers on each node)."""
 
 from __future__ import annotations
 
@@ -76,6 +76,30 @@ def _chat_stream(state: dict, model: str | None = None) -> str:
     chunks = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert len(chunks) >= 2, chunks
     return "".join(chunks)
+
+
+# Where each vLLM worker actor runs (node address), from Ray's state API on the head's dashboard
+# (bound to 127.0.0.1 there; the loopback nodes share this machine's loopback).
+WORKER_NODES_SNIPPET = """
+import json, sys
+from ray.util.state import list_actors, list_nodes
+url = sys.argv[1]
+nodes = {n.node_id: n.node_ip for n in list_nodes(address=url)}
+workers = [a for a in list_actors(address=url, filters=[("state", "=", "ALIVE")], limit=1000)
+           if "Worker" in a.class_name and "ServeReplica" not in a.class_name]
+print(json.dumps(sorted(nodes.get(a.node_id, "?") for a in workers)))
+"""
+
+
+def _worker_nodes(state: dict) -> list[str]:
+    """The node address of every live vLLM worker actor of the cluster, sorted."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": state["secrets"]["ray_token"]}  # fmt: skip
+    url = f"http://127.0.0.1:{state['ports']['dashboard']}"
+    done = subprocess.run([sys.executable, "-c", WORKER_NODES_SNIPPET, url], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _model_ids(state: dict) -> list[str]:
@@ -240,6 +264,8 @@ def test_up_over_ssh_two_loopback_nodes_tp2_pp2(tmp_path, cli_env, sshd, hub_ser
         assert [n["private_ip"] for n in state["nodes"]] == ["127.0.0.2", "127.0.0.3"]
         assert (state["server"]["tp"], state["server"]["pp"]) == (2, 2)
         assert _chat_stream(state)
+        # Four engine workers, two on each node: the pipeline spans the nodes.
+        assert _worker_nodes(state) == ["127.0.0.2"] * 2 + ["127.0.0.3"] * 2
         second = _ok(llamacluster("up", *args, env=cli_env, timeout=900))
         assert "nothing changed" in second, second
         status = _ok(llamacluster("status", "--name", name, env=cli_env, timeout=300))

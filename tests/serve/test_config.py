@@ -152,3 +152,23 @@ def test_no_plaintext_key_reaches_the_replica() -> None:
     assert b"sk-secret-flag-key" not in blob
     assert bound.init_args[1] == [key_digest("sk-secret-flag-key")]
     assert bound.init_args[0].api_keys == [] and bound.init_args[0].api_key_file is None
+
+
+def test_a_deploy_names_the_version_its_replicas_run() -> None:
+    """Serve keeps the replicas of the version it is deployed as and restarts the others: the
+    version given reaches the deployment Serve builds, and without one each build is new."""
+    from ray.serve._private.build_app import build_app
+
+    from serve.app import build_application
+
+    config = load_config(model="org/m", api_keys=["k"])
+    keys = config.resolved_api_keys()
+
+    def built(version: str | None) -> str | None:
+        app = build_app(build_application(config, keys, version), name=config.app_name)
+        (deployment,) = app.deployments
+        return deployment.version
+
+    assert built("3f2a9c01") == "3f2a9c01"
+    fresh = {built(None) for _ in range(3)}
+    assert len(fresh) == 3 and None not in fresh

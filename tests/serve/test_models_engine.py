@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -15,12 +18,12 @@ import openai
 import pytest
 
 from cluster.demo_model import build_demo_model
-from tests.serve.test_e2e_tp_pp import _cli
 from tests.support.server import free_port, run_driver
 
 pytestmark = [pytest.mark.e2e, pytest.mark.engine, pytest.mark.timeout(900)]
 
 PROMPT = "The llama is a domesticated"
+LLAMACLUSTER = str(Path(sys.executable).parent / "llamacluster")
 
 SERVE_APPS_SNIPPET = """
 import json, ray
@@ -32,6 +35,12 @@ except Exception:
     apps = {}
 print(json.dumps(apps))
 """
+
+
+def _cli(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """The installed CLI in a child process, with ``env`` over this one's."""
+    return subprocess.run([LLAMACLUSTER, *args], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=timeout, check=False)  # fmt: skip
 
 
 def _free_block(span: int) -> int:
