@@ -246,7 +246,9 @@ def cluster_series(name: str) -> MonitorSeries | None:
         source, close = top.open_source(name=name)
         if not isinstance(source, top.PrometheusSource):
             close()
-            raise RuntimeError("the cluster's monitor is gone")
+            from cluster.errors import LlamaclusterError
+
+            raise LlamaclusterError("the cluster's monitor is gone")
         return source.query_range, close
 
     return MonitorSeries(open_prometheus)

@@ -240,14 +240,12 @@ class PrometheusSource:
 
     def query(self, expr: str) -> list[dict]:
         resp = _get(self.client, f"{self.url}/api/v1/query", self.label, {"query": expr})
-        resp.raise_for_status()
-        return resp.json()["data"]["result"]
+        return _answered(resp, self.label).json()["data"]["result"]
 
     def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
         params = {"query": expr, "start": start, "end": end, "step": step}
         resp = _get(self.client, f"{self.url}/api/v1/query_range", self.label, params)
-        resp.raise_for_status()
-        return resp.json()["data"]["result"]
+        return _answered(resp, self.label).json()["data"]["result"]
 
     def frame(self) -> Frame:
         engine = engine_from_prometheus({a: self.query(q) for a, q in ENGINE_QUERIES.items()})
@@ -286,7 +284,7 @@ class MetricsSource:
                 f"{self.url} refused the API key ({resp.status_code})",
                 hint="pass the cluster's key with --api-key-file (or --name for a recorded cluster)",
             )
-        resp.raise_for_status()
+        _answered(resp, self.url)
         now = self.clock()
         self.history.append((now, parse_metrics(resp.text)))
         while len(self.history) > 2 and now - self.history[1][0] >= WINDOW_S:
@@ -321,6 +319,16 @@ def _get(client, url: str, what: str, params: dict | None = None):
             f"cannot read {what}: {exc or type(exc).__name__}",
             hint="check the cluster is up with `llamacluster status`",
         ) from None
+
+
+def _answered(resp, what: str):
+    """``resp`` when it succeeded; an error answer is one line with its status and first words."""
+    from cluster.errors import LlamaclusterError
+
+    if resp.status_code >= 400:
+        words = " ".join(resp.text.split())[:200]
+        raise LlamaclusterError(f"{what} answered {resp.status_code}: {words or '(no body)'}")
+    return resp
 
 
 def metrics_url(base_url: str) -> str:

@@ -241,7 +241,10 @@ def bench(
     out = output_dir or Path("bench-results") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     written = write_reports(result, out, plots=plots, per_request=save_requests)
     if series is not None:
-        written.update(series.write(out))
+        try:
+            written.update(series.write(out))
+        except LlamaclusterError as exc:  # the measurement stands without the cluster's side
+            err.print(f"[yellow]warning:[/] no cluster series: {exc.one_line()}", highlight=False)
     console.print("results: " + ", ".join(str(p) for p in written.values()), highlight=False)
     if result.all_failed:
         kinds: dict[str, int] = {}

@@ -146,10 +146,32 @@ def test_a_server_that_answers_late_is_one_line_once_and_the_last_frame_live(cap
         srv.delay_s = 0.0
         assert "did not answer" not in top.refreshed(live, kept).note
         live.close()
+    # An error answer is one line too (here a path with no metrics: the server's 404).
+    with metrics_server(METRICS_T0) as srv:
+        wrong = top.MetricsSource(f"http://{srv.target}/nothing-here", timeout_s=5)
+        with pytest.raises(LlamaclusterError, match="nothing-here answered 404: not found"):
+            wrong.frame()
+        wrong.close()
     # Nothing listens any more: one line naming the address.
     gone = top.MetricsSource(f"http://{srv.target}/metrics", timeout_s=0.5)
     with pytest.raises(LlamaclusterError, match=f"cannot read http://{srv.target}/metrics"):
         gone.frame()
+
+
+def test_a_monitor_that_cannot_be_read_after_the_load_is_one_line(tmp_path):
+    """bench warns with this line and keeps what it measured (cluster/cli/bench_cmd.py)."""
+    with metrics_server(METRICS_T0) as srv:
+        gone = f"http://{srv.target}"  # closed when the block ends: nothing listens there
+
+    def open_prometheus():
+        source = top.PrometheusSource(gone, timeout_s=2, label=f"prometheus {gone}")
+        return source.query_range, source.close
+
+    observer = series.MonitorSeries(open_prometheus, clock=lambda: 0.0)
+    observer.phases.append(series.Phase("main", "c=1", 1.0, -10.0, -5.0))
+    with pytest.raises(LlamaclusterError, match=f"cannot read prometheus {gone}"):
+        observer.write(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
 def test_cluster_series_csv_and_per_phase_figures():
