@@ -15,7 +15,7 @@ import pytest
 from serve.app import APP_ENV
 from tests.support.server import running_server
 
-pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.engine, pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 def engine_core_pids(app_name: str) -> list[int]:

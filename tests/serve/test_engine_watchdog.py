@@ -17,7 +17,7 @@ from cluster.top import parse_metrics
 from serve.app import HISTORY_KV_NAMESPACE, history_kv_key
 from tests.support.server import run_driver, running_server
 
-pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.engine, pytest.mark.e2e, pytest.mark.timeout(900)]
 
 STALL_TIMEOUT_S = 4.0
 # Reads an app's restart history where the replica stores it (Ray's internal KV).

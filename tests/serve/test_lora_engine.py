@@ -11,7 +11,7 @@ import pytest
 from cluster.demo_lora import build_demo_lora
 from tests.support.server import running_server
 
-pytestmark = [pytest.mark.engine, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.engine, pytest.mark.e2e, pytest.mark.timeout(600)]
 
 PROMPT = "The llama is a domesticated"
 
